@@ -1,0 +1,139 @@
+"""Type stub for the Rust extension module ``headinfer._core``.
+
+Every tensor argument is anything that speaks DLPack (a ``torch.Tensor``). Tensors are
+validated once, on entry: device, dtype, shape and strides; a wrong one raises ``ValueError``
+or ``TypeError`` naming the argument. The last dimension (``head_dim``) must have stride 1;
+other strides are free, so views such as ``x[0]`` or ``x.transpose(0, 1)`` need no copy.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+__version__: str
+
+class HeadInferError(Exception):
+    """Base class of every error raised by headinfer."""
+
+class OutOfHostMemoryError(HeadInferError, MemoryError):
+    """A request needs more host memory than is available; nothing was allocated.
+
+    ``needed`` and ``available`` are in bytes.
+    """
+
+    needed: int
+    available: int
+
+class KVStore:
+    """Head-wise KV cache store in host memory.
+
+    One store holds every layer of one model: per (layer, kv head), keys and values in
+    fixed-size blocks of ``block_size`` tokens, so stored tokens are never copied again as the
+    sequence grows. Layers with a sliding window keep only the tokens their window still needs.
+
+    Args:
+        num_layers: number of decoder layers.
+        num_kv_heads: key/value heads per layer.
+        head_dim: size of one head.
+        dtype: element type: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        block_size: tokens per block.
+        windows: per layer, the sliding window in tokens (``None``: full attention).
+            Length ``num_layers``; omitted: every layer full.
+        host_memory_limit: bytes this store may reserve in total (``None``: what the host
+            reports as available). Exceeding it raises ``OutOfHostMemoryError``.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: str,
+        block_size: int = 256,
+        windows: Sequence[int | None] | None = None,
+        host_memory_limit: int | None = None,
+    ) -> None: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def num_kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def windows(self) -> list[int | None]: ...
+    def seq_len(self, layer: int) -> int:
+        """Tokens appended to ``layer`` so far (positions ``0..seq_len``), windowed-out ones too."""
+    def retained_start(self, layer: int) -> int:
+        """First position still held for ``layer`` (0 unless a sliding window dropped blocks)."""
+    def append(self, layer: int, key: Any, value: Any) -> None:
+        """Append one chunk of keys and values to ``layer``.
+
+        Args:
+            key: ``[num_kv_heads, chunk_len, head_dim]``, CPU, the store's dtype.
+            value: ``[num_kv_heads, chunk_len, head_dim]``, CPU, the store's dtype.
+
+        Checks the host memory the chunk needs before taking any; on error the store is
+        unchanged.
+        """
+    def read(self, layer: int, start: int, end: int, key_out: Any, value_out: Any) -> None:
+        """Copy positions ``start..end`` of ``layer`` into ``key_out`` and ``value_out``.
+
+        Args:
+            key_out: ``[num_kv_heads, end - start, head_dim]``, CPU, the store's dtype.
+            value_out: ``[num_kv_heads, end - start, head_dim]``, CPU, the store's dtype.
+        """
+    def attend(
+        self,
+        layer: int,
+        query: Any,
+        out: Any,
+        scale: float,
+        softcap: float | None = None,
+        window: int | None = None,
+    ) -> None:
+        """Attention of ``query`` over every key stored for ``layer``; writes ``out``.
+
+        Query ``i`` sits at position ``seq_len(layer) - q_len + i`` (the chunk just appended):
+        it sees keys ``j <= position``, and with ``window`` only ``position - j < window``.
+        Scores are ``scale * q.k``, then ``softcap * tanh(score / softcap)`` when given.
+        GQA: query head ``h`` reads kv head ``h // (num_q_heads // num_kv_heads)``.
+
+        Args:
+            query: ``[num_q_heads, q_len, head_dim]``, CPU, the store's dtype.
+            out: ``[num_q_heads, q_len, head_dim]``, CPU, the store's dtype; overwritten.
+        """
+    def crop(self, length: int) -> None:
+        """Drop every position ``>= length`` in every layer.
+
+        Raises ``ValueError`` if a sliding-window layer already dropped tokens that positions
+        from ``length`` on would need; the store is then unchanged.
+        """
+    def clear(self) -> None:
+        """Drop every token; reserved blocks are kept for reuse."""
+    def bytes_used(self) -> int:
+        """Bytes of keys and values held (retained tokens only)."""
+    def bytes_reserved(self) -> int:
+        """Bytes of host memory the store holds in blocks, used or free for reuse."""
+
+def attention(
+    query: Any,
+    key: Any,
+    value: Any,
+    out: Any,
+    scale: float,
+    softcap: float | None = None,
+    window: int | None = None,
+) -> None:
+    """Attention over explicit key/value tensors (no store); writes ``out``.
+
+    The same op as ``KVStore.attend``: query ``i`` sits at position ``kv_len - q_len + i``.
+
+    Args:
+        query: ``[num_q_heads, q_len, head_dim]``, CPU, float32/bfloat16/float16.
+        key: ``[num_kv_heads, kv_len, head_dim]``, same device and dtype as ``query``.
+        value: ``[num_kv_heads, kv_len, head_dim]``, same device and dtype as ``query``.
+        out: ``[num_q_heads, q_len, head_dim]``, same device and dtype; overwritten.
+    """

@@ -1,0 +1,507 @@
+//! Exact attention of one layer's queries over its keys, on the CPU.
+//!
+//! Flash-attention's tiling with an online softmax: queries of one GQA group are processed
+//! together as rows (so each K/V tile is converted once for all heads sharing it), keys in
+//! tiles of `TK`, accumulation in f32. Work is split over (kv head, query tile) and, when
+//! that leaves cores idle (decode), over key ranges whose partial results merge by
+//! log-sum-exp. The caller releases the GIL around `attend`.
+
+use super::math::{exp_tile, softcap_tile, TK};
+use crate::error::{Error, Result};
+use crate::tensor::{Element, Rows, View3};
+use rayon::prelude::*;
+
+/// Rows (queries x heads of a GQA group) processed together in one task.
+const ROWS_PER_TASK: usize = 48;
+/// Shortest key range worth a task of its own when splitting along the sequence.
+const MIN_KEYS_PER_SPLIT: usize = 512;
+/// Below this many rows a task reads K and V in place instead of converting tiles.
+const DIRECT_BELOW_ROWS: usize = 8;
+
+/// The model's attention arithmetic.
+#[derive(Clone, Copy, Debug)]
+pub struct Params {
+    /// Multiplies `q . k` (usually `head_dim ** -0.5`).
+    pub scale: f32,
+    /// Logit soft-capping: `cap * tanh(score / cap)` (Gemma-2).
+    pub softcap: Option<f32>,
+    /// Sliding window: query at position `p` sees keys `j` with `p - j < window`.
+    pub window: Option<usize>,
+}
+
+/// Consecutive keys and values of one head, from position `pos` on.
+pub struct Segment<'a, E> {
+    pub pos: usize,
+    /// `[n, head_dim]`
+    pub k: Rows<'a, E>,
+    /// `[n, head_dim]`
+    pub v: Rows<'a, E>,
+}
+
+/// Where the keys and values of one layer come from: the store, or explicit tensors.
+pub trait KvSource<E: Element>: Sync {
+    fn num_kv_heads(&self) -> usize;
+    fn head_dim(&self) -> usize;
+    /// One past the last position held.
+    fn len(&self) -> usize;
+    /// Whether no position was ever appended.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The first position held.
+    fn start(&self) -> usize;
+    /// The keys and values of `head` at positions `a..b` (clamped to what is held).
+    fn segments(&self, head: usize, a: usize, b: usize) -> Vec<Segment<'_, E>>;
+}
+
+/// Keys and values given as tensors, each `[num_kv_heads, kv_len, head_dim]`.
+pub struct DenseKv<'a, E> {
+    k: View3<'a, E>,
+    v: View3<'a, E>,
+}
+
+impl<'a, E: Element> DenseKv<'a, E> {
+    pub fn new(k: View3<'a, E>, v: View3<'a, E>) -> Result<Self> {
+        if v.shape != k.shape {
+            return Err(Error::value(
+                "value",
+                format!("shape {:?} differs from key's {:?}", v.shape, k.shape),
+            ));
+        }
+        Ok(DenseKv { k, v })
+    }
+}
+
+impl<E: Element> KvSource<E> for DenseKv<'_, E> {
+    fn num_kv_heads(&self) -> usize {
+        self.k.shape[0]
+    }
+    fn head_dim(&self) -> usize {
+        self.k.shape[2]
+    }
+    fn len(&self) -> usize {
+        self.k.shape[1]
+    }
+    fn start(&self) -> usize {
+        0
+    }
+    fn segments(&self, head: usize, a: usize, b: usize) -> Vec<Segment<'_, E>> {
+        let b = b.min(self.len());
+        if a >= b {
+            return Vec::new();
+        }
+        vec![Segment {
+            pos: a,
+            k: self.k.rows(head).slice(a, b),
+            v: self.v.rows(head).slice(a, b),
+        }]
+    }
+}
+
+/// Attention of `query` (`[num_q_heads, q_len, head_dim]`) over every key of `kv`.
+///
+/// Query `i` sits at position `kv.len() - q_len + i`. Returns the output as row-major
+/// `[num_q_heads, q_len, head_dim]` f32.
+pub fn attend<E: Element, S: KvSource<E>>(
+    query: View3<'_, E>,
+    kv: &S,
+    params: &Params,
+) -> Result<Vec<f32>> {
+    let [hq, lq, d] = query.shape;
+    let hkv = kv.num_kv_heads();
+    check(hq, lq, d, kv, params)?;
+    let out_len = hq * lq * d;
+    if out_len == 0 {
+        return Ok(Vec::new());
+    }
+    let g = hq / hkv;
+    let tq = (ROWS_PER_TASK / g).clamp(1, lq);
+    let ntiles = lq.div_ceil(tq);
+    let first_pos = kv.len() - lq;
+    let threads = rayon::current_num_threads();
+
+    // Tasks: (kv head, query tile, key range), the key ranges of one tile adjacent.
+    let mut tasks = Vec::new();
+    for kvh in 0..hkv {
+        for t in 0..ntiles {
+            let (q0, q1) = (t * tq, ((t + 1) * tq).min(lq));
+            let lo = params
+                .window
+                .map_or(0, |w| (first_pos + q0 + 1).saturating_sub(w))
+                .max(kv.start());
+            let hi = first_pos + q1;
+            let base = hkv * ntiles;
+            let splits = if base >= 2 * threads {
+                1
+            } else {
+                (2 * threads)
+                    .div_ceil(base)
+                    .min((hi - lo).div_ceil(MIN_KEYS_PER_SPLIT))
+                    .max(1)
+            };
+            let step = (hi - lo).div_ceil(splits).div_ceil(TK) * TK;
+            let mut a = lo;
+            loop {
+                let b = (a + step).min(hi);
+                tasks.push(TaskSpec { kvh, q0, q1, a, b });
+                a = b;
+                if a >= hi {
+                    break;
+                }
+            }
+        }
+    }
+
+    let partials: Vec<Partial> = tasks
+        .par_iter()
+        .map(|t| run_task(&query, kv, params, g, first_pos, t))
+        .collect();
+
+    // Merge the key ranges of each (kv head, query tile) and normalise.
+    let mut out = vec![0f32; out_len];
+    let mut i = 0;
+    while i < tasks.len() {
+        let (kvh, q0, q1) = (tasks[i].kvh, tasks[i].q0, tasks[i].q1);
+        let mut j = i + 1;
+        while j < tasks.len() && tasks[j].kvh == kvh && tasks[j].q0 == q0 {
+            j += 1;
+        }
+        let rows = (q1 - q0) * g;
+        for r in 0..rows {
+            let m = partials[i..j]
+                .iter()
+                .map(|p| p.m[r])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let (qi, gh) = (q0 + r / g, r % g);
+            let dst = &mut out[((kvh * g + gh) * lq + qi) * d..][..d];
+            let mut l = 0f32;
+            for p in &partials[i..j] {
+                if p.m[r] == f32::NEG_INFINITY {
+                    continue;
+                }
+                let w = (p.m[r] - m).exp();
+                l += p.l[r] * w;
+                for (o, &x) in dst.iter_mut().zip(&p.o[r * d..(r + 1) * d]) {
+                    *o += x * w;
+                }
+            }
+            // Every query sees at least its own key, so l > 0.
+            let inv = 1.0 / l;
+            dst.iter_mut().for_each(|o| *o *= inv);
+        }
+        i = j;
+    }
+    Ok(out)
+}
+
+fn check<E: Element, S: KvSource<E>>(
+    hq: usize,
+    lq: usize,
+    d: usize,
+    kv: &S,
+    params: &Params,
+) -> Result<()> {
+    let hkv = kv.num_kv_heads();
+    if d != kv.head_dim() {
+        return Err(Error::value(
+            "query",
+            format!("head_dim is {d}, the keys have {}", kv.head_dim()),
+        ));
+    }
+    if hkv == 0 || !hq.is_multiple_of(hkv) {
+        return Err(Error::value(
+            "query",
+            format!("{hq} query heads is not a multiple of the {hkv} kv heads"),
+        ));
+    }
+    if lq > kv.len() {
+        return Err(Error::value(
+            "query",
+            format!(
+                "{lq} queries but only {} keys: the queries' own keys must be appended first",
+                kv.len()
+            ),
+        ));
+    }
+    if !(params.scale.is_finite()) {
+        return Err(Error::value(
+            "scale",
+            format!("must be finite, got {}", params.scale),
+        ));
+    }
+    if let Some(c) = params.softcap {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(Error::value(
+                "softcap",
+                format!("must be positive, got {c}"),
+            ));
+        }
+    }
+    if params.window == Some(0) {
+        return Err(Error::value("window", "must be at least 1"));
+    }
+    let first_pos = kv.len() - lq;
+    let need = params
+        .window
+        .map_or(0, |w| (first_pos + 1).saturating_sub(w));
+    if kv.start() > need {
+        return Err(Error::value(
+            "window",
+            format!(
+                "the query at position {first_pos} needs keys from {need}, but positions below {} \
+                 were dropped (window {:?})",
+                kv.start(),
+                params.window
+            ),
+        ));
+    }
+    Ok(())
+}
+
+struct TaskSpec {
+    kvh: usize,
+    q0: usize,
+    q1: usize,
+    /// Key positions `a..b`.
+    a: usize,
+    b: usize,
+}
+
+/// Rows' unnormalised output `[rows, head_dim]`, running max and running sum.
+struct Partial {
+    o: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+}
+
+fn run_task<E: Element, S: KvSource<E>>(
+    q: &View3<'_, E>,
+    kv: &S,
+    params: &Params,
+    g: usize,
+    first_pos: usize,
+    t: &TaskSpec,
+) -> Partial {
+    let segs = kv.segments(t.kvh, t.a, t.b);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { task_avx2(q, &segs, params, g, first_pos, t) };
+        }
+    }
+    task_impl::<E, false>(q, &segs, params, g, first_pos, t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn task_avx2<E: Element>(
+    q: &View3<'_, E>,
+    segs: &[Segment<'_, E>],
+    params: &Params,
+    g: usize,
+    first_pos: usize,
+    t: &TaskSpec,
+) -> Partial {
+    task_impl::<E, true>(q, segs, params, g, first_pos, t)
+}
+
+#[inline(always)]
+fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+fn task_impl<E: Element, const FMA: bool>(
+    q: &View3<'_, E>,
+    segs: &[Segment<'_, E>],
+    params: &Params,
+    g: usize,
+    first_pos: usize,
+    t: &TaskSpec,
+) -> Partial {
+    let d = q.shape[2];
+    let rows = (t.q1 - t.q0) * g;
+    // Row r is query q0 + r / g of q head kvh * g + r % g.
+    let mut qf = vec![0f32; rows * d];
+    for r in 0..rows {
+        let src = q.row(t.kvh * g + r % g, t.q0 + r / g);
+        for (x, &y) in qf[r * d..(r + 1) * d].iter_mut().zip(src) {
+            *x = y.to_f32() * params.scale;
+        }
+    }
+    let bounds: Vec<(usize, usize)> = (0..rows)
+        .map(|r| {
+            let pos = first_pos + t.q0 + r / g;
+            let lo = params.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            (lo, pos + 1)
+        })
+        .collect();
+    let mut o = vec![0f32; rows * d];
+    let mut m = vec![f32::NEG_INFINITY; rows];
+    let mut l = vec![0f32; rows];
+    // Few rows (decode): read K and V where they lie. Many rows (prefill): convert each
+    // tile once, K transposed, so every row's scores are contiguous FMAs.
+    let direct = rows < DIRECT_BELOW_ROWS;
+    let (mut kt, mut vf) = if direct {
+        (Vec::new(), Vec::new())
+    } else {
+        (vec![0f32; d * TK], vec![0f32; TK * d])
+    };
+
+    for seg in segs {
+        let mut off = 0;
+        while off < seg.k.len {
+            let n = TK.min(seg.k.len - off);
+            let c0 = seg.pos + off;
+            if !direct {
+                for j in 0..n {
+                    for (dd, &x) in seg.k.row(off + j).iter().enumerate() {
+                        kt[dd * TK + j] = x.to_f32();
+                    }
+                    for (y, &x) in vf[j * d..(j + 1) * d].iter_mut().zip(seg.v.row(off + j)) {
+                        *y = x.to_f32();
+                    }
+                }
+            }
+            for (r, &(lo, hi)) in bounds.iter().enumerate() {
+                if c0 >= hi || c0 + n <= lo {
+                    continue;
+                }
+                let full = n == TK && c0 >= lo && c0 + n <= hi;
+                let mut s = [0f32; TK];
+                let qrow = &qf[r * d..(r + 1) * d];
+                if direct {
+                    for (j, x) in s.iter_mut().enumerate().take(n) {
+                        *x = dot::<E, FMA>(qrow, seg.k.row(off + j));
+                    }
+                } else {
+                    for (dd, &qd) in qrow.iter().enumerate() {
+                        let ktr: &[f32; TK] = kt[dd * TK..(dd + 1) * TK].try_into().expect("TK");
+                        for j in 0..TK {
+                            s[j] = fmadd::<FMA>(qd, ktr[j], s[j]);
+                        }
+                    }
+                }
+                if let Some(cap) = params.softcap {
+                    softcap_tile(&mut s, cap);
+                }
+                let visible = |j: usize| j < n && c0 + j >= lo && c0 + j < hi;
+                if !full {
+                    for (j, x) in s.iter_mut().enumerate() {
+                        if !visible(j) {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                let mut m8 = [f32::NEG_INFINITY; 8];
+                for (j, &x) in s.iter().enumerate() {
+                    m8[j % 8] = m8[j % 8].max(x);
+                }
+                let m_new = m8.iter().fold(m[r], |a, &b| a.max(b));
+                let alpha = if m[r] == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (m[r] - m_new).exp()
+                };
+                for x in s.iter_mut() {
+                    *x -= m_new;
+                }
+                exp_tile(&mut s);
+                if !full {
+                    for (j, x) in s.iter_mut().enumerate() {
+                        if !visible(j) {
+                            *x = 0.0;
+                        }
+                    }
+                }
+                let mut sum8 = [0f32; 8];
+                for (j, &x) in s.iter().enumerate() {
+                    sum8[j % 8] += x;
+                }
+                l[r] = l[r] * alpha + sum8.iter().sum::<f32>();
+                m[r] = m_new;
+                let orow = &mut o[r * d..(r + 1) * d];
+                if alpha != 1.0 {
+                    orow.iter_mut().for_each(|x| *x *= alpha);
+                }
+                if direct {
+                    pv_accumulate::<E, FMA>(orow, &s, n, |j| seg.v.row(off + j));
+                } else {
+                    pv_accumulate::<f32, FMA>(orow, &s, n, |j| &vf[j * d..(j + 1) * d]);
+                }
+            }
+            off += n;
+        }
+    }
+    Partial { o, m, l }
+}
+
+/// `q . k` with eight independent accumulators (a plain sum would not vectorise).
+#[inline(always)]
+fn dot<E: Element, const FMA: bool>(q: &[f32], k: &[E]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (qc, kc) = (q.chunks_exact(8), k.chunks_exact(8));
+    let (qr, kr) = (qc.remainder(), kc.remainder());
+    for (a, b) in qc.zip(kc) {
+        for l in 0..8 {
+            acc[l] = fmadd::<FMA>(a[l], b[l].to_f32(), acc[l]);
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (a, b) in qr.iter().zip(kr) {
+        s = fmadd::<FMA>(*a, b.to_f32(), s);
+    }
+    s
+}
+
+/// `orow += sum_j p[j] * v(j)` over the first `n` keys, with the output held in registers a
+/// block of `W` at a time so the FMA chains stay independent.
+#[inline(always)]
+fn pv_accumulate<'v, T: Element, const FMA: bool>(
+    orow: &mut [f32],
+    p: &[f32; TK],
+    n: usize,
+    v: impl Fn(usize) -> &'v [T],
+) {
+    let d = orow.len();
+    let mut dc = 0;
+    while dc + 64 <= d {
+        pv_block::<T, FMA, 64>(orow, p, n, &v, dc);
+        dc += 64;
+    }
+    while dc + 8 <= d {
+        pv_block::<T, FMA, 8>(orow, p, n, &v, dc);
+        dc += 8;
+    }
+    while dc < d {
+        pv_block::<T, FMA, 1>(orow, p, n, &v, dc);
+        dc += 1;
+    }
+}
+
+#[inline(always)]
+fn pv_block<'v, T: Element, const FMA: bool, const W: usize>(
+    orow: &mut [f32],
+    p: &[f32; TK],
+    n: usize,
+    v: &impl Fn(usize) -> &'v [T],
+    dc: usize,
+) {
+    let mut acc: [f32; W] = orow[dc..dc + W].try_into().expect("W");
+    for (j, &pj) in p.iter().enumerate().take(n) {
+        let vr: &[T; W] = v(j)[dc..dc + W].try_into().expect("W");
+        for w in 0..W {
+            acc[w] = fmadd::<FMA>(pj, vr[w].to_f32(), acc[w]);
+        }
+    }
+    orow[dc..dc + W].copy_from_slice(&acc);
+}
+
+#[cfg(test)]
+#[path = "../../tests/rust/cpu/attention.rs"]
+mod tests;

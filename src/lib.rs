@@ -1,0 +1,18 @@
+//! headinfer: exact long-context inference with a head-wise KV cache in host memory.
+//!
+//! The core (everything outside `py`) has no PyO3 in it; `py` is the thin binding layer that
+//! builds the Python module `headinfer._core`.
+
+pub mod cpu;
+pub mod error;
+pub mod host;
+pub mod store;
+pub mod tensor;
+
+mod py;
+
+#[cfg(test)]
+#[path = "../tests/rust/common.rs"]
+mod test_common;
+
+pub use error::{Error, Result};

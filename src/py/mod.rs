@@ -1,0 +1,21 @@
+//! The binding layer: `#[pyclass]`/`#[pyfunction]` wrappers over the core, one file per
+//! exposed concept. Arguments are validated here, on entry; heavy work runs with the GIL
+//! released.
+
+mod attention;
+mod errors;
+mod store;
+mod tensor;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("HeadInferError", py.get_type::<errors::HeadInferError>())?;
+    m.add("OutOfHostMemoryError", errors::out_of_host_memory_type(py)?)?;
+    m.add_class::<store::PyKvStore>()?;
+    m.add_function(wrap_pyfunction!(attention::attention, m)?)?;
+    Ok(())
+}

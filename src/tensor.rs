@@ -1,0 +1,427 @@
+//! The DLPack boundary: device, dtype, shape and strides are validated once, on entry, into
+//! plain views that the rest of the core uses without further checks.
+
+use crate::error::{Error, Result};
+use dlpark::ffi::{DLDataTypeCode, DLDeviceType};
+use dlpark::TensorRef;
+use half::{bf16, f16};
+
+/// Element types the store and the attention op accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+
+    /// The name torch uses (`torch.float32`, ...), without the prefix.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+        }
+    }
+
+    /// Parses a dtype name as torch prints it, with or without `torch.`.
+    pub fn parse(arg: &str, name: &str) -> Result<Self> {
+        match name.trim_start_matches("torch.") {
+            "float32" | "float" => Ok(DType::F32),
+            "bfloat16" => Ok(DType::BF16),
+            "float16" | "half" => Ok(DType::F16),
+            other => Err(Error::type_(
+                arg,
+                format!("unsupported dtype {other:?}; expected float32, bfloat16 or float16"),
+            )),
+        }
+    }
+}
+
+/// A scalar element of a KV tensor: converted to f32 for arithmetic, back for outputs.
+pub trait Element: Copy + Send + Sync + Default + 'static {
+    const DTYPE: DType;
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        // A shift, not half's generic path: this loop must vectorize.
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+/// A validated 3-d tensor in host memory: `[d0, d1, d2]` with element strides, the last 1.
+///
+/// It borrows memory owned by the DLPack producer; the binding layer keeps the producer's
+/// capsule alive for as long as a `Tensor3` built from it is used.
+#[derive(Clone, Copy, Debug)]
+pub struct Tensor3 {
+    ptr: *mut u8,
+    pub dtype: DType,
+    pub shape: [usize; 3],
+    pub strides: [usize; 3],
+}
+
+// SAFETY: `Tensor3` is a pointer plus layout; the views it hands out carry the borrow rules,
+// and writes go through `write_rows`, which callers run from one thread.
+unsafe impl Send for Tensor3 {}
+// SAFETY: as above; shared use only reads.
+unsafe impl Sync for Tensor3 {}
+
+impl Tensor3 {
+    /// Validates `t` as a CPU tensor of three dimensions, stride 1 on the last, no negative
+    /// strides, and (when `writable`) no two elements at one address.
+    pub fn from_dlpack(arg: &str, t: &TensorRef<'_>, writable: bool) -> Result<Self> {
+        let dev = t.device();
+        if dev.device_type != DLDeviceType::CPU && dev.device_type != DLDeviceType::CUDAHOST {
+            let what = if dev.device_type == DLDeviceType::CUDA {
+                format!("cuda:{}", dev.device_id)
+            } else {
+                format!("device type {}", dev.device_type.0)
+            };
+            return Err(Error::type_(
+                arg,
+                format!("tensor is on {what}; this build runs attention on CPU tensors only"),
+            ));
+        }
+        let dt = t.dtype();
+        let dtype = match (dt.code, dt.bits, dt.lanes) {
+            (DLDataTypeCode::FLOAT, 32, 1) => DType::F32,
+            (DLDataTypeCode::FLOAT, 16, 1) => DType::F16,
+            (DLDataTypeCode::BFLOAT, 16, 1) => DType::BF16,
+            (code, bits, lanes) => {
+                return Err(Error::type_(
+                    arg,
+                    format!(
+                        "unsupported dtype (DLPack code {}, {bits} bits, {lanes} lanes); \
+                         expected float32, bfloat16 or float16",
+                        code.0
+                    ),
+                ))
+            }
+        };
+        let shape = t.shape();
+        if shape.len() != 3 {
+            return Err(Error::value(
+                arg,
+                format!(
+                    "expected 3 dimensions, got {} (shape {shape:?})",
+                    shape.len()
+                ),
+            ));
+        }
+        let strides = t
+            .strides_or_compact()
+            .map_err(|e| Error::value(arg, format!("bad strides: {e}")))?;
+        let mut s = [0usize; 3];
+        let mut d = [0usize; 3];
+        for i in 0..3 {
+            d[i] = usize::try_from(shape[i])
+                .map_err(|_| Error::value(arg, format!("negative size in shape {shape:?}")))?;
+            s[i] = usize::try_from(strides[i]).map_err(|_| {
+                Error::value(arg, format!("negative stride in strides {strides:?}"))
+            })?;
+        }
+        if d[2] > 1 && s[2] != 1 {
+            return Err(Error::value(
+                arg,
+                format!(
+                    "the last dimension must have stride 1, got strides {strides:?}; \
+                     call .contiguous() first"
+                ),
+            ));
+        }
+        s[2] = 1;
+        let t3 = Tensor3 {
+            // SAFETY: adding the producer's byte offset to its base pointer stays inside the
+            // producer's allocation, per the DLPack contract.
+            ptr: unsafe { (t.data_ptr() as *mut u8).add(t.byte_offset() as usize) },
+            dtype,
+            shape: d,
+            strides: s,
+        };
+        if writable && !t3.is_non_overlapping() {
+            return Err(Error::value(
+                arg,
+                format!("output strides {strides:?} make elements overlap"),
+            ));
+        }
+        Ok(t3)
+    }
+
+    /// Number of elements a read of the whole view can touch: the span from the first to
+    /// the last element, inclusive.
+    pub fn span(&self) -> usize {
+        if self.shape.contains(&0) {
+            return 0;
+        }
+        1 + (0..3)
+            .map(|i| (self.shape[i] - 1) * self.strides[i])
+            .sum::<usize>()
+    }
+
+    /// Whether every index maps to its own address (required of outputs).
+    fn is_non_overlapping(&self) -> bool {
+        let mut dims: Vec<(usize, usize)> = (0..3)
+            .filter(|&i| self.shape[i] > 1)
+            .map(|i| (self.strides[i], self.shape[i]))
+            .collect();
+        dims.sort_unstable();
+        let mut extent = 1;
+        for (stride, size) in dims {
+            if stride < extent {
+                return false;
+            }
+            extent = stride * size;
+        }
+        true
+    }
+
+    /// Whether the byte ranges of `self` and `other` intersect.
+    pub fn overlaps(&self, other: &Tensor3) -> bool {
+        let (a0, a1) = (
+            self.ptr as usize,
+            self.ptr as usize + self.span() * self.dtype.size(),
+        );
+        let (b0, b1) = (
+            other.ptr as usize,
+            other.ptr as usize + other.span() * other.dtype.size(),
+        );
+        a0 < b1 && b0 < a1 && self.span() > 0 && other.span() > 0
+    }
+
+    /// Checks the dtype; `arg` names the tensor in the error.
+    pub fn expect_dtype(&self, arg: &str, dtype: DType) -> Result<()> {
+        if self.dtype != dtype {
+            return Err(Error::type_(
+                arg,
+                format!("dtype is {}, expected {}", self.dtype.name(), dtype.name()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the shape; `None` entries match any size.
+    pub fn expect_shape(&self, arg: &str, what: &str, shape: [Option<usize>; 3]) -> Result<()> {
+        let ok = (0..3).all(|i| shape[i].is_none_or(|n| n == self.shape[i]));
+        if !ok {
+            let want: Vec<String> = shape
+                .iter()
+                .map(|d| d.map_or("*".to_string(), |n| n.to_string()))
+                .collect();
+            return Err(Error::value(
+                arg,
+                format!(
+                    "expected shape {what} = [{}], got {:?}",
+                    want.join(", "),
+                    self.shape
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A typed read-only view.
+    ///
+    /// # Safety
+    /// The producer's memory must stay alive and unwritten by others while the view is used,
+    /// and `E` must match `self.dtype` (checked).
+    pub unsafe fn view<E: Element>(&self) -> View3<'_, E> {
+        assert_eq!(E::DTYPE, self.dtype, "view dtype must match the tensor's");
+        let data = if self.span() == 0 {
+            &[][..]
+        } else {
+            // SAFETY: the producer guarantees `span()` elements from `ptr` (shape and strides
+            // came from it and were checked non-negative); the caller keeps it alive.
+            unsafe { std::slice::from_raw_parts(self.ptr as *const E, self.span()) }
+        };
+        View3 {
+            data,
+            shape: self.shape,
+            strides: self.strides,
+        }
+    }
+
+    /// Writes `rows[(i0 * d1 + i1) * d2 ..][.. d2]` into element `[i0, i1, :]`, converting from
+    /// f32; `rows` holds the whole tensor in row-major order.
+    ///
+    /// # Safety
+    /// The producer's memory must be alive and not read or written by anyone else meanwhile;
+    /// `self` was validated `writable`, so no two rows share an address.
+    pub unsafe fn write_rows<E: Element>(&self, rows: &[f32]) {
+        assert_eq!(E::DTYPE, self.dtype, "write dtype must match the tensor's");
+        let [d0, d1, d2] = self.shape;
+        assert_eq!(rows.len(), d0 * d1 * d2);
+        for i0 in 0..d0 {
+            for i1 in 0..d1 {
+                let off = i0 * self.strides[0] + i1 * self.strides[1];
+                // SAFETY: `off + d2 <= span()`, inside the producer's allocation; rows do not
+                // overlap (checked on entry) and nobody else touches them during the call.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut((self.ptr as *mut E).add(off), d2) };
+                let src = &rows[(i0 * d1 + i1) * d2..][..d2];
+                for (o, &x) in dst.iter_mut().zip(src) {
+                    *o = E::from_f32(x);
+                }
+            }
+        }
+    }
+
+    /// Copies `src` (row-major `[d0, d1, d2]`, already in this dtype) into the tensor.
+    ///
+    /// # Safety
+    /// As for `write_rows`.
+    pub unsafe fn write_same<E: Element>(&self, mut row: impl FnMut(usize, usize, &mut [E])) {
+        assert_eq!(E::DTYPE, self.dtype, "write dtype must match the tensor's");
+        let [d0, d1, d2] = self.shape;
+        for i0 in 0..d0 {
+            for i1 in 0..d1 {
+                let off = i0 * self.strides[0] + i1 * self.strides[1];
+                // SAFETY: as in `write_rows`.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut((self.ptr as *mut E).add(off), d2) };
+                row(i0, i1, dst);
+            }
+        }
+    }
+}
+
+/// A typed, strided, read-only `[d0, d1, d2]` view with stride 1 on the last dimension.
+#[derive(Clone, Copy, Debug)]
+pub struct View3<'a, E> {
+    pub data: &'a [E],
+    pub shape: [usize; 3],
+    pub strides: [usize; 3],
+}
+
+impl<'a, E: Element> View3<'a, E> {
+    /// A view over a row-major slice.
+    pub fn contiguous(data: &'a [E], shape: [usize; 3]) -> Self {
+        assert_eq!(data.len(), shape.iter().product::<usize>());
+        View3 {
+            data,
+            shape,
+            strides: [shape[1] * shape[2], shape[2], 1],
+        }
+    }
+
+    /// Row `[i0, i1, :]`.
+    #[inline]
+    pub fn row(&self, i0: usize, i1: usize) -> &'a [E] {
+        &self.data[i0 * self.strides[0] + i1 * self.strides[1]..][..self.shape[2]]
+    }
+
+    /// The 2-d slice `[i0, :, :]` as rows.
+    pub fn rows(&self, i0: usize) -> Rows<'a, E> {
+        let start = i0 * self.strides[0];
+        let len = self.shape[1];
+        let end = if len == 0 {
+            start
+        } else {
+            start + (len - 1) * self.strides[1] + self.shape[2]
+        };
+        Rows {
+            data: &self.data[start..end],
+            stride: self.strides[1],
+            len,
+            width: self.shape[2],
+        }
+    }
+}
+
+/// `len` rows of `width` elements, `stride` elements apart.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows<'a, E> {
+    pub data: &'a [E],
+    pub stride: usize,
+    pub len: usize,
+    pub width: usize,
+}
+
+impl<'a, E> Rows<'a, E> {
+    /// Row `i`.
+    #[inline(always)]
+    pub fn row(&self, i: usize) -> &'a [E] {
+        &self.data[i * self.stride..][..self.width]
+    }
+
+    /// Rows `a..b`.
+    pub fn slice(&self, a: usize, b: usize) -> Rows<'a, E> {
+        debug_assert!(a <= b && b <= self.len);
+        if a == b {
+            return Rows {
+                data: &self.data[..0],
+                stride: self.stride,
+                len: 0,
+                width: self.width,
+            };
+        }
+        Rows {
+            data: &self.data[a * self.stride..(b - 1) * self.stride + self.width],
+            stride: self.stride,
+            len: b - a,
+            width: self.width,
+        }
+    }
+}
+
+/// Runs `$body` with `$E` bound to the element type of `$dtype`.
+#[macro_export]
+macro_rules! with_element {
+    ($dtype:expr, $E:ident => $body:expr) => {
+        match $dtype {
+            $crate::tensor::DType::F32 => {
+                type $E = f32;
+                $body
+            }
+            $crate::tensor::DType::BF16 => {
+                type $E = half::bf16;
+                $body
+            }
+            $crate::tensor::DType::F16 => {
+                type $E = half::f16;
+                $body
+            }
+        }
+    };
+}

@@ -1,0 +1,181 @@
+//! Unit tests of `src/store.rs`: blocks, windows, crop, accounting, memory checks.
+
+use super::*;
+use crate::test_common::Rng;
+
+fn cfg(block_size: usize, windows: Vec<Option<usize>>) -> StoreConfig {
+    StoreConfig {
+        num_layers: windows.len(),
+        num_kv_heads: 2,
+        head_dim: 4,
+        dtype: DType::F32,
+        block_size,
+        windows,
+        host_memory_limit: None,
+    }
+}
+
+/// Appends `n` tokens whose values encode (head, position, k/v) so reads are checkable.
+fn append_positions(s: &mut KvStore, layer: usize, from: usize, n: usize) -> Result<()> {
+    let (h, d) = (2, 4);
+    let mut k = vec![0f32; h * n * d];
+    let mut v = vec![0f32; h * n * d];
+    for hi in 0..h {
+        for i in 0..n {
+            for j in 0..d {
+                k[(hi * n + i) * d + j] = (hi * 100_000 + (from + i) * 10 + j) as f32;
+                v[(hi * n + i) * d + j] = -((hi * 100_000 + (from + i) * 10 + j) as f32);
+            }
+        }
+    }
+    s.append(
+        layer,
+        View3::contiguous(&k, [h, n, d]),
+        View3::contiguous(&v, [h, n, d]),
+    )
+}
+
+fn check_positions(s: &KvStore, layer: usize, a: usize, b: usize) {
+    let mut seen = 0;
+    s.read::<f32>(layer, a, b, |h, i, k, v| {
+        for j in 0..4 {
+            let want = (h * 100_000 + (a + i) * 10 + j) as f32;
+            assert_eq!(k[j], want, "key head {h} pos {}", a + i);
+            assert_eq!(v[j], -want, "value head {h} pos {}", a + i);
+        }
+        seen += 1;
+    })
+    .unwrap();
+    assert_eq!(seen, 2 * (b - a));
+}
+
+#[test]
+fn append_and_read_across_blocks() {
+    let mut s = KvStore::new(cfg(5, vec![None, None])).unwrap();
+    let mut rng = Rng::new(1);
+    let mut len = 0;
+    for _ in 0..20 {
+        let n = 1 + rng.below(12);
+        append_positions(&mut s, 1, len, n).unwrap();
+        len += n;
+        check_positions(&s, 1, 0, len);
+        check_positions(&s, 1, len / 3, len);
+    }
+    assert_eq!(s.seq_len(1).unwrap(), len);
+    assert_eq!(s.seq_len(0).unwrap(), 0);
+    assert_eq!(s.bytes_used(), len * 2 * 2 * 4 * 4);
+    assert_eq!(s.bytes_reserved(), len.div_ceil(5) * 2 * 2 * 5 * 4 * 4);
+}
+
+#[test]
+fn crop_then_append_reuses_blocks() {
+    let mut s = KvStore::new(cfg(4, vec![None])).unwrap();
+    append_positions(&mut s, 0, 0, 30).unwrap();
+    let reserved = s.bytes_reserved();
+    s.crop(9).unwrap();
+    assert_eq!(s.seq_len(0).unwrap(), 9);
+    check_positions(&s, 0, 0, 9);
+    assert_eq!(s.bytes_reserved(), reserved, "cropped blocks stay reserved");
+    append_positions(&mut s, 0, 9, 21).unwrap();
+    check_positions(&s, 0, 0, 30);
+    assert_eq!(s.bytes_reserved(), reserved, "reused, not reallocated");
+    s.crop(100).unwrap();
+    assert_eq!(s.seq_len(0).unwrap(), 30);
+    s.clear();
+    assert_eq!(s.seq_len(0).unwrap(), 0);
+    assert_eq!(s.bytes_used(), 0);
+    append_positions(&mut s, 0, 0, 3).unwrap();
+    check_positions(&s, 0, 0, 3);
+}
+
+#[test]
+fn window_drops_whole_blocks_it_no_longer_needs() {
+    let mut s = KvStore::new(cfg(4, vec![Some(6), None])).unwrap();
+    for p in 0..40 {
+        append_positions(&mut s, 0, p, 1).unwrap();
+        let start = s.retained_start(0).unwrap();
+        // The query at p needs keys from p + 1 - 6; nothing it needs is gone.
+        assert!(start <= (p + 1).saturating_sub(6), "p={p} start={start}");
+        assert!(start.is_multiple_of(4));
+        check_positions(&s, 0, start, p + 1);
+    }
+    // At most window + one block (+ the new token) is held.
+    assert!(s.seq_len(0).unwrap() - s.retained_start(0).unwrap() <= 6 + 4);
+    assert!(s.read::<f32>(0, 0, 5, |_, _, _, _| {}).is_err());
+}
+
+#[test]
+fn crop_refuses_what_a_window_dropped_and_changes_nothing() {
+    let mut s = KvStore::new(cfg(4, vec![Some(6), None])).unwrap();
+    append_positions(&mut s, 0, 0, 20).unwrap();
+    append_positions(&mut s, 1, 0, 20).unwrap();
+    append_positions(&mut s, 0, 20, 20).unwrap();
+    append_positions(&mut s, 1, 20, 20).unwrap();
+    let start = s.retained_start(0).unwrap();
+    assert!(start > 0);
+    let err = s.crop(5).unwrap_err().to_string();
+    assert!(err.starts_with("length:"), "{err}");
+    assert_eq!(s.seq_len(1).unwrap(), 40, "no layer was cropped");
+    // Cropping to a length whose window is still held works.
+    s.crop(start + 6).unwrap();
+    assert_eq!(s.seq_len(0).unwrap(), start + 6);
+    check_positions(&s, 0, start, start + 6);
+}
+
+#[test]
+fn memory_limit_is_checked_before_anything_changes() {
+    let mut c = cfg(4, vec![None]);
+    // Room for exactly two blocks per head (k and v of 2 heads).
+    c.host_memory_limit = Some(2 * 2 * 2 * c.block_bytes());
+    let mut s = KvStore::new(c).unwrap();
+    append_positions(&mut s, 0, 0, 8).unwrap();
+    let err = append_positions(&mut s, 0, 8, 1).unwrap_err();
+    match err {
+        Error::OutOfHostMemory {
+            needed, available, ..
+        } => {
+            assert_eq!(needed, 2 * 2 * 4 * 4 * 4);
+            assert_eq!(available, 0);
+        }
+        e => panic!("wrong error {e}"),
+    }
+    assert_eq!(s.seq_len(0).unwrap(), 8);
+    check_positions(&s, 0, 0, 8);
+    s.crop(4).unwrap();
+    append_positions(&mut s, 0, 4, 4).unwrap();
+    check_positions(&s, 0, 0, 8);
+}
+
+#[test]
+fn bad_arguments_name_themselves() {
+    let mut s = KvStore::new(cfg(4, vec![None])).unwrap();
+    let k = vec![0f32; 3 * 2 * 4];
+    let e = s
+        .append(
+            0,
+            View3::contiguous(&k, [3, 2, 4]),
+            View3::contiguous(&k, [3, 2, 4]),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("key: expected shape"), "{e}");
+    let e = append_positions(&mut s, 7, 0, 1).unwrap_err().to_string();
+    assert!(e.starts_with("layer: 7 is out of range"), "{e}");
+    let kb = vec![half::bf16::ZERO; 2 * 2 * 4];
+    let e = s
+        .append(
+            0,
+            View3::contiguous(&kb, [2, 2, 4]),
+            View3::contiguous(&kb, [2, 2, 4]),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("key: dtype is bfloat16"), "{e}");
+    assert_eq!(s.seq_len(0).unwrap(), 0);
+    let e = KvStore::new(cfg(0, vec![None])).err().unwrap().to_string();
+    assert!(e.starts_with("block_size:"), "{e}");
+    let mut c = cfg(4, vec![None]);
+    c.windows = vec![];
+    let e = KvStore::new(c).err().unwrap().to_string();
+    assert!(e.starts_with("windows:"), "{e}");
+}
