@@ -1,0 +1,39 @@
+"""headinfer: exact long-context inference for Hugging Face transformers.
+
+The KV cache lives in host memory, in a Rust store split by (layer, kv head); ``patch(model)``
+plugs it into a Llama, Mistral, Qwen2 or Gemma-2 model, with chunked prefill::
+
+    import headinfer
+    headinfer.patch(model)
+    out = model.generate(**inputs, max_new_tokens=256)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ._core import __version__
+from .cache import SUPPORTED_FAMILIES, HeadInferCache
+from .errors import (
+    GpuNotSupportedError,
+    HeadInferError,
+    OutOfHostMemoryError,
+    UnsupportedModelError,
+)
+from .patch import is_patched, patch, unpatch
+
+__all__ = [
+    "SUPPORTED_FAMILIES",
+    "GpuNotSupportedError",
+    "HeadInferCache",
+    "HeadInferError",
+    "OutOfHostMemoryError",
+    "UnsupportedModelError",
+    "__version__",
+    "is_patched",
+    "patch",
+    "unpatch",
+]
+
+# A library logs, the application decides where it goes.
+logging.getLogger("headinfer").addHandler(logging.NullHandler())

@@ -1,0 +1,116 @@
+"""The attention function transformers calls on a patched model, registered as ``"headinfer"``.
+
+transformers appends the new keys/values to the cache (``cache.update``) and then calls the
+registered attention function with the module, q, k, v and a mask; the cache itself is not an
+argument. The patched forward passes it down as the keyword ``headinfer_cache`` (models forward
+unknown keywords to their attention function through ``**kwargs``), so each call finds its own
+cache and two models or two caches in one process never meet. Without one (a ``DynamicCache``,
+``use_cache=False``) the same Rust op runs on the k, v transformers hands over.
+
+No q x kv mask is ever built: causality, the chunk's offset and the sliding window are arguments
+of the op, and ``headinfer_mask`` returns ``None`` for transformers' mask factory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from . import _core
+from .cache import HeadInferCache, check_cpu
+from .errors import HeadInferError
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "CACHE_KWARG",
+    "headinfer_attention",
+    "headinfer_mask",
+    "register",
+]
+
+#: The name under which the attention and mask functions are registered.
+ATTN_IMPLEMENTATION = "headinfer"
+#: The keyword that carries the cache from the patched forward to the attention function.
+CACHE_KWARG = "headinfer_cache"
+
+
+def _head_view(x: torch.Tensor, name: str) -> torch.Tensor:
+    # [1, H, L, D] -> [H, L, D] without a copy; the op needs only head_dim stride 1.
+    if x.shape[0] != 1:
+        raise ValueError(f"{name}: headinfer holds batch size 1, got shape {tuple(x.shape)}")
+    view = x[0]
+    return view if view.stride(-1) == 1 or view.shape[-1] == 1 else view.contiguous()
+
+
+def headinfer_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention through the Rust op, for transformers' ``AttentionInterface``.
+
+    Args:
+        module: the attention module (``layer_idx``, ``is_causal``, ``head_dim``).
+        query: ``[1, num_q_heads, q_len, head_dim]``; the last ``q_len`` positions.
+        key: ``[1, num_kv_heads, kv_len, head_dim]``; unused when a ``HeadInferCache`` is passed
+            as ``headinfer_cache`` (the store holds the keys).
+        value: ``[1, num_kv_heads, kv_len, head_dim]``; likewise.
+        attention_mask: must be ``None`` (headinfer builds no mask tensor).
+        scaling: score scale (default ``head_dim ** -0.5``); Gemma-2's comes from
+            ``query_pre_attn_scalar``.
+        dropout: must be 0 (inference only).
+        sliding_window: query at position ``p`` sees keys ``j`` with ``p - j < sliding_window``.
+        softcap: scores become ``softcap * tanh(score / softcap)`` (Gemma-2).
+
+    Returns:
+        ``(out, None)``: ``out`` is ``[1, q_len, num_q_heads, head_dim]``, the layout the model
+        reshapes into its output projection; attention weights are never materialised.
+    """
+    check_cpu(query, "query")
+    if attention_mask is not None:
+        raise HeadInferError(
+            "headinfer attention got an explicit attention mask; custom and padding masks are "
+            "not supported (attention is causal, with the model's sliding window)"
+        )
+    if dropout:
+        raise HeadInferError(f"dropout: headinfer is for inference, got {dropout}")
+    if not getattr(module, "is_causal", True):
+        raise HeadInferError("headinfer implements causal attention only")
+    batch, num_q_heads, q_len, head_dim = query.shape
+    scale = float(scaling) if scaling is not None else head_dim**-0.5
+    softcap = float(softcap) if softcap else None
+    q = _head_view(query, "query")
+    # Written through a [H, L, D] view of the [B, L, H, D] result: no transpose copy afterwards.
+    out = query.new_empty((batch, q_len, num_q_heads, head_dim))
+    out_view = out[0].transpose(0, 1)
+    cache = kwargs.get(CACHE_KWARG)
+    if cache is not None:
+        if not isinstance(cache, HeadInferCache):
+            raise TypeError(f"{CACHE_KWARG}: expected a HeadInferCache, got {type(cache).__name__}")
+        cache.attend(module.layer_idx, q, out_view, scale, softcap, sliding_window)
+    else:
+        k = _head_view(key, "key")
+        v = _head_view(value, "value")
+        _core.attention(q, k, v, out_view, scale, softcap, sliding_window)
+    return out, None
+
+
+def headinfer_mask(*args: Any, **kwargs: Any) -> None:
+    """Mask factory for transformers' ``AttentionMaskInterface``: no mask tensor, ever."""
+    return None
+
+
+def register() -> None:
+    """Register the attention and mask functions under ``"headinfer"`` (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, headinfer_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, headinfer_mask)

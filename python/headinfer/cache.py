@@ -1,0 +1,435 @@
+"""``HeadInferCache``: a transformers ``Cache`` whose keys and values live in the Rust ``KVStore``.
+
+transformers drives a cache layer by layer (``update(k, v, layer_idx)`` before each attention), so
+the cache holds one ``HeadInferLayer`` per decoder layer; all of them delegate to one shared store,
+which owns the memory. When the patched forward drives the cache, ``update`` only appends and the
+registered attention function runs attention inside the store (nothing is read back). Used any
+other way (an unpatched model, ``model.model(...)`` called directly), ``update`` returns the keys
+and values the layer's mask expects, read from the store, so any attention implementation stays
+exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import _core
+from .errors import GpuNotSupportedError, HeadInferError, UnsupportedModelError
+
+__all__ = ["SUPPORTED_FAMILIES", "HeadInferCache", "HeadInferLayer", "ModelSpec", "model_spec"]
+
+logger = logging.getLogger("headinfer")
+
+SUPPORTED_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gemma2")
+
+_STORE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+DEFAULT_BLOCK_SIZE = 256
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the store needs to know about a model, read from its config."""
+
+    family: str
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    #: Per layer, the sliding window in tokens, or ``None`` for full attention.
+    windows: tuple[int | None, ...]
+    max_positions: int | None
+
+
+def model_spec(config: PretrainedConfig) -> ModelSpec:
+    """Read the attention geometry of a supported model from its config.
+
+    Raises:
+        UnsupportedModelError: ``config.model_type`` is not a supported family, or the model uses
+            an attention variant headinfer does not implement (e.g. bidirectional Gemma-2).
+    """
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(f"model_type {family!r}", SUPPORTED_FAMILIES)
+    if getattr(config, "use_bidirectional_attention", False) or not getattr(
+        config, "is_causal", True
+    ):
+        raise UnsupportedModelError(f"bidirectional attention ({family})", SUPPORTED_FAMILIES)
+
+    num_layers = config.num_hidden_layers
+    num_q_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_q_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_q_heads
+    sliding_window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if family == "llama":
+        windows: list[int | None] = [None] * num_layers
+    elif family == "mistral" or layer_types is None:
+        # Mistral's attention uses config.sliding_window in every layer, whatever layer_types says.
+        windows = [sliding_window] * num_layers
+    else:
+        # Qwen2 (layer_types derived from use_sliding_window / max_window_layers) and Gemma-2.
+        windows = [sliding_window if t == "sliding_attention" else None for t in layer_types]
+    return ModelSpec(
+        family=family,
+        num_layers=num_layers,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        windows=tuple(windows),
+        max_positions=getattr(config, "max_position_embeddings", None),
+    )
+
+
+def store_dtype(dtype: torch.dtype) -> str:
+    """The store's name for a torch dtype; ``TypeError`` for one it does not hold."""
+    try:
+        return _STORE_DTYPES[dtype]
+    except KeyError:
+        supported = ", ".join(str(d) for d in _STORE_DTYPES)
+        raise TypeError(f"dtype: headinfer stores {supported}, got {dtype}") from None
+
+
+def check_cpu(tensor: torch.Tensor, name: str) -> None:
+    """Raise ``GpuNotSupportedError`` for a CUDA tensor, ``ValueError`` for another non-CPU one."""
+    if tensor.device.type == "cuda":
+        raise GpuNotSupportedError(name)
+    if tensor.device.type != "cpu":
+        raise ValueError(f"{name}: headinfer runs on CPU tensors, got device {tensor.device}")
+
+
+class HeadInferLayer(CacheLayerMixin):
+    """One decoder layer's view of the shared store (``layer_idx`` in it).
+
+    It holds no tensors itself (``keys``/``values`` stay ``None``); every call goes to the store.
+    """
+
+    is_compileable = False
+
+    def __init__(self, cache: HeadInferCache, layer_idx: int, window: int | None) -> None:
+        super().__init__()
+        self._cache = cache
+        self.layer_idx = layer_idx
+        self.sliding_window = window
+        self.is_sliding = window is not None
+        # A windowed layer drops tokens, so crop() cannot always roll it back.
+        self.is_croppable = window is None
+
+    def __repr__(self) -> str:
+        return f"HeadInferLayer(layer_idx={self.layer_idx}, window={self.sliding_window})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Create the shared store on first use, with the dtype of ``key_states``."""
+        self._cache._ensure_store(key_states.dtype)
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append one chunk and return the keys/values attention over this layer sees.
+
+        Args:
+            key_states: ``[1, num_kv_heads, chunk_len, head_dim]``.
+            value_states: ``[1, num_kv_heads, chunk_len, head_dim]``.
+
+        Returns:
+            When the patched forward drives the cache: ``key_states, value_states`` unchanged
+            (the headinfer attention reads the store itself). Otherwise the layer's visible keys
+            and values, ``[1, num_kv_heads, kv_length, head_dim]`` each, as ``get_mask_sizes``
+            announced them.
+        """
+        check_cpu(key_states, "key_states")
+        if key_states.dim() != 4 or key_states.shape[0] != 1:
+            raise ValueError(
+                f"key_states: headinfer holds batch size 1, got shape {tuple(key_states.shape)}"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        store = self._cache.store
+        seen = store.seq_len(self.layer_idx)
+        kv_offset = self._kv_offset(seen)
+        store.append(self.layer_idx, key_states[0], value_states[0])
+        if self._cache._bound:
+            self._cache._pending[self.layer_idx] = key_states.shape[2]
+            return key_states, value_states
+        end = store.seq_len(self.layer_idx)
+        if kv_offset < store.retained_start(self.layer_idx):
+            raise HeadInferError(
+                f"layer {self.layer_idx}: the store dropped positions from {kv_offset} on, "
+                "which this step still needs"
+            )
+        shape = (1, store.num_kv_heads, end - kv_offset, store.head_dim)
+        keys = key_states.new_empty(shape)
+        values = value_states.new_empty(shape)
+        store.read(self.layer_idx, kv_offset, end, keys[0], values[0])
+        return keys, values
+
+    def _kv_offset(self, seen: int) -> int:
+        # The first position a query at `seen` can see; as transformers' sliding layers do it.
+        if self.sliding_window is None:
+            return 0
+        return max(seen - self.sliding_window + 1, 0)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of the keys a chunk of ``query_length`` queries will see."""
+        seen = self.get_seq_length()
+        kv_offset = self._kv_offset(seen)
+        return seen + query_length - kv_offset, kv_offset
+
+    def get_seq_length(self) -> int:
+        """Tokens appended to this layer so far (windowed-out ones included)."""
+        store = self._cache._store
+        return 0 if store is None else store.seq_len(self.layer_idx)
+
+    def get_max_length(self) -> int:
+        """``-1`` (no bound) or, for a sliding layer, its window, as transformers does."""
+        return -1 if self.sliding_window is None else self.sliding_window
+
+    def get_max_cache_shape(self) -> int:
+        """transformers 5.17's name for ``get_max_length``."""
+        return self.get_max_length()
+
+    def offload(self) -> None:
+        """No-op: the store already lives in host memory."""
+
+    def prefetch(self) -> None:
+        """No-op: the store already lives in host memory."""
+
+    def reset(self) -> None:
+        """Drop every token of the whole cache (the store is shared by all layers)."""
+        self._cache.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search needs batch > 1, which headinfer does not hold yet."""
+        raise ValueError("headinfer holds batch size 1: beam search is not supported yet")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Only ``repeats == 1`` is possible at batch size 1."""
+        if repeats != 1:
+            raise ValueError(f"repeats: headinfer holds batch size 1, got {repeats}")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Selecting among batch rows is meaningless at batch size 1."""
+        if indices.numel() != 1:
+            raise ValueError("indices: headinfer holds batch size 1")
+
+
+class HeadInferCache(Cache):
+    """A transformers ``Cache`` backed by headinfer's Rust ``KVStore`` (batch size 1).
+
+    A patched model's ``generate()`` makes one by itself; pass one explicitly (``cache=`` on
+    transformers >= 5.24, ``past_key_values=`` before) to keep it across calls, e.g. prefill a
+    document once and ``crop()`` back to it after each answer.
+
+    Args:
+        model_or_config: the model (its dtype and, if patched, its ``block_size`` and
+            ``host_memory_limit`` become the defaults) or its config (the dtype is then taken
+            from the first keys stored).
+        block_size: tokens per store block (default 256, or the model's ``patch`` setting).
+        host_memory_limit: bytes the store may reserve (default: what the host has available).
+        dtype: element type of the stored keys/values (float32, bfloat16 or float16).
+
+    Raises:
+        UnsupportedModelError: the model is not Llama, Mistral, Qwen2 or Gemma-2.
+    """
+
+    def __init__(
+        self,
+        model_or_config: torch.nn.Module | PretrainedConfig,
+        *,
+        block_size: int | None = None,
+        host_memory_limit: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if isinstance(model_or_config, PretrainedConfig):
+            config = model_or_config
+        else:
+            config = model_or_config.config
+            settings = getattr(model_or_config, "_headinfer", None)
+            if settings is not None:
+                block_size = settings.block_size if block_size is None else block_size
+                if host_memory_limit is None:
+                    host_memory_limit = settings.host_memory_limit
+            if dtype is None:
+                dtype = getattr(model_or_config, "dtype", None)
+        self.spec = model_spec(config)
+        self.block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+        if self.block_size <= 0:
+            raise ValueError(f"block_size: must be positive, got {self.block_size}")
+        self.host_memory_limit = host_memory_limit
+        self._store: _core.KVStore | None = None
+        # How many patched forwards are driving this cache right now (see `bound`).
+        self._bound = 0
+        # Per layer, tokens appended by `update` that the headinfer attention has not consumed.
+        self._pending: dict[int, int] = {}
+        layers = [HeadInferLayer(self, i, w) for i, w in enumerate(self.spec.windows)]
+        super().__init__(layers=layers)
+        if dtype is not None:
+            self._ensure_store(dtype)
+
+    def _ensure_store(self, dtype: torch.dtype) -> _core.KVStore:
+        if self._store is None:
+            spec = self.spec
+            self._store = _core.KVStore(
+                spec.num_layers,
+                spec.num_kv_heads,
+                spec.head_dim,
+                store_dtype(dtype),
+                block_size=self.block_size,
+                windows=list(spec.windows),
+                host_memory_limit=self.host_memory_limit,
+            )
+            logger.debug(
+                "KVStore: %d layers x %d kv heads x %d, %s, blocks of %d, windows %s",
+                spec.num_layers,
+                spec.num_kv_heads,
+                spec.head_dim,
+                dtype,
+                self.block_size,
+                spec.windows,
+            )
+        return self._store
+
+    @property
+    def store(self) -> _core.KVStore:
+        """The Rust store; created by the first ``update`` when no dtype was known up front."""
+        if self._store is None:
+            raise HeadInferError("the cache has no store yet: it is created by the first update")
+        return self._store
+
+    @contextmanager
+    def bound(self) -> Iterator[None]:
+        """Mark the cache as driven by a patched forward for the duration of the block.
+
+        While bound, ``update`` appends without reading back, and the headinfer attention must
+        consume every appended chunk; the check at exit catches a model whose attention did not
+        go through headinfer (which would otherwise see only the new chunk). If the block
+        raises (e.g. ``OutOfHostMemoryError`` in some layer), the tokens it appended are cropped
+        away, so the cache is as it was before the block and stays usable.
+        """
+        outermost = self._bound == 0
+        start = self.get_seq_length() if outermost else 0
+        self._bound += 1
+        try:
+            yield
+        except BaseException as exc:
+            self._bound -= 1
+            if outermost:
+                self._pending.clear()
+                self._roll_back(start, exc)
+            raise
+        self._bound -= 1
+        if outermost and self._pending:
+            layers = sorted(self._pending)
+            self._pending.clear()
+            self._roll_back(start, None)
+            raise HeadInferError(
+                f"layers {layers} appended to the cache but their attention did not run through "
+                "headinfer (is the model patched, and does it pass **kwargs to attention?)"
+            )
+
+    def _roll_back(self, length: int, exc: BaseException | None) -> None:
+        store = self._store
+        if store is None or all(store.seq_len(i) <= length for i in range(store.num_layers)):
+            return
+        try:
+            store.crop(length)
+        except ValueError as crop_exc:
+            # A sliding layer already dropped what the old positions need: the only consistent
+            # state left is an empty cache; say so rather than continue from a wrong one.
+            store.clear()
+            raise HeadInferError(
+                f"the cache could not be rolled back to {length} tokens after an error and was "
+                f"reset ({crop_exc})"
+            ) from exc
+
+    def attend(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        out: torch.Tensor,
+        scale: float,
+        softcap: float | None,
+        window: int | None,
+    ) -> None:
+        """Attention of the chunk just appended to ``layer_idx`` over all its stored keys.
+
+        Args:
+            query: ``[num_q_heads, q_len, head_dim]``, head_dim stride 1.
+            out: ``[num_q_heads, q_len, head_dim]``, any strides with head_dim stride 1.
+        """
+        store = self.store
+        held = store.windows[layer_idx]
+        if held is not None and (window is None or window > held):
+            raise HeadInferError(
+                f"layer {layer_idx}: the model attends with window {window} but the store keeps "
+                f"only {held} tokens (config and model disagree)"
+            )
+        self._pending.pop(layer_idx, None)
+        store.attend(layer_idx, query, out, scale, softcap, window)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens cached so far (positions ``0..n``), windowed-out ones included."""
+        if self._store is None or layer_idx >= self.spec.num_layers:
+            return 0
+        return self._store.seq_len(layer_idx)
+
+    def crop(self, max_length: int) -> None:
+        """Drop cached tokens, e.g. back to a reused prefix.
+
+        Args:
+            max_length: ``n > 0``: keep the first ``n`` tokens; ``n < 0``: drop the last ``-n``
+                (transformers' convention); ``0``: nothing (as in transformers; use ``reset()``
+                to empty the cache).
+
+        Raises:
+            ValueError: a sliding-window layer already dropped tokens that the kept positions
+                would need; the cache is then unchanged.
+        """
+        if self._store is None or max_length == 0:
+            return
+        length = self.get_seq_length()
+        target = max_length if max_length > 0 else max(length + max_length, 0)
+        if target < length:
+            self._store.crop(target)
+
+    def reset(self) -> None:
+        """Drop every token; the store keeps its blocks for reuse."""
+        self._pending.clear()
+        if self._store is not None:
+            self._store.clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search needs batch > 1, which headinfer does not hold yet."""
+        raise ValueError("headinfer holds batch size 1: beam search is not supported yet")
+
+    def bytes_used(self) -> int:
+        """Bytes of keys and values held in host memory."""
+        return 0 if self._store is None else self._store.bytes_used()
+
+    def bytes_reserved(self) -> int:
+        """Bytes of host memory the store holds, used or kept for reuse."""
+        return 0 if self._store is None else self._store.bytes_reserved()
+
+    @property
+    def windows(self) -> Sequence[int | None]:
+        """Per layer, the sliding window the store keeps (``None``: every token)."""
+        return self.spec.windows
+
+    def __repr__(self) -> str:
+        return (
+            f"HeadInferCache({self.spec.family}, layers={self.spec.num_layers}, "
+            f"seq_len={self.get_seq_length()}, bytes_used={self.bytes_used()})"
+        )

@@ -1,0 +1,37 @@
+"""The exceptions headinfer raises.
+
+``HeadInferError`` and ``OutOfHostMemoryError`` are defined by the Rust core, so an error raised
+deep inside the store and one raised by the Python shim are caught by the same ``except``.
+Bad arguments raise plain ``ValueError``/``TypeError`` naming the argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ._core import HeadInferError, OutOfHostMemoryError
+
+__all__ = [
+    "GpuNotSupportedError",
+    "HeadInferError",
+    "OutOfHostMemoryError",
+    "UnsupportedModelError",
+]
+
+
+class UnsupportedModelError(HeadInferError):
+    """The model is not one of the families headinfer handles; nothing was changed."""
+
+    def __init__(self, what: str, supported: Iterable[str]) -> None:
+        families = ", ".join(supported)
+        super().__init__(f"{what} is not supported by headinfer; supported families: {families}")
+
+
+class GpuNotSupportedError(HeadInferError, NotImplementedError):
+    """A CUDA tensor reached headinfer, whose GPU path is not built yet."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"{what} is on a CUDA device, but headinfer's GPU path is not built yet: "
+            "run the model on the CPU for now"
+        )

@@ -1,0 +1,288 @@
+"""The patched forward: input checks and chunked prefill.
+
+A prompt longer than ``chunk_size`` runs through the model's own forward chunk by chunk, each
+chunk appending to the cache and attending over everything before it, so activations stay the
+size of one chunk. The result equals the unpatched forward: logits the caller keeps are gathered
+from the chunks that hold them (intermediate chunks compute one logit, not ``chunk x vocab``),
+hidden states are concatenated, a loss is computed once over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .attention import CACHE_KWARG
+from .cache import HeadInferCache, ModelSpec, check_cpu
+
+__all__ = ["PatchSettings", "cache_kwarg_name", "patched_forward"]
+
+logger = logging.getLogger("headinfer")
+
+#: The two names transformers has used for the forward's cache argument (5.24 renamed it).
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+@dataclass
+class PatchSettings:
+    """What ``patch()`` was given, and what it found out about the model."""
+
+    spec: ModelSpec
+    chunk_size: int
+    block_size: int
+    host_memory_limit: int | None
+    progress: bool
+    progress_delay: float
+    #: The model forward's keyword for the cache: "cache" (>= 5.24) or "past_key_values".
+    cache_name: str
+    #: The forward's named parameters, in order, to turn positional arguments into keywords.
+    forward_params: tuple[str, ...]
+    takes_logits_to_keep: bool
+    #: What patch() replaced, for unpatch(): instance attributes (or _MISSING) and the config's.
+    saved: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_kwarg_name(model: torch.nn.Module) -> str:
+    """``"cache"`` where the model's forward takes it (transformers >= 5.24), else the old name."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def forward_params(model: torch.nn.Module) -> tuple[str, ...]:
+    """Names of the positional-or-keyword parameters of the model's forward, ``self`` excluded."""
+    params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params if p.kind in kinds)
+
+
+def _find_cache(kwargs: Mapping[str, Any]) -> tuple[str | None, Any]:
+    for name in CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return name, kwargs[name]
+    return None, None
+
+
+def _check_inputs(
+    model: torch.nn.Module, settings: PatchSettings, kwargs: dict[str, Any], cache: Any
+) -> tuple[str, torch.Tensor]:
+    # Every check runs before the model touches the cache, so a rejected call leaves it as it was.
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "output_attentions=True: headinfer never materialises attention weights; "
+            "unpatch the model (headinfer.unpatch) to get them"
+        )
+    name = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
+    x = kwargs.get(name)
+    if x is None:
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    check_cpu(x, name)
+    if x.shape[0] != 1:
+        raise ValueError(
+            f"{name}: headinfer runs batch size 1 for now, got batch size {x.shape[0]} "
+            f"(shape {tuple(x.shape)}); run the sequences one at a time"
+        )
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        if mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask: headinfer takes a 2D padding mask (all ones), "
+                f"got shape {tuple(mask.shape)}"
+            )
+        if not bool(mask.all()):
+            raise ValueError(
+                "attention_mask: contains padding (zeros); headinfer runs one unpadded sequence "
+                "at a time, so pass the sequence without padding"
+            )
+    elif mask is not None:
+        raise ValueError(f"attention_mask: expected a 2D tensor, got {type(mask).__name__}")
+    if cache is not None and getattr(cache, "is_compileable", False):
+        # A static cache hands attention fixed-size, partly empty keys that only its mask
+        # tells apart; headinfer builds no mask, so it would attend to the empty slots.
+        raise ValueError(
+            f"cache: a {type(cache).__name__} (static) does not work with headinfer; "
+            "use a HeadInferCache (the default) or a DynamicCache"
+        )
+    if isinstance(cache, HeadInferCache) and cache.spec != settings.spec:
+        raise ValueError(
+            f"cache: built for a different model ({cache.spec.family}, "
+            f"{cache.spec.num_layers} layers) than this {settings.spec.family} model"
+        )
+    past = cache.get_seq_length() if cache is not None else 0
+    new = x.shape[1]
+    limit = settings.spec.max_positions
+    if limit is not None and past + new > limit:
+        raise ValueError(
+            f"{name}: {new} new tokens after {past} cached make {past + new} positions, more than "
+            f"the model's max_position_embeddings ({limit})"
+        )
+    return name, x
+
+
+def patched_forward(
+    model: torch.nn.Module,
+    original: Callable[..., Any],
+    settings: PatchSettings,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run ``original`` (the model's unpatched forward) the headinfer way.
+
+    Takes the model's forward arguments: ``input_ids`` ``[1, L]`` or ``inputs_embeds``
+    ``[1, L, hidden]``; a 2D all-ones ``attention_mask``; the cache (``cache`` or
+    ``past_key_values``: a ``HeadInferCache``, another ``Cache``, or none, in which case a
+    ``HeadInferCache`` is made when ``use_cache``). Returns what the unpatched forward returns.
+    """
+    if len(args) > len(settings.forward_params):
+        raise TypeError(f"forward() takes at most {len(settings.forward_params)} positional args")
+    for name, value in zip(settings.forward_params, args):
+        if name in kwargs:
+            raise TypeError(f"forward() got multiple values for argument {name!r}")
+        kwargs[name] = value
+
+    cache_name, cache = _find_cache(kwargs)
+    input_name, x = _check_inputs(model, settings, kwargs, cache)
+    length = x.shape[1]
+
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(model.config, "use_cache", True)
+    temporary = False
+    if cache is None and (use_cache or length > settings.chunk_size):
+        # A patched model keeps its KV in the store; without use_cache the cache only carries
+        # keys from one chunk to the next and is dropped from the output.
+        cache = HeadInferCache(model)
+        cache_name = settings.cache_name
+        kwargs[cache_name] = cache
+        temporary = not use_cache
+
+    if not isinstance(cache, HeadInferCache):
+        # Another Cache (or none): the attention function runs the dense op on what it is given.
+        if length <= settings.chunk_size:
+            return original(**kwargs)
+        return _chunked(model, original, settings, kwargs, input_name, x, cache, temporary)
+
+    kwargs[CACHE_KWARG] = cache
+    with cache.bound():
+        if length <= settings.chunk_size and not temporary:
+            return original(**kwargs)
+        return _chunked(model, original, settings, kwargs, input_name, x, cache, temporary)
+
+
+def _chunk_keep(keep: int | torch.Tensor, start: int, end: int, length: int) -> Any:
+    """What ``logits_to_keep`` a chunk gets; ``None`` when none of its logits are wanted."""
+    if isinstance(keep, int):
+        if keep == 0:
+            return 0
+        first = max(start, length - keep)
+        return end - first if end > first else None
+    local = keep[(keep >= start) & (keep < end)] - start
+    return local if local.numel() else None
+
+
+def _chunked(
+    model: torch.nn.Module,
+    original: Callable[..., Any],
+    settings: PatchSettings,
+    kwargs: dict[str, Any],
+    input_name: str,
+    x: torch.Tensor,
+    cache: Any,
+    temporary: bool,
+) -> Any:
+    length = x.shape[1]
+    chunk = settings.chunk_size
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    labels = kwargs.pop("labels", None)
+    keep = kwargs.pop("logits_to_keep", 0) if settings.takes_logits_to_keep else None
+    if labels is not None:
+        keep = 0  # the loss needs every logit
+    if isinstance(keep, torch.Tensor):
+        if keep.dtype == torch.bool or keep.dim() > 2 or (keep.dim() == 2 and keep.shape[0] != 1):
+            raise ValueError(
+                "logits_to_keep: chunked prefill takes an int or a tensor of positions, "
+                f"got dtype {keep.dtype} shape {tuple(keep.shape)}"
+            )
+        keep = keep.reshape(-1)
+        keep = torch.where(keep < 0, keep + length, keep)
+    position_ids = kwargs.pop("position_ids", None)
+    cache_position = kwargs.pop("cache_position", None)
+    mask = kwargs.pop("attention_mask", None)
+    cache_name, _ = _find_cache(kwargs)
+
+    logits: list[tuple[Any, torch.Tensor]] = []
+    states: list[torch.Tensor] = []
+    hidden: list[tuple[torch.Tensor, ...]] = []
+    out = None
+    bar = tqdm(
+        total=length,
+        desc="headinfer prefill",
+        unit="tok",
+        delay=settings.progress_delay,
+        disable=None if settings.progress else True,
+        leave=False,
+    )
+    with bar:
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            step = dict(kwargs)
+            step[input_name] = x[:, start:end]
+            if position_ids is not None:
+                step["position_ids"] = position_ids[..., start:end]
+            if cache_position is not None:
+                step["cache_position"] = cache_position[start:end]
+            if mask is not None:
+                # The mask may cover cached tokens too: cut from its end.
+                step["attention_mask"] = mask[:, : mask.shape[1] - (length - end)]
+            wanted = None
+            if keep is not None:
+                wanted = _chunk_keep(keep, start, end, length)
+                step["logits_to_keep"] = 1 if wanted is None else wanted
+            if cache is not None:
+                step[cache_name] = cache
+            out = original(**step, return_dict=True)
+            # Only the current name: 5.24's outputs log a deprecation when asked for the old one.
+            returned = out.get(settings.cache_name)
+            cache = cache if returned is None else returned
+            if "logits" in out and wanted is not None:
+                sel = (keep >= start) & (keep < end) if torch.is_tensor(keep) else None
+                logits.append((sel, out["logits"]))
+            if "last_hidden_state" in out:
+                states.append(out["last_hidden_state"])
+            if out.get("hidden_states") is not None:
+                hidden.append(out["hidden_states"])
+            bar.update(end - start)
+    logger.debug("prefilled %d tokens in chunks of %d", length, chunk)
+
+    assert out is not None
+    fields = dict(out)
+    if logits:
+        if torch.is_tensor(keep):
+            first = logits[0][1]
+            full = first.new_empty((first.shape[0], keep.numel(), first.shape[-1]))
+            for sel, part in logits:
+                full[:, sel] = part
+            fields["logits"] = full
+        else:
+            fields["logits"] = torch.cat([part for _, part in logits], dim=1)
+    if states:
+        fields["last_hidden_state"] = torch.cat(states, dim=1)
+    if hidden:
+        fields["hidden_states"] = tuple(torch.cat(parts, dim=1) for parts in zip(*hidden))
+    if labels is not None:
+        extra = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        fields["loss"] = model.loss_function(
+            logits=fields["logits"], labels=labels, vocab_size=model.config.vocab_size, **extra
+        )
+    if temporary:
+        for name in CACHE_NAMES:
+            fields.pop(name, None)
+    result = type(out)(**fields)
+    return result if return_dict else result.to_tuple()

@@ -1,0 +1,196 @@
+"""HeadInferCache: the transformers Cache API, reuse, crop, memory errors, isolation."""
+
+from __future__ import annotations
+
+import headinfer
+import pytest
+import torch
+from _tiny import prompt, rel_err, tiny_config, tiny_model, twin
+from headinfer.prefill import cache_kwarg_name
+
+TOL = 1e-4
+
+
+def _kw(model: torch.nn.Module, cache: object) -> dict:
+    """The cache keyword this transformers version's forward/generate takes."""
+    return {cache_kwarg_name(model): cache}
+
+
+def _greedy(model: torch.nn.Module, ids: torch.Tensor, n: int, **kw: object):
+    return model.generate(
+        ids,
+        max_new_tokens=n,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
+
+
+def test_cache_from_model_or_config() -> None:
+    model = tiny_model("gemma2")
+    a = headinfer.HeadInferCache(model, block_size=16)
+    b = headinfer.HeadInferCache(model.config, block_size=16)
+    assert a.store.dtype == "float32"  # from the model, up front
+    with pytest.raises(headinfer.HeadInferError):
+        b.store  # noqa: B018 - from the config: made by the first update
+    assert len(a) == len(b) == 3
+    assert a.is_sliding == [True, False, True]
+    assert list(a.windows) == [40, None, 40]
+    assert a.get_seq_length() == b.get_seq_length() == 0
+    assert not a.is_compileable
+    assert a.get_mask_sizes(5, 0) == (5, 0)
+
+
+def test_layer_api_matches_dynamic_cache_semantics() -> None:
+    model = headinfer.patch(tiny_model("mistral"), chunk_size=64, block_size=16)
+    cache = headinfer.HeadInferCache(model)
+    with torch.no_grad():
+        model(prompt(100), **_kw(model, cache))
+    assert cache.get_seq_length() == 100
+    # Sliding window 64: a chunk of 5 queries at 100.. sees keys from 100 - 64 + 1 on.
+    assert cache.get_mask_sizes(5, 0) == (100 + 5 - 37, 37)
+    assert cache.layers[0].get_max_length() == 64
+    assert cache.bytes_used() > 0 and cache.bytes_reserved() >= cache.bytes_used()
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.bytes_used() == 0
+
+
+def test_explicit_cache_reuse_and_continuation() -> None:
+    # Prefill, then continue from the kept cache in a second call: same as one eager run.
+    model = tiny_model("qwen2")
+    reference = twin(model)
+    headinfer.patch(model, chunk_size=50, block_size=16)
+    ids = prompt(300)
+    cache = headinfer.HeadInferCache(model)
+    with torch.no_grad():
+        model(ids[:, :180], **_kw(model, cache))
+        got = model(ids[:, 180:], **_kw(model, cache)).logits
+        want = reference(ids).logits[:, 180:]
+    assert rel_err(got, want) < TOL
+    assert cache.get_seq_length() == 300
+
+
+def test_prefix_reuse_with_crop() -> None:
+    # Prefill a document once; after each answer crop back to it and ask again.
+    model = tiny_model("llama")
+    headinfer.patch(model, chunk_size=64, block_size=16)
+    doc, q1, q2 = prompt(200, seed=5), prompt(12, seed=6), prompt(9, seed=7)
+    cache = headinfer.HeadInferCache(model)
+    with torch.no_grad():
+        model(doc, **_kw(model, cache))
+    assert cache.get_seq_length() == 200
+
+    first = _greedy(model, torch.cat([doc, q1], 1), 8, **_kw(model, cache))
+    assert cache.get_seq_length() > 200
+    cache.crop(200)
+    assert cache.get_seq_length() == 200
+    second = _greedy(model, torch.cat([doc, q2], 1), 8, **_kw(model, cache))
+
+    fresh = _greedy(model, torch.cat([doc, q2], 1), 8)
+    assert torch.equal(second.sequences, fresh.sequences)
+    for got, want in zip(second.scores, fresh.scores):
+        assert rel_err(got, want) < TOL
+    fresh1 = _greedy(model, torch.cat([doc, q1], 1), 8)
+    assert torch.equal(first.sequences, fresh1.sequences)
+
+
+def test_crop_conventions() -> None:
+    model = headinfer.patch(tiny_model("llama"), chunk_size=64, block_size=16)
+    cache = headinfer.HeadInferCache(model)
+    with torch.no_grad():
+        model(prompt(50), **_kw(model, cache))
+    cache.crop(0)  # transformers: crop(0) removes nothing
+    assert cache.get_seq_length() == 50
+    cache.crop(80)  # longer than held: nothing
+    assert cache.get_seq_length() == 50
+    cache.crop(-10)  # transformers: drop the last 10
+    assert cache.get_seq_length() == 40
+    cache.crop(25)  # keep the first 25
+    assert cache.get_seq_length() == 25
+    assert all(cache.store.seq_len(i) == 25 for i in range(3))
+
+
+def test_crop_into_dropped_window_refused_and_cache_kept() -> None:
+    model = tiny_model("mistral")
+    reference = twin(model)
+    headinfer.patch(model, chunk_size=64, block_size=16)
+    ids = prompt(300)
+    cache = headinfer.HeadInferCache(model)
+    with torch.no_grad():
+        model(ids[:, :250], **_kw(model, cache))
+        with pytest.raises(ValueError):
+            cache.crop(20)
+        assert cache.get_seq_length() == 250
+        got = model(ids[:, 250:], **_kw(model, cache)).logits
+        want = reference(ids).logits[:, 250:]
+    assert rel_err(got, want) < TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_cache_in_unpatched_model_reads_back(family: str) -> None:
+    # Any attention implementation gets the keys/values its mask expects from the store.
+    model = tiny_model(family)
+    reference = twin(model)
+    ids = prompt(300)
+    cache = headinfer.HeadInferCache(model, block_size=16)
+    with torch.no_grad():
+        parts = [model(ids[:, s : s + 75], **_kw(model, cache)).logits for s in range(0, 300, 75)]
+        want = reference(ids).logits
+    assert rel_err(torch.cat(parts, 1), want) < TOL
+
+
+def test_out_of_host_memory_leaves_cache_usable() -> None:
+    model = tiny_model("llama")
+    reference = twin(model)
+    headinfer.patch(model, chunk_size=64, block_size=16)
+    ids = prompt(300)
+    probe = headinfer.HeadInferCache(model)
+    with torch.no_grad():
+        model(ids[:, :120], **_kw(model, probe))
+    limit = probe.bytes_reserved() * 2  # room for 120 more tokens, not for 180
+    cache = headinfer.HeadInferCache(model, host_memory_limit=limit)
+    with torch.no_grad():
+        model(ids[:, :120], **_kw(model, cache))
+        with pytest.raises(headinfer.OutOfHostMemoryError) as info:
+            model(ids[:, 120:], **_kw(model, cache))
+        assert info.value.needed > info.value.available
+        assert cache.get_seq_length() == 120
+        assert all(cache.store.seq_len(i) == 120 for i in range(3))
+        got = model(ids[:, 120:200], **_kw(model, cache)).logits
+        want = reference(ids[:, :200]).logits[:, 120:]
+    assert rel_err(got, want) < TOL
+
+
+def test_patch_host_memory_limit_reaches_generate() -> None:
+    model = headinfer.patch(
+        tiny_model("llama"), chunk_size=64, block_size=16, host_memory_limit=4096
+    )
+    with pytest.raises(headinfer.OutOfHostMemoryError):
+        model.generate(prompt(300), max_new_tokens=2)
+
+
+def test_two_models_two_caches_interleaved() -> None:
+    llama, mistral = tiny_model("llama", seed=1), tiny_model("mistral", seed=2)
+    refs = {"llama": twin(llama), "mistral": twin(mistral)}
+    models = {"llama": headinfer.patch(llama, 64, 16), "mistral": headinfer.patch(mistral, 50, 16)}
+    ids = {"a": prompt(240, seed=11), "b": prompt(240, seed=12)}
+    caches = {
+        (m, s): headinfer.HeadInferCache(models[m]) for m in models for s in ids
+    }  # two models x two sequences
+    got: dict = {key: [] for key in caches}
+    with torch.no_grad():
+        for start in range(0, 240, 80):
+            for (m, s), cache in caches.items():
+                out = models[m](ids[s][:, start : start + 80], **_kw(models[m], cache))
+                got[(m, s)].append(out.logits)
+        for m, s in caches:
+            want = refs[m](ids[s]).logits
+            assert rel_err(torch.cat(got[(m, s)], 1), want) < TOL
+
+
+def test_cache_for_other_model_rejected() -> None:
+    model = headinfer.patch(tiny_model("llama"), 64, 16)
+    other = headinfer.HeadInferCache(tiny_config("llama", num_hidden_layers=2))
+    with pytest.raises(ValueError, match="cache"):
+        model(prompt(10), **_kw(model, other))

@@ -1,0 +1,293 @@
+"""The Rust core from Python: the dense attention op and the KVStore, against naive torch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from headinfer import _core
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Error against the float64 reference, relative to max |ref|: f32 accumulation either way.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
+    window: int | None = None,
+    first_pos: int = 0,
+) -> torch.Tensor:
+    """Reference in float64. q ``[Hq, Lq, D]``, k/v ``[Hk, Lk, D]`` holding positions
+    ``first_pos..first_pos+Lk``; query ``i`` sits at ``first_pos + Lk - Lq + i``."""
+    hq, lq, _ = q.shape
+    hk, lk, _ = k.shape
+    g = hq // hk
+    kk = k.double().repeat_interleave(g, 0)
+    vv = v.double().repeat_interleave(g, 0)
+    s = q.double() @ kk.transpose(1, 2) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    qpos = torch.arange(lq) + first_pos + lk - lq
+    kpos = torch.arange(lk) + first_pos
+    keep = kpos[None, :] <= qpos[:, None]
+    if window is not None:
+        keep &= qpos[:, None] - kpos[None, :] < window
+    s = s.masked_fill(~keep, -math.inf)
+    return torch.softmax(s, -1) @ vv
+
+
+def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+CASES = [
+    # hq, hk, lq, lk, d, softcap, window
+    (4, 4, 1, 1, 16, None, None),
+    (4, 2, 7, 7, 16, None, None),
+    (8, 2, 1, 300, 32, None, None),
+    (8, 1, 33, 129, 64, 5.0, None),
+    (6, 3, 17, 200, 16, None, 31),
+    (4, 2, 1, 257, 128, 30.0, 64),
+    (2, 2, 64, 64, 8, None, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("hq,hk,lq,lk,d,softcap,window", CASES)
+def test_attention_matches_naive(
+    dtype: torch.dtype,
+    hq: int,
+    hk: int,
+    lq: int,
+    lk: int,
+    d: int,
+    softcap: float | None,
+    window: int | None,
+) -> None:
+    g = torch.Generator().manual_seed(hq * 1000 + lk)
+    q = (torch.randn(hq, lq, d, generator=g) * 2).to(dtype)
+    k = (torch.randn(hk, lk, d, generator=g) * 2).to(dtype)
+    v = torch.randn(hk, lk, d, generator=g).to(dtype)
+    out = torch.full((hq, lq, d), float("nan"), dtype=dtype)
+    scale = d**-0.5
+    _core.attention(q, k, v, out, scale, softcap, window)
+    assert rel(out, naive(q, k, v, scale, softcap, window)) < TOL[dtype]
+
+
+def test_attention_takes_strided_views() -> None:
+    # [B, L, H, D] tensors seen as [H, L, D] through x[0].transpose(0, 1): no copies needed.
+    g = torch.Generator().manual_seed(0)
+    q4 = torch.randn(1, 5, 4, 16, generator=g)
+    k4 = torch.randn(1, 9, 2, 16, generator=g)
+    v4 = torch.randn(1, 9, 2, 16, generator=g)
+    out4 = torch.zeros(1, 5, 4, 16)
+    q, k, v = (t[0].transpose(0, 1) for t in (q4, k4, v4))
+    _core.attention(q, k, v, out4[0].transpose(0, 1), 0.25)
+    ref = naive(q, k, v, 0.25)
+    assert rel(out4[0].transpose(0, 1), ref) < 1e-5
+
+
+def _qkvo(dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    return [
+        torch.randn(4, 3, 16, dtype=dtype),
+        torch.randn(2, 8, 16, dtype=dtype),
+        torch.randn(2, 8, 16, dtype=dtype),
+        torch.empty(4, 3, 16, dtype=dtype),
+    ]
+
+
+@pytest.mark.parametrize("index,name", list(enumerate(["query", "key", "value", "out"])))
+def test_attention_wrong_dtype_names_argument(index: int, name: str) -> None:
+    args = _qkvo()
+    args[index] = args[index].to(torch.float16 if index else torch.float64)
+    with pytest.raises((TypeError, ValueError), match=name):
+        _core.attention(*args, 0.25)
+
+
+@pytest.mark.parametrize(
+    "index,name,shape",
+    [
+        # A mismatch between two arguments may be blamed on either; a wrong rank on its own.
+        (1, "key|value|query", (2, 8, 8)),
+        (2, "key|value", (2, 7, 16)),
+        (3, "out", (4, 2, 16)),
+        (0, "query|key|out", (3, 3, 16)),
+        (0, "query", (4, 3)),
+        (1, "key", (2, 8)),
+        (3, "out", (4, 3, 16, 1)),
+    ],
+)
+def test_attention_wrong_shape_names_argument(index: int, name: str, shape: tuple) -> None:
+    args = _qkvo()
+    args[index] = torch.randn(*shape)
+    with pytest.raises(ValueError, match=name):
+        _core.attention(*args, 0.25)
+
+
+def test_attention_rejects_head_dim_stride() -> None:
+    args = _qkvo()
+    args[1] = torch.randn(2, 16, 8).transpose(1, 2)  # head_dim stride 8
+    with pytest.raises(ValueError, match="key"):
+        _core.attention(*args, 0.25)
+
+
+def test_attention_rejects_non_tensor() -> None:
+    args: list = _qkvo()
+    args[0] = [[1.0]]
+    with pytest.raises(TypeError, match="query"):
+        _core.attention(*args, 0.25)
+
+
+# --- KVStore ---------------------------------------------------------------------------------
+
+
+def _store(**kw: object) -> _core.KVStore:
+    base: dict = dict(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", block_size=16)
+    base.update(kw)
+    return _core.KVStore(**base)
+
+
+def test_store_properties() -> None:
+    s = _store(windows=[None, 24])
+    assert (s.num_layers, s.num_kv_heads, s.head_dim) == (2, 2, 16)
+    assert s.dtype == "float32" and s.block_size == 16
+    assert s.windows == [None, 24]
+    assert s.seq_len(0) == 0 and s.retained_start(1) == 0
+    assert s.bytes_used() == 0
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_store_append_read_roundtrip(dtype: str) -> None:
+    s = _store(dtype=dtype)
+    t = DTYPES[dtype]
+    chunks = [torch.randn(2, n, 16).to(t) for n in (5, 16, 1, 40)]
+    vals = [torch.randn(2, n, 16).to(t) for n in (5, 16, 1, 40)]
+    for k, v in zip(chunks, vals):
+        s.append(0, k, v)
+    full_k, full_v = torch.cat(chunks, 1), torch.cat(vals, 1)
+    assert s.seq_len(0) == 62 and s.seq_len(1) == 0
+    k_out, v_out = torch.empty(2, 62, 16, dtype=t), torch.empty(2, 62, 16, dtype=t)
+    s.read(0, 0, 62, k_out, v_out)
+    assert torch.equal(k_out, full_k) and torch.equal(v_out, full_v)
+    k_out, v_out = torch.empty(2, 20, 16, dtype=t), torch.empty(2, 20, 16, dtype=t)
+    s.read(0, 13, 33, k_out, v_out)
+    assert torch.equal(k_out, full_k[:, 13:33]) and torch.equal(v_out, full_v[:, 13:33])
+    assert s.bytes_used() >= 2 * full_k.numel() * full_k.element_size()
+    assert s.bytes_reserved() >= s.bytes_used()
+
+
+def test_store_append_strided_view() -> None:
+    s = _store()
+    k4 = torch.randn(1, 7, 2, 16)  # [B, L, H, D]
+    v4 = torch.randn(1, 7, 2, 16)
+    s.append(1, k4[0].transpose(0, 1), v4[0].transpose(0, 1))
+    out = torch.empty(2, 7, 16), torch.empty(2, 7, 16)
+    s.read(1, 0, 7, *out)
+    assert torch.equal(out[0], k4[0].transpose(0, 1)) and torch.equal(out[1], v4[0].transpose(0, 1))
+
+
+def test_store_append_checks_arguments() -> None:
+    s = _store()
+    with pytest.raises(TypeError, match="key"):
+        s.append(0, torch.randn(2, 3, 16, dtype=torch.float16), torch.randn(2, 3, 16))
+    with pytest.raises(ValueError, match="key"):
+        s.append(0, torch.randn(3, 3, 16), torch.randn(3, 3, 16))
+    with pytest.raises(ValueError, match="value"):
+        s.append(0, torch.randn(2, 3, 16), torch.randn(2, 4, 16))
+    with pytest.raises((ValueError, IndexError), match="layer"):
+        s.append(5, torch.randn(2, 3, 16), torch.randn(2, 3, 16))
+    assert s.seq_len(0) == 0
+
+
+@pytest.mark.parametrize("softcap,window", [(None, None), (10.0, None), (None, 20), (3.0, 33)])
+def test_store_attend_matches_naive(softcap: float | None, window: int | None) -> None:
+    s = _store(windows=[window, None])
+    g = torch.Generator().manual_seed(3)
+    ks = torch.randn(2, 90, 16, generator=g) * 2
+    vs = torch.randn(2, 90, 16, generator=g)
+    for start, end in [(0, 37), (37, 38), (38, 90)]:
+        q = torch.randn(4, end - start, 16, generator=g) * 2
+        s.append(0, ks[:, start:end], vs[:, start:end])
+        out = torch.empty(4, end - start, 16)
+        s.attend(0, q, out, 0.25, softcap, window)
+        ref = naive(q, ks[:, :end], vs[:, :end], 0.25, softcap, window)
+        assert rel(out, ref) < 1e-5
+
+
+def test_store_window_drops_old_blocks() -> None:
+    s = _store(windows=[None, 20])
+    k = torch.randn(2, 200, 16)
+    v = torch.randn(2, 200, 16)
+    for layer in range(2):
+        for start in range(0, 200, 50):
+            s.append(layer, k[:, start : start + 50], v[:, start : start + 50])
+            out = torch.empty(2, 50, 16)
+            s.attend(layer, torch.randn(2, 50, 16), out, 0.25, None, s.windows[layer])
+    assert s.seq_len(1) == 200 and s.retained_start(0) == 0
+    # The window needs positions > 200 - 20; whole blocks before that may go.
+    assert 0 < s.retained_start(1) <= 200 - 20 + 1
+    held = 200 - s.retained_start(1)
+    out = torch.empty(2, held, 16), torch.empty(2, held, 16)
+    s.read(1, s.retained_start(1), 200, *out)
+    assert torch.equal(out[0], k[:, s.retained_start(1) :])
+    with pytest.raises(ValueError):
+        s.read(1, 0, 200, torch.empty(2, 200, 16), torch.empty(2, 200, 16))
+    assert s.bytes_used() < 2 * 2 * 200 * 16 * 4 * 2
+
+
+def test_store_crop_and_clear() -> None:
+    s = _store()
+    k, v = torch.randn(2, 50, 16), torch.randn(2, 50, 16)
+    s.append(0, k, v)
+    s.append(1, k, v)
+    s.crop(30)
+    assert s.seq_len(0) == 30 and s.seq_len(1) == 30
+    s.crop(40)  # longer than held: nothing to drop
+    assert s.seq_len(0) == 30
+    s.append(0, k[:, 30:], v[:, 30:])
+    out = torch.empty(2, 50, 16), torch.empty(2, 50, 16)
+    s.read(0, 0, 50, *out)
+    assert torch.equal(out[0], k) and torch.equal(out[1], v)
+    reserved = s.bytes_reserved()
+    s.clear()
+    assert s.seq_len(0) == 0 and s.seq_len(1) == 0 and s.bytes_used() == 0
+    assert s.bytes_reserved() <= reserved
+
+
+def test_store_crop_refuses_dropped_window_and_keeps_state() -> None:
+    s = _store(num_layers=1, windows=[16])
+    for _ in range(4):
+        s.append(0, torch.randn(2, 32, 16), torch.randn(2, 32, 16))
+        s.attend(0, torch.randn(2, 32, 16), torch.empty(2, 32, 16), 0.25, None, 16)
+    assert s.retained_start(0) > 0
+    with pytest.raises(ValueError):
+        s.crop(1)
+    assert s.seq_len(0) == 128
+    s.crop(127)  # still within what the window kept
+    assert s.seq_len(0) == 127
+
+
+def test_store_out_of_host_memory_leaves_store_unchanged() -> None:
+    block_bytes = 2 * 2 * 16 * 16 * 4  # k and v, 2 heads, 16 tokens, 16 dims, f32
+    s = _store(num_layers=1, host_memory_limit=4 * block_bytes)
+    s.append(0, torch.randn(2, 40, 16), torch.randn(2, 40, 16))
+    used = s.bytes_used()
+    with pytest.raises(_core.OutOfHostMemoryError) as info:
+        s.append(0, torch.randn(2, 100, 16), torch.randn(2, 100, 16))
+    assert info.value.needed > info.value.available
+    assert isinstance(info.value, MemoryError) and isinstance(info.value, _core.HeadInferError)
+    assert s.seq_len(0) == 40 and s.bytes_used() == used
+    s.append(0, torch.randn(2, 20, 16), torch.randn(2, 20, 16))  # still fits: usable
+    assert s.seq_len(0) == 60
+
+
+def test_store_rejects_bad_construction() -> None:
+    with pytest.raises((ValueError, TypeError), match="dtype"):
+        _store(dtype="float64")
+    with pytest.raises(ValueError, match="windows"):
+        _store(windows=[None])

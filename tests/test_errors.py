@@ -1,0 +1,134 @@
+"""Clear errors for what headinfer does not do, raised before the cache is touched."""
+
+from __future__ import annotations
+
+import headinfer
+import pytest
+import torch
+from _tiny import prompt, rel_err, tiny_model, twin
+from headinfer import _core
+from headinfer.prefill import cache_kwarg_name
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return headinfer.patch(tiny_model("llama"), chunk_size=64, block_size=16)
+
+
+def test_error_hierarchy() -> None:
+    assert headinfer.HeadInferError is _core.HeadInferError
+    assert headinfer.OutOfHostMemoryError is _core.OutOfHostMemoryError
+    assert issubclass(headinfer.OutOfHostMemoryError, headinfer.HeadInferError)
+    assert issubclass(headinfer.UnsupportedModelError, headinfer.HeadInferError)
+    assert issubclass(headinfer.GpuNotSupportedError, NotImplementedError)
+
+
+def test_batch_larger_than_one(model: torch.nn.Module) -> None:
+    ids = torch.cat([prompt(20), prompt(20, seed=2)])
+    with pytest.raises(ValueError, match=r"input_ids.*batch size 2"):
+        model(ids)
+    with pytest.raises(ValueError, match=r"input_ids.*batch size 2"):
+        model.generate(ids, max_new_tokens=2)
+    embeds = model.get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match=r"inputs_embeds.*batch size 2"):
+        model(inputs_embeds=embeds)
+
+
+def test_padding_mask(model: torch.nn.Module) -> None:
+    ids = prompt(20)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="attention_mask.*padding"):
+        model(ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, attention_mask=torch.ones(1, 1, 20, 20))
+
+
+def test_output_attentions(model: torch.nn.Module) -> None:
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(prompt(20), output_attentions=True)
+
+
+def test_too_long_prompt_leaves_cache_usable() -> None:
+    model = tiny_model("mistral")  # max_position_embeddings=512
+    reference = twin(model)
+    headinfer.patch(model, chunk_size=64, block_size=16)
+    ids = prompt(300)
+    cache = headinfer.HeadInferCache(model)
+    kw = {cache_kwarg_name(model): cache}
+    with torch.no_grad():
+        model(ids, **kw)
+        with pytest.raises(ValueError, match=r"300 cached.*600.*512"):
+            model(prompt(300, seed=9), **kw)
+        assert cache.get_seq_length() == 300
+        with pytest.raises(ValueError, match="513"):
+            model(prompt(513))
+    # Continue where the prompt left off: the same tokens as an eager run of the whole thing.
+    full = torch.cat([ids, prompt(4, seed=3)], 1)
+    got = model.generate(full, max_new_tokens=6, do_sample=False, **kw)
+    want = reference.generate(full, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_decode_past_max_positions_raises() -> None:
+    model = headinfer.patch(
+        tiny_model("llama", max_position_embeddings=40), chunk_size=16, block_size=16
+    )
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate(prompt(36), max_new_tokens=10, do_sample=False)
+
+
+def test_custom_4d_mask_to_attention_function_rejected() -> None:
+    from headinfer.attention import headinfer_attention
+
+    module = tiny_model("llama").model.layers[0].self_attn
+    q = torch.randn(1, 4, 3, 16)
+    kv = torch.randn(1, 2, 3, 16)
+    with pytest.raises(headinfer.HeadInferError, match="mask"):
+        headinfer_attention(module, q, kv, kv, torch.zeros(1, 1, 3, 3))
+
+
+def test_attention_function_in_training_mode_with_dropout() -> None:
+    from headinfer.attention import headinfer_attention
+
+    module = tiny_model("llama").model.layers[0].self_attn
+    q = torch.randn(1, 4, 3, 16)
+    kv = torch.randn(1, 2, 3, 16)
+    with pytest.raises(headinfer.HeadInferError, match="dropout"):
+        headinfer_attention(module, q, kv, kv, None, dropout=0.1)
+
+
+def test_wrong_dtype_in_cache_update_names_argument() -> None:
+    cache = headinfer.HeadInferCache(tiny_model("llama"))  # float32 store
+    k = torch.randn(1, 2, 5, 16, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="key"):
+        cache.update(k, k, 0)
+    assert cache.get_seq_length() == 0
+
+
+def test_cuda_tensor_is_not_supported_yet() -> None:
+    from headinfer.cache import check_cpu
+
+    class FakeCuda:
+        device = torch.device("cuda", 0)
+
+    with pytest.raises(headinfer.GpuNotSupportedError, match="GPU path"):
+        check_cpu(FakeCuda(), "input_ids")  # type: ignore[arg-type]
+
+
+def test_same_results_after_errors(model: torch.nn.Module) -> None:
+    # None of the rejected calls above left state behind in the shared, patched model.
+    reference = twin(model)
+    headinfer.unpatch(reference)
+    with torch.no_grad():
+        assert rel_err(model(prompt(130)).logits, reference(prompt(130)).logits) < 1e-4
+
+
+def test_static_cache_rejected(model: torch.nn.Module) -> None:
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with pytest.raises(ValueError, match="static"):
+        model(prompt(10), **{cache_kwarg_name(model): cache})
+    with pytest.raises(ValueError, match="static"):
+        model.generate(prompt(10), max_new_tokens=2, cache_implementation="static")

@@ -1,0 +1,177 @@
+"""Each supported family, patched, against the same weights with eager attention."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import headinfer
+import pytest
+import torch
+from _tiny import FAMILIES, PROMPT_LEN, prompt, rel_err, tiny_model, twin
+from headinfer.prefill import cache_kwarg_name
+from transformers import DynamicCache
+
+TOL = 1e-4
+NEW_TOKENS = 16
+
+
+@cache
+def _pair(family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(patched model, eager twin); tests only change the patch settings."""
+    model = tiny_model(family)
+    reference = twin(model)
+    return headinfer.patch(model, chunk_size=97, block_size=16), reference
+
+
+@cache
+def _eager_logits(family: str) -> torch.Tensor:
+    with torch.no_grad():
+        return _pair(family)[1](prompt()).logits
+
+
+@cache
+def _eager_generate(family: str) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    out = _pair(family)[1].generate(
+        prompt(),
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences, out.scores
+
+
+def _generate(model: torch.nn.Module, **kw: object):
+    return model.generate(
+        prompt(),
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
+
+
+def _returned_cache(out: dict) -> object:
+    # Only the name of this transformers version (5.24 logs a deprecation for the old one).
+    return out.get(cache_kwarg_name(_pair("llama")[0]))
+
+
+@pytest.mark.parametrize("chunk_size", [64, 97, 512])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_logits_match_eager(family: str, chunk_size: int) -> None:
+    model, _ = _pair(family)
+    headinfer.patch(model, chunk_size=chunk_size, block_size=16)
+    with torch.no_grad():
+        out = model(prompt(), logits_to_keep=0)
+    ref = _eager_logits(family)
+    assert out.logits.shape == ref.shape
+    assert rel_err(out.logits, ref) < TOL
+    assert isinstance(_returned_cache(out), headinfer.HeadInferCache)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_matches_eager(family: str) -> None:
+    model, _ = _pair(family)
+    headinfer.patch(model, chunk_size=97, block_size=16)
+    out = _generate(model)
+    sequences, scores = _eager_generate(family)
+    assert torch.equal(out.sequences, sequences)
+    assert len(out.scores) == NEW_TOKENS
+    for got, ref in zip(out.scores, scores):
+        assert rel_err(got, ref) < TOL
+    cache = _returned_cache(out)
+    assert isinstance(cache, headinfer.HeadInferCache)
+    assert cache.get_seq_length() == PROMPT_LEN + NEW_TOKENS - 1
+    # Sliding layers keep only (whole blocks of) their window.
+    for layer, window in enumerate(cache.windows):
+        start = cache.store.retained_start(layer)
+        if window is None:
+            assert start == 0
+        else:
+            assert 0 < start <= cache.get_seq_length() - window + 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_dynamic_cache_uses_dense_op(family: str) -> None:
+    # A cache the caller chose is respected; attention then runs the dense op on its k, v.
+    model, _ = _pair(family)
+    headinfer.patch(model, chunk_size=97, block_size=16)
+    cache = DynamicCache(config=model.config)
+    out = _generate(model, **{cache_kwarg_name(model): cache})
+    sequences, scores = _eager_generate(family)
+    assert torch.equal(out.sequences, sequences)
+    assert max(rel_err(g, r) for g, r in zip(out.scores, scores)) < TOL
+    assert _returned_cache(out) is cache
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_use_cache_false_chunks_with_a_temporary_cache(family: str) -> None:
+    model, _ = _pair(family)
+    headinfer.patch(model, chunk_size=64, block_size=16)
+    with torch.no_grad():
+        out = model(prompt(), use_cache=False)
+    assert rel_err(out.logits, _eager_logits(family)) < TOL
+    assert _returned_cache(out) is None
+
+
+def test_logits_to_keep_variants() -> None:
+    model, _ = _pair("llama")
+    headinfer.patch(model, chunk_size=64, block_size=16)
+    ref = _eager_logits("llama")
+    with torch.no_grad():
+        for keep in (1, 5, 150, PROMPT_LEN, 1000):
+            got = model(prompt(), logits_to_keep=keep).logits
+            want = ref[:, -keep:]
+            assert got.shape == want.shape, keep
+            assert rel_err(got, want) < TOL
+        positions = torch.tensor([299, 3, 64, 63, 200, -1])
+        got = model(prompt(), logits_to_keep=positions).logits
+        assert rel_err(got, ref[:, positions]) < TOL
+
+
+def test_inputs_embeds_hidden_states_loss_and_tuple() -> None:
+    model, reference = _pair("llama")
+    headinfer.patch(model, chunk_size=64, block_size=16)
+    ids = prompt()
+    embeds = model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        got = model(inputs_embeds=embeds, labels=ids, output_hidden_states=True)
+        want = reference(inputs_embeds=embeds, labels=ids, output_hidden_states=True)
+        assert rel_err(got.logits, want.logits) < TOL
+        assert abs(float(got.loss) - float(want.loss)) < 1e-5
+        assert len(got.hidden_states) == len(want.hidden_states)
+        for g, w in zip(got.hidden_states, want.hidden_states):
+            assert rel_err(g, w) < TOL
+        as_tuple = model(ids, return_dict=False)
+        assert isinstance(as_tuple, tuple)
+        assert rel_err(as_tuple[0], want.logits[:, -as_tuple[0].shape[1] :]) < TOL
+
+
+def test_positional_arguments_and_base_model() -> None:
+    model, reference = _pair("llama")
+    headinfer.patch(model, chunk_size=64, block_size=16)
+    ids = prompt()
+    with torch.no_grad():
+        got = model(ids, torch.ones_like(ids))  # input_ids, attention_mask
+        assert rel_err(got.logits, _eager_logits("llama")) < TOL
+        # The inner model is not wrapped: a HeadInferCache then reads its keys back.
+        cache = headinfer.HeadInferCache(model)
+        hidden = model.model(ids, **{cache_kwarg_name(model): cache}).last_hidden_state
+        want = reference.model(ids).last_hidden_state
+        assert rel_err(hidden, want) < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_error_within_torch_own(dtype: torch.dtype) -> None:
+    # As flash-attention's tests do: our error against a float64 run at most twice eager's own.
+    model = tiny_model("gemma2", dtype=dtype)
+    eager = twin(model)
+    exact = twin(model).to(torch.float64)
+    headinfer.patch(model, chunk_size=97, block_size=16)
+    ids = prompt()
+    with torch.no_grad():
+        ref = exact(ids).logits
+        ours = rel_err(model(ids).logits, ref)
+        theirs = rel_err(eager(ids).logits, ref)
+    assert ours <= 2 * theirs + 1e-6

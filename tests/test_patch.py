@@ -1,0 +1,177 @@
+"""patch()/unpatch(): per object, idempotent, exactly reversible."""
+
+from __future__ import annotations
+
+import logging
+
+import headinfer
+import pytest
+import torch
+from _tiny import prompt, rel_err, tiny_model, twin
+from headinfer.prefill import cache_kwarg_name
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+def test_patch_returns_model_and_is_idempotent() -> None:
+    model = tiny_model("llama")
+    assert headinfer.patch(model, chunk_size=64, block_size=16) is model
+    forward, generate = model.forward, model.generate
+    assert headinfer.is_patched(model)
+    assert model.config._attn_implementation == "headinfer"
+    assert headinfer.patch(model, chunk_size=32) is model
+    # Patched once: the same wrappers, only the settings changed.
+    assert model.forward is forward and model.generate is generate
+    assert model._headinfer.chunk_size == 32
+
+
+def test_unpatch_restores_exactly() -> None:
+    model = tiny_model("mistral")
+    ids = prompt(120)
+    with torch.no_grad():
+        before = model(ids).logits
+    assert "forward" not in model.__dict__
+    headinfer.patch(model, chunk_size=50, block_size=16)
+    assert "forward" in model.__dict__ and "generate" in model.__dict__
+    assert headinfer.unpatch(model) is model
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+    assert "_headinfer" not in model.__dict__
+    assert model.config._attn_implementation == "eager"
+    assert not headinfer.is_patched(model)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    assert headinfer.unpatch(model) is model  # not patched: nothing to do
+
+
+def test_unpatch_restores_an_instance_forward() -> None:
+    # accelerate hooks replace forward on the instance; patch wraps it and unpatch puts it back.
+    model = tiny_model("llama")
+    calls = []
+    inner = model.forward
+
+    def hooked(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    model.forward = hooked
+    headinfer.patch(model, chunk_size=64, block_size=16)
+    with torch.no_grad():
+        model(prompt(100))
+    assert len(calls) == 2  # two chunks, each through the hook
+    headinfer.unpatch(model)
+    assert model.__dict__["forward"] is hooked
+
+
+def test_patch_is_per_object() -> None:
+    patched, plain = tiny_model("qwen2"), tiny_model("qwen2")
+    headinfer.patch(patched, chunk_size=64, block_size=16)
+    assert plain.config._attn_implementation == "eager"
+    assert "forward" not in plain.__dict__
+    assert type(plain).forward is type(patched).forward
+
+
+def test_patched_then_unpatched_generate_equal() -> None:
+    model = tiny_model("gemma2")
+    reference = twin(model)
+    headinfer.patch(model, chunk_size=64, block_size=16)
+    headinfer.unpatch(model)
+    headinfer.patch(model, chunk_size=64, block_size=16)
+    ids = prompt(150)
+    a = model.generate(ids, max_new_tokens=4, do_sample=False)
+    b = reference.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_generate_keeps_signature_for_logits_to_keep() -> None:
+    model = headinfer.patch(tiny_model("llama"), chunk_size=64, block_size=16)
+    assert model._supports_logits_to_keep()
+
+
+def test_unsupported_model_lists_families() -> None:
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32)
+    model = GPT2LMHeadModel(config)
+    with pytest.raises(headinfer.UnsupportedModelError) as info:
+        headinfer.patch(model)
+    message = str(info.value)
+    for family in ("llama", "mistral", "qwen2", "gemma2"):
+        assert family in message
+    assert "gpt2" in message
+    assert isinstance(info.value, headinfer.HeadInferError)
+    assert "forward" not in model.__dict__
+    assert model.config._attn_implementation != "headinfer"
+
+
+def test_unsupported_dtype() -> None:
+    with pytest.raises(TypeError, match="dtype"):
+        headinfer.patch(tiny_model("llama").to(torch.float64))
+
+
+def test_bad_settings() -> None:
+    with pytest.raises(ValueError, match="chunk_size"):
+        headinfer.patch(tiny_model("llama"), chunk_size=0)
+    with pytest.raises(ValueError, match="block_size"):
+        headinfer.patch(tiny_model("llama"), block_size=-1)
+
+
+def test_logs_and_never_prints(
+    capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tiny_model("llama")
+    with caplog.at_level(logging.INFO, logger="headinfer"):
+        headinfer.patch(model, chunk_size=64, block_size=16)
+        with torch.no_grad():
+            model(prompt(150))
+        headinfer.unpatch(model)
+    assert any("patched" in r.message for r in caplog.records)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+
+
+def test_progress_bar_after_delay(capsys: pytest.CaptureFixture) -> None:
+    # Not a terminal (pytest captures): no bar, whatever the delay.
+    model = headinfer.patch(tiny_model("llama"), chunk_size=32, block_size=16, progress_delay=0)
+    with torch.no_grad():
+        out = model(prompt(150)).logits
+    assert capsys.readouterr().err == ""
+    reference = twin(model)
+    headinfer.unpatch(reference)
+    with torch.no_grad():
+        assert rel_err(out, reference(prompt(150)).logits) < 1e-4
+
+
+def test_deepcopy_of_patched_model_runs_the_copy() -> None:
+    import copy
+
+    model = headinfer.patch(tiny_model("llama"), chunk_size=64, block_size=16)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(0.5)
+        ids = prompt(100)
+        assert not torch.equal(clone(ids).logits, model(ids).logits)
+    assert clone.forward.model is clone
+    headinfer.unpatch(clone)
+    assert "forward" not in clone.__dict__ and headinfer.is_patched(model)
+
+
+def test_no_transformers_deprecation_logged(caplog: pytest.LogCaptureFixture) -> None:
+    # transformers reports renamed arguments (5.24: past_key_values -> cache) through its own
+    # logger, once per message, not through `warnings`: clear its memory and listen.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()
+    hf_logging.enable_propagation()
+    try:
+        model = headinfer.patch(tiny_model("qwen2"), chunk_size=64, block_size=16)
+        with caplog.at_level(logging.WARNING):
+            out = model.generate(
+                prompt(150), max_new_tokens=3, do_sample=False, return_dict_in_generate=True
+            )
+            model.generate(prompt(150), max_new_tokens=2, do_sample=False, use_cache=False)
+            with torch.no_grad():
+                model(prompt(150), use_cache=False)
+                model(prompt(100), **{cache_kwarg_name(model): headinfer.HeadInferCache(model)})
+        assert out.sequences.shape == (1, 153)
+    finally:
+        hf_logging.disable_propagation()
+    assert not [r.message for r in caplog.records if "deprecat" in r.message.lower()]
