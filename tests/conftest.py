@@ -1,0 +1,55 @@
+"""Shared pytest set-up: the ``gpu`` marker's skip, and the real SmolLM2 model.
+
+The ``gpu`` and ``slow`` markers are declared in pyproject.toml. ``gpu`` tests are skipped when
+``torch.cuda.is_available()`` is false. ``slow`` tests (the real model) run by default; deselect
+them with ``-m "not slow"``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+from headinfer.models import smollm2_folder, smollm2_gguf_path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _require_smollm2() -> None:
+    # Skip only where the model is not installed; in CI (`make test` installs it) never skip.
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the real-model tests: {exc}")
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[Any, Any]:
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct, float32, CPU, standard (sdpa) attention.
+
+    Shared by the whole session: a test that patches the model must unpatch it.
+    """
+    _require_smollm2()
+    from headinfer.models import load_smollm2
+
+    return load_smollm2(dtype=torch.float32, attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's tokenizer alone (no weights loaded)."""
+    _require_smollm2()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_folder()))
