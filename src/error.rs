@@ -22,6 +22,9 @@ pub enum Error {
         needed: usize,
         available: usize,
     },
+    /// The CUDA driver or NVRTC failed or is missing.
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 /// Shorthand used throughout the core.

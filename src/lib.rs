@@ -4,8 +4,10 @@
 //! builds the Python module `headinfer._core`.
 
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod host;
+pub mod plan;
 pub mod store;
 pub mod tensor;
 

@@ -6,10 +6,24 @@
 //! whole blocks their window no longer reaches. Freed blocks go to a pool and are reused.
 
 use crate::cpu::attention::{KvSource, Segment};
+use crate::cuda::kernels::{AttnArgs, DevTensor, KvSrc};
+use crate::cuda::memory::{DeviceBuf, PinnedBuf};
+use crate::cuda::{Gpu, Kernels, Stream};
 use crate::error::{Error, Result};
 use crate::host::{self, HostBuf};
 use crate::tensor::{DType, Element, Rows, View3};
 use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// Where a GPU store keeps blocks: device memory up to a budget, the rest pinned on the host.
+#[derive(Clone, Debug)]
+pub struct CudaConfig {
+    pub ordinal: usize,
+    /// Bytes of device memory the store may fill with KV blocks.
+    pub device_budget: usize,
+    /// Longest sequence the store will hold (sizes the block table).
+    pub max_len: usize,
+}
 
 /// The shape and policy of a store.
 #[derive(Clone, Debug)]
@@ -24,6 +38,8 @@ pub struct StoreConfig {
     pub windows: Vec<Option<usize>>,
     /// Bytes the store may reserve in all; `None`: whatever the host has available.
     pub host_memory_limit: Option<usize>,
+    /// `Some`: blocks for CUDA tensors (device memory, then pinned host memory).
+    pub cuda: Option<CudaConfig>,
 }
 
 impl StoreConfig {
@@ -63,10 +79,95 @@ impl StoreConfig {
     }
 }
 
+/// Memory of one block of keys or values.
+enum Mem {
+    Heap(HostBuf),
+    Pinned(PinnedBuf),
+    Device(DeviceBuf),
+}
+
+impl Mem {
+    fn host_slice<E: Element>(&self) -> Option<&[E]> {
+        match self {
+            Mem::Heap(b) => Some(b.as_slice::<E>()),
+            Mem::Pinned(b) => {
+                let n = b.len() / std::mem::size_of::<E>();
+                // SAFETY: the pinned allocation is `len` bytes, page aligned, and holds plain
+                // numbers; the store only hands out shared views while no kernel writes it
+                // (CPU reads of a GPU store happen between calls, after the stream is idle).
+                Some(unsafe { std::slice::from_raw_parts(b.host_ptr() as *const E, n) })
+            }
+            Mem::Device(_) => None,
+        }
+    }
+
+    fn heap_mut<E: Element>(&mut self) -> &mut [E] {
+        match self {
+            Mem::Heap(b) => b.as_mut_slice::<E>(),
+            _ => unreachable!("CPU appends go to CPU stores only"),
+        }
+    }
+
+    /// The address kernels use: device memory, or pinned memory's mapped address.
+    fn dev_ptr(&self) -> u64 {
+        match self {
+            Mem::Heap(_) => 0,
+            Mem::Pinned(b) => b.dev_ptr(),
+            Mem::Device(b) => b.ptr(),
+        }
+    }
+
+    fn is_device(&self) -> bool {
+        matches!(self, Mem::Device(_))
+    }
+
+    fn release(self) {
+        if let Mem::Pinned(b) = self {
+            b.give_back();
+        }
+    }
+}
+
 /// Keys and values of `block_size` tokens of one head: each `[block_size, head_dim]`.
 struct Block {
-    k: HostBuf,
-    v: HostBuf,
+    k: Mem,
+    v: Mem,
+}
+
+impl Block {
+    fn release(self) {
+        self.k.release();
+        self.v.release();
+    }
+}
+
+/// The GPU side of a CUDA store.
+struct CudaState {
+    gpu: Arc<Gpu>,
+    kernels: Arc<Kernels>,
+    budget: usize,
+    /// Blocks in device memory, in use or free.
+    device_blocks: usize,
+    max_blocks: usize,
+    /// `[layers][heads][max_blocks][2]` block addresses, in mapped pinned memory: the CPU
+    /// writes entries before launching the kernels that read them.
+    table: PinnedBuf,
+    free_device: Vec<Block>,
+}
+
+impl CudaState {
+    fn table_entry(&mut self, heads: usize, layer: usize, head: usize, abs: usize) -> &mut [u64] {
+        let i = ((layer * heads + head) * self.max_blocks + abs) * 2;
+        let n = self.table.len() / 8;
+        // SAFETY: the table is `n` u64 entries of pinned memory owned by this state;
+        // `&mut self` makes the access exclusive on the CPU side.
+        let all = unsafe { std::slice::from_raw_parts_mut(self.table.host_ptr() as *mut u64, n) };
+        &mut all[i..i + 2]
+    }
+
+    fn layer_table(&self, heads: usize, layer: usize) -> u64 {
+        self.table.dev_ptr() + (layer * heads * self.max_blocks * 2 * 8) as u64
+    }
 }
 
 struct Layer {
@@ -88,10 +189,11 @@ impl Layer {
 pub struct KvStore {
     cfg: StoreConfig,
     layers: Vec<Layer>,
-    /// Blocks no layer uses, kept for reuse.
+    /// Host blocks no layer uses, kept for reuse.
     free: Vec<Block>,
     /// Blocks allocated in all, in use or free.
     allocated: usize,
+    cuda: Option<CudaState>,
 }
 
 impl KvStore {
@@ -105,11 +207,36 @@ impl KvStore {
                 heads: (0..cfg.num_kv_heads).map(|_| VecDeque::new()).collect(),
             })
             .collect();
+        let cuda = match &cfg.cuda {
+            None => None,
+            Some(c) => {
+                if c.max_len == 0 {
+                    return Err(Error::value("max_len", "must be at least 1"));
+                }
+                let gpu = crate::cuda::gpu(c.ordinal)?;
+                let kernels = gpu.kernels(cfg.dtype, cfg.head_dim)?;
+                let max_blocks = c.max_len.div_ceil(cfg.block_size);
+                let table_bytes = cfg.num_layers * cfg.num_kv_heads * max_blocks * 16;
+                let table = PinnedBuf::take(&gpu, table_bytes)?;
+                // SAFETY: `table_bytes` of pinned memory owned here; zero means "no block".
+                unsafe { std::ptr::write_bytes(table.host_ptr(), 0, table_bytes) };
+                Some(CudaState {
+                    gpu,
+                    kernels,
+                    budget: c.device_budget,
+                    device_blocks: 0,
+                    max_blocks,
+                    table,
+                    free_device: Vec::new(),
+                })
+            }
+        };
         Ok(KvStore {
             cfg,
             layers,
             free: Vec::new(),
             allocated: 0,
+            cuda,
         })
     }
 
@@ -187,8 +314,36 @@ impl KvStore {
         if chunk == 0 {
             return Ok(());
         }
+        if self.cuda.is_some() {
+            return Err(Error::type_(
+                "key",
+                "is a CPU tensor but this store holds CUDA tensors (it was created with a device)",
+            ));
+        }
+        let len = self.layers[layer].len;
+        self.reserve(layer, chunk)?;
+        let d = self.cfg.head_dim;
+        let bs = self.cfg.block_size;
+        let l = &mut self.layers[layer];
+        for (hi, blocks) in l.heads.iter_mut().enumerate() {
+            let (krows, vrows) = (key.rows(hi), value.rows(hi));
+            for i in 0..chunk {
+                let rel = len + i - l.start;
+                let b = &mut blocks[rel / bs];
+                let off = (rel % bs) * d;
+                b.k.heap_mut::<E>()[off..off + d].copy_from_slice(krows.row(i));
+                b.v.heap_mut::<E>()[off..off + d].copy_from_slice(vrows.row(i));
+            }
+        }
+        l.len += chunk;
+        Ok(())
+    }
 
-        // Plan: which blocks the window lets go, how many new ones the chunk needs.
+    /// Makes room for `chunk` more tokens of `layer`: lets go of the blocks its window no
+    /// longer needs and places the new ones. Checks host memory first; on error nothing
+    /// changed. The caller writes the tokens and advances `len`.
+    fn reserve(&mut self, layer: usize, chunk: usize) -> Result<()> {
+        let h = self.cfg.num_kv_heads;
         let bs = self.cfg.block_size;
         let (len, start, have) = {
             let l = &self.layers[layer];
@@ -198,47 +353,100 @@ impl KvStore {
         let dropped = ((new_start - start) / bs).min(have);
         let need = (len + chunk - new_start).div_ceil(bs);
         let grow = need - (have - dropped);
-        let reusable = self.free.len() + dropped * h;
-        let fresh = (grow * h).saturating_sub(reusable);
-        self.check_host_memory(fresh, "appending to the KV cache")?;
-
-        // Commit: nothing below can fail except allocation, which was checked above.
-        let mut fresh_blocks = Vec::with_capacity(fresh);
-        for _ in 0..fresh {
-            fresh_blocks.push(self.alloc_block()?);
+        if let Some(c) = &self.cuda {
+            if len + chunk > c.max_blocks * bs {
+                return Err(Error::value(
+                    "key",
+                    format!(
+                        "{} tokens exceed the store's max_len of {}",
+                        len + chunk,
+                        c.max_blocks * bs
+                    ),
+                ));
+            }
         }
-        self.allocated += fresh;
-        self.free.extend(fresh_blocks);
+        // New blocks come from: free device blocks, device budget room, free host blocks
+        // (counting those the window drops now), then fresh host memory.
+        let wanted = grow * h;
+        let device_room = match &self.cuda {
+            Some(c) => {
+                let pair = 2 * self.cfg.block_bytes();
+                c.free_device.len() + (c.budget / pair).saturating_sub(c.device_blocks)
+            }
+            None => 0,
+        };
+        let dropped_host = match &self.cuda {
+            Some(_) => self.layers[layer]
+                .heads
+                .iter()
+                .flat_map(|b| b.iter().take(dropped))
+                .filter(|b| !b.k.is_device())
+                .count(),
+            None => dropped * h,
+        };
+        let host_wanted = wanted.saturating_sub(device_room);
+        let fresh_host = host_wanted.saturating_sub(self.free.len() + dropped_host);
+        self.check_host_memory(fresh_host, "appending to the KV cache")?;
+
+        // Commit. Dropped blocks go back to their free lists first, so they are reused.
         let l = &mut self.layers[layer];
         for blocks in &mut l.heads {
             for _ in 0..dropped {
-                self.free.push(blocks.pop_front().expect("counted above"));
-            }
-            for _ in 0..grow {
-                blocks.push_back(self.free.pop().expect("reserved above"));
+                let b = blocks.pop_front().expect("counted above");
+                match (&mut self.cuda, b.k.is_device()) {
+                    (Some(c), true) => c.free_device.push(b),
+                    _ => self.free.push(b),
+                }
             }
         }
         l.start += dropped * bs;
-        for (hi, blocks) in l.heads.iter_mut().enumerate() {
-            let (krows, vrows) = (key.rows(hi), value.rows(hi));
-            for i in 0..chunk {
-                let rel = len + i - l.start;
-                let b = &mut blocks[rel / bs];
-                let off = (rel % bs) * d;
-                b.k.as_mut_slice::<E>()[off..off + d].copy_from_slice(krows.row(i));
-                b.v.as_mut_slice::<E>()[off..off + d].copy_from_slice(vrows.row(i));
+        let first_new = (l.start / bs) + have - dropped;
+        for hi in 0..h {
+            for gi in 0..grow {
+                let b = self.take_block()?;
+                if let Some(c) = &mut self.cuda {
+                    let e = c.table_entry(h, layer, hi, first_new + gi);
+                    e[0] = b.k.dev_ptr();
+                    e[1] = b.v.dev_ptr();
+                }
+                self.layers[layer].heads[hi].push_back(b);
             }
         }
-        l.len += chunk;
         Ok(())
     }
 
-    fn alloc_block(&self) -> Result<Block> {
+    /// One block for a new position: device memory while the budget lasts, else host.
+    fn take_block(&mut self) -> Result<Block> {
         let n = self.cfg.block_bytes();
-        Ok(Block {
-            k: HostBuf::new(n)?,
-            v: HostBuf::new(n)?,
-        })
+        if let Some(c) = &mut self.cuda {
+            if let Some(b) = c.free_device.pop() {
+                return Ok(b);
+            }
+            if (c.device_blocks + 1) * 2 * n <= c.budget {
+                let b = Block {
+                    k: Mem::Device(DeviceBuf::new(&c.gpu, n)?),
+                    v: Mem::Device(DeviceBuf::new(&c.gpu, n)?),
+                };
+                c.device_blocks += 1;
+                self.allocated += 1;
+                return Ok(b);
+            }
+        }
+        if let Some(b) = self.free.pop() {
+            return Ok(b);
+        }
+        let b = match &self.cuda {
+            Some(c) => Block {
+                k: Mem::Pinned(PinnedBuf::take(&c.gpu, n)?),
+                v: Mem::Pinned(PinnedBuf::take(&c.gpu, n)?),
+            },
+            None => Block {
+                k: Mem::Heap(HostBuf::new(n)?),
+                v: Mem::Heap(HostBuf::new(n)?),
+            },
+        };
+        self.allocated += 1;
+        Ok(b)
     }
 
     /// Errors unless `blocks` more blocks fit both the store's limit and the host.
@@ -249,7 +457,7 @@ impl KvStore {
         let needed = blocks * 2 * self.cfg.block_bytes();
         let mut available = host::available_bytes().unwrap_or(usize::MAX);
         if let Some(limit) = self.cfg.host_memory_limit {
-            available = available.min(limit.saturating_sub(self.bytes_reserved()));
+            available = available.min(limit.saturating_sub(self.host_bytes_reserved()));
         }
         if needed > available {
             return Err(Error::OutOfHostMemory {
@@ -302,6 +510,12 @@ impl KvStore {
     /// A read-only view of `layer` for the attention op.
     pub fn layer_kv<E: Element>(&self, layer: usize) -> Result<LayerKv<'_, E>> {
         let l = self.layer(layer)?;
+        if self.cuda.is_some() {
+            return Err(Error::type_(
+                "query",
+                "is a CPU tensor but this store holds CUDA tensors (it was created with a device)",
+            ));
+        }
         if E::DTYPE != self.cfg.dtype {
             return Err(Error::type_(
                 "query",
@@ -345,6 +559,10 @@ impl KvStore {
                 ));
             }
         }
+        if let Some(c) = &self.cuda {
+            // Freed blocks get new table entries on reuse: no kernel may still read the old.
+            c.gpu.synchronize()?;
+        }
         let bs = self.cfg.block_size;
         for l in &mut self.layers {
             if length >= l.len {
@@ -353,7 +571,11 @@ impl KvStore {
             let keep = (length - l.start).div_ceil(bs);
             for blocks in &mut l.heads {
                 while blocks.len() > keep {
-                    self.free.push(blocks.pop_back().expect("len > keep"));
+                    let b = blocks.pop_back().expect("len > keep");
+                    match (&mut self.cuda, b.k.is_device()) {
+                        (Some(c), true) => c.free_device.push(b),
+                        _ => self.free.push(b),
+                    }
                 }
             }
             l.len = length;
@@ -365,14 +587,23 @@ impl KvStore {
     }
 
     /// Drops every token; blocks stay reserved for reuse.
-    pub fn clear(&mut self) {
+    pub fn clear(&mut self) -> Result<()> {
+        if let Some(c) = &self.cuda {
+            c.gpu.synchronize()?;
+        }
         for l in &mut self.layers {
             for blocks in &mut l.heads {
-                self.free.extend(blocks.drain(..));
+                for b in blocks.drain(..) {
+                    match (&mut self.cuda, b.k.is_device()) {
+                        (Some(c), true) => c.free_device.push(b),
+                        _ => self.free.push(b),
+                    }
+                }
             }
             l.len = 0;
             l.start = 0;
         }
+        Ok(())
     }
 
     /// Bytes of keys and values of the positions held (`start..len` of every layer).
@@ -384,9 +615,233 @@ impl KvStore {
             .sum()
     }
 
-    /// Bytes of host memory held in blocks, in use or free for reuse.
+    /// Bytes of memory held in blocks, in use or free for reuse, host and device.
     pub fn bytes_reserved(&self) -> usize {
         self.allocated * 2 * self.cfg.block_bytes()
+    }
+
+    /// Bytes of device memory held in blocks.
+    pub fn device_bytes_reserved(&self) -> usize {
+        self.cuda
+            .as_ref()
+            .map_or(0, |c| c.device_blocks * 2 * self.cfg.block_bytes())
+    }
+
+    /// Bytes of host memory held in blocks.
+    pub fn host_bytes_reserved(&self) -> usize {
+        self.bytes_reserved() - self.device_bytes_reserved()
+    }
+
+    /// Bytes of keys and values held in device memory (positions in device blocks).
+    pub fn device_bytes_used(&self) -> usize {
+        let bs = self.cfg.block_size;
+        let row = self.cfg.head_dim * self.cfg.dtype.size() * 2;
+        let mut total = 0;
+        for l in &self.layers {
+            for blocks in &l.heads {
+                for (i, b) in blocks.iter().enumerate() {
+                    if b.k.is_device() {
+                        let a = l.start + i * bs;
+                        total += (a + bs).min(l.len).saturating_sub(a) * row;
+                    }
+                }
+            }
+        }
+        total
+    }
+
+    /// Whether the store holds CUDA tensors.
+    pub fn is_cuda(&self) -> bool {
+        self.cuda.is_some()
+    }
+
+    fn cuda_state(&self, arg: &str) -> Result<&CudaState> {
+        self.cuda.as_ref().ok_or_else(|| {
+            Error::type_(
+                arg,
+                "is a CUDA tensor but this store holds CPU tensors (create it with a device)",
+            )
+        })
+    }
+
+    /// Appends `n` tokens from device tensors `key`, `value` (`[num_kv_heads, n, head_dim]`).
+    ///
+    /// # Safety
+    /// The tensors must be valid device memory of that shape and strides, alive until
+    /// `stream` reaches this work.
+    pub unsafe fn append_cuda(
+        &mut self,
+        layer: usize,
+        key: DevTensor,
+        value: DevTensor,
+        n: usize,
+        stream: Stream,
+    ) -> Result<()> {
+        self.layer(layer)?;
+        self.cuda_state("key")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let len = self.layers[layer].len;
+        self.reserve(layer, n)?;
+        let h = self.cfg.num_kv_heads;
+        let c = self.cuda.as_ref().expect("checked");
+        c.gpu.bind()?;
+        let table = c.layer_table(h, layer);
+        // SAFETY: the caller vouches for the tensors; `reserve` put every block the
+        // positions `len..len + n` fall in into the table.
+        unsafe {
+            c.kernels.append(
+                stream,
+                key,
+                value,
+                h,
+                n,
+                len,
+                table,
+                c.max_blocks,
+                self.cfg.block_size,
+            )?
+        };
+        self.layers[layer].len += n;
+        Ok(())
+    }
+
+    /// Attention of device `query` (`[num_q_heads, q_len, head_dim]`) over `layer`, into
+    /// `out` (same shape).
+    ///
+    /// # Safety
+    /// As for `append_cuda`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn attend_cuda(
+        &self,
+        layer: usize,
+        query: DevTensor,
+        num_q_heads: usize,
+        q_len: usize,
+        params: &crate::cpu::attention::Params,
+        out: DevTensor,
+        stream: Stream,
+    ) -> Result<()> {
+        let l = self.layer(layer)?;
+        let c = self.cuda_state("query")?;
+        let h = self.cfg.num_kv_heads;
+        let args = attn_args(num_q_heads, q_len, h, l.len, l.start, params)?;
+        if q_len == 0 {
+            return Ok(());
+        }
+        c.gpu.bind()?;
+        let src = KvSrc {
+            table: c.layer_table(h, layer),
+            max_blocks: c.max_blocks as i32,
+            block_size: self.cfg.block_size as i32,
+            k: 0,
+            v: 0,
+            s0: 0,
+            s1: 0,
+        };
+        // SAFETY: the caller vouches for `query` and `out`; the table covers `start..len`.
+        unsafe { c.kernels.attend(stream, query, src, &args, out) }
+    }
+
+    /// Copies positions `a..b` of kv heads `h0..h0 + heads` of `layer` into device tensors
+    /// `key_out`, `value_out` (`[heads, b - a, head_dim]`, rows contiguous).
+    ///
+    /// # Safety
+    /// As for `append_cuda`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gather_cuda(
+        &self,
+        layer: usize,
+        h0: usize,
+        heads: usize,
+        a: usize,
+        b: usize,
+        key_out: DevTensor,
+        value_out: DevTensor,
+        stream: Stream,
+    ) -> Result<()> {
+        let l = self.layer(layer)?;
+        let c = self.cuda_state("key_out")?;
+        let h = self.cfg.num_kv_heads;
+        if h0 + heads > h {
+            return Err(Error::value(
+                "heads",
+                format!("kv heads {h0}..{} are out of range for {h}", h0 + heads),
+            ));
+        }
+        if a > b || b > l.len || a < l.start {
+            return Err(Error::value(
+                "end",
+                format!(
+                    "range {a}..{b} is outside the positions {}..{} held for layer {layer}",
+                    l.start, l.len
+                ),
+            ));
+        }
+        c.gpu.bind()?;
+        // SAFETY: the caller vouches for the outputs; the table covers `start..len`.
+        unsafe {
+            c.kernels.gather(
+                stream,
+                c.layer_table(h, layer),
+                c.max_blocks,
+                self.cfg.block_size,
+                h0,
+                heads,
+                a,
+                b - a,
+                key_out,
+                value_out,
+            )
+        }
+    }
+}
+
+/// Validates one attention launch and works out the first key any query reads.
+pub fn attn_args(
+    num_q_heads: usize,
+    q_len: usize,
+    num_kv_heads: usize,
+    len: usize,
+    start: usize,
+    params: &crate::cpu::attention::Params,
+) -> Result<AttnArgs> {
+    crate::cpu::attention::check_shapes(num_q_heads, q_len, num_kv_heads, len, start, params)?;
+    let first = len - q_len;
+    let lo = params
+        .window
+        .map_or(0, |w| (first + 1).saturating_sub(w))
+        .max(start);
+    Ok(AttnArgs {
+        q_len,
+        seq_len: len,
+        lo,
+        group: num_q_heads / num_kv_heads,
+        num_kv_heads,
+        scale: params.scale,
+        softcap: params.softcap,
+        window: params.window,
+    })
+}
+
+impl Drop for KvStore {
+    fn drop(&mut self) {
+        if let Some(c) = &self.cuda {
+            // Kernels in flight may still read blocks and the table: let them finish before
+            // anything goes back to the pool.
+            let _ = c.gpu.synchronize();
+        }
+        for l in &mut self.layers {
+            for blocks in &mut l.heads {
+                blocks.drain(..).for_each(Block::release);
+            }
+        }
+        self.free.drain(..).for_each(Block::release);
+        if let Some(c) = self.cuda.take() {
+            c.free_device.into_iter().for_each(Block::release);
+            c.table.give_back();
+        }
     }
 }
 
@@ -423,8 +878,8 @@ impl<'a, E: Element> KvSource<E> for LayerKv<'a, E> {
             let (bi, off) = (rel / bs, rel % bs);
             let n = (bs - off).min(b - pos);
             let blk = &layer.heads[head][bi];
-            let rows = |buf: &'a HostBuf| Rows {
-                data: &buf.as_slice::<E>()[off * d..(off + n) * d],
+            let rows = |buf: &'a Mem| Rows {
+                data: &buf.host_slice::<E>().expect("host block")[off * d..(off + n) * d],
                 stride: d,
                 len: n,
                 width: d,

@@ -7,7 +7,7 @@ use dlpark::TensorRef;
 use half::{bf16, f16};
 
 /// Element types the store and the attention op accept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     BF16,
@@ -90,13 +90,21 @@ impl Element for f16 {
     }
 }
 
-/// A validated 3-d tensor in host memory: `[d0, d1, d2]` with element strides, the last 1.
+/// Where a tensor's memory is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+/// A validated 3-d tensor: `[d0, d1, d2]` with element strides, the last 1.
 ///
 /// It borrows memory owned by the DLPack producer; the binding layer keeps the producer's
 /// capsule alive for as long as a `Tensor3` built from it is used.
 #[derive(Clone, Copy, Debug)]
 pub struct Tensor3 {
     ptr: *mut u8,
+    pub device: Device,
     pub dtype: DType,
     pub shape: [usize; 3],
     pub strides: [usize; 3],
@@ -109,21 +117,23 @@ unsafe impl Send for Tensor3 {}
 unsafe impl Sync for Tensor3 {}
 
 impl Tensor3 {
-    /// Validates `t` as a CPU tensor of three dimensions, stride 1 on the last, no negative
-    /// strides, and (when `writable`) no two elements at one address.
+    /// Validates `t` as a CPU or CUDA tensor of three dimensions, stride 1 on the last, no
+    /// negative strides, and (when `writable`) no two elements at one address.
     pub fn from_dlpack(arg: &str, t: &TensorRef<'_>, writable: bool) -> Result<Self> {
         let dev = t.device();
-        if dev.device_type != DLDeviceType::CPU && dev.device_type != DLDeviceType::CUDAHOST {
-            let what = if dev.device_type == DLDeviceType::CUDA {
-                format!("cuda:{}", dev.device_id)
-            } else {
-                format!("device type {}", dev.device_type.0)
-            };
-            return Err(Error::type_(
-                arg,
-                format!("tensor is on {what}; this build runs attention on CPU tensors only"),
-            ));
-        }
+        let device = match dev.device_type {
+            DLDeviceType::CPU | DLDeviceType::CUDAHOST => Device::Cpu,
+            DLDeviceType::CUDA => Device::Cuda(dev.device_id as usize),
+            other => {
+                return Err(Error::type_(
+                    arg,
+                    format!(
+                        "tensor is on DLPack device type {}; expected a CPU or CUDA tensor",
+                        other.0
+                    ),
+                ))
+            }
+        };
         let dt = t.dtype();
         let dtype = match (dt.code, dt.bits, dt.lanes) {
             (DLDataTypeCode::FLOAT, 32, 1) => DType::F32,
@@ -176,6 +186,7 @@ impl Tensor3 {
             // SAFETY: adding the producer's byte offset to its base pointer stays inside the
             // producer's allocation, per the DLPack contract.
             ptr: unsafe { (t.data_ptr() as *mut u8).add(t.byte_offset() as usize) },
+            device,
             dtype,
             shape: d,
             strides: s,
@@ -230,6 +241,46 @@ impl Tensor3 {
         a0 < b1 && b0 < a1 && self.span() > 0 && other.span() > 0
     }
 
+    /// Checks that the tensor is on `device`; `arg` names it in the error.
+    pub fn expect_device(&self, arg: &str, device: Device) -> Result<()> {
+        if self.device != device {
+            return Err(Error::type_(
+                arg,
+                format!("is on {:?}, expected {:?}", self.device, device),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The device address and strides of a CUDA tensor, checked for the kernels' 16-byte
+    /// loads: an aligned base and rows that start on 16-byte boundaries.
+    pub fn cuda_view(&self, arg: &str) -> Result<crate::cuda::kernels::DevTensor> {
+        if !matches!(self.device, Device::Cuda(_)) {
+            return Err(Error::type_(arg, "expected a CUDA tensor"));
+        }
+        let es = self.dtype.size();
+        let aligned = (self.ptr as usize).is_multiple_of(16)
+            && (0..2).all(|i| self.shape[i] <= 1 || (self.strides[i] * es).is_multiple_of(16))
+            && (self.shape[2] * es).is_multiple_of(16);
+        if !aligned {
+            return Err(Error::value(
+                arg,
+                format!(
+                    "rows must start on 16-byte boundaries for the GPU kernels (strides {:?}, \
+                     head_dim {} of {}); call .contiguous() first",
+                    self.strides,
+                    self.shape[2],
+                    self.dtype.name()
+                ),
+            ));
+        }
+        Ok(crate::cuda::kernels::DevTensor {
+            ptr: self.ptr as u64,
+            s0: self.strides[0] as i64,
+            s1: self.strides[1] as i64,
+        })
+    }
+
     /// Checks the dtype; `arg` names the tensor in the error.
     pub fn expect_dtype(&self, arg: &str, dtype: DType) -> Result<()> {
         if self.dtype != dtype {
@@ -268,6 +319,7 @@ impl Tensor3 {
     /// and `E` must match `self.dtype` (checked).
     pub unsafe fn view<E: Element>(&self) -> View3<'_, E> {
         assert_eq!(E::DTYPE, self.dtype, "view dtype must match the tensor's");
+        assert_eq!(self.device, Device::Cpu, "host views need a CPU tensor");
         let data = if self.span() == 0 {
             &[][..]
         } else {

@@ -201,25 +201,36 @@ fn check<E: Element, S: KvSource<E>>(
     kv: &S,
     params: &Params,
 ) -> Result<()> {
-    let hkv = kv.num_kv_heads();
     if d != kv.head_dim() {
         return Err(Error::value(
             "query",
             format!("head_dim is {d}, the keys have {}", kv.head_dim()),
         ));
     }
+    check_shapes(hq, lq, kv.num_kv_heads(), kv.len(), kv.start(), params)
+}
+
+/// Checks one attention call: `hq` query heads of `lq` queries over the keys `start..len`
+/// of `hkv` kv heads. Shared by the CPU op and the GPU kernels.
+pub fn check_shapes(
+    hq: usize,
+    lq: usize,
+    hkv: usize,
+    len: usize,
+    start: usize,
+    params: &Params,
+) -> Result<()> {
     if hkv == 0 || !hq.is_multiple_of(hkv) {
         return Err(Error::value(
             "query",
             format!("{hq} query heads is not a multiple of the {hkv} kv heads"),
         ));
     }
-    if lq > kv.len() {
+    if lq > len {
         return Err(Error::value(
             "query",
             format!(
-                "{lq} queries but only {} keys: the queries' own keys must be appended first",
-                kv.len()
+                "{lq} queries but only {len} keys: the queries' own keys must be appended first"
             ),
         ));
     }
@@ -240,17 +251,16 @@ fn check<E: Element, S: KvSource<E>>(
     if params.window == Some(0) {
         return Err(Error::value("window", "must be at least 1"));
     }
-    let first_pos = kv.len() - lq;
+    let first_pos = len - lq;
     let need = params
         .window
         .map_or(0, |w| (first_pos + 1).saturating_sub(w));
-    if kv.start() > need {
+    if start > need {
         return Err(Error::value(
             "window",
             format!(
-                "the query at position {first_pos} needs keys from {need}, but positions below {} \
-                 were dropped (window {:?})",
-                kv.start(),
+                "the query at position {first_pos} needs keys from {need}, but positions below \
+                 {start} were dropped (window {:?})",
                 params.window
             ),
         ));

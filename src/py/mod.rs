@@ -4,6 +4,8 @@
 
 mod attention;
 mod errors;
+mod memory;
+mod plan;
 mod store;
 mod tensor;
 
@@ -17,5 +19,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("OutOfHostMemoryError", errors::out_of_host_memory_type(py)?)?;
     m.add_class::<store::PyKvStore>()?;
     m.add_function(wrap_pyfunction!(attention::attention, m)?)?;
+    m.add_function(wrap_pyfunction!(plan::plan, m)?)?;
+    m.add_function(wrap_pyfunction!(memory::cuda_status, m)?)?;
+    m.add_function(wrap_pyfunction!(memory::pinned_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(memory::pinned_pool_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(memory::release_pinned_pool, m)?)?;
+    m.add_function(wrap_pyfunction!(memory::device_block_bytes, m)?)?;
     Ok(())
 }

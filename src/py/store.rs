@@ -2,10 +2,11 @@
 
 use super::attention::{check_out, finish_out};
 use super::errors::IntoPyResult;
-use super::tensor::TensorArg;
+use super::tensor::{stream_arg, TensorArg};
 use crate::cpu::attention::{attend, Params};
-use crate::store::{KvStore, StoreConfig};
-use crate::tensor::DType;
+use crate::error::Error;
+use crate::store::{CudaConfig, KvStore, StoreConfig};
+use crate::tensor::{DType, Device};
 use crate::with_element;
 use pyo3::prelude::*;
 
@@ -17,7 +18,7 @@ pub struct PyKvStore {
 #[pymethods]
 impl PyKvStore {
     #[new]
-    #[pyo3(signature = (num_layers, num_kv_heads, head_dim, dtype, block_size=256, windows=None, host_memory_limit=None))]
+    #[pyo3(signature = (num_layers, num_kv_heads, head_dim, dtype, block_size=256, windows=None, host_memory_limit=None, device=None, device_budget=0, max_len=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -28,7 +29,20 @@ impl PyKvStore {
         block_size: usize,
         windows: Option<Vec<Option<usize>>>,
         host_memory_limit: Option<usize>,
+        device: Option<usize>,
+        device_budget: usize,
+        max_len: Option<usize>,
     ) -> PyResult<Self> {
+        let cuda = match device {
+            None => None,
+            Some(ordinal) => Some(CudaConfig {
+                ordinal,
+                device_budget,
+                max_len: max_len
+                    .ok_or_else(|| Error::value("max_len", "is required with a device"))
+                    .py_err(py)?,
+            }),
+        };
         let cfg = StoreConfig {
             num_layers,
             num_kv_heads,
@@ -37,6 +51,7 @@ impl PyKvStore {
             block_size,
             windows: windows.unwrap_or_else(|| vec![None; num_layers]),
             host_memory_limit,
+            cuda,
         };
         Ok(PyKvStore {
             inner: KvStore::new(cfg).py_err(py)?,
@@ -76,18 +91,37 @@ impl PyKvStore {
         self.inner.retained_start(layer).py_err(py)
     }
 
+    #[pyo3(signature = (layer, key, value, stream=None))]
     fn append(
         &mut self,
         py: Python<'_>,
         layer: usize,
         key: &Bound<'_, PyAny>,
         value: &Bound<'_, PyAny>,
+        stream: Option<usize>,
     ) -> PyResult<()> {
-        let k = TensorArg::import(key, "key", false)?;
-        let v = TensorArg::import(value, "value", false)?;
+        let s = stream_arg(stream);
+        let k = TensorArg::import(key, "key", false, s)?;
+        let v = TensorArg::import(value, "value", false, s)?;
         let dtype = self.inner.config().dtype;
         k.t.expect_dtype("key", dtype).py_err(py)?;
         v.t.expect_dtype("value", dtype).py_err(py)?;
+        v.t.expect_device("value", k.t.device).py_err(py)?;
+        if let Device::Cuda(_) = k.t.device {
+            let c = self.inner.config();
+            let shape = [Some(c.num_kv_heads), Some(k.t.shape[1]), Some(c.head_dim)];
+            let what = "[num_kv_heads, chunk_len, head_dim]";
+            k.t.expect_shape("key", what, shape).py_err(py)?;
+            v.t.expect_shape("value", what, shape).py_err(py)?;
+            let (kd, vd) = (
+                k.t.cuda_view("key").py_err(py)?,
+                v.t.cuda_view("value").py_err(py)?,
+            );
+            let n = k.t.shape[1];
+            // SAFETY: both are validated CUDA tensors of the store's shape; the caller keeps
+            // them alive until the stream has run the copy (transformers holds them).
+            return unsafe { self.inner.append_cuda(layer, kd, vd, n, s) }.py_err(py);
+        }
         let (kt, vt) = (k.t, v.t);
         let store = &mut self.inner;
         py.detach(|| {
@@ -109,8 +143,11 @@ impl PyKvStore {
         key_out: &Bound<'_, PyAny>,
         value_out: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let ko = TensorArg::import(key_out, "key_out", true)?;
-        let vo = TensorArg::import(value_out, "value_out", true)?;
+        let s = stream_arg(None);
+        let ko = TensorArg::import(key_out, "key_out", true, s)?;
+        let vo = TensorArg::import(value_out, "value_out", true, s)?;
+        ko.t.expect_device("key_out", Device::Cpu).py_err(py)?;
+        vo.t.expect_device("value_out", Device::Cpu).py_err(py)?;
         let cfg = self.inner.config();
         let shape = [
             Some(cfg.num_kv_heads),
@@ -151,7 +188,7 @@ impl PyKvStore {
         Ok(())
     }
 
-    #[pyo3(signature = (layer, query, out, scale, softcap=None, window=None))]
+    #[pyo3(signature = (layer, query, out, scale, softcap=None, window=None, stream=None))]
     #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
@@ -162,9 +199,11 @@ impl PyKvStore {
         scale: f32,
         softcap: Option<f32>,
         window: Option<usize>,
+        stream: Option<usize>,
     ) -> PyResult<()> {
-        let q = TensorArg::import(query, "query", false)?;
-        let o = TensorArg::import(out, "out", true)?;
+        let s = stream_arg(stream);
+        let q = TensorArg::import(query, "query", false, s)?;
+        let o = TensorArg::import(out, "out", true, s)?;
         let dtype = self.inner.config().dtype;
         q.t.expect_dtype("query", dtype).py_err(py)?;
         check_out(py, &q.t, &[&q.t], &o.t)?;
@@ -173,6 +212,27 @@ impl PyKvStore {
             softcap,
             window,
         };
+        if let Device::Cuda(_) = q.t.device {
+            let c = self.inner.config();
+            if q.t.shape[2] != c.head_dim {
+                return Err(Error::value(
+                    "query",
+                    format!(
+                        "head_dim is {}, the store holds {}",
+                        q.t.shape[2], c.head_dim
+                    ),
+                ))
+                .py_err(py);
+            }
+            let (qd, od) = (
+                q.t.cuda_view("query").py_err(py)?,
+                o.t.cuda_view("out").py_err(py)?,
+            );
+            let [hq, lq, _] = q.t.shape;
+            // SAFETY: validated CUDA tensors; the caller keeps them alive until the stream has
+            // run the kernels.
+            return unsafe { self.inner.attend_cuda(layer, qd, hq, lq, &params, od, s) }.py_err(py);
+        }
         let qt = q.t;
         let store = &self.inner;
         let rows = py
@@ -188,12 +248,77 @@ impl PyKvStore {
         finish_out(py, &q.t, &o, &rows)
     }
 
+    #[pyo3(signature = (layer, head_start, num_heads, start, end, key_out, value_out, stream=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn gather(
+        &self,
+        py: Python<'_>,
+        layer: usize,
+        head_start: usize,
+        num_heads: usize,
+        start: usize,
+        end: usize,
+        key_out: &Bound<'_, PyAny>,
+        value_out: &Bound<'_, PyAny>,
+        stream: Option<usize>,
+    ) -> PyResult<()> {
+        let s = stream_arg(stream);
+        let ko = TensorArg::import(key_out, "key_out", true, s)?;
+        let vo = TensorArg::import(value_out, "value_out", true, s)?;
+        let c = self.inner.config();
+        let shape = [
+            Some(num_heads),
+            Some(end.saturating_sub(start)),
+            Some(c.head_dim),
+        ];
+        for (arg, t) in [("key_out", &ko.t), ("value_out", &vo.t)] {
+            t.expect_shape(arg, "[num_heads, end - start, head_dim]", shape)
+                .py_err(py)?;
+            t.expect_dtype(arg, c.dtype).py_err(py)?;
+        }
+        if ko.t.overlaps(&vo.t) {
+            return Err(Error::value(
+                "value_out",
+                "must not share memory with key_out",
+            ))
+            .py_err(py);
+        }
+        let (kd, vd) = (
+            ko.t.cuda_view("key_out").py_err(py)?,
+            vo.t.cuda_view("value_out").py_err(py)?,
+        );
+        // SAFETY: validated CUDA tensors of the right shape; the caller keeps them alive until
+        // the stream has run the copy.
+        unsafe {
+            self.inner
+                .gather_cuda(layer, head_start, num_heads, start, end, kd, vd, s)
+        }
+        .py_err(py)
+    }
+
     fn crop(&mut self, py: Python<'_>, length: usize) -> PyResult<()> {
         self.inner.crop(length).py_err(py)
     }
 
-    fn clear(&mut self) {
-        self.inner.clear();
+    fn clear(&mut self, py: Python<'_>) -> PyResult<()> {
+        self.inner.clear().py_err(py)
+    }
+
+    fn device_bytes_reserved(&self) -> usize {
+        self.inner.device_bytes_reserved()
+    }
+
+    fn device_bytes_used(&self) -> usize {
+        self.inner.device_bytes_used()
+    }
+
+    fn host_bytes_reserved(&self) -> usize {
+        self.inner.host_bytes_reserved()
+    }
+
+    #[getter]
+    fn is_cuda(&self) -> bool {
+        self.inner.is_cuda()
     }
 
     fn bytes_used(&self) -> usize {

@@ -1,7 +1,10 @@
 //! Tensor arguments from Python: imported through DLPack and validated once.
 
 use super::errors::IntoPyResult;
+use crate::cuda::Stream;
 use crate::tensor::Tensor3;
+use dlpark::ffi::{DLDevice, DLDeviceType};
+use dlpark::python::consumer::stream::{self as dlstream, DlpackStream, StreamArg};
 use dlpark::python::consumer::{from_dlpack, ImportedDlpack};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -12,11 +15,33 @@ pub struct TensorArg {
     _owner: ImportedDlpack,
 }
 
+/// The consumer stream we hand to `__dlpack__`: CUDA tensors are then ordered on it (torch
+/// adds nothing when it is already torch's current stream); CPU tensors take none.
+struct ConsumerStream(Stream);
+
+// SAFETY: `as_python_arg` only describes the stream; it never claims to have synchronized.
+unsafe impl DlpackStream for ConsumerStream {
+    fn as_python_arg(&self, _py: Python<'_>, device: DLDevice) -> PyResult<StreamArg> {
+        Ok(if device.device_type == DLDeviceType::CUDA {
+            dlstream::cuda(self.0 .0 as *mut std::ffi::c_void)
+        } else {
+            dlstream::none()
+        })
+    }
+}
+
 impl TensorArg {
-    /// Imports `obj` (anything with `__dlpack__`) as the argument named `arg`.
-    pub fn import(obj: &Bound<'_, PyAny>, arg: &str, writable: bool) -> PyResult<Self> {
+    /// Imports `obj` (anything with `__dlpack__`) as the argument named `arg`; CUDA tensors
+    /// are ordered on `stream`.
+    pub fn import(
+        obj: &Bound<'_, PyAny>,
+        arg: &str,
+        writable: bool,
+        stream: Stream,
+    ) -> PyResult<Self> {
         let py = obj.py();
-        let owner = from_dlpack(obj.as_borrowed(), None, None).map_err(|e| {
+        let consumer = ConsumerStream(stream);
+        let owner = from_dlpack(obj.as_borrowed(), Some(&consumer), None).map_err(|e| {
             PyTypeError::new_err(format!(
                 "{arg}: expected a tensor that supports DLPack (a torch.Tensor), got {} ({e})",
                 obj.get_type()
@@ -31,4 +56,9 @@ impl TensorArg {
         let t = Tensor3::from_dlpack(arg, &view, writable).py_err(py)?;
         Ok(TensorArg { t, _owner: owner })
     }
+}
+
+/// The stream argument of a call: torch's `cuda_stream` handle, or the default stream.
+pub fn stream_arg(stream: Option<usize>) -> Stream {
+    Stream(stream.unwrap_or(0) as cudarc::driver::sys::CUstream)
 }

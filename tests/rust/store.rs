@@ -12,6 +12,7 @@ fn cfg(block_size: usize, windows: Vec<Option<usize>>) -> StoreConfig {
         block_size,
         windows,
         host_memory_limit: None,
+        cuda: None,
     }
 }
 
@@ -81,7 +82,7 @@ fn crop_then_append_reuses_blocks() {
     assert_eq!(s.bytes_reserved(), reserved, "reused, not reallocated");
     s.crop(100).unwrap();
     assert_eq!(s.seq_len(0).unwrap(), 30);
-    s.clear();
+    s.clear().unwrap();
     assert_eq!(s.seq_len(0).unwrap(), 0);
     assert_eq!(s.bytes_used(), 0);
     append_positions(&mut s, 0, 0, 3).unwrap();

@@ -59,6 +59,7 @@ fn run_case<E: Element>(c: &Case, seed: u64, tol: f64) {
         block_size: 16,
         windows: vec![c.window],
         host_memory_limit: None,
+        cuda: None,
     })
     .unwrap();
     let split = c.past / 2;

@@ -1,0 +1,119 @@
+//! Pure arithmetic of where bytes sit: the GPU budget split into weights, working set,
+//! prefill staging and resident KV; the rest of the KV on the host; and the floors that no
+//! implementation beats. The runtime (`HeadInferCache` on CUDA) and `headinfer plan` both use
+//! this one function.
+
+use crate::error::{Error, Result};
+
+/// The shape of a model, as far as memory and time go.
+#[derive(Clone, Debug)]
+pub struct ModelShape {
+    pub num_layers: usize,
+    pub num_q_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    /// Bytes per element of activations and KV.
+    pub elem_bytes: usize,
+    /// Bytes of the weights on the GPU.
+    pub weight_bytes: usize,
+    /// Per layer, the sliding window (`None`: full attention).
+    pub windows: Vec<Option<usize>>,
+}
+
+/// What the plan is for.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// Tokens the cache will hold (prompt + new tokens).
+    pub context: usize,
+    pub chunk_size: usize,
+    /// Bytes of GPU memory the process may use in all.
+    pub gpu_budget: usize,
+    /// Bytes kept free for the CUDA context, library workspaces and fragmentation.
+    pub margin: usize,
+    /// Most bytes one prefill staging buffer (K and V of a head group) may take.
+    pub staging_cap: usize,
+}
+
+/// Where every byte goes, and the floors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub weight_bytes: usize,
+    /// Activations of one prefill chunk (the working set), estimated.
+    pub activation_bytes: usize,
+    /// KV heads gathered together for prefill attention, and the bytes of the two
+    /// staging buffers (double buffering) this takes at full context.
+    pub heads_per_group: usize,
+    pub staging_bytes: usize,
+    /// Bytes of KV blocks kept on the GPU, and the KV bytes of the whole context.
+    pub kv_device_bytes: usize,
+    pub kv_total_bytes: usize,
+    pub kv_host_bytes: usize,
+    /// Whether weights + working set + staging fit the budget at all.
+    pub fits_gpu: bool,
+}
+
+impl ModelShape {
+    /// KV bytes of one token of one layer (keys and values of every kv head).
+    pub fn kv_bytes_per_token_layer(&self) -> usize {
+        2 * self.num_kv_heads * self.head_dim * self.elem_bytes
+    }
+
+    /// KV bytes held at `context` tokens: window layers hold at most their window plus a
+    /// chunk.
+    pub fn kv_bytes(&self, context: usize, chunk: usize) -> usize {
+        self.windows
+            .iter()
+            .map(|w| {
+                w.map_or(context, |w| context.min(w + chunk)) * self.kv_bytes_per_token_layer()
+            })
+            .sum()
+    }
+
+    /// Activation bytes of one layer's forward over `chunk` tokens: hidden states, q/k/v,
+    /// the MLP's intermediate tensors, and the f32 partials of the attention merge.
+    pub fn activation_bytes(&self, chunk: usize) -> usize {
+        let per_token = 4 * self.hidden_size
+            + 3 * self.intermediate_size
+            + 2 * self.num_q_heads * self.head_dim
+            + 2 * self.num_kv_heads * self.head_dim;
+        chunk * per_token * self.elem_bytes
+            + 3 * self.num_q_heads * chunk * self.head_dim * 4
+            + self.vocab_size * 4
+    }
+}
+
+/// Splits the GPU budget. Errors name the argument that cannot work.
+pub fn plan(m: &ModelShape, r: &Request) -> Result<Plan> {
+    if m.windows.len() != m.num_layers {
+        return Err(Error::value("windows", "needs one entry per layer"));
+    }
+    if r.chunk_size == 0 {
+        return Err(Error::value("chunk_size", "must be at least 1"));
+    }
+    let kv_total = m.kv_bytes(r.context, r.chunk_size);
+    let activation = m.activation_bytes(r.chunk_size.min(r.context.max(1)));
+    // Prefill gathers a head group's keys and values of one layer: at most the context.
+    let per_head = 2 * r.context.max(1) * m.head_dim * m.elem_bytes;
+    let heads_per_group = (r.staging_cap / per_head).clamp(1, m.num_kv_heads);
+    let staging = 2 * heads_per_group * per_head;
+    let fixed = m.weight_bytes + activation + staging + r.margin;
+    let room = r.gpu_budget.saturating_sub(fixed);
+    let kv_device = room.min(kv_total);
+    Ok(Plan {
+        weight_bytes: m.weight_bytes,
+        activation_bytes: activation,
+        heads_per_group,
+        staging_bytes: staging,
+        kv_device_bytes: kv_device,
+        kv_total_bytes: kv_total,
+        kv_host_bytes: kv_total - kv_device,
+        fits_gpu: fixed <= r.gpu_budget,
+    })
+}
+
+#[cfg(test)]
+#[path = "../tests/rust/plan.rs"]
+mod tests;

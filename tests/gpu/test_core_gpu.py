@@ -1,0 +1,205 @@
+"""The Rust core on CUDA tensors: store, decode kernel, gather, dense op, memory.
+
+Each result is checked against attention computed by torch in float64 on the same inputs;
+bf16 and f16 against twice PyTorch's own error (SDPA in that dtype) against that reference.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from headinfer import _core
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+DEV = "cuda"
+
+
+def reference(q, k, v, scale, softcap=None, window=None):
+    """q [hq, lq, d]; k, v [hkv, lk, d]; query i at position lk - lq + i. float64."""
+    hq, lq, d = q.shape
+    hkv, lk, _ = k.shape
+    g = hq // hkv
+    kk = k.double().repeat_interleave(g, 0)
+    vv = v.double().repeat_interleave(g, 0)
+    s = q.double() @ kk.transpose(1, 2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(lk - lq, lk, device=q.device)[:, None]
+    j = torch.arange(lk, device=q.device)[None]
+    mask = j > i
+    if window:
+        mask |= i - j >= window
+    s = s.masked_fill(mask, float("-inf"))
+    return s.softmax(-1) @ vv
+
+
+def torch_error(q, k, v, scale, ref):
+    """PyTorch's own error in q's dtype (SDPA on GQA-expanded inputs, no window/softcap)."""
+    hq, lq, _ = q.shape
+    g = hq // k.shape[0]
+    lk = k.shape[1]
+    mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None],
+        attn_mask=mask, scale=scale,
+    )[0]
+    return (out.double() - ref).abs().max().item()
+
+
+def rel(a, ref):
+    return ((a.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def make_store(hkv, d, dtype, *, layers=1, block=64, windows=None, budget=0, max_len=1 << 16):
+    return _core.KVStore(
+        layers, hkv, d, str(dtype).removeprefix("torch."), block_size=block, windows=windows,
+        device=0, device_budget=budget, max_len=max_len,
+    )
+
+
+def fill(store, layer, k, v, chunks):
+    """Appends k, v [hkv, L, d] in chunks of the given lengths."""
+    stream = torch.cuda.current_stream().cuda_stream
+    a = 0
+    for n in chunks:
+        store.append(layer, k[:, a : a + n], v[:, a : a + n], stream=stream)
+        a += n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("budget_blocks", [0, 3, 1000])  # all host, mixed, all device
+@pytest.mark.parametrize("hkv,g,d", [(2, 4, 128), (3, 3, 64), (1, 2, 256)])
+def test_decode_and_chunks_match_reference(dtype, budget_blocks, hkv, g, d):
+    torch.manual_seed(hkv * 100 + d)
+    L, block = 1000, 64
+    k = torch.randn(hkv, L, d, device=DEV, dtype=dtype)
+    v = torch.randn(hkv, L, d, device=DEV, dtype=dtype)
+    budget = budget_blocks * 2 * block * d * k.element_size()
+    store = make_store(hkv, d, dtype, block=block, budget=budget)
+    fill(store, 0, k, v, [300, 1, 77, 500, 122])
+    stream = torch.cuda.current_stream().cuda_stream
+    scale = d**-0.5
+    for lq in [1, 5, 122]:
+        q = torch.randn(hkv * g, lq, d, device=DEV, dtype=dtype)
+        out = torch.full_like(q, float("nan"))
+        store.attend(0, q, out, scale, stream=stream)
+        ref = reference(q, k, v, scale)
+        err = (out.double() - ref).abs().max().item()
+        if dtype == torch.float32:
+            assert rel(out, ref) < 1e-4, (lq, err)
+        else:
+            assert err <= 2 * torch_error(q, k, v, scale, ref) + 1e-6, (lq, err)
+    if budget_blocks == 1000:
+        assert store.device_bytes_used() == store.bytes_used()
+    if budget_blocks == 0:
+        assert store.device_bytes_reserved() == 0
+
+
+@pytest.mark.parametrize("softcap,window", [(None, 100), (30.0, None), (50.0, 70)])
+def test_softcap_and_window(softcap, window):
+    torch.manual_seed(1)
+    hkv, g, d, L = 2, 2, 64, 700
+    dtype = torch.float32
+    k = torch.randn(hkv, L, d, device=DEV, dtype=dtype)
+    v = torch.randn(hkv, L, d, device=DEV, dtype=dtype)
+    store = make_store(hkv, d, dtype, block=32, windows=[window], budget=10 * 2 * 32 * d * 4)
+    fill(store, 0, k, v, [200, 300, 199, 1])
+    if window:
+        assert store.retained_start(0) > 0
+    q = torch.randn(hkv * g, 1, d, device=DEV, dtype=dtype)
+    out = torch.empty_like(q)
+    store.attend(0, q, out, 0.1, softcap=softcap, window=window,
+                 stream=torch.cuda.current_stream().cuda_stream)
+    assert rel(out, reference(q, k, v, 0.1, softcap, window)) < 1e-4
+
+
+def test_dense_op_and_gather_match():
+    torch.manual_seed(2)
+    hkv, g, d, L = 2, 4, 128, 513
+    dtype = torch.bfloat16
+    k = torch.randn(hkv, L, d, device=DEV, dtype=dtype)
+    v = torch.randn(hkv, L, d, device=DEV, dtype=dtype)
+    q = torch.randn(hkv * g, 40, d, device=DEV, dtype=dtype)
+    out = torch.empty_like(q)
+    _core.attention(q, k, v, out, d**-0.5, stream=torch.cuda.current_stream().cuda_stream)
+    ref = reference(q, k, v, d**-0.5)
+    assert (out.double() - ref).abs().max().item() <= 2 * torch_error(q, k, v, d**-0.5, ref) + 1e-6
+    store = make_store(hkv, d, dtype, block=64, budget=2 * 2 * 64 * d * 2)
+    fill(store, 0, k, v, [500, 13])
+    ko = torch.empty(1, L - 100, d, device=DEV, dtype=dtype)
+    vo = torch.empty_like(ko)
+    store.gather(0, 1, 1, 100, L, ko, vo, stream=torch.cuda.current_stream().cuda_stream)
+    assert torch.equal(ko[0], k[1, 100:]) and torch.equal(vo[0], v[1, 100:])
+
+
+def test_crop_then_append_and_errors():
+    torch.manual_seed(3)
+    hkv, d = 2, 64
+    k = torch.randn(hkv, 300, d, device=DEV)
+    v = torch.randn(hkv, 300, d, device=DEV)
+    store = make_store(hkv, d, torch.float32, block=32, budget=4 * 2 * 32 * d * 4, max_len=512)
+    fill(store, 0, k, v, [300])
+    store.crop(150)
+    k2 = torch.randn(hkv, 50, d, device=DEV)
+    v2 = torch.randn(hkv, 50, d, device=DEV)
+    fill(store, 0, k2, v2, [50])
+    kk = torch.cat([k[:, :150], k2], 1)
+    vv = torch.cat([v[:, :150], v2], 1)
+    q = torch.randn(hkv, 1, d, device=DEV)
+    out = torch.empty_like(q)
+    store.attend(0, q, out, 0.125, stream=torch.cuda.current_stream().cuda_stream)
+    assert rel(out, reference(q, kk, vv, 0.125)) < 1e-4
+    with pytest.raises(ValueError, match="max_len"):
+        fill(store, 0, torch.randn(hkv, 400, d, device=DEV), torch.randn(hkv, 400, d, device=DEV), [400])
+    assert store.seq_len(0) == 200
+    with pytest.raises(TypeError, match="query"):
+        store.attend(0, q.cpu(), out.cpu(), 0.125)
+    with pytest.raises(TypeError, match="dtype"):
+        store.attend(0, q.half(), out.half(), 0.125)
+    store.attend(0, q, out, 0.125, stream=torch.cuda.current_stream().cuda_stream)
+    assert rel(out, reference(q, kk, vv, 0.125)) < 1e-4
+
+
+def test_memory_returns_to_start_over_cycles():
+    torch.cuda.synchronize()
+    _core.release_pinned_pool()
+    start_pinned = _core.pinned_bytes()
+    start_dev = _core.device_block_bytes()
+    peak_pinned = 0
+    for i in range(20):
+        store = make_store(2, 128, torch.bfloat16, layers=2, block=256, budget=4 * 2 * 256 * 256)
+        k = torch.randn(2, 3000, 128, device=DEV, dtype=torch.bfloat16)
+        fill(store, 0, k, k, [3000])
+        fill(store, 1, k, k, [1000, 2000])
+        assert store.host_bytes_reserved() > 0 and store.device_bytes_reserved() > 0
+        del store
+        gc.collect()
+        peak_pinned = max(peak_pinned, _core.pinned_bytes())
+        if i == 0:
+            after_first = _core.pinned_bytes()
+    assert _core.pinned_bytes() == after_first, "the pool is reused, not grown"
+    assert _core.device_block_bytes() == start_dev
+    _core.release_pinned_pool()
+    assert _core.pinned_bytes() == start_pinned
+
+
+@pytest.mark.parametrize("n", [997, 4099, 33333])
+def test_lengths_that_split_unevenly(n):
+    """Key ranges per CTA that are not multiples of the warp step (once a deadlock)."""
+    torch.manual_seed(n)
+    hkv, g, d = 8, 4, 128
+    k = torch.randn(hkv, n, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(hkv, n, d, device=DEV, dtype=torch.bfloat16)
+    store = make_store(hkv, d, torch.bfloat16, block=256, budget=0, max_len=n + 1)
+    fill(store, 0, k, v, [n])
+    q = torch.randn(hkv * g, 1, d, device=DEV, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    store.attend(0, q, out, d**-0.5, stream=torch.cuda.current_stream().cuda_stream)
+    ref = reference(q, k, v, d**-0.5)
+    assert (out.double() - ref).abs().max().item() <= 2 * torch_error(q, k, v, d**-0.5, ref) + 1e-6

@@ -1,0 +1,38 @@
+//! Unit tests of `src/cuda/kernels.rs` that need NVRTC but no GPU: every (dtype, head_dim)
+//! the families use compiles, and bad head dims are refused with a clear error.
+
+use super::*;
+
+fn nvrtc_present() -> bool {
+    // SAFETY: only probes for the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+#[test]
+fn kernels_compile_for_every_dtype_and_head_dim() {
+    if !nvrtc_present() {
+        eprintln!("skipped: NVRTC (libnvrtc.so) is not on the loader path");
+        return;
+    }
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        for d in [16, 32, 64, 80, 96, 128, 256] {
+            let ptx = compile_ptx(dtype, d, 9, 0)
+                .unwrap_or_else(|e| panic!("{} d={d}: {e}", dtype.name()));
+            for name in ["attend_partial", "merge_partials", "append_kv", "gather_kv"] {
+                assert!(
+                    ptx.contains(name),
+                    "{name} missing for {} d={d}",
+                    dtype.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn head_dims_the_vector_loads_cannot_cover_are_refused() {
+    let e = compile_ptx(DType::BF16, 60, 9, 0).unwrap_err().to_string();
+    assert!(e.starts_with("head_dim: 60 is not supported"), "{e}");
+    let e = compile_ptx(DType::F32, 0, 9, 0).unwrap_err().to_string();
+    assert!(e.starts_with("head_dim:"), "{e}");
+}
