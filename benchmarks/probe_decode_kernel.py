@@ -49,24 +49,30 @@ def main():
         for n in [8192, 32768, 131072]:
             bs = 4096
             budget = 0 if where == "host" else 1 << 40
-            st = _core.KVStore(1, HKV, D, "bfloat16", block_size=bs, device=0,
-                               device_budget=budget, max_len=n + bs)
-            for a in range(0, n, 8192):
+            st = _core.KVStore(
+                1, HKV, D, "bfloat16", block_size=bs, device=0, device_budget=budget, max_len=n + bs
+            )
+            for _ in range(0, n, 8192):
                 k = torch.randn(HKV, 8192, D, device="cuda", dtype=torch.bfloat16)
                 st.append(0, k, k, stream=stream)
             q = torch.randn(HQ, 1, D, device="cuda", dtype=torch.bfloat16)
             out = torch.empty_like(q)
             t = bench(lambda st=st, q=q, out=out: st.attend(0, q, out, D**-0.5, stream=stream))
             nbytes = st.bytes_used()
-            row = {"where": where, "tokens": n, "ms": round(t * 1e3, 3),
-                   "GB/s": round(nbytes / t / 1e9, 1),
-                   "vs_memcpy": round((nbytes / h2d / 1e9) / t, 3) if where == "host" else None}
+            row = {
+                "where": where,
+                "tokens": n,
+                "ms": round(t * 1e3, 3),
+                "GB/s": round(nbytes / t / 1e9, 1),
+                "vs_memcpy": round((nbytes / h2d / 1e9) / t, 3) if where == "host" else None,
+            }
             rows.append(row)
             print(row, flush=True)
             del st
     # Binding overhead: one token appended and attended on a short device-resident cache.
-    st = _core.KVStore(1, HKV, D, "bfloat16", block_size=256, device=0, device_budget=1 << 30,
-                       max_len=1 << 16)
+    st = _core.KVStore(
+        1, HKV, D, "bfloat16", block_size=256, device=0, device_budget=1 << 30, max_len=1 << 16
+    )
     k = torch.randn(HKV, 1024, D, device="cuda", dtype=torch.bfloat16)
     st.append(0, k, k, stream=stream)
     k1 = torch.randn(1, HKV, 1, D, device="cuda", dtype=torch.bfloat16)
@@ -79,7 +85,7 @@ def main():
     host_attend = (time.perf_counter() - t0) / 2000
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for i in range(2000):
+    for _ in range(2000):
         st.append(0, k1[0], k1[0], stream=stream)
     host_append = (time.perf_counter() - t0) / 2000
     torch.cuda.synchronize()
@@ -90,14 +96,24 @@ def main():
         torch.nn.functional.scaled_dot_product_attention(sdpa_q, kk, kk, enable_gqa=True)
     host_sdpa = (time.perf_counter() - t0) / 2000
     torch.cuda.synchronize()
-    over = {"attend_us": round(host_attend * 1e6, 1), "append_us": round(host_append * 1e6, 1),
-            "sdpa_call_us": round(host_sdpa * 1e6, 1)}
+    over = {
+        "attend_us": round(host_attend * 1e6, 1),
+        "append_us": round(host_append * 1e6, 1),
+        "sdpa_call_us": round(host_sdpa * 1e6, 1),
+    }
     print("host time per call:", over, flush=True)
     out_dir = os.environ.get("OUT")
     if out_dir:
         with open(os.path.join(out_dir, "probe_decode_kernel.json"), "w") as f:
-            json.dump({"h2d_gbs": h2d, "rows": rows, "overhead": over,
-                       "device": torch.cuda.get_device_name()}, f)
+            json.dump(
+                {
+                    "h2d_gbs": h2d,
+                    "rows": rows,
+                    "overhead": over,
+                    "device": torch.cuda.get_device_name(),
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":

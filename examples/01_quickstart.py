@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 
-import headinfer
 import torch
+
+import headinfer
 from headinfer.models import load_smollm2
 from headinfer.needle import make_needle_prompt
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import headinfer
 import torch
 from transformers import (
     Gemma2Config,
@@ -17,6 +16,8 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+import headinfer
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma2")
 

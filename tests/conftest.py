@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from headinfer.models import smollm2_folder, smollm2_gguf_path
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import headinfer
 import pytest
 import torch
 from _tiny import FAMILIES, prompt, tiny_model
-from headinfer.attention import CACHE_KWARG, headinfer_attention, headinfer_mask, register
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import eager_attention_forward
+
+import headinfer
+from headinfer.attention import CACHE_KWARG, headinfer_attention, headinfer_mask, register
 
 
 def test_registered_under_headinfer() -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import headinfer
 import pytest
 import torch
 from _tiny import prompt, rel_err, tiny_config, tiny_model, twin
+
+import headinfer
 from headinfer.prefill import cache_kwarg_name
 
 TOL = 1e-4

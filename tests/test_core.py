@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from headinfer import _core
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

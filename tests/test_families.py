@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from functools import cache
 
-import headinfer
 import pytest
 import torch
 from _tiny import FAMILIES, PROMPT_LEN, prompt, rel_err, tiny_model, twin
-from headinfer.prefill import cache_kwarg_name
 from transformers import DynamicCache
+
+import headinfer
+from headinfer.prefill import cache_kwarg_name
 
 TOL = 1e-4
 NEW_TOKENS = 16

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import transformers
+
 from headinfer import models
 
 

@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import pytest
+
 from headinfer.needle import QUESTION, filler_sentences, make_needle_prompt, needle_found
 
 

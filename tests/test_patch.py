@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 
-import headinfer
 import pytest
 import torch
 from _tiny import prompt, rel_err, tiny_model, twin
-from headinfer.prefill import cache_kwarg_name
 from transformers import GPT2Config, GPT2LMHeadModel
+
+import headinfer
+from headinfer.prefill import cache_kwarg_name
 
 
 def test_patch_returns_model_and_is_idempotent() -> None:

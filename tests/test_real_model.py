@@ -7,9 +7,10 @@ import runpy
 from pathlib import Path
 from typing import Any
 
-import headinfer
 import pytest
 import torch
+
+import headinfer
 from headinfer.needle import make_needle_prompt, needle_found
 
 pytestmark = pytest.mark.slow
