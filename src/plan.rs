@@ -97,9 +97,14 @@ pub fn plan(m: &ModelShape, r: &Request) -> Result<Plan> {
     let activation = m.activation_bytes(r.chunk_size.min(r.context.max(1)));
     // Prefill gathers a head group's keys and values of one layer: at most the context.
     let per_head = 2 * r.context.max(1) * m.head_dim * m.elem_bytes;
-    let heads_per_group = (r.staging_cap / per_head).clamp(1, m.num_kv_heads);
+    let mut heads_per_group = (r.staging_cap / per_head).clamp(1, m.num_kv_heads);
+    let fixed_with = |hpg: usize| m.weight_bytes + activation + 2 * hpg * per_head + r.margin;
+    // A tight budget gets smaller head groups (more, smaller transfers) before anything else.
+    while heads_per_group > 1 && fixed_with(heads_per_group) > r.gpu_budget {
+        heads_per_group -= 1;
+    }
     let staging = 2 * heads_per_group * per_head;
-    let fixed = m.weight_bytes + activation + staging + r.margin;
+    let fixed = fixed_with(heads_per_group);
     let room = r.gpu_budget.saturating_sub(fixed);
     let kv_device = room.min(kv_total);
     Ok(Plan {

@@ -650,6 +650,26 @@ impl KvStore {
         total
     }
 
+    /// Changes how many bytes of device memory new blocks may fill. Blocks already on the
+    /// device stay there; a smaller budget only sends later blocks to the host.
+    pub fn set_device_budget(&mut self, bytes: usize) -> Result<()> {
+        match &mut self.cuda {
+            Some(c) => {
+                c.budget = bytes;
+                Ok(())
+            }
+            None => Err(Error::value(
+                "device_budget",
+                "this store holds CPU tensors",
+            )),
+        }
+    }
+
+    /// Bytes of device memory new blocks may fill (0 for a CPU store).
+    pub fn device_budget(&self) -> usize {
+        self.cuda.as_ref().map_or(0, |c| c.budget)
+    }
+
     /// Whether the store holds CUDA tensors.
     pub fn is_cuda(&self) -> bool {
         self.cuda.is_some()
@@ -780,6 +800,45 @@ impl KvStore {
             ));
         }
         c.gpu.bind()?;
+        let d = self.cfg.head_dim;
+        if key_out.s1 == d as i64 && value_out.s1 == d as i64 {
+            // Rows contiguous in the output: one copy-engine transfer per block run, so the
+            // copy needs no SMs and overlaps the attention kernels of a previous unit.
+            let bs = self.cfg.block_size;
+            let row = d * self.cfg.dtype.size();
+            for hi in 0..heads {
+                let blocks = &l.heads[h0 + hi];
+                let mut pos = a;
+                while pos < b {
+                    let rel = pos - l.start;
+                    let (bi, off) = (rel / bs, rel % bs);
+                    let n = (bs - off).min(b - pos);
+                    let blk = &blocks[bi];
+                    let dst_off = (hi as i64 * key_out.s0 + (pos - a) as i64 * key_out.s1) as u64
+                        * self.cfg.dtype.size() as u64;
+                    for (src, dst) in [
+                        (blk.k.dev_ptr(), key_out.ptr),
+                        (blk.v.dev_ptr(), value_out.ptr),
+                    ] {
+                        // SAFETY: source rows `off..off + n` lie in the block; the destination
+                        // rows lie in the caller's validated output; both are device-addressable
+                        // (device memory or mapped pinned memory) and the copy is stream-ordered.
+                        unsafe {
+                            cudarc::driver::sys::cuMemcpyAsync(
+                                dst + dst_off,
+                                src + (off * row) as u64,
+                                n * row,
+                                stream.0,
+                            )
+                        }
+                        .result()
+                        .map_err(|e| crate::cuda::driver_err("copying KV blocks", e))?;
+                    }
+                    pos += n;
+                }
+            }
+            return Ok(());
+        }
         // SAFETY: the caller vouches for the outputs; the table covers `start..len`.
         unsafe {
             c.kernels.gather(

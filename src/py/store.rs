@@ -317,6 +317,16 @@ impl PyKvStore {
     }
 
     #[getter]
+    fn device_budget(&self) -> usize {
+        self.inner.device_budget()
+    }
+
+    #[setter]
+    fn set_device_budget(&mut self, py: Python<'_>, bytes: usize) -> PyResult<()> {
+        self.inner.set_device_budget(bytes).py_err(py)
+    }
+
+    #[getter]
     fn is_cuda(&self) -> bool {
         self.inner.is_cuda()
     }

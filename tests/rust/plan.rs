@@ -65,6 +65,16 @@ fn long_contexts_spill_and_the_budget_holds() {
 }
 
 #[test]
+fn a_tight_budget_shrinks_the_head_groups_first() {
+    let m = llama8b();
+    let mut r = req(1 << 19, m.weight_bytes + 2 * GIB);
+    r.margin = GIB / 4;
+    let p = plan(&m, &r).unwrap();
+    assert_eq!(p.heads_per_group, 1);
+    assert_eq!(p.staging_bytes, 2 * 2 * (1 << 19) * 128 * 2);
+}
+
+#[test]
 fn a_budget_below_the_weights_does_not_fit() {
     let p = plan(&llama8b(), &req(8192, 10 * GIB)).unwrap();
     assert!(!p.fits_gpu);
