@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import headinfer
 import pytest
 import torch
 from _tiny import prompt, rel_err, tiny_model, twin
+
+import headinfer
 from headinfer import _core
 from headinfer.prefill import cache_kwarg_name
 
@@ -106,14 +107,26 @@ def test_wrong_dtype_in_cache_update_names_argument() -> None:
     assert cache.get_seq_length() == 0
 
 
-def test_cuda_tensor_is_not_supported_yet() -> None:
-    from headinfer.cache import check_cpu
+def test_cuda_without_driver_says_what_is_missing() -> None:
+    from headinfer import _core
+    from headinfer.cache import check_device
+
+    missing = _core.cuda_status()
+    if missing is None:
+        pytest.skip("the CUDA driver and NVRTC load here")
 
     class FakeCuda:
         device = torch.device("cuda", 0)
 
-    with pytest.raises(headinfer.GpuNotSupportedError, match="GPU path"):
-        check_cpu(FakeCuda(), "input_ids")  # type: ignore[arg-type]
+    with pytest.raises(headinfer.GpuNotSupportedError, match="input_ids.*cannot use it"):
+        check_device(FakeCuda(), "input_ids")  # type: ignore[arg-type]
+
+
+def test_other_devices_are_refused_by_name() -> None:
+    from headinfer.cache import check_device
+
+    with pytest.raises(ValueError, match="input_ids: headinfer runs on CPU or CUDA"):
+        check_device(torch.empty(1, device="meta"), "input_ids")
 
 
 def test_same_results_after_errors(model: torch.nn.Module) -> None:

@@ -20,7 +20,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from . import _core
-from .cache import HeadInferCache, check_cpu
+from .cache import HeadInferCache, check_device
 from .errors import HeadInferError
 
 __all__ = [
@@ -76,7 +76,7 @@ def headinfer_attention(
         ``(out, None)``: ``out`` is ``[1, q_len, num_q_heads, head_dim]``, the layout the model
         reshapes into its output projection; attention weights are never materialised.
     """
-    check_cpu(query, "query")
+    check_device(query, "query")
     if attention_mask is not None:
         raise HeadInferError(
             "headinfer attention got an explicit attention mask; custom and padding masks are "
@@ -89,19 +89,25 @@ def headinfer_attention(
     batch, num_q_heads, q_len, head_dim = query.shape
     scale = float(scaling) if scaling is not None else head_dim**-0.5
     softcap = float(softcap) if softcap else None
-    q = _head_view(query, "query")
     # Written through a [H, L, D] view of the [B, L, H, D] result: no transpose copy afterwards.
     out = query.new_empty((batch, q_len, num_q_heads, head_dim))
-    out_view = out[0].transpose(0, 1)
     cache = kwargs.get(CACHE_KWARG)
     if cache is not None:
         if not isinstance(cache, HeadInferCache):
             raise TypeError(f"{CACHE_KWARG}: expected a HeadInferCache, got {type(cache).__name__}")
-        cache.attend(module.layer_idx, q, out_view, scale, softcap, sliding_window)
-    else:
-        k = _head_view(key, "key")
-        v = _head_view(value, "value")
-        _core.attention(q, k, v, out_view, scale, softcap, sliding_window)
+        _head_view(query, "query")  # batch check
+        cache.attend(module.layer_idx, query, key, value, out, scale, softcap, sliding_window)
+        return out, None
+    q = _head_view(query, "query")
+    k = _head_view(key, "key")
+    v = _head_view(value, "value")
+    stream = None
+    if q.is_cuda:
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        if v.stride() != k.stride():
+            # The GPU op reads keys and values with one set of strides.
+            k, v = k.contiguous(), v.contiguous()
+    _core.attention(q, k, v, out[0].transpose(0, 1), scale, softcap, sliding_window, stream=stream)
     return out, None
 
 

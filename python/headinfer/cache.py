@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import _core
 from .errors import GpuNotSupportedError, HeadInferError, UnsupportedModelError
+from .gpu import DIRECT_ROWS, GpuPlan, PrefillState, parse_bytes, plan_memory, prefill_attention
 
 __all__ = ["SUPPORTED_FAMILIES", "HeadInferCache", "HeadInferLayer", "ModelSpec", "model_spec"]
 
@@ -33,6 +34,11 @@ SUPPORTED_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gemma2")
 _STORE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 DEFAULT_BLOCK_SIZE = 256
+#: Bytes per block on the GPU path: large enough that every copy and every kernel read of a
+#: block is a long run (1 MiB: 4096 tokens of a 128-dim bf16 head).
+GPU_BLOCK_BYTES = 1 << 20
+#: Longest sequence a CUDA store is sized for when the config gives no limit.
+DEFAULT_MAX_LEN = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -100,12 +106,16 @@ def store_dtype(dtype: torch.dtype) -> str:
         raise TypeError(f"dtype: headinfer stores {supported}, got {dtype}") from None
 
 
-def check_cpu(tensor: torch.Tensor, name: str) -> None:
-    """Raise ``GpuNotSupportedError`` for a CUDA tensor, ``ValueError`` for another non-CPU one."""
+def check_device(tensor: torch.Tensor, name: str) -> None:
+    """CPU and CUDA tensors pass; ``GpuNotSupportedError`` when CUDA is there but the driver
+    or NVRTC cannot be loaded; ``ValueError`` for any other device."""
     if tensor.device.type == "cuda":
-        raise GpuNotSupportedError(name)
+        missing = _core.cuda_status()
+        if missing is not None:
+            raise GpuNotSupportedError(name, missing)
+        return
     if tensor.device.type != "cpu":
-        raise ValueError(f"{name}: headinfer runs on CPU tensors, got device {tensor.device}")
+        raise ValueError(f"{name}: headinfer runs on CPU or CUDA tensors, got {tensor.device}")
 
 
 class HeadInferLayer(CacheLayerMixin):
@@ -129,8 +139,8 @@ class HeadInferLayer(CacheLayerMixin):
         return f"HeadInferLayer(layer_idx={self.layer_idx}, window={self.sliding_window})"
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Create the shared store on first use, with the dtype of ``key_states``."""
-        self._cache._ensure_store(key_states.dtype)
+        """Create the shared store on first use, with the dtype and device of ``key_states``."""
+        self._cache._ensure_store(key_states.dtype, key_states.device)
         self.device = key_states.device
         self.dtype = key_states.dtype
         self.is_initialized = True
@@ -150,7 +160,7 @@ class HeadInferLayer(CacheLayerMixin):
             and values, ``[1, num_kv_heads, kv_length, head_dim]`` each, as ``get_mask_sizes``
             announced them.
         """
-        check_cpu(key_states, "key_states")
+        check_device(key_states, "key_states")
         if key_states.dim() != 4 or key_states.shape[0] != 1:
             raise ValueError(
                 f"key_states: headinfer holds batch size 1, got shape {tuple(key_states.shape)}"
@@ -160,7 +170,8 @@ class HeadInferLayer(CacheLayerMixin):
         store = self._cache.store
         seen = store.seq_len(self.layer_idx)
         kv_offset = self._kv_offset(seen)
-        store.append(self.layer_idx, key_states[0], value_states[0])
+        stream = _stream(key_states)
+        store.append(self.layer_idx, key_states[0], value_states[0], stream=stream)
         if self._cache._bound:
             self._cache._pending[self.layer_idx] = key_states.shape[2]
             return key_states, value_states
@@ -173,7 +184,11 @@ class HeadInferLayer(CacheLayerMixin):
         shape = (1, store.num_kv_heads, end - kv_offset, store.head_dim)
         keys = key_states.new_empty(shape)
         values = value_states.new_empty(shape)
-        store.read(self.layer_idx, kv_offset, end, keys[0], values[0])
+        if store.is_cuda:
+            heads = store.num_kv_heads
+            store.gather(self.layer_idx, 0, heads, kv_offset, end, keys[0], values[0], stream)
+        else:
+            store.read(self.layer_idx, kv_offset, end, keys[0], values[0])
         return keys, values
 
     def _kv_offset(self, seen: int) -> int:
@@ -237,9 +252,14 @@ class HeadInferCache(Cache):
         model_or_config: the model (its dtype and, if patched, its ``block_size`` and
             ``host_memory_limit`` become the defaults) or its config (the dtype is then taken
             from the first keys stored).
-        block_size: tokens per store block (default 256, or the model's ``patch`` setting).
+        block_size: tokens per store block (default: the model's ``patch`` setting, else 256
+            on the CPU and 1 MiB worth of one head on the GPU).
         host_memory_limit: bytes the store may reserve (default: what the host has available).
         dtype: element type of the stored keys/values (float32, bfloat16 or float16).
+        gpu_budget: on CUDA, bytes of GPU memory this process may use in all (weights,
+            working set and resident KV); an int or a size like ``"20GiB"``. Default: all the
+            free memory less a margin. KV blocks fill what is left on the GPU; the rest sit in
+            pinned host memory and are read over PCIe.
 
     Raises:
         UnsupportedModelError: the model is not Llama, Mistral, Qwen2 or Gemma-2.
@@ -252,7 +272,10 @@ class HeadInferCache(Cache):
         block_size: int | None = None,
         host_memory_limit: int | None = None,
         dtype: torch.dtype | None = None,
+        gpu_budget: int | str | None = None,
     ) -> None:
+        device = None
+        self.chunk_size = 4096
         if isinstance(model_or_config, PretrainedConfig):
             config = model_or_config
         else:
@@ -262,13 +285,23 @@ class HeadInferCache(Cache):
                 block_size = settings.block_size if block_size is None else block_size
                 if host_memory_limit is None:
                     host_memory_limit = settings.host_memory_limit
+                if gpu_budget is None:
+                    gpu_budget = settings.gpu_budget
+                self.chunk_size = settings.chunk_size
             if dtype is None:
                 dtype = getattr(model_or_config, "dtype", None)
+            device = getattr(model_or_config, "device", None)
+        self.config = config
         self.spec = model_spec(config)
-        self.block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-        if self.block_size <= 0:
-            raise ValueError(f"block_size: must be positive, got {self.block_size}")
+        if block_size is not None and block_size <= 0:
+            raise ValueError(f"block_size: must be positive, got {block_size}")
+        self._block_size = block_size
         self.host_memory_limit = host_memory_limit
+        self.gpu_budget = None if gpu_budget is None else parse_bytes(gpu_budget)
+        #: New tokens a generate() call will add (set by the patched generate), for planning.
+        self.expected_new_tokens = 0
+        self._plan: GpuPlan | None = None
+        self._prefill: PrefillState | None = None
         self._store: _core.KVStore | None = None
         # How many patched forwards are driving this cache right now (see `bound`).
         self._bound = 0
@@ -276,20 +309,44 @@ class HeadInferCache(Cache):
         self._pending: dict[int, int] = {}
         layers = [HeadInferLayer(self, i, w) for i, w in enumerate(self.spec.windows)]
         super().__init__(layers=layers)
-        if dtype is not None:
-            self._ensure_store(dtype)
+        if dtype is not None and device is not None:
+            self._ensure_store(dtype, torch.device(device))
 
-    def _ensure_store(self, dtype: torch.dtype) -> _core.KVStore:
+    @property
+    def block_size(self) -> int:
+        """Tokens per store block."""
+        if self._block_size is not None:
+            return self._block_size
+        if self._store is not None:
+            return self._store.block_size
+        return DEFAULT_BLOCK_SIZE
+
+    def _ensure_store(self, dtype: torch.dtype, device: torch.device) -> _core.KVStore:
         if self._store is None:
             spec = self.spec
+            cuda: dict[str, Any] = {}
+            block_size = self._block_size
+            if device.type == "cuda":
+                check_device(torch.empty(0, device=device), "the cache's device")
+                elem = torch.empty((), dtype=dtype).element_size()
+                if block_size is None:
+                    block_size = max(DEFAULT_BLOCK_SIZE, GPU_BLOCK_BYTES // (spec.head_dim * elem))
+                index = device.index if device.index is not None else torch.cuda.current_device()
+                cuda = {
+                    "device": index,
+                    "device_budget": 0,
+                    "max_len": spec.max_positions or DEFAULT_MAX_LEN,
+                }
+                self._prefill = PrefillState(torch.device("cuda", index))
             self._store = _core.KVStore(
                 spec.num_layers,
                 spec.num_kv_heads,
                 spec.head_dim,
                 store_dtype(dtype),
-                block_size=self.block_size,
+                block_size=block_size or DEFAULT_BLOCK_SIZE,
                 windows=list(spec.windows),
                 host_memory_limit=self.host_memory_limit,
+                **cuda,
             )
             logger.debug(
                 "KVStore: %d layers x %d kv heads x %d, %s, blocks of %d, windows %s",
@@ -355,10 +412,44 @@ class HeadInferCache(Cache):
                 f"reset ({crop_exc})"
             ) from exc
 
+    def prepare(self, context: int) -> None:
+        """Plan GPU memory for ``context`` tokens (plus the expected new ones); CPU: no-op.
+
+        Called by the patched forward before a chunk runs; replans only when the context
+        grows past the last plan, so blocks already placed stay where they are.
+        """
+        store = self._store
+        if store is None or not store.is_cuda:
+            return
+        context += self.expected_new_tokens
+        if self._plan is not None and context <= self._plan.context:
+            return
+        device = self._prefill.device if self._prefill is not None else torch.device("cuda")
+        self._plan = plan_memory(
+            self.config,
+            self.spec,
+            device=device,
+            dtype=_DTYPES_BY_NAME[store.dtype],
+            context=context,
+            chunk_size=self.chunk_size,
+            gpu_budget=self.gpu_budget,
+            held_by_store=store.device_bytes_reserved(),
+        )
+        store.device_budget = self._plan.kv_device_bytes
+        logger.info(
+            "headinfer: %d tokens planned: %.2f of %.2f GiB of KV on the GPU, head groups of %d",
+            context,
+            self._plan.kv_device_bytes / 2**30,
+            self._plan.figures["kv_total_bytes"] / 2**30,
+            self._plan.heads_per_group,
+        )
+
     def attend(
         self,
         layer_idx: int,
         query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
         out: torch.Tensor,
         scale: float,
         softcap: float | None,
@@ -367,8 +458,9 @@ class HeadInferCache(Cache):
         """Attention of the chunk just appended to ``layer_idx`` over all its stored keys.
 
         Args:
-            query: ``[num_q_heads, q_len, head_dim]``, head_dim stride 1.
-            out: ``[num_q_heads, q_len, head_dim]``, any strides with head_dim stride 1.
+            query: ``[1, num_q_heads, q_len, head_dim]``.
+            key, value: ``[1, num_kv_heads, q_len, head_dim]``, the chunk just appended.
+            out: ``[1, q_len, num_q_heads, head_dim]``, written.
         """
         store = self.store
         held = store.windows[layer_idx]
@@ -378,7 +470,18 @@ class HeadInferCache(Cache):
                 f"only {held} tokens (config and model disagree)"
             )
         self._pending.pop(layer_idx, None)
-        store.attend(layer_idx, query, out, scale, softcap, window)
+        q_len = query.shape[2]
+        group = query.shape[1] // store.num_kv_heads
+        q = query[0] if query[0].stride(-1) == 1 else query[0].contiguous()
+        if not store.is_cuda or q_len * group <= DIRECT_ROWS:
+            out_view = out[0].transpose(0, 1)
+            store.attend(layer_idx, q, out_view, scale, softcap, window, stream=_stream(query))
+            return
+        assert self._prefill is not None
+        heads = self._plan.heads_per_group if self._plan is not None else store.num_kv_heads
+        prefill_attention(
+            store, self._prefill, heads, layer_idx, query, key, value, out, scale, softcap, window
+        )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens cached so far (positions ``0..n``), windowed-out ones included."""
@@ -408,6 +511,8 @@ class HeadInferCache(Cache):
     def reset(self) -> None:
         """Drop every token; the store keeps its blocks for reuse."""
         self._pending.clear()
+        if self._prefill is not None:
+            self._prefill.clear()
         if self._store is not None:
             self._store.clear()
 
@@ -416,12 +521,25 @@ class HeadInferCache(Cache):
         raise ValueError("headinfer holds batch size 1: beam search is not supported yet")
 
     def bytes_used(self) -> int:
-        """Bytes of keys and values held in host memory."""
+        """Bytes of keys and values held (host and device)."""
         return 0 if self._store is None else self._store.bytes_used()
 
     def bytes_reserved(self) -> int:
-        """Bytes of host memory the store holds, used or kept for reuse."""
+        """Bytes the store holds in blocks (host and device), used or kept for reuse."""
         return 0 if self._store is None else self._store.bytes_reserved()
+
+    def memory(self) -> dict[str, int]:
+        """Where the KV bytes sit: ``host_reserved``, ``device_reserved``, ``device_used``,
+        ``used`` (all bytes)."""
+        s = self._store
+        if s is None:
+            return {"used": 0, "host_reserved": 0, "device_reserved": 0, "device_used": 0}
+        return {
+            "used": s.bytes_used(),
+            "host_reserved": s.host_bytes_reserved(),
+            "device_reserved": s.device_bytes_reserved(),
+            "device_used": s.device_bytes_used(),
+        }
 
     @property
     def windows(self) -> Sequence[int | None]:
@@ -433,3 +551,11 @@ class HeadInferCache(Cache):
             f"HeadInferCache({self.spec.family}, layers={self.spec.num_layers}, "
             f"seq_len={self.get_seq_length()}, bytes_used={self.bytes_used()})"
         )
+
+
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _STORE_DTYPES.items()}
+
+
+def _stream(t: torch.Tensor) -> int | None:
+    """torch's current stream on ``t``'s device (the work is ordered there), or None on CPU."""
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else None

@@ -141,10 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"device:   {device}, {args.dtype}, {torch.get_num_threads()} CPU threads")
     print(f"prefill:  {prefill_s:.2f} s ({prompt.num_tokens / prefill_s:,.0f} tokens/s)")
     print(f"decode:   {decode_s:.2f} s for {steps} tokens{per_token}")
+    mem = cache.memory()
     print(
-        f"KV cache: {_mib(cache.bytes_used())} used, {_mib(cache.bytes_reserved())} reserved "
-        f"in host memory ({cache.get_seq_length()} tokens x {cache.spec.num_layers} layers x "
-        f"{cache.spec.num_kv_heads} kv heads)"
+        f"KV cache: {_mib(mem['used'])} held ({cache.get_seq_length()} tokens x "
+        f"{cache.spec.num_layers} layers x {cache.spec.num_kv_heads} kv heads): "
+        f"{_mib(mem['device_used'])} on the GPU, {_mib(mem['used'] - mem['device_used'])} in "
+        f"host memory; blocks reserved {_mib(mem['host_reserved'])} host, "
+        f"{_mib(mem['device_reserved'])} GPU"
     )
     if device == "cuda":
         print(f"GPU:      {_mib(torch.cuda.max_memory_allocated())} peak allocated by torch")

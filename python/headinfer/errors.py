@@ -28,10 +28,7 @@ class UnsupportedModelError(HeadInferError):
 
 
 class GpuNotSupportedError(HeadInferError, NotImplementedError):
-    """A CUDA tensor reached headinfer, whose GPU path is not built yet."""
+    """A CUDA tensor reached headinfer, but the CUDA driver or NVRTC cannot be loaded."""
 
-    def __init__(self, what: str) -> None:
-        super().__init__(
-            f"{what} is on a CUDA device, but headinfer's GPU path is not built yet: "
-            "run the model on the CPU for now"
-        )
+    def __init__(self, what: str, missing: str) -> None:
+        super().__init__(f"{what} is on a CUDA device, but headinfer cannot use it: {missing}")

@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 import torch
 
 from .attention import ATTN_IMPLEMENTATION, register
-from .cache import DEFAULT_BLOCK_SIZE, HeadInferCache, check_cpu, model_spec, store_dtype
+from .cache import HeadInferCache, check_device, model_spec, store_dtype
+from .gpu import parse_bytes
 from .prefill import CACHE_NAMES, PatchSettings, cache_kwarg_name, forward_params, patched_forward
 
 __all__ = ["is_patched", "patch", "unpatch"]
@@ -62,8 +63,9 @@ def is_patched(model: torch.nn.Module) -> bool:
 def patch(
     model: M,
     chunk_size: int = 4096,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
     *,
+    gpu_budget: int | str | None = None,
     host_memory_limit: int | None = None,
     progress: bool = True,
     progress_delay: float = 2.0,
@@ -77,9 +79,13 @@ def patch(
 
     Args:
         model: a Llama, Mistral, Qwen2 or Gemma-2 transformers model (e.g. ``*ForCausalLM``),
-            float32, bfloat16 or float16, on the CPU.
+            float32, bfloat16 or float16, on the CPU or one CUDA device.
         chunk_size: longest prefill chunk, in tokens.
-        block_size: tokens per store block.
+        block_size: tokens per store block (default: 256 on the CPU, 1 MiB of one head on
+            the GPU).
+        gpu_budget: on CUDA, bytes of GPU memory the process may use in all (an int or a size
+            like ``"20GiB"``); KV blocks fill what weights and working set leave, the rest
+            stays in pinned host memory. Default: the free memory less a margin.
         host_memory_limit: bytes each cache may reserve (default: what the host has).
         progress: show a progress bar over prefill chunks when prefill takes a while
             (``progress_delay`` seconds) and the output is a terminal.
@@ -93,11 +99,12 @@ def patch(
     spec = model_spec(model.config)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size: must be positive, got {chunk_size}")
-    if block_size <= 0:
+    if block_size is not None and block_size <= 0:
         raise ValueError(f"block_size: must be positive, got {block_size}")
+    budget = None if gpu_budget is None else parse_bytes(gpu_budget)
     param = next(model.parameters(), None)
     if param is not None:
-        check_cpu(param, "the model")
+        check_device(param, "the model")
         store_dtype(param.dtype)
 
     settings = model.__dict__.get(_STATE)
@@ -105,6 +112,7 @@ def patch(
         settings.chunk_size = chunk_size
         settings.block_size = block_size
         settings.host_memory_limit = host_memory_limit
+        settings.gpu_budget = budget
         settings.progress = progress
         settings.progress_delay = progress_delay
         return model
@@ -116,6 +124,7 @@ def patch(
         chunk_size=chunk_size,
         block_size=block_size,
         host_memory_limit=host_memory_limit,
+        gpu_budget=budget,
         progress=progress,
         progress_delay=progress_delay,
         cache_name=cache_kwarg_name(model),
@@ -134,11 +143,11 @@ def patch(
     model.config._attn_implementation = ATTN_IMPLEMENTATION
     model.__dict__[_STATE] = settings
     logger.info(
-        "headinfer: patched %s (%s), chunk_size=%d, block_size=%d",
+        "headinfer: patched %s (%s), chunk_size=%d, block_size=%s",
         type(model).__name__,
         spec.family,
         chunk_size,
-        block_size,
+        block_size or "auto",
     )
     return model
 
@@ -166,7 +175,11 @@ def _give_cache(
     )
     if use_cache is False or implementation is not None:
         return
-    kwargs[settings.cache_name] = HeadInferCache(model)
+    cache = HeadInferCache(model)
+    # For the GPU memory plan: how long the cache will grow in this call.
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    cache.expected_new_tokens = int(new) if isinstance(new, int) else 0
+    kwargs[settings.cache_name] = cache
 
 
 def unpatch(model: M) -> M:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import CACHE_KWARG
-from .cache import HeadInferCache, ModelSpec, check_cpu
+from .cache import HeadInferCache, ModelSpec, check_device
 
 __all__ = ["PatchSettings", "cache_kwarg_name", "patched_forward"]
 
@@ -35,8 +35,9 @@ class PatchSettings:
 
     spec: ModelSpec
     chunk_size: int
-    block_size: int
+    block_size: int | None
     host_memory_limit: int | None
+    gpu_budget: int | None
     progress: bool
     progress_delay: float
     #: The model forward's keyword for the cache: "cache" (>= 5.24) or "past_key_values".
@@ -81,7 +82,7 @@ def _check_inputs(
     x = kwargs.get(name)
     if x is None:
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-    check_cpu(x, name)
+    check_device(x, name)
     if x.shape[0] != 1:
         raise ValueError(
             f"{name}: headinfer runs batch size 1 for now, got batch size {x.shape[0]} "
@@ -168,6 +169,10 @@ def patched_forward(
         return _chunked(model, original, settings, kwargs, input_name, x, cache, temporary)
 
     kwargs[CACHE_KWARG] = cache
+    if cache._store is None and isinstance(x, torch.Tensor):
+        dtype = x.dtype if input_name == "inputs_embeds" else next(model.parameters()).dtype
+        cache._ensure_store(dtype, x.device)
+    cache.prepare(cache.get_seq_length() + length)
     with cache.bound():
         if length <= settings.chunk_size and not temporary:
             return original(**kwargs)

@@ -46,8 +46,11 @@ def torch_error(q, k, v, scale, ref):
     lk = k.shape[1]
     mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q[None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None],
-        attn_mask=mask, scale=scale,
+        q[None],
+        k.repeat_interleave(g, 0)[None],
+        v.repeat_interleave(g, 0)[None],
+        attn_mask=mask,
+        scale=scale,
     )[0]
     return (out.double() - ref).abs().max().item()
 
@@ -58,8 +61,15 @@ def rel(a, ref):
 
 def make_store(hkv, d, dtype, *, layers=1, block=64, windows=None, budget=0, max_len=1 << 16):
     return _core.KVStore(
-        layers, hkv, d, str(dtype).removeprefix("torch."), block_size=block, windows=windows,
-        device=0, device_budget=budget, max_len=max_len,
+        layers,
+        hkv,
+        d,
+        str(dtype).removeprefix("torch."),
+        block_size=block,
+        windows=windows,
+        device=0,
+        device_budget=budget,
+        max_len=max_len,
     )
 
 
@@ -114,8 +124,15 @@ def test_softcap_and_window(softcap, window):
         assert store.retained_start(0) > 0
     q = torch.randn(hkv * g, 1, d, device=DEV, dtype=dtype)
     out = torch.empty_like(q)
-    store.attend(0, q, out, 0.1, softcap=softcap, window=window,
-                 stream=torch.cuda.current_stream().cuda_stream)
+    store.attend(
+        0,
+        q,
+        out,
+        0.1,
+        softcap=softcap,
+        window=window,
+        stream=torch.cuda.current_stream().cuda_stream,
+    )
     assert rel(out, reference(q, k, v, 0.1, softcap, window)) < 1e-4
 
 
@@ -156,7 +173,8 @@ def test_crop_then_append_and_errors():
     store.attend(0, q, out, 0.125, stream=torch.cuda.current_stream().cuda_stream)
     assert rel(out, reference(q, kk, vv, 0.125)) < 1e-4
     with pytest.raises(ValueError, match="max_len"):
-        fill(store, 0, torch.randn(hkv, 400, d, device=DEV), torch.randn(hkv, 400, d, device=DEV), [400])
+        big = torch.randn(hkv, 400, d, device=DEV)
+        fill(store, 0, big, big, [400])
     assert store.seq_len(0) == 200
     with pytest.raises(TypeError, match="query"):
         store.attend(0, q.cpu(), out.cpu(), 0.125)
