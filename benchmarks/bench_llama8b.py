@@ -112,12 +112,16 @@ def run(model, cfg, mode: str, s: int, budget_gib: float, decode_steps: int = 8)
                     )
             torch.cuda.synchronize()
             prefill = time.time() - t
+            # Peak GPU use per phase: torch's peak reserved plus headinfer's device blocks
+            # (which change only between phases).
+            peak = peak_gib(cache)
             nxt = out.logits[:, -1:].argmax(-1)
             for _ in range(2):  # warm-up, not timed
                 nxt = (
                     model(input_ids=nxt, use_cache=True, **{name: cache}).logits[:, -1:].argmax(-1)
                 )
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
             t = time.time()
             for _ in range(decode_steps):
                 nxt = (
@@ -130,7 +134,7 @@ def run(model, cfg, mode: str, s: int, budget_gib: float, decode_steps: int = 8)
             "S": s,
             "prefill_s": round(prefill, 2),
             "decode_s": round(decode, 4),
-            "peak_gib": peak_gib(cache),
+            "peak_gib": max(peak, peak_gib(cache)),
         }
         if mode == "headinfer":
             mem = cache.memory()

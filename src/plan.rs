@@ -35,6 +35,9 @@ pub struct Request {
     pub margin: usize,
     /// Most bytes one prefill staging buffer (K and V of a head group) may take.
     pub staging_cap: usize,
+    /// `true`: a prefill is coming (a chunk's activations and staging buffers need room);
+    /// `false`: decode only, whose working set is one token's, so the KV gets the rest.
+    pub prefill: bool,
 }
 
 /// Where every byte goes, and the floors.
@@ -94,10 +97,15 @@ pub fn plan(m: &ModelShape, r: &Request) -> Result<Plan> {
         return Err(Error::value("chunk_size", "must be at least 1"));
     }
     let kv_total = m.kv_bytes(r.context, r.chunk_size);
-    let activation = m.activation_bytes(r.chunk_size.min(r.context.max(1)));
+    let tokens = if r.prefill { r.chunk_size } else { 1 };
+    let activation = m.activation_bytes(tokens.min(r.context.max(1)));
     // Prefill gathers a head group's keys and values of one layer: at most the context.
-    let per_head = 2 * r.context.max(1) * m.head_dim * m.elem_bytes;
-    let mut heads_per_group = (r.staging_cap / per_head).clamp(1, m.num_kv_heads);
+    let per_head = if r.prefill {
+        2 * r.context.max(1) * m.head_dim * m.elem_bytes
+    } else {
+        0
+    };
+    let mut heads_per_group = (r.staging_cap / per_head.max(1)).clamp(1, m.num_kv_heads);
     let fixed_with = |hpg: usize| m.weight_bytes + activation + 2 * hpg * per_head + r.margin;
     // A tight budget gets smaller head groups (more, smaller transfers) before anything else.
     while heads_per_group > 1 && fixed_with(heads_per_group) > r.gpu_budget {

@@ -665,6 +665,143 @@ impl KvStore {
         }
     }
 
+    /// Moves blocks between device memory and pinned host memory until the device holds as
+    /// many blocks as the budget allows: host blocks are promoted (earliest positions first,
+    /// every layer alike) while there is room, device blocks demoted (latest first) while there
+    /// is too little. The copies run on `stream`, which is synchronized once before the block
+    /// table changes, so no kernel ever reads a block that is still being filled. Replaced
+    /// host blocks stay reserved for reuse. Returns (promoted, demoted) block pairs.
+    pub fn rebalance(&mut self, stream: Stream) -> Result<(usize, usize)> {
+        let n = self.cfg.block_bytes();
+        let (heads, bs) = (self.cfg.num_kv_heads, self.cfg.block_size);
+        let Some(c) = self.cuda.as_mut() else {
+            return Ok((0, 0));
+        };
+        let target = c.budget / (2 * n);
+        // Unused device blocks beyond the budget go first: nothing reads them.
+        while c.device_blocks > target {
+            match c.free_device.pop() {
+                Some(b) => {
+                    drop(b);
+                    c.device_blocks -= 1;
+                    self.allocated -= 1;
+                }
+                None => break,
+            }
+        }
+        // Free device blocks are reused first, then new ones fill the budget.
+        let promote = target.saturating_sub(c.device_blocks) + c.free_device.len();
+        let demote = c.device_blocks.saturating_sub(target);
+        let mut moves: Vec<(usize, usize, usize)> = Vec::new(); // (layer, head, index)
+        let longest = self
+            .layers
+            .iter()
+            .map(|l| l.blocks_per_head())
+            .max()
+            .unwrap_or(0);
+        if promote > 0 {
+            'find: for i in 0..longest {
+                for (li, l) in self.layers.iter().enumerate() {
+                    for (hi, blocks) in l.heads.iter().enumerate() {
+                        if blocks.get(i).is_some_and(|b| !b.k.is_device()) {
+                            moves.push((li, hi, i));
+                            if moves.len() == promote {
+                                break 'find;
+                            }
+                        }
+                    }
+                }
+            }
+        } else if demote > 0 {
+            'find: for i in (0..longest).rev() {
+                for (li, l) in self.layers.iter().enumerate() {
+                    for (hi, blocks) in l.heads.iter().enumerate() {
+                        if blocks.get(i).is_some_and(|b| b.k.is_device()) {
+                            moves.push((li, hi, i));
+                            if moves.len() == demote {
+                                break 'find;
+                            }
+                        }
+                    }
+                }
+            }
+            let fresh = moves.len().saturating_sub(self.free.len());
+            self.check_host_memory(fresh, "moving KV blocks from the GPU to the host")?;
+        }
+        if moves.is_empty() {
+            return Ok((0, 0));
+        }
+        let c = self.cuda.as_mut().expect("checked");
+        c.gpu.bind()?;
+        // Copy into new blocks; nothing anyone reads changes yet.
+        let mut staged = Vec::with_capacity(moves.len());
+        for &(li, hi, i) in &moves {
+            let old = &self.layers[li].heads[hi][i];
+            // (block, newly allocated): counters change only once every copy is queued.
+            let (new, fresh) = if promote > 0 {
+                match c.free_device.pop() {
+                    Some(b) => (b, false),
+                    None => (
+                        Block {
+                            k: Mem::Device(DeviceBuf::new(&c.gpu, n)?),
+                            v: Mem::Device(DeviceBuf::new(&c.gpu, n)?),
+                        },
+                        true,
+                    ),
+                }
+            } else if let Some(b) = self.free.pop() {
+                (b, false)
+            } else {
+                (
+                    Block {
+                        k: Mem::Pinned(PinnedBuf::take(&c.gpu, n)?),
+                        v: Mem::Pinned(PinnedBuf::take(&c.gpu, n)?),
+                    },
+                    true,
+                )
+            };
+            for (dst, src) in [
+                (new.k.dev_ptr(), old.k.dev_ptr()),
+                (new.v.dev_ptr(), old.v.dev_ptr()),
+            ] {
+                // SAFETY: both blocks are `n` bytes of device-addressable memory owned by the
+                // store; the copy is ordered on `stream` after every write to `old`.
+                unsafe { cudarc::driver::sys::cuMemcpyAsync(dst, src, n, stream.0) }
+                    .result()
+                    .map_err(|e| crate::cuda::driver_err("moving a KV block", e))?;
+            }
+            staged.push((new, fresh));
+        }
+        // SAFETY: a valid stream handle from the caller.
+        unsafe { cudarc::driver::result::stream::synchronize(stream.0) }
+            .map_err(|e| crate::cuda::driver_err("waiting for block moves", e))?;
+        for (&(li, hi, i), (new, fresh)) in moves.iter().zip(staged) {
+            if fresh {
+                self.allocated += 1;
+                if promote > 0 {
+                    c.device_blocks += 1;
+                }
+            }
+            let abs = self.layers[li].start / bs + i;
+            let e = c.table_entry(heads, li, hi, abs);
+            e[0] = new.k.dev_ptr();
+            e[1] = new.v.dev_ptr();
+            let old = std::mem::replace(&mut self.layers[li].heads[hi][i], new);
+            if promote > 0 {
+                self.free.push(old);
+            } else {
+                c.device_blocks -= 1;
+                self.allocated -= 1;
+                drop(old);
+            }
+        }
+        Ok(if promote > 0 {
+            (moves.len(), 0)
+        } else {
+            (0, moves.len())
+        })
+    }
+
     /// Bytes of device memory new blocks may fill (0 for a CPU store).
     pub fn device_budget(&self) -> usize {
         self.cuda.as_ref().map_or(0, |c| c.budget)

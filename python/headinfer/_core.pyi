@@ -145,6 +145,14 @@ class KVStore:
             key_out: ``[num_heads, end - start, head_dim]``, CUDA, the store's dtype.
             value_out: ``[num_heads, end - start, head_dim]``, CUDA, same strides as ``key_out``.
         """
+    def rebalance(self, stream: int | None = None) -> tuple[int, int]:
+        """Move blocks between device and pinned host memory to match ``device_budget``.
+
+        Host blocks are promoted (earliest positions first) while the budget has room; device
+        blocks demoted (latest first) while it has too little. The copies run on ``stream``,
+        which is synchronized once before the block table changes. CPU stores: ``(0, 0)``.
+        Returns ``(promoted, demoted)`` block pairs.
+        """
     def crop(self, length: int) -> None:
         """Drop every position ``>= length`` in every layer.
 
@@ -203,12 +211,14 @@ def plan(
     gpu_budget: int,
     margin: int,
     staging_cap: int,
+    prefill: bool = True,
 ) -> dict[str, Any]:
     """Split a GPU budget: weights, one chunk's activations, prefill staging (double buffered
     head groups of at most ``staging_cap`` bytes), a margin, and resident KV; the rest of the
     KV on the host. Returns byte counts: ``weight_bytes``, ``activation_bytes``,
     ``heads_per_group``, ``staging_bytes``, ``kv_device_bytes``, ``kv_total_bytes``,
-    ``kv_host_bytes``, ``margin_bytes``, and ``fits_gpu``."""
+    ``kv_host_bytes``, ``margin_bytes``, and ``fits_gpu``. ``prefill=False`` plans decode:
+    one token's working set and no staging, the rest to the KV."""
 
 def cuda_status() -> str | None:
     """``None`` when the CUDA driver and NVRTC load; else what is missing."""

@@ -22,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from . import _core
 from .cache import HeadInferCache, check_device
 from .errors import HeadInferError
+from .gpu import current_stream
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -101,12 +102,10 @@ def headinfer_attention(
     q = _head_view(query, "query")
     k = _head_view(key, "key")
     v = _head_view(value, "value")
-    stream = None
-    if q.is_cuda:
-        stream = torch.cuda.current_stream(q.device).cuda_stream
-        if v.stride() != k.stride():
-            # The GPU op reads keys and values with one set of strides.
-            k, v = k.contiguous(), v.contiguous()
+    stream = current_stream(q)
+    if q.is_cuda and v.stride() != k.stride():
+        # The GPU op reads keys and values with one set of strides.
+        k, v = k.contiguous(), v.contiguous()
     _core.attention(q, k, v, out[0].transpose(0, 1), scale, softcap, sliding_window, stream=stream)
     return out, None
 

@@ -23,7 +23,16 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import _core
 from .errors import GpuNotSupportedError, HeadInferError, UnsupportedModelError
-from .gpu import DIRECT_ROWS, GpuPlan, PrefillState, parse_bytes, plan_memory, prefill_attention
+from .gpu import (
+    DIRECT_ROWS,
+    GpuPlan,
+    PrefillState,
+    cuda_missing,
+    current_stream,
+    parse_bytes,
+    plan_memory,
+    prefill_attention,
+)
 
 __all__ = ["SUPPORTED_FAMILIES", "HeadInferCache", "HeadInferLayer", "ModelSpec", "model_spec"]
 
@@ -110,7 +119,7 @@ def check_device(tensor: torch.Tensor, name: str) -> None:
     """CPU and CUDA tensors pass; ``GpuNotSupportedError`` when CUDA is there but the driver
     or NVRTC cannot be loaded; ``ValueError`` for any other device."""
     if tensor.device.type == "cuda":
-        missing = _core.cuda_status()
+        missing = cuda_missing()
         if missing is not None:
             raise GpuNotSupportedError(name, missing)
         return
@@ -170,7 +179,7 @@ class HeadInferLayer(CacheLayerMixin):
         store = self._cache.store
         seen = store.seq_len(self.layer_idx)
         kv_offset = self._kv_offset(seen)
-        stream = _stream(key_states)
+        stream = current_stream(key_states)
         store.append(self.layer_idx, key_states[0], value_states[0], stream=stream)
         if self._cache._bound:
             self._cache._pending[self.layer_idx] = key_states.shape[2]
@@ -412,19 +421,27 @@ class HeadInferCache(Cache):
                 f"reset ({crop_exc})"
             ) from exc
 
-    def prepare(self, context: int) -> None:
-        """Plan GPU memory for ``context`` tokens (plus the expected new ones); CPU: no-op.
+    def prepare(self, context: int, new_tokens: int) -> None:
+        """Plan GPU memory before a forward of ``new_tokens`` reaching ``context``; CPU: no-op.
 
-        Called by the patched forward before a chunk runs; replans only when the context
-        grows past the last plan, so blocks already placed stay where they are.
+        Called by the patched forward. It replans when the context grows past the last plan or
+        the phase changes: a prefill keeps room for a chunk's activations and staging, decode
+        gives that room to the KV, and blocks move between GPU and host to match (once per
+        phase change: a few copies and one stream synchronization).
         """
         store = self._store
         if store is None or not store.is_cuda:
             return
         context += self.expected_new_tokens
-        if self._plan is not None and context <= self._plan.context:
+        prefill = new_tokens * self.spec.num_q_heads // self.spec.num_kv_heads > DIRECT_ROWS
+        plan = self._plan
+        if plan is not None and context <= plan.context and prefill == plan.prefill:
             return
         device = self._prefill.device if self._prefill is not None else torch.device("cuda")
+        if not prefill:
+            # The prefill's activations and staging sit in torch's cache as reserved memory;
+            # hand them back so the blocks promoted below really fit the budget.
+            torch.cuda.empty_cache()
         self._plan = plan_memory(
             self.config,
             self.spec,
@@ -434,14 +451,19 @@ class HeadInferCache(Cache):
             chunk_size=self.chunk_size,
             gpu_budget=self.gpu_budget,
             held_by_store=store.device_bytes_reserved(),
+            prefill=prefill,
         )
         store.device_budget = self._plan.kv_device_bytes
+        moved = store.rebalance(torch.cuda.current_stream(device).cuda_stream)
         logger.info(
-            "headinfer: %d tokens planned: %.2f of %.2f GiB of KV on the GPU, head groups of %d",
+            "headinfer: %s of %d tokens planned: %.2f of %.2f GiB of KV on the GPU, head groups "
+            "of %d; blocks promoted/demoted: %s",
+            "prefill" if prefill else "decode",
             context,
             self._plan.kv_device_bytes / 2**30,
             self._plan.figures["kv_total_bytes"] / 2**30,
             self._plan.heads_per_group,
+            moved,
         )
 
     def attend(
@@ -475,7 +497,7 @@ class HeadInferCache(Cache):
         q = query[0] if query[0].stride(-1) == 1 else query[0].contiguous()
         if not store.is_cuda or q_len * group <= DIRECT_ROWS:
             out_view = out[0].transpose(0, 1)
-            store.attend(layer_idx, q, out_view, scale, softcap, window, stream=_stream(query))
+            store.attend(layer_idx, q, out_view, scale, softcap, window, current_stream(query))
             return
         assert self._prefill is not None
         heads = self._plan.heads_per_group if self._plan is not None else store.num_kv_heads
@@ -554,8 +576,3 @@ class HeadInferCache(Cache):
 
 
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _STORE_DTYPES.items()}
-
-
-def _stream(t: torch.Tensor) -> int | None:
-    """torch's current stream on ``t``'s device (the work is ordered there), or None on CPU."""
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else None

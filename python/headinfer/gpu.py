@@ -12,6 +12,7 @@ runs headinfer's kernel over the staged keys; sliding windows run SDPA with a ba
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -22,16 +23,47 @@ import torch.nn.functional as F
 
 from . import _core
 
-__all__ = ["GpuPlan", "PrefillState", "parse_bytes", "plan_memory", "prefill_attention"]
+__all__ = [
+    "GpuPlan",
+    "PrefillState",
+    "cuda_missing",
+    "current_stream",
+    "parse_bytes",
+    "plan_memory",
+    "prefill_attention",
+]
 
 logger = logging.getLogger("headinfer")
 
-#: Bytes kept free for the CUDA context, cuDNN workspaces and allocator slack.
-DEFAULT_MARGIN = 1 << 30
+#: Bytes kept free for what torch holds beyond the weights and one step's tensors: measured
+#: about 1.1 GiB in steady decode of a Llama-3-8B shape on an H200 (cuBLAS workspaces,
+#: allocator rounding), plus room for the CUDA context and cuDNN workspaces.
+DEFAULT_MARGIN = 5 << 28  # 1.25 GiB
 #: Largest staging buffer (keys and values of one head group of one layer).
 DEFAULT_STAGING_CAP = 1 << 30
 #: Queries x heads per kv head up to which decode reads the blocks directly.
 DIRECT_ROWS = 8
+
+
+@functools.cache
+def cuda_missing() -> str | None:
+    """Why the CUDA driver or NVRTC cannot be loaded (``None``: they can); probed once."""
+    return _core.cuda_status()
+
+
+# torch's raw current-stream getter skips Stream object creation: this runs for every layer of
+# every decode step.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def current_stream(t: torch.Tensor) -> int | None:
+    """The handle of torch's current stream on ``t``'s device; ``None`` for a CPU tensor."""
+    if not t.is_cuda:
+        return None
+    if _raw_stream is not None:
+        return _raw_stream(t.device.index)
+    return torch.cuda.current_stream(t.device).cuda_stream
+
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -53,9 +85,10 @@ def parse_bytes(value: int | str, name: str = "gpu_budget") -> int:
 
 @dataclass
 class GpuPlan:
-    """Where a CUDA cache puts its bytes, for one expected context length."""
+    """Where a CUDA cache puts its bytes, for one expected context length and phase."""
 
     context: int
+    prefill: bool
     kv_device_bytes: int
     heads_per_group: int
     figures: dict[str, Any] = field(default_factory=dict)
@@ -71,14 +104,17 @@ def plan_memory(
     chunk_size: int,
     gpu_budget: int | None,
     held_by_store: int = 0,
+    prefill: bool = True,
 ) -> GpuPlan:
     """Split the GPU budget for ``context`` tokens (the Rust planner in ``src/plan.rs``).
 
     The weights are what torch holds now; the budget defaults to everything this process could
-    use (free memory plus what torch and the store already hold).
+    use (free memory plus what torch and the store already hold). A prefill needs room for a
+    chunk's activations and the staging buffers; decode gives that room to the KV.
     """
     free, _total = torch.cuda.mem_get_info(device)
     held_by_torch = torch.cuda.memory_reserved(device)
+    # What torch holds now: the weights and whatever the caller keeps alive.
     weights = torch.cuda.memory_allocated(device)
     budget = gpu_budget if gpu_budget is not None else free + held_by_torch + held_by_store
     figures = _core.plan(
@@ -97,8 +133,9 @@ def plan_memory(
         gpu_budget=budget,
         margin=DEFAULT_MARGIN,
         staging_cap=DEFAULT_STAGING_CAP,
+        prefill=prefill,
     )
-    if not figures["fits_gpu"]:
+    if prefill and not figures["fits_gpu"]:
         logger.warning(
             "gpu_budget %.2f GiB is below weights + working set + staging + margin (%.2f GiB): "
             "every KV byte goes to the host",
@@ -108,6 +145,7 @@ def plan_memory(
         )
     return GpuPlan(
         context=context,
+        prefill=prefill,
         kv_device_bytes=figures["kv_device_bytes"],
         heads_per_group=figures["heads_per_group"],
         figures=figures,
@@ -257,7 +295,7 @@ def prefill_attention(
     if window is not None:
         lo = max(lo, past_end + 1 - window)
     q = query.contiguous()
-    stream = torch.cuda.current_stream(query.device).cuda_stream
+    stream = current_stream(query)
     groups = [(h0, min(heads_per_group, hkv - h0)) for h0 in range(0, hkv, heads_per_group)]
     for i, (h0, n) in enumerate(groups):
         unit = (layer, h0, n, lo, past_end)

@@ -172,7 +172,7 @@ def patched_forward(
     if cache._store is None and isinstance(x, torch.Tensor):
         dtype = x.dtype if input_name == "inputs_embeds" else next(model.parameters()).dtype
         cache._ensure_store(dtype, x.device)
-    cache.prepare(cache.get_seq_length() + length)
+    cache.prepare(cache.get_seq_length() + length, length)
     with cache.bound():
         if length <= settings.chunk_size and not temporary:
             return original(**kwargs)

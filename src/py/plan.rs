@@ -7,7 +7,7 @@ use pyo3::types::PyDict;
 
 /// Splits a GPU budget for a model and context; returns a dict of byte counts. See `_core.pyi`.
 #[pyfunction]
-#[pyo3(signature = (*, num_layers, num_q_heads, num_kv_heads, head_dim, hidden_size, intermediate_size, vocab_size, elem_bytes, weight_bytes, windows, context, chunk_size, gpu_budget, margin, staging_cap))]
+#[pyo3(signature = (*, num_layers, num_q_heads, num_kv_heads, head_dim, hidden_size, intermediate_size, vocab_size, elem_bytes, weight_bytes, windows, context, chunk_size, gpu_budget, margin, staging_cap, prefill=true))]
 #[allow(clippy::too_many_arguments)]
 pub fn plan<'py>(
     py: Python<'py>,
@@ -26,6 +26,7 @@ pub fn plan<'py>(
     gpu_budget: usize,
     margin: usize,
     staging_cap: usize,
+    prefill: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let m = ModelShape {
         num_layers,
@@ -45,6 +46,7 @@ pub fn plan<'py>(
         gpu_budget,
         margin,
         staging_cap,
+        prefill,
     };
     let p = make_plan(&m, &r).py_err(py)?;
     let d = PyDict::new(py);

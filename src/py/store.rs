@@ -326,6 +326,11 @@ impl PyKvStore {
         self.inner.set_device_budget(bytes).py_err(py)
     }
 
+    #[pyo3(signature = (stream=None))]
+    fn rebalance(&mut self, py: Python<'_>, stream: Option<usize>) -> PyResult<(usize, usize)> {
+        self.inner.rebalance(stream_arg(stream)).py_err(py)
+    }
+
     #[getter]
     fn is_cuda(&self) -> bool {
         self.inner.is_cuda()

@@ -3,6 +3,7 @@
 use super::errors::IntoPyResult;
 use crate::cuda::Stream;
 use crate::tensor::Tensor3;
+use cudarc::driver::{result as cu, sys};
 use dlpark::ffi::{DLDevice, DLDeviceType};
 use dlpark::python::consumer::stream::{self as dlstream, DlpackStream, StreamArg};
 use dlpark::python::consumer::{from_dlpack, ImportedDlpack};
@@ -19,7 +20,8 @@ pub struct TensorArg {
 /// adds nothing when it is already torch's current stream); CPU tensors take none.
 struct ConsumerStream(Stream);
 
-// SAFETY: `as_python_arg` only describes the stream; it never claims to have synchronized.
+// SAFETY: `wait_for_producer` returns true only once the consumer stream is ordered after
+// the producer's work (same stream, or an event recorded there and waited on here).
 unsafe impl DlpackStream for ConsumerStream {
     fn as_python_arg(&self, _py: Python<'_>, device: DLDevice) -> PyResult<StreamArg> {
         Ok(if device.device_type == DLDeviceType::CUDA {
@@ -27,6 +29,44 @@ unsafe impl DlpackStream for ConsumerStream {
         } else {
             dlstream::none()
         })
+    }
+
+    // Lets dlpark take the C exchange path (no Python `__dlpack__` call, which costs tens of
+    // microseconds per tensor on every decode step).
+    unsafe fn wait_for_producer(
+        &self,
+        device: DLDevice,
+        producer: *mut std::ffi::c_void,
+    ) -> PyResult<bool> {
+        if device.device_type != DLDeviceType::CUDA {
+            return Ok(true);
+        }
+        let consumer = self.0 .0;
+        if producer as sys::CUstream == consumer {
+            return Ok(true);
+        }
+        let order = || -> crate::Result<()> {
+            let gpu = crate::cuda::gpu(device.device_id as usize)?;
+            gpu.bind()?;
+            let err = |e| crate::cuda::driver_err("ordering streams", e);
+            let ev = cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(err)?;
+            // SAFETY: `ev` was just created; both streams are live handles of this context
+            // (the producer's from torch, ours from the caller). Destroying an event with a
+            // pending wait is allowed: the driver frees it once the wait is done.
+            unsafe {
+                cu::event::record(ev, producer as sys::CUstream).map_err(err)?;
+                cu::stream::wait_event(
+                    consumer,
+                    ev,
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+                .map_err(err)?;
+                cu::event::destroy(ev).map_err(err)?;
+            }
+            Ok(())
+        };
+        order().map_err(|e| super::errors::HeadInferError::new_err(e.to_string()))?;
+        Ok(true)
     }
 }
 

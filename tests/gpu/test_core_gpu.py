@@ -221,3 +221,39 @@ def test_lengths_that_split_unevenly(n):
     store.attend(0, q, out, d**-0.5, stream=torch.cuda.current_stream().cuda_stream)
     ref = reference(q, k, v, d**-0.5)
     assert (out.double() - ref).abs().max().item() <= 2 * torch_error(q, k, v, d**-0.5, ref) + 1e-6
+
+
+def test_rebalance_moves_blocks_both_ways_and_keeps_results():
+    torch.manual_seed(4)
+    hkv, g, d, n, block = 2, 4, 128, 2000, 128
+    k = torch.randn(hkv, n, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(hkv, n, d, device=DEV, dtype=torch.bfloat16)
+    pair = 2 * block * d * 2
+    store = make_store(hkv, d, torch.bfloat16, layers=2, block=block, budget=3 * pair)
+    fill(store, 0, k, v, [n])
+    fill(store, 1, k, v, [700, 1300])
+    stream = torch.cuda.current_stream().cuda_stream
+    q = torch.randn(hkv * g, 1, d, device=DEV, dtype=torch.bfloat16)
+
+    def check():
+        for layer in (0, 1):
+            out = torch.full_like(q, float("nan"))
+            store.attend(layer, q, out, d**-0.5, stream=stream)
+            ref = reference(q, k, v, d**-0.5)
+            assert (out.double() - ref).abs().max().item() <= 2 * torch_error(
+                q, k, v, d**-0.5, ref
+            ) + 1e-6
+
+    check()
+    assert store.device_bytes_reserved() == 3 * pair
+    store.device_budget = 20 * pair
+    assert store.rebalance(stream) == (17, 0)
+    assert store.device_bytes_reserved() == 20 * pair
+    check()
+    store.device_budget = pair
+    promoted, demoted = store.rebalance(stream)
+    assert promoted == 0 and demoted == 19
+    assert store.device_bytes_reserved() == pair
+    check()
+    fill(store, 0, k[:, :10], v[:, :10], [10])  # growth still works after the moves
+    assert store.seq_len(0) == n + 10

@@ -26,6 +26,7 @@ fn req(context: usize, budget: usize) -> Request {
         gpu_budget: budget,
         margin: GIB / 2,
         staging_cap: GIB,
+        prefill: true,
     }
 }
 
@@ -102,4 +103,19 @@ fn bad_requests_name_the_argument() {
         .unwrap_err()
         .to_string()
         .starts_with("windows:"));
+}
+
+#[test]
+fn decode_gives_the_working_set_to_the_kv() {
+    let m = llama8b();
+    let mut r = req(128 * 1024, 24 * GIB);
+    let pre = plan(&m, &r).unwrap();
+    r.prefill = false;
+    let dec = plan(&m, &r).unwrap();
+    assert_eq!(dec.staging_bytes, 0);
+    assert!(dec.activation_bytes < 2 << 20);
+    assert_eq!(
+        dec.kv_device_bytes - pre.kv_device_bytes,
+        pre.activation_bytes + pre.staging_bytes - dec.activation_bytes
+    );
 }
