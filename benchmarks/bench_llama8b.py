@@ -23,7 +23,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from _common import cuda_time, h2d_gbs, llama8b
+from transformers import DynamicCache
 
 import headinfer
 
@@ -31,42 +32,23 @@ GIB = 1 << 30
 CHUNK = 8192
 
 
-def measure_machine() -> dict[str, float]:
-    """H2D GB/s (pinned, 1 GiB), bf16 matmul TFLOP/s (8192^3), causal SDPA TFLOP/s (32K)."""
-
-    def timed(fn, iters=5):
-        fn()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        return a.elapsed_time(b) / 1e3 / iters
-
-    src = torch.empty(GIB, dtype=torch.uint8).pin_memory()
-    dst = torch.empty(GIB, dtype=torch.uint8, device="cuda")
-    h2d = GIB / timed(lambda d=dst, s=src: d.copy_(s, non_blocking=True)) / 1e9
-    del src, dst
+def _matmul_tflops() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm = 2 * 8192**3 / timed(lambda a=a: a @ a) / 1e12
-    del a
-    s = 32768
+    return 2 * 8192**3 / cuda_time(lambda: a @ a) / 1e12
+
+
+def _sdpa_tflops(s: int = 32768) -> float:
     q = torch.randn(1, 32, s, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 32, s, 128, device="cuda", dtype=torch.bfloat16)
-    sd = (
-        2
-        * 32
-        * 128
-        * s
-        * s
-        / timed(lambda q=q, k=k: F.scaled_dot_product_attention(q, k, k, is_causal=True), iters=3)
-        / 1e12
-    )
-    del q, k
+    t = cuda_time(lambda: F.scaled_dot_product_attention(q, k, k, is_causal=True), iters=3)
+    return 2 * 32 * 128 * s * s / t / 1e12
+
+
+def measure_machine() -> dict[str, float]:
+    """H2D GB/s (pinned, 1 GiB), bf16 matmul TFLOP/s (8192^3), causal SDPA TFLOP/s (32K)."""
+    m = {"h2d_gbs": h2d_gbs(), "matmul_tflops": _matmul_tflops(), "sdpa_tflops": _sdpa_tflops()}
     torch.cuda.empty_cache()
-    return {"h2d_gbs": round(h2d, 1), "matmul_tflops": round(mm, 1), "sdpa_tflops": round(sd, 1)}
+    return {k: round(v, 1) for k, v in m.items()}
 
 
 def floors(cfg, params: int, s: int, host_bytes: int, m: dict) -> dict[str, float]:
@@ -158,21 +140,7 @@ def main() -> None:
     ap.add_argument("--long-budget", default="weights+2GiB")
     args = ap.parse_args()
     total = torch.cuda.get_device_properties(0).total_memory
-    cfg = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=1 << 21,
-        rope_theta=500000.0,
-    )
-    cfg._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.bfloat16)
-        model = LlamaForCausalLM(cfg).eval()
-    torch.set_default_dtype(torch.float32)
+    cfg, model = llama8b()
     weights = torch.cuda.memory_allocated()
     params = sum(p.numel() for p in model.parameters())
     m = measure_machine()

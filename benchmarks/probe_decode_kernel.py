@@ -14,6 +14,7 @@ import os
 import time
 
 import torch
+from _common import cuda_time, h2d_gbs
 
 from headinfer import _core
 
@@ -21,29 +22,13 @@ HKV, HQ, D = 8, 32, 128
 
 
 def bench(fn, iters=20):
-    fn()
-    torch.cuda.synchronize()
-    a = torch.cuda.Event(enable_timing=True)
-    b = torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / 1e3 / iters
-
-
-def memcpy_h2d_gbs():
-    src = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
-    dst = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    t = bench(lambda: dst.copy_(src, non_blocking=True), iters=5)
-    return src.numel() / t / 1e9
+    return cuda_time(fn, iters)
 
 
 def main():
     stream = torch.cuda.current_stream().cuda_stream
     rows = []
-    h2d = memcpy_h2d_gbs()
+    h2d = h2d_gbs()
     print(f"pinned memcpy H2D: {h2d:.1f} GB/s", flush=True)
     for where in ["host", "device"]:
         for n in [8192, 32768, 131072]:

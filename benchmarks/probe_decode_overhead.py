@@ -14,7 +14,8 @@ import pstats
 import time
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from _common import llama8b
+from transformers import DynamicCache
 
 import headinfer
 from headinfer.prefill import cache_kwarg_name
@@ -32,21 +33,7 @@ def decode(model, cache, name, nxt, steps=STEPS):
 
 
 def main() -> None:
-    cfg = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=1 << 17,
-        rope_theta=500000.0,
-    )
-    cfg._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.bfloat16)
-        model = LlamaForCausalLM(cfg).eval()
-    torch.set_default_dtype(torch.float32)
+    cfg, model = llama8b(max_positions=1 << 17)
     name = cache_kwarg_name(model)
     ids = torch.randint(0, cfg.vocab_size, (1, 8192), device="cuda")
     with torch.inference_mode():

@@ -287,7 +287,7 @@ def prefill_attention(
         out: ``[1, C, num_q_heads, D]``, written.
     """
     c = query.shape[2]
-    hkv, d = store.num_kv_heads, store.head_dim
+    hkv = store.num_kv_heads
     g = query.shape[1] // hkv
     end = store.seq_len(layer)
     past_end = end - c
@@ -333,4 +333,3 @@ def prefill_attention(
         else:
             o = _two_part(qg, k_past, v_past, kn, vn, scale)
         out[0, :, h0 * g : (h0 + n) * g] = o[0].transpose(0, 1)
-    del d
