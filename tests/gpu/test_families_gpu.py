@@ -21,8 +21,33 @@ if not torch.cuda.is_available():
 
 DEV = "cuda"
 STEPS = 8
-# (gpu_budget, what it means): everything resident, or nothing (all KV streamed from the host).
-BUDGETS = {"resident": None, "streamed": 1}
+# gpu_budget per residency: everything on the GPU, nothing (all KV streamed from the host), or
+# "mixed": a few blocks on the GPU and the rest on the host, with prefill head groups of one.
+BUDGETS = {"resident": None, "streamed": 1, "mixed": None}
+
+
+@pytest.fixture(autouse=True)
+def _residency(request, monkeypatch):
+    """For "mixed": cap the planner's resident KV at 5 block pairs and stage one kv head at a
+    time, so tests cross residency and head-group boundaries inside one layer."""
+    budget = (
+        request.node.callspec.params.get("budget") if hasattr(request.node, "callspec") else None
+    )
+    if budget != "mixed":
+        return
+    import headinfer.cache as cache_mod
+
+    original = cache_mod.plan_memory
+
+    def capped(*args, **kwargs):
+        plan = original(*args, **kwargs)
+        spec = args[1]
+        block = 2 * 16 * spec.head_dim * torch.empty((), dtype=kwargs["dtype"]).element_size()
+        plan.kv_device_bytes = min(plan.kv_device_bytes, 5 * block)
+        plan.heads_per_group = 1
+        return plan
+
+    monkeypatch.setattr(cache_mod, "plan_memory", capped)
 
 
 def _logits(model, ids, cache=None, **kw):
@@ -56,6 +81,12 @@ def test_float32_matches_eager(family, budget):
     got = _logits(model, ids)
     want = _logits(ref, ids)
     assert rel_err(got, want) < 1e-4
+    if budget == "mixed":
+        cache = headinfer.HeadInferCache(model)
+        with torch.no_grad():
+            model(ids, use_cache=True, **{cache_kwarg_name(model): cache})
+        m = cache.memory()
+        assert 0 < m["device_used"] < m["used"], m
 
 
 @pytest.mark.parametrize("budget", list(BUDGETS))
