@@ -27,6 +27,7 @@ from _common import cuda_time, h2d_gbs, llama8b
 from transformers import DynamicCache
 
 import headinfer
+from headinfer.share import default_cpu_heads
 
 GIB = 1 << 30
 CHUNK = 8192
@@ -120,6 +121,7 @@ def run(model, cfg, mode: str, s: int, budget_gib: float, decode_steps: int = 8)
         }
         if mode == "headinfer":
             mem = cache.memory()
+            r["cpu_heads"] = cache._cpu_heads
             r["kv_device_gib"] = round(mem["device_used"] / GIB, 2)
             r["kv_host_gib"] = round((mem["used"] - mem["device_used"]) / GIB, 2)
             r["host_bytes"] = mem["used"] - mem["device_used"]
@@ -175,11 +177,21 @@ def main() -> None:
                 if r.get("oom"):
                     break
     if "headinfer" in plan:
-        headinfer.patch(model, chunk_size=CHUNK, gpu_budget=f"{args.budget_gib}GiB")
-        for s in [1024, 8192, 16384, 32768, 131072, 131072]:
-            r = run(model, cfg, "headinfer", s, args.budget_gib)
-            r.update(floors(cfg, params, s, r.get("host_bytes", 0), m))
-            results["runs"].append(r)
+        # The GPU alone reading the host KV over PCIe (the default), then with the CPU
+        # sharing it (cpu_heads, experimental).
+        variants = [
+            ("headinfer", None, [1024, 8192, 16384, 32768, 131072, 131072]),
+            ("headinfer, CPU share", default_cpu_heads(cfg.num_key_value_heads), [131072]),
+        ]
+        for label, cpu_heads, lens in variants:
+            headinfer.patch(
+                model, chunk_size=CHUNK, gpu_budget=f"{args.budget_gib}GiB", cpu_heads=cpu_heads
+            )
+            for s in lens:
+                r = run(model, cfg, "headinfer", s, args.budget_gib)
+                r.update(floors(cfg, params, s, r.get("host_bytes", 0), m))
+                r["mode"] = label
+                results["runs"].append(r)
         headinfer.unpatch(model)
     out_dir = os.environ.get("OUT", ".")
     name = "bench_llama8b_long.json" if args.long else "bench_llama8b.json"

@@ -21,6 +21,7 @@ COLORS = {
     "chunked": "tab:blue",
     "offload": "tab:orange",
     "headinfer": "tab:green",
+    "headinfer, CPU share": "tab:olive",
     "headinfer, weights + 2 GiB": "tab:purple",
 }
 

@@ -17,6 +17,7 @@ import torch
 from _common import cuda_time, h2d_gbs
 
 from headinfer import _core
+from headinfer.share import CpuShare
 
 HKV, HQ, D = 8, 32, 128
 
@@ -54,6 +55,46 @@ def main():
             rows.append(row)
             print(row, flush=True)
             del st
+    # The CPU sharing the host KV: its own rate, and one layer's decode GPU-only vs shared.
+    n = 131072
+    st = _core.KVStore(
+        1, HKV, D, "bfloat16", block_size=4096, device=0, device_budget=0, max_len=n + 4096
+    )
+    for _ in range(0, n, 8192):
+        k = torch.randn(HKV, 8192, D, device="cuda", dtype=torch.bfloat16)
+        st.append(0, k, k, stream=stream)
+    torch.cuda.synchronize()
+    q = torch.randn(HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    g = HQ // HKV
+    for heads in (2, 4, 6):
+        share = st.host_share(0, heads)
+        qh = q[: heads * g].cpu()
+        oh = torch.empty(heads * g, 1, D)
+        lh = torch.empty(heads * g, 1, 1)
+        st.attend_host(0, qh, oh, lh, share, D**-0.5)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            st.attend_host(0, qh, oh, lh, share, D**-0.5)
+        t_cpu = (time.perf_counter() - t0) / 5
+        cpu_bytes = st.bytes_used() * heads / HKV
+        cs = CpuShare(torch.device("cuda"), heads)
+        t_shared = bench(
+            lambda cs=cs, share=share: cs.attend(st, 0, q, out, D**-0.5, None, None, share),
+            iters=5,
+        )
+        t_gpu = bench(lambda: st.attend(0, q, out, D**-0.5, stream=stream), iters=5)
+        row = {
+            "cpu_heads": heads,
+            "cpu_GB/s": round(cpu_bytes / t_cpu / 1e9, 1),
+            "cpu_ms": round(t_cpu * 1e3, 2),
+            "shared_ms": round(t_shared * 1e3, 2),
+            "gpu_only_ms": round(t_gpu * 1e3, 2),
+            "threads": torch.get_num_threads(),
+        }
+        rows.append(row)
+        print(row, flush=True)
+    del st
     # Binding overhead: one token appended and attended on a short device-resident cache.
     st = _core.KVStore(
         1, HKV, D, "bfloat16", block_size=256, device=0, device_budget=1 << 30, max_len=1 << 16

@@ -52,6 +52,15 @@ __device__ __forceinline__ T from_f(float f) { return f; }
 #define ROWS 8                      // query rows (query x head of a GQA group) per CTA
 #define NEG_INF (-__int_as_float(0x7f800000))
 
+// Kv heads 0..heads leave their keys from from[h] on to the CPU (attention over host memory
+// computed there at the same time); the kernel reads only the keys before.
+#define MAX_CPU_HEADS 16
+struct CpuShare {
+    int heads;
+    int pad;
+    long long from[MAX_CPU_HEADS];
+};
+
 struct KvSrc {
     const u64* table;  // [heads][max_blocks][2], or 0 for dense
     int max_blocks;
@@ -93,7 +102,7 @@ __device__ __forceinline__ void unpack(const uint4& u, float* f) {
 extern "C" __global__ void __launch_bounds__(32 * NWARPS)
 attend_partial(const T* __restrict__ q, long long q_s0, long long q_s1, int q_len,
                KvSrc src, long long seq_len, long long lo, long long keys_per_split,
-               int group, float scale, float softcap, int window,
+               int group, float scale, float softcap, int window, CpuShare share,
                float* __restrict__ o_part, float* __restrict__ ml_part) {
     const int split = blockIdx.x, kvh = blockIdx.y;
     const int splits = gridDim.x;
@@ -131,7 +140,8 @@ attend_partial(const T* __restrict__ q, long long q_s0, long long q_s1, int q_le
     }
 
     const long long ka = lo + split * keys_per_split;
-    const long long kb = min(seq_len, ka + keys_per_split);
+    long long kb = min(seq_len, ka + keys_per_split);
+    if (kvh < share.heads) kb = min(kb, share.from[kvh]);
     const int stride = NWARPS * KPW;
     // The loop bound is the same for every lane of a warp (the shuffles below need all 32).
     for (long long jw = ka + warp * KPW; jw < kb; jw += 2 * stride) {
@@ -230,17 +240,27 @@ attend_partial(const T* __restrict__ q, long long q_s0, long long q_s1, int q_le
     }
 }
 
-// Merges the splits of every row by log-sum-exp and writes the normalised output.
+// Merges the splits of every row by log-sum-exp and writes the normalised output. Rows below
+// extra_rows also merge the CPU's share: a normalised output and its log-sum-exp.
 //   out [num_q_heads, q_len, HEAD_DIM] with element strides (o_s0, o_s1, 1)
+//   extra_o [extra_rows, HEAD_DIM] f32, extra_lse [extra_rows] f32 (rows = q head * q_len + i)
 // grid (num_q_heads * q_len), block HEAD_DIM (at most 1024).
 extern "C" __global__ void merge_partials(const float* __restrict__ o_part,
                                           const float* __restrict__ ml_part, int splits,
-                                          int q_len, T* out, long long o_s0, long long o_s1) {
+                                          int q_len, T* out, long long o_s0, long long o_s1,
+                                          const float* __restrict__ extra_o,
+                                          const float* __restrict__ extra_lse, int extra_rows) {
     const long long row = blockIdx.x;
     const int d = threadIdx.x;
-    float M = NEG_INF;
+    const bool extra = row < extra_rows;
+    float M = extra ? extra_lse[row] : NEG_INF;
     for (int s = 0; s < splits; s++) M = fmaxf(M, ml_part[(row * splits + s) * 2]);
     float L = 0.f, O = 0.f;
+    if (extra && extra_lse[row] != NEG_INF) {
+        float w = __expf(extra_lse[row] - M);
+        L = w;
+        O = extra_o[row * HEAD_DIM + d] * w;
+    }
     for (int s = 0; s < splits; s++) {
         float ms = ml_part[(row * splits + s) * 2];
         if (ms == NEG_INF) continue;

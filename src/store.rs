@@ -6,7 +6,7 @@
 //! whole blocks their window no longer reaches. Freed blocks go to a pool and are reused.
 
 use crate::cpu::attention::{KvSource, Segment};
-use crate::cuda::kernels::{AttnArgs, DevTensor, KvSrc};
+use crate::cuda::kernels::{AttnArgs, CpuShare, DevTensor, KvSrc, Pending, MAX_CPU_HEADS};
 use crate::cuda::memory::{DeviceBuf, PinnedBuf};
 use crate::cuda::{Gpu, Kernels, Stream};
 use crate::error::{Error, Result};
@@ -153,6 +153,8 @@ struct CudaState {
     /// writes entries before launching the kernels that read them.
     table: PinnedBuf,
     free_device: Vec<Block>,
+    /// The side stream, buffers and worker state of shared decodes, made on first use.
+    share: Option<crate::cuda::share::ShareState>,
 }
 
 impl CudaState {
@@ -228,6 +230,7 @@ impl KvStore {
                     max_blocks,
                     table,
                     free_device: Vec::new(),
+                    share: None,
                 })
             }
         };
@@ -899,6 +902,175 @@ impl KvStore {
         };
         // SAFETY: the caller vouches for `query` and `out`; the table covers `start..len`.
         unsafe { c.kernels.attend(stream, query, src, &args, out) }
+    }
+
+    /// Per kv head `0..heads` of `layer`, the first position of its host blocks, for a decode
+    /// that reads those blocks on the CPU while the GPU reads the rest. `None` unless every
+    /// such head keeps its device blocks before its host blocks (the order growth and
+    /// `rebalance` keep) and some head has host blocks at all.
+    pub fn host_share(&self, layer: usize, heads: usize) -> Result<Option<Vec<usize>>> {
+        let l = self.layer(layer)?;
+        if heads > self.cfg.num_kv_heads || heads > MAX_CPU_HEADS {
+            return Err(Error::value(
+                "num_heads",
+                format!(
+                    "{heads} exceeds the {} kv heads (or the {MAX_CPU_HEADS} a share may hold)",
+                    self.cfg.num_kv_heads
+                ),
+            ));
+        }
+        if self.cuda.is_none() {
+            return Ok(None);
+        }
+        let bs = self.cfg.block_size;
+        let mut from = Vec::with_capacity(heads);
+        for blocks in l.heads.iter().take(heads) {
+            let first = blocks
+                .iter()
+                .position(|b| !b.k.is_device())
+                .unwrap_or(blocks.len());
+            if blocks.iter().skip(first).any(|b| b.k.is_device()) {
+                return Ok(None);
+            }
+            from.push((l.start + first * bs).min(l.len));
+        }
+        Ok(from.iter().any(|&f| f < l.len).then_some(from))
+    }
+
+    /// Decode attention with the CPU sharing the host KV: kv heads `0..from.len()` leave their
+    /// keys from `from[h]` on (their host blocks, per `host_share`) to a worker on the host,
+    /// the GPU kernel reads the rest, and the GPU merges both into `out`. Returns at once.
+    /// One query per head (`q_len == 1`); `query` `[num_q_heads, 1, head_dim]` contiguous.
+    ///
+    /// # Safety
+    /// As for `append_cuda`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn attend_cuda_shared<E: Element>(
+        &mut self,
+        layer: usize,
+        query: DevTensor,
+        num_q_heads: usize,
+        q_len: usize,
+        params: &crate::cpu::attention::Params,
+        from: &[usize],
+        out: DevTensor,
+        stream: Stream,
+    ) -> Result<()> {
+        let (h, d, bs) = (
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+            self.cfg.block_size,
+        );
+        if E::DTYPE != self.cfg.dtype {
+            return Err(Error::type_("query", "dtype differs from the store's"));
+        }
+        if q_len != 1 || query.s0 != d as i64 {
+            return Err(Error::value(
+                "query",
+                "a shared decode takes one contiguous query per head ([num_q_heads, 1, head_dim])",
+            ));
+        }
+        let l = self.layer(layer)?;
+        // The worker's view: each CPU head's host blocks from `from[h]` on.
+        let mut heads = Vec::with_capacity(from.len());
+        for (hi, &f) in from.iter().enumerate() {
+            let mut runs = Vec::new();
+            if f < l.len {
+                if f < l.start || !(f - l.start).is_multiple_of(bs) {
+                    return Err(Error::value(
+                        "host_share",
+                        format!("kv head {hi}: {f} is not a block start"),
+                    ));
+                }
+                for (bi, b) in l.heads[hi].iter().enumerate().skip((f - l.start) / bs) {
+                    let pos = l.start + bi * bs;
+                    let (Mem::Pinned(k), Mem::Pinned(v)) = (&b.k, &b.v) else {
+                        return Err(Error::value(
+                            "host_share",
+                            format!("kv head {hi} has a device block at {pos}, after {f}"),
+                        ));
+                    };
+                    let n = bs.min(l.len - pos);
+                    runs.push((pos, k.host_ptr() as *const E, v.host_ptr() as *const E, n));
+                }
+            }
+            heads.push(runs);
+        }
+        let raw = crate::cuda::share::RawKv {
+            heads,
+            head_dim: d,
+            len: l.len,
+            from: from.iter().map(|&f| f.min(l.len)).collect(),
+        };
+        let rows = num_q_heads / h * from.len();
+        // SAFETY: forwarded from the caller.
+        let pending = unsafe {
+            self.attend_cuda_partial(layer, query, num_q_heads, q_len, params, from, stream)?
+        };
+        let layers = self.cfg.num_layers;
+        let c = self.cuda.as_mut().expect("checked by attend_cuda_partial");
+        if c.share.is_none() {
+            c.share = Some(crate::cuda::share::ShareState::new(&c.gpu, layers)?);
+        }
+        let share = c.share.as_mut().expect("set above");
+        let queued = share.check().and_then(|()| {
+            // SAFETY: the query rows of the CPU heads come first and are contiguous (checked);
+            // `raw` addresses pinned blocks of this store, which nothing frees or rewrites
+            // before the stream has passed the worker's host function.
+            unsafe { share.run::<E>(&c.gpu, layer, query.ptr, rows, raw, *params, stream) }
+        });
+        let extra = match queued {
+            Ok((o, lse)) => Some((o, lse, rows)),
+            Err(e) => {
+                // SAFETY: finishing the launched half frees its workspace; then report.
+                unsafe { c.kernels.attend_merge(stream, pending, None, out)? };
+                return Err(e);
+            }
+        };
+        // SAFETY: forwarded; the extra rows live in the share state's buffers.
+        unsafe { c.kernels.attend_merge(stream, pending, extra, out) }
+    }
+
+    /// The GPU's part of a shared decode: as `attend_cuda`, skipping the keys of kv heads
+    /// `0..from.len()` from `from[h]` on; `Kernels::attend_merge` finishes it.
+    ///
+    /// # Safety
+    /// As for `append_cuda`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn attend_cuda_partial(
+        &self,
+        layer: usize,
+        query: DevTensor,
+        num_q_heads: usize,
+        q_len: usize,
+        params: &crate::cpu::attention::Params,
+        from: &[usize],
+        stream: Stream,
+    ) -> Result<Pending> {
+        let l = self.layer(layer)?;
+        let c = self.cuda_state("query")?;
+        let h = self.cfg.num_kv_heads;
+        let args = attn_args(num_q_heads, q_len, h, l.len, l.start, params)?;
+        if from.len() > MAX_CPU_HEADS || from.len() > h {
+            return Err(Error::value("host_share", "has more entries than kv heads"));
+        }
+        let mut share = CpuShare::NONE;
+        share.heads = from.len() as i32;
+        for (s, &f) in share.from.iter_mut().zip(from) {
+            *s = f as i64;
+        }
+        c.gpu.bind()?;
+        let src = KvSrc {
+            table: c.layer_table(h, layer),
+            max_blocks: c.max_blocks as i32,
+            block_size: self.cfg.block_size as i32,
+            k: 0,
+            v: 0,
+            s0: 0,
+            s1: 0,
+        };
+        // SAFETY: the caller vouches for `query`; the table covers `start..len`.
+        unsafe { c.kernels.attend_partial(stream, query, src, &args, &share) }
     }
 
     /// Copies positions `a..b` of kv heads `h0..h0 + heads` of `layer` into device tensors

@@ -281,6 +281,11 @@ impl Tensor3 {
         })
     }
 
+    /// The address of element `[0, 0, 0]`.
+    pub fn data_addr(&self) -> u64 {
+        self.ptr as u64
+    }
+
     /// Checks the dtype; `arg` names the tensor in the error.
     pub fn expect_dtype(&self, arg: &str, dtype: DType) -> Result<()> {
         if self.dtype != dtype {

@@ -114,8 +114,14 @@ class KVStore:
         softcap: float | None = None,
         window: int | None = None,
         stream: int | None = None,
+        host_share: Sequence[int] | None = None,
     ) -> None:
         """Attention of ``query`` over every key stored for ``layer``; writes ``out``.
+
+        With ``host_share`` (CUDA, one query per head, ``query`` contiguous), the CPU takes kv
+        heads ``0..len(host_share)`` from ``host_share[h]`` on (their host blocks): a worker
+        attends over them while the GPU kernel reads the rest, and the GPU merges both into
+        ``out``. The call returns at once; only the merge on ``stream`` waits for the worker.
 
         Query ``i`` sits at position ``seq_len(layer) - q_len + i`` (the chunk just appended):
         it sees keys ``j <= position``, and with ``window`` only ``position - j < window``.
@@ -125,6 +131,12 @@ class KVStore:
         Args:
             query: ``[num_q_heads, q_len, head_dim]``, the store's device and dtype.
             out: ``[num_q_heads, q_len, head_dim]``, like ``query``; overwritten.
+        """
+    def host_share(self, layer: int, num_heads: int) -> list[int] | None:
+        """Per kv head ``0..num_heads`` of ``layer``, the first position of its host blocks.
+
+        ``None`` unless every such head keeps its device blocks before its host blocks and
+        some head has host blocks (CPU stores: always ``None``).
         """
     def gather(
         self,

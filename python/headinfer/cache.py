@@ -33,6 +33,7 @@ from .gpu import (
     plan_memory,
     prefill_attention,
 )
+from .share import MIN_HOST_TOKENS
 
 __all__ = ["SUPPORTED_FAMILIES", "HeadInferCache", "HeadInferLayer", "ModelSpec", "model_spec"]
 
@@ -269,6 +270,10 @@ class HeadInferCache(Cache):
             working set and resident KV); an int or a size like ``"20GiB"``. Default: all the
             free memory less a margin. KV blocks fill what is left on the GPU; the rest sit in
             pinned host memory and are read over PCIe.
+        cpu_heads: on CUDA, for how many kv heads the CPU attends over the host-resident KV
+            during decode, at the same time as the GPU reads the rest. Default 0 (the GPU reads
+            all); ``headinfer.share.default_cpu_heads(num_kv_heads)`` estimates a split from
+            the cores. Experimental: see BENCHMARKS.md.
 
     Raises:
         UnsupportedModelError: the model is not Llama, Mistral, Qwen2 or Gemma-2.
@@ -282,6 +287,7 @@ class HeadInferCache(Cache):
         host_memory_limit: int | None = None,
         dtype: torch.dtype | None = None,
         gpu_budget: int | str | None = None,
+        cpu_heads: int | None = None,
     ) -> None:
         device = None
         self.chunk_size = 4096
@@ -296,6 +302,8 @@ class HeadInferCache(Cache):
                     host_memory_limit = settings.host_memory_limit
                 if gpu_budget is None:
                     gpu_budget = settings.gpu_budget
+                if cpu_heads is None:
+                    cpu_heads = settings.cpu_heads
                 self.chunk_size = settings.chunk_size
             if dtype is None:
                 dtype = getattr(model_or_config, "dtype", None)
@@ -307,10 +315,18 @@ class HeadInferCache(Cache):
         self._block_size = block_size
         self.host_memory_limit = host_memory_limit
         self.gpu_budget = None if gpu_budget is None else parse_bytes(gpu_budget)
+        if cpu_heads is not None and not 0 <= cpu_heads <= min(16, self.spec.num_kv_heads):
+            raise ValueError(
+                f"cpu_heads: must be between 0 and {min(16, self.spec.num_kv_heads)}, "
+                f"got {cpu_heads}"
+            )
+        self.cpu_heads = cpu_heads
         #: New tokens a generate() call will add (set by the patched generate), for planning.
         self.expected_new_tokens = 0
         self._plan: GpuPlan | None = None
         self._prefill: PrefillState | None = None
+        #: Kv heads whose host blocks the CPU attends over in decode (CUDA stores; 0: none).
+        self._cpu_heads = 0
         self._store: _core.KVStore | None = None
         # How many patched forwards are driving this cache right now (see `bound`).
         self._bound = 0
@@ -347,6 +363,7 @@ class HeadInferCache(Cache):
                     "max_len": spec.max_positions or DEFAULT_MAX_LEN,
                 }
                 self._prefill = PrefillState(torch.device("cuda", index))
+                self._cpu_heads = self.cpu_heads or 0
             self._store = _core.KVStore(
                 spec.num_layers,
                 spec.num_kv_heads,
@@ -497,7 +514,13 @@ class HeadInferCache(Cache):
         q = query[0] if query[0].stride(-1) == 1 else query[0].contiguous()
         if not store.is_cuda or q_len * group <= DIRECT_ROWS:
             out_view = out[0].transpose(0, 1)
-            store.attend(layer_idx, q, out_view, scale, softcap, window, current_stream(query))
+            share = None
+            if self._cpu_heads and q_len == 1 and q.is_contiguous():
+                share = store.host_share(layer_idx, self._cpu_heads)
+                if share is not None and store.seq_len(layer_idx) - min(share) < MIN_HOST_TOKENS:
+                    share = None
+            stream = current_stream(query)
+            store.attend(layer_idx, q, out_view, scale, softcap, window, stream, share)
             return
         assert self._prefill is not None
         heads = self._plan.heads_per_group if self._plan is not None else store.num_kv_heads

@@ -66,6 +66,7 @@ def patch(
     block_size: int | None = None,
     *,
     gpu_budget: int | str | None = None,
+    cpu_heads: int | None = None,
     host_memory_limit: int | None = None,
     progress: bool = True,
     progress_delay: float = 2.0,
@@ -86,6 +87,9 @@ def patch(
         gpu_budget: on CUDA, bytes of GPU memory the process may use in all (an int or a size
             like ``"20GiB"``); KV blocks fill what weights and working set leave, the rest
             stays in pinned host memory. Default: the free memory less a margin.
+        cpu_heads: on CUDA, for how many kv heads the CPU attends over host-resident KV during
+            decode while the GPU reads the rest (default 0: off; experimental, see
+            ``HeadInferCache``).
         host_memory_limit: bytes each cache may reserve (default: what the host has).
         progress: show a progress bar over prefill chunks when prefill takes a while
             (``progress_delay`` seconds) and the output is a terminal.
@@ -113,6 +117,7 @@ def patch(
         settings.block_size = block_size
         settings.host_memory_limit = host_memory_limit
         settings.gpu_budget = budget
+        settings.cpu_heads = cpu_heads
         settings.progress = progress
         settings.progress_delay = progress_delay
         return model
@@ -125,6 +130,7 @@ def patch(
         block_size=block_size,
         host_memory_limit=host_memory_limit,
         gpu_budget=budget,
+        cpu_heads=cpu_heads,
         progress=progress,
         progress_delay=progress_delay,
         cache_name=cache_kwarg_name(model),

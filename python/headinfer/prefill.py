@@ -38,6 +38,7 @@ class PatchSettings:
     block_size: int | None
     host_memory_limit: int | None
     gpu_budget: int | None
+    cpu_heads: int | None
     progress: bool
     progress_delay: float
     #: The model forward's keyword for the cache: "cache" (>= 5.24) or "past_key_values".

@@ -50,6 +50,10 @@ pub trait KvSource<E: Element>: Sync {
     }
     /// The first position held.
     fn start(&self) -> usize;
+    /// The first position of `head` this source reads (a share of the keys may start later).
+    fn head_start(&self, _head: usize) -> usize {
+        self.start()
+    }
     /// The keys and values of `head` at positions `a..b` (clamped to what is held).
     fn segments(&self, head: usize, a: usize, b: usize) -> Vec<Segment<'_, E>>;
 }
@@ -107,12 +111,23 @@ pub fn attend<E: Element, S: KvSource<E>>(
     kv: &S,
     params: &Params,
 ) -> Result<Vec<f32>> {
+    check(query.shape[0], query.shape[1], query.shape[2], kv, params)?;
+    Ok(attend_lse(query, kv, params)?.0)
+}
+
+/// As `attend`, without the argument checks (the caller made them), also returning each row's
+/// log-sum-exp (`[num_q_heads, q_len]`), so that partial results over disjoint key sets merge
+/// exactly. A row that sees no key of `kv` gets zeros and a log-sum-exp of minus infinity.
+pub fn attend_lse<E: Element, S: KvSource<E>>(
+    query: View3<'_, E>,
+    kv: &S,
+    params: &Params,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let [hq, lq, d] = query.shape;
     let hkv = kv.num_kv_heads();
-    check(hq, lq, d, kv, params)?;
     let out_len = hq * lq * d;
     if out_len == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let g = hq / hkv;
     let tq = (ROWS_PER_TASK / g).clamp(1, lq);
@@ -128,8 +143,8 @@ pub fn attend<E: Element, S: KvSource<E>>(
             let lo = params
                 .window
                 .map_or(0, |w| (first_pos + q0 + 1).saturating_sub(w))
-                .max(kv.start());
-            let hi = first_pos + q1;
+                .max(kv.head_start(kvh));
+            let hi = (first_pos + q1).max(lo);
             let base = hkv * ntiles;
             let splits = if base >= 2 * threads {
                 1
@@ -159,6 +174,7 @@ pub fn attend<E: Element, S: KvSource<E>>(
 
     // Merge the key ranges of each (kv head, query tile) and normalise.
     let mut out = vec![0f32; out_len];
+    let mut lse = vec![f32::NEG_INFINITY; hq * lq];
     let mut i = 0;
     while i < tasks.len() {
         let (kvh, q0, q1) = (tasks[i].kvh, tasks[i].q0, tasks[i].q1);
@@ -185,13 +201,44 @@ pub fn attend<E: Element, S: KvSource<E>>(
                     *o += x * w;
                 }
             }
-            // Every query sees at least its own key, so l > 0.
-            let inv = 1.0 / l;
-            dst.iter_mut().for_each(|o| *o *= inv);
+            // l == 0 only where a share of the keys holds none this row sees.
+            if l > 0.0 {
+                let inv = 1.0 / l;
+                dst.iter_mut().for_each(|o| *o *= inv);
+                lse[(kvh * g + gh) * lq + qi] = m + l.ln();
+            }
         }
         i = j;
     }
-    Ok(out)
+    Ok((out, lse))
+}
+
+/// The keys of kv heads `0..from.len()` of `inner` from position `from[h]` on: the share of
+/// a layer that the CPU reads while the GPU reads the rest.
+pub struct HeadShare<'s, S> {
+    pub inner: &'s S,
+    pub from: Vec<usize>,
+}
+
+impl<E: Element, S: KvSource<E>> KvSource<E> for HeadShare<'_, S> {
+    fn num_kv_heads(&self) -> usize {
+        self.from.len()
+    }
+    fn head_dim(&self) -> usize {
+        self.inner.head_dim()
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn start(&self) -> usize {
+        self.inner.start()
+    }
+    fn head_start(&self, head: usize) -> usize {
+        self.from[head].max(self.inner.start())
+    }
+    fn segments(&self, head: usize, a: usize, b: usize) -> Vec<Segment<'_, E>> {
+        self.inner.segments(head, a.max(self.head_start(head)), b)
+    }
 }
 
 fn check<E: Element, S: KvSource<E>>(

@@ -32,6 +32,38 @@ pub struct KvSrc {
     pub s1: i64,
 }
 
+/// Kv heads `0..heads` whose keys from `from[h]` on are attended on the CPU (layout of
+/// `struct CpuShare` in the source).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CpuShare {
+    pub heads: i32,
+    pub pad: i32,
+    pub from: [i64; MAX_CPU_HEADS],
+}
+
+/// Most kv heads whose keys the CPU may share (`MAX_CPU_HEADS` in the source).
+pub const MAX_CPU_HEADS: usize = 16;
+
+impl CpuShare {
+    pub const NONE: CpuShare = CpuShare {
+        heads: 0,
+        pad: 0,
+        from: [0; MAX_CPU_HEADS],
+    };
+}
+
+/// A launched `attend_partial` whose splits still need merging (`attend_merge`).
+#[derive(Debug)]
+pub struct Pending {
+    ws: u64,
+    o_part: u64,
+    ml_part: u64,
+    splits: usize,
+    q_len: usize,
+    total_rows: usize,
+}
+
 /// A device tensor `[d0, d1, head_dim]`: address and element strides of the first two dims.
 #[derive(Clone, Copy, Debug)]
 pub struct DevTensor {
@@ -161,6 +193,26 @@ impl Kernels {
         a: &AttnArgs,
         out: DevTensor,
     ) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let p = self.attend_partial(stream, q, src, a, &CpuShare::NONE)?;
+            self.attend_merge(stream, p, None, out)
+        }
+    }
+
+    /// The first half of `attend`: the split partial results, with the keys `share` leaves to
+    /// the CPU skipped. `attend_merge` finishes it (and frees its workspace).
+    ///
+    /// # Safety
+    /// As for `attend`.
+    pub unsafe fn attend_partial(
+        &self,
+        stream: Stream,
+        q: DevTensor,
+        src: KvSrc,
+        a: &AttnArgs,
+        share: &CpuShare,
+    ) -> Result<Pending> {
         let d = self.head_dim;
         let rows = a.group * a.q_len;
         let num_q_heads = a.group * a.num_kv_heads;
@@ -175,7 +227,7 @@ impl Kernels {
         let total_rows = num_q_heads * a.q_len;
         let o_bytes = total_rows * splits * d * 4;
         let ml_bytes = total_rows * splits * 2 * 4;
-        // SAFETY: stream-ordered allocation on the caller's stream, freed on it below.
+        // SAFETY: stream-ordered allocation on the caller's stream, freed by `attend_merge`.
         let ws = unsafe { cu::malloc_async(stream.0, o_bytes + ml_bytes) }
             .map_err(|e| driver_err("allocating attention workspace", e))?;
         let (o_part, ml_part) = (ws, ws + o_bytes as u64);
@@ -189,8 +241,9 @@ impl Kernels {
         let mut scale = a.scale;
         let mut softcap = a.softcap.unwrap_or(0.0);
         let mut window = a.window.map_or(0, |w| w.min(i32::MAX as usize)) as i32;
+        let mut share_v = *share;
         let (mut op, mut mp) = (o_part, ml_part);
-        let mut params: [*mut c_void; 14] = [
+        let mut params: [*mut c_void; 15] = [
             &mut qp as *mut _ as *mut c_void,
             &mut qs0 as *mut _ as *mut c_void,
             &mut qs1 as *mut _ as *mut c_void,
@@ -203,13 +256,14 @@ impl Kernels {
             &mut scale as *mut _ as *mut c_void,
             &mut softcap as *mut _ as *mut c_void,
             &mut window as *mut _ as *mut c_void,
+            &mut share_v as *mut _ as *mut c_void,
             &mut op as *mut _ as *mut c_void,
             &mut mp as *mut _ as *mut c_void,
         ];
         let grid = (splits as u32, a.num_kv_heads as u32, row_groups as u32);
         // SAFETY: the parameters match `attend_partial`'s signature one for one; the caller
         // vouches for the addresses.
-        unsafe {
+        let launched = unsafe {
             cu::launch_kernel(
                 self.attend_partial,
                 grid,
@@ -218,12 +272,41 @@ impl Kernels {
                 stream.0,
                 &mut params,
             )
+        };
+        if let Err(e) = launched {
+            // SAFETY: allocated above on this stream, used by nothing.
+            let _ = unsafe { cu::free_async(ws, stream.0) };
+            return Err(driver_err("launching attend_partial", e));
         }
-        .map_err(|e| driver_err("launching attend_partial", e))?;
+        Ok(Pending {
+            ws,
+            o_part,
+            ml_part,
+            splits,
+            q_len: a.q_len,
+            total_rows,
+        })
+    }
 
-        let mut splits_i = splits as i32;
+    /// Merges `p`'s splits (and, for its first `rows` rows, the CPU's share: normalised
+    /// `[rows, head_dim]` f32 outputs at `o` and their log-sum-exp at `lse`) into `out`.
+    ///
+    /// # Safety
+    /// As for `attend`; `p` came from `attend_partial` on this stream.
+    pub unsafe fn attend_merge(
+        &self,
+        stream: Stream,
+        p: Pending,
+        extra: Option<(u64, u64, usize)>,
+        out: DevTensor,
+    ) -> Result<()> {
+        let (mut op, mut mp) = (p.o_part, p.ml_part);
+        let mut splits_i = p.splits as i32;
+        let mut q_len = p.q_len as i32;
         let (mut outp, mut os0, mut os1) = (out.ptr, out.s0, out.s1);
-        let mut params: [*mut c_void; 7] = [
+        let (mut eo, mut el, erows) = extra.unwrap_or((0, 0, 0));
+        let mut erows = erows as i32;
+        let mut params: [*mut c_void; 10] = [
             &mut op as *mut _ as *mut c_void,
             &mut mp as *mut _ as *mut c_void,
             &mut splits_i as *mut _ as *mut c_void,
@@ -231,21 +314,25 @@ impl Kernels {
             &mut outp as *mut _ as *mut c_void,
             &mut os0 as *mut _ as *mut c_void,
             &mut os1 as *mut _ as *mut c_void,
+            &mut eo as *mut _ as *mut c_void,
+            &mut el as *mut _ as *mut c_void,
+            &mut erows as *mut _ as *mut c_void,
         ];
-        // SAFETY: as above, for `merge_partials`.
-        unsafe {
+        // SAFETY: the parameters match `merge_partials`'s signature one for one.
+        let launched = unsafe {
             cu::launch_kernel(
                 self.merge_partials,
-                (total_rows as u32, 1, 1),
-                (d as u32, 1, 1),
+                (p.total_rows as u32, 1, 1),
+                (self.head_dim as u32, 1, 1),
                 0,
                 stream.0,
                 &mut params,
             )
-        }
-        .map_err(|e| driver_err("launching merge_partials", e))?;
-        // SAFETY: allocated above on this stream; freed after the kernels that use it.
-        unsafe { cu::free_async(ws, stream.0) }.map_err(|e| driver_err("freeing workspace", e))
+        };
+        // SAFETY: allocated by `attend_partial` on this stream; freed after its users.
+        let freed = unsafe { cu::free_async(p.ws, stream.0) };
+        launched.map_err(|e| driver_err("launching merge_partials", e))?;
+        freed.map_err(|e| driver_err("freeing workspace", e))
     }
 
     /// Writes `n` tokens of `k` and `v` (`[heads, n, head_dim]`) at positions `pos0..` of the

@@ -4,6 +4,7 @@
 
 pub mod kernels;
 pub mod memory;
+pub mod share;
 
 use crate::error::{Error, Result};
 use crate::tensor::DType;

@@ -188,10 +188,10 @@ impl PyKvStore {
         Ok(())
     }
 
-    #[pyo3(signature = (layer, query, out, scale, softcap=None, window=None, stream=None))]
+    #[pyo3(signature = (layer, query, out, scale, softcap=None, window=None, stream=None, host_share=None))]
     #[allow(clippy::too_many_arguments)]
     fn attend(
-        &self,
+        &mut self,
         py: Python<'_>,
         layer: usize,
         query: &Bound<'_, PyAny>,
@@ -200,6 +200,7 @@ impl PyKvStore {
         softcap: Option<f32>,
         window: Option<usize>,
         stream: Option<usize>,
+        host_share: Option<Vec<usize>>,
     ) -> PyResult<()> {
         let s = stream_arg(stream);
         let q = TensorArg::import(query, "query", false, s)?;
@@ -229,6 +230,15 @@ impl PyKvStore {
                 o.t.cuda_view("out").py_err(py)?,
             );
             let [hq, lq, _] = q.t.shape;
+            if let Some(from) = host_share {
+                let store = &mut self.inner;
+                // SAFETY: validated CUDA tensors; the caller keeps them alive until the stream
+                // has run the kernels.
+                return with_element!(dtype, E => unsafe {
+                    store.attend_cuda_shared::<E>(layer, qd, hq, lq, &params, &from, od, s)
+                })
+                .py_err(py);
+            }
             // SAFETY: validated CUDA tensors; the caller keeps them alive until the stream has
             // run the kernels.
             return unsafe { self.inner.attend_cuda(layer, qd, hq, lq, &params, od, s) }.py_err(py);
@@ -246,6 +256,15 @@ impl PyKvStore {
             })
             .py_err(py)?;
         finish_out(py, &q.t, &o, &rows)
+    }
+
+    fn host_share(
+        &self,
+        py: Python<'_>,
+        layer: usize,
+        num_heads: usize,
+    ) -> PyResult<Option<Vec<usize>>> {
+        self.inner.host_share(layer, num_heads).py_err(py)
     }
 
     #[pyo3(signature = (layer, head_start, num_heads, start, end, key_out, value_out, stream=None))]

@@ -257,3 +257,45 @@ def test_rebalance_moves_blocks_both_ways_and_keeps_results():
     check()
     fill(store, 0, k[:, :10], v[:, :10], [10])  # growth still works after the moves
     assert store.seq_len(0) == n + 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cpu_heads", [1, 2, 3])
+@pytest.mark.parametrize("softcap,window", [(None, None), (20.0, 700)])
+def test_shared_decode_cpu_and_gpu_match_reference(dtype, cpu_heads, softcap, window):
+    """The CPU attends over the host blocks of the first kv heads while the GPU reads the rest;
+    the merged result is the same function."""
+    torch.manual_seed(5 + cpu_heads)
+    hkv, g, d, n, block = 3, 2, 64, 2000, 128
+    k = torch.randn(hkv, n, d, device=DEV, dtype=dtype)
+    v = torch.randn(hkv, n, d, device=DEV, dtype=dtype)
+    pair = 2 * block * d * k.element_size()
+    # With a window, dropped device blocks are reused for later positions, which breaks the
+    # device-then-host order a share needs: keep everything on the host there.
+    budget = 0 if window else 7 * pair
+    store = make_store(hkv, d, dtype, block=block, budget=budget, windows=[window])
+    fill(store, 0, k, v, [1500, 500])
+    share = store.host_share(0, cpu_heads)
+    assert share is not None and len(share) == cpu_heads
+    assert all(s % block == 0 and s < n for s in share)
+    stream = torch.cuda.current_stream().cuda_stream
+    q = torch.randn(hkv * g, 1, d, device=DEV, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    store.attend(0, q, out, d**-0.5, softcap, window, stream, share)
+    ref = reference(q, k, v, d**-0.5, softcap, window)
+    if dtype == torch.float32:
+        assert rel(out, ref) < 1e-4
+    else:
+        plain = torch.empty_like(q)
+        store.attend(0, q, plain, d**-0.5, softcap, window, stream)
+        err_plain = (plain.double() - ref).abs().max().item()
+        assert (out.double() - ref).abs().max().item() <= 2 * err_plain + 1e-2
+    # Many layers' worth of shared decodes queued back to back, then one wait.
+    outs = [torch.full_like(q, float("nan")) for _ in range(6)]
+    for o in outs:
+        store.attend(0, q, o, d**-0.5, softcap, window, stream, share)
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, out) for o in outs)
+    with pytest.raises(ValueError, match="one contiguous query"):
+        q2 = torch.randn(hkv * g, 2, d, device=DEV, dtype=dtype)
+        store.attend(0, q2, torch.empty_like(q2), d**-0.5, softcap, window, stream, share)

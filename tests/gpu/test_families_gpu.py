@@ -23,7 +23,7 @@ DEV = "cuda"
 STEPS = 8
 # gpu_budget per residency: everything on the GPU, nothing (all KV streamed from the host), or
 # "mixed": a few blocks on the GPU and the rest on the host, with prefill head groups of one.
-BUDGETS = {"resident": None, "streamed": 1, "mixed": None}
+BUDGETS = {"resident": None, "streamed": 1, "mixed": None, "shared": 1}
 
 
 @pytest.fixture(autouse=True)
@@ -33,9 +33,15 @@ def _residency(request, monkeypatch):
     budget = (
         request.node.callspec.params.get("budget") if hasattr(request.node, "callspec") else None
     )
+    import headinfer.cache as cache_mod
+
+    if budget == "shared":
+        # All KV on the host, the CPU attending over one kv head's share during decode (the
+        # tests patch with cpu_heads=1 for it).
+        monkeypatch.setattr(cache_mod, "MIN_HOST_TOKENS", 0)
+        return
     if budget != "mixed":
         return
-    import headinfer.cache as cache_mod
 
     original = cache_mod.plan_memory
 
@@ -76,7 +82,13 @@ def out_prefill_all(model, ids):
 def test_float32_matches_eager(family, budget):
     model = tiny_model(family).to(DEV)
     ref = twin(model)
-    headinfer.patch(model, chunk_size=97, block_size=16, gpu_budget=BUDGETS[budget])
+    headinfer.patch(
+        model,
+        chunk_size=97,
+        block_size=16,
+        gpu_budget=BUDGETS[budget],
+        cpu_heads=1 if budget == "shared" else None,
+    )
     ids = prompt().to(DEV)
     got = _logits(model, ids)
     want = _logits(ref, ids)
@@ -96,7 +108,13 @@ def test_bfloat16_within_twice_torch_error(family, budget):
     exact = twin(base).to(DEV, torch.float64)
     std = twin(base).to(DEV, torch.bfloat16)
     model = twin(base).to(DEV, torch.bfloat16)
-    headinfer.patch(model, chunk_size=97, block_size=16, gpu_budget=BUDGETS[budget])
+    headinfer.patch(
+        model,
+        chunk_size=97,
+        block_size=16,
+        gpu_budget=BUDGETS[budget],
+        cpu_heads=1 if budget == "shared" else None,
+    )
     ids = prompt().to(DEV)
     want = _logits(exact, ids)
     torch_err = (_logits(std, ids).double() - want).abs().max().item()
