@@ -29,6 +29,7 @@ __all__ = [
     "cuda_missing",
     "current_stream",
     "parse_bytes",
+    "plan_figures",
     "plan_memory",
     "prefill_attention",
 ]
@@ -94,6 +95,54 @@ class GpuPlan:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
+def plan_figures(
+    config: Any,
+    spec: Any,
+    *,
+    elem_bytes: int,
+    weight_bytes: int,
+    context: int,
+    chunk_size: int,
+    gpu_budget: int,
+    prefill: bool = True,
+    margin: int = DEFAULT_MARGIN,
+    staging_cap: int = DEFAULT_STAGING_CAP,
+) -> dict[str, Any]:
+    """The Rust planner's split of ``gpu_budget`` bytes for ``context`` tokens; pure arithmetic.
+
+    The one call into ``_core.plan`` that both the runtime (``plan_memory``) and
+    ``headinfer plan`` (which knows only the config) make, so they cannot disagree.
+
+    Args:
+        config: the model's (text) config: ``hidden_size``, ``intermediate_size``,
+            ``vocab_size``.
+        spec: its ``ModelSpec`` (layers, heads, head size, windows).
+        elem_bytes: bytes per element of activations and KV.
+        weight_bytes: bytes of the weights on the GPU.
+
+    Returns:
+        ``_core.plan``'s byte counts (see its docstring).
+    """
+    return _core.plan(
+        num_layers=spec.num_layers,
+        num_q_heads=spec.num_q_heads,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        hidden_size=config.hidden_size,
+        intermediate_size=getattr(config, "intermediate_size", 4 * config.hidden_size),
+        vocab_size=config.vocab_size,
+        elem_bytes=elem_bytes,
+        weight_bytes=weight_bytes,
+        windows=list(spec.windows),
+        context=max(context, 1),
+        chunk_size=chunk_size,
+        gpu_budget=gpu_budget,
+        margin=margin,
+        staging_cap=staging_cap,
+        prefill=prefill,
+    )
+
+
 def plan_memory(
     config: Any,
     spec: Any,
@@ -117,22 +166,14 @@ def plan_memory(
     # What torch holds now: the weights and whatever the caller keeps alive.
     weights = torch.cuda.memory_allocated(device)
     budget = gpu_budget if gpu_budget is not None else free + held_by_torch + held_by_store
-    figures = _core.plan(
-        num_layers=spec.num_layers,
-        num_q_heads=spec.num_q_heads,
-        num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim,
-        hidden_size=config.hidden_size,
-        intermediate_size=getattr(config, "intermediate_size", 4 * config.hidden_size),
-        vocab_size=config.vocab_size,
+    figures = plan_figures(
+        config,
+        spec,
         elem_bytes=torch.empty((), dtype=dtype).element_size(),
         weight_bytes=weights,
-        windows=list(spec.windows),
-        context=max(context, 1),
+        context=context,
         chunk_size=chunk_size,
         gpu_budget=budget,
-        margin=DEFAULT_MARGIN,
-        staging_cap=DEFAULT_STAGING_CAP,
         prefill=prefill,
     )
     if prefill and not figures["fits_gpu"]:

@@ -1,0 +1,408 @@
+"""The ``headinfer`` command: ``generate``, ``plan`` and ``demo``.
+
+::
+
+    headinfer generate --model smollm2 --prompt-file doc.txt --chat --max-new-tokens 64
+    headinfer plan --model meta-llama/Llama-3.1-8B-Instruct --context 1000000 --gpu-budget 24GiB
+    headinfer demo --compare
+
+``generate`` streams the answer to stdout, and the prefill progress, times and where the KV bytes
+sat to stderr. ``plan`` reads only the model's config and prints where every byte of a run would
+sit (the runtime's own planner), whether that fits this machine, and the time floors; ``--json``
+prints the same figures as JSON. ``demo`` is ``make demo`` (``python -m headinfer.demo``).
+Also runnable as ``python -m headinfer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import TextStreamer
+
+from .gpu import parse_bytes
+from .plan import (
+    DEFAULT_CHUNK_SIZE,
+    ModelNotFoundError,
+    Rates,
+    default_budget,
+    format_bytes,
+    load_config,
+    machine_figures,
+    make_plan,
+    parse_dtype,
+    render_plan,
+)
+
+__all__ = ["main"]
+
+logger = logging.getLogger("headinfer")
+
+_PROG = "headinfer"
+
+
+def _size(text: str) -> int:
+    # argparse turns the ValueError's absence of a message into "invalid _size value", so raise
+    # ArgumentTypeError with parse_bytes' own words.
+    try:
+        return parse_bytes(text, "size")
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"{str(exc).removeprefix('size: ')} (e.g. 24GiB, 512MiB, 2e10)"
+        ) from None
+
+
+def _dtype(text: str) -> str:
+    try:
+        return parse_dtype(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("dtype: ")) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Exact long-context inference with the KV cache in host memory.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{generate,plan,demo}")
+    sub.required = True
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--model",
+            required=True,
+            metavar="NAME_OR_PATH",
+            help="'smollm2' (the bundled SmolLM2-135M-Instruct), a local model folder, a "
+            "GGUF file, or a Hugging Face Hub id",
+        )
+        p.add_argument("--gguf-file", metavar="F", help="the GGUF file inside --model's folder")
+        p.add_argument(
+            "--chunk-size",
+            type=_positive,
+            default=DEFAULT_CHUNK_SIZE,
+            metavar="N",
+            help=f"prefill chunk in tokens (default {DEFAULT_CHUNK_SIZE})",
+        )
+        p.add_argument(
+            "--gpu-budget",
+            type=_size,
+            metavar="SIZE",
+            help="GPU memory the process may use in all, e.g. 20GiB (default: the free memory)",
+        )
+        p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+
+    gen = sub.add_parser(
+        "generate",
+        help="stream a model's answer to a (long) prompt",
+        description="Stream the answer to stdout; progress, times and memory go to stderr.",
+    )
+    model_args(gen)
+    gen.add_argument(
+        "--prompt-file", required=True, metavar="F", help="the prompt, as text; '-' for stdin"
+    )
+    gen.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
+    gen.add_argument("--max-new-tokens", type=_positive, default=256, metavar="N")
+    gen.add_argument(
+        "--dtype", type=_dtype, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)"
+    )
+    gen.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
+
+    plan = sub.add_parser(
+        "plan",
+        help="where every byte of a long-context run would sit, from the config alone",
+        description="Read only the model's config (no weights) and plan a run of --context "
+        "tokens with the runtime's own planner: the GPU budget's split, host KV, whether it "
+        "fits this machine, and the prefill and decode floors.",
+    )
+    model_args(plan)
+    plan.add_argument("--context", type=_positive, required=True, metavar="TOKENS")
+    plan.add_argument(
+        "--dtype",
+        type=_dtype,
+        default="bfloat16",
+        metavar="DTYPE",
+        help="bf16 (default), fp16, fp32",
+    )
+    plan.add_argument(
+        "--force",
+        action="store_true",
+        help="plan a context longer than the model's max_position_embeddings",
+    )
+    defaults = Rates()
+    plan.add_argument(
+        "--sdpa-tflops",
+        type=float,
+        default=defaults.sdpa_tflops,
+        metavar="R",
+        help=f"causal attention rate (default {defaults.sdpa_tflops:g}: H200, BENCHMARKS.md)",
+    )
+    plan.add_argument(
+        "--matmul-tflops",
+        type=float,
+        default=defaults.matmul_tflops,
+        metavar="R",
+        help=f"matmul rate (default {defaults.matmul_tflops:g}: H200 bf16, BENCHMARKS.md)",
+    )
+    plan.add_argument(
+        "--h2d-gbs",
+        type=float,
+        default=defaults.h2d_gbs,
+        metavar="R",
+        help=f"host-to-device copy rate, GB/s (default {defaults.h2d_gbs:g}: H200 PCIe, "
+        "BENCHMARKS.md)",
+    )
+    plan.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+    sub.add_parser(
+        "demo",
+        help="needle-in-a-haystack with SmolLM2 (what `make demo` runs); "
+        "`headinfer demo --help` for its options",
+        add_help=False,
+    )
+    return parser, {"generate": gen, "plan": plan}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (argument errors exit with status 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        from . import demo
+
+        return demo.main(argv[1:])
+    parser, subs = _parser()
+    args = parser.parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    # A no-op where the application (or pytest) already configured logging.
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
+    sub = subs[args.command]
+    try:
+        if args.command == "plan":
+            return _plan(args, sub)
+        return _generate(args, sub)
+    except ModelNotFoundError as exc:
+        sub.error(str(exc))
+    except FileNotFoundError as exc:  # e.g. the SmolLM2 package, or a prompt file
+        sub.error(str(exc))
+    except BrokenPipeError:
+        # stdout closed early (`headinfer plan ... | head`): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 2  # not reached: error() exits
+
+
+def _plan(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
+    from .errors import UnsupportedModelError
+
+    config, label = load_config(args.model, args.gguf_file)
+    if args.gpu_budget is not None:
+        budget, source = args.gpu_budget, ""
+    else:
+        budget, source = default_budget()
+    rates = Rates(args.sdpa_tflops, args.matmul_tflops, args.h2d_gbs)
+    try:
+        plan = make_plan(
+            config,
+            context=args.context,
+            gpu_budget=budget,
+            chunk_size=args.chunk_size,
+            dtype=args.dtype,
+            rates=rates,
+            label=label,
+        )
+    except UnsupportedModelError as exc:
+        sub.error(str(exc))
+    if not args.force:
+        limit = plan["max_position_embeddings"]
+        if limit is not None and args.context > limit:
+            sub.error(
+                f"--context {args.context:,} is longer than {label}'s max_position_embeddings "
+                f"({limit:,}): the model has no positions for it and generate() refuses it; "
+                "pass --force to plan it anyway"
+            )
+    plan["gpu_budget_source"] = source
+    plan["machine"] = machine_figures(plan)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+    else:
+        print(render_plan(plan))
+    return 0
+
+
+def _read_prompt(name: str, sub: argparse.ArgumentParser) -> str:
+    if name == "-":
+        return sys.stdin.read()
+    try:
+        return Path(name).read_text()
+    except OSError as exc:
+        sub.error(f"--prompt-file {name}: {exc.strerror or exc}")
+    return ""  # not reached
+
+
+def _load_model(
+    args: argparse.Namespace, device: str, dtype: Any, dtype_name: str
+) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, label)``; checks the config first so errors come before weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .cache import model_spec
+    from .models import load_smollm2
+
+    config, label = load_config(args.model, args.gguf_file)
+    model_spec(config)  # UnsupportedModelError before any weight is read
+    start = time.perf_counter()
+    print(f"loading {label} ({dtype_name}, {device})...", file=sys.stderr, flush=True)
+    if args.model.strip().lower() == "smollm2":
+        model, tokenizer = load_smollm2(dtype=dtype, device=device)
+    else:
+        path = Path(args.model).expanduser()
+        where, kwargs = args.model, {}
+        if path.is_file() and path.suffix == ".gguf":
+            where, kwargs = str(path.parent), {"gguf_file": path.name}
+        elif args.gguf_file is not None:
+            kwargs = {"gguf_file": args.gguf_file}
+        placement = {"device_map": device} if device != "cpu" else {}
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **placement)
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return model, tokenizer, label
+
+
+def _generate(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
+    import torch
+
+    import headinfer
+
+    from .prefill import cache_kwarg_name
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = dtypes[dtype_name]
+    text = _read_prompt(args.prompt_file, sub)
+    if not text.strip():
+        sub.error(f"--prompt-file {args.prompt_file}: the prompt is empty")
+
+    try:
+        model, tokenizer, label = _load_model(args, device, dtype, dtype_name)
+    except headinfer.UnsupportedModelError as exc:
+        sub.error(str(exc))
+    try:
+        headinfer.patch(model, chunk_size=args.chunk_size, gpu_budget=args.gpu_budget)
+    except headinfer.GpuNotSupportedError as exc:
+        if args.device != "auto":
+            sub.error(str(exc))
+        print(f"{exc}; running on the CPU instead", file=sys.stderr)
+        device = "cpu"
+        model.to(device)
+        headinfer.patch(model, chunk_size=args.chunk_size, gpu_budget=args.gpu_budget)
+
+    if args.chat:
+        if getattr(tokenizer, "chat_template", None) is None:
+            sub.error(f"--chat: {label}'s tokenizer has no chat template; leave out --chat")
+        enc = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+    else:
+        enc = tokenizer(text, return_tensors="pt")
+    input_ids = enc["input_ids"].to(device)
+    prompt_len = input_ids.shape[1]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and prompt_len + args.max_new_tokens > limit:
+        sub.error(
+            f"the prompt's {prompt_len:,} tokens + --max-new-tokens {args.max_new_tokens} are "
+            f"more than {label}'s max_position_embeddings ({limit:,}): shorten the prompt or "
+            "lower --max-new-tokens"
+        )
+
+    cache = headinfer.HeadInferCache(model)
+    cache.expected_new_tokens = args.max_new_tokens
+    streamer = _TimedStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    print(
+        f"prefill: {prompt_len:,} tokens in chunks of {args.chunk_size:,} on {device}...",
+        file=sys.stderr,
+        flush=True,
+    )
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            streamer=streamer,
+            **{cache_kwarg_name(model): cache},
+        )
+    end = time.perf_counter()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+    new = out.shape[1] - prompt_len
+    times = streamer.token_times
+    first = times[0] if times else end
+    prefill_s = first - start
+    decode_s = (times[-1] - first) if len(times) > 1 else 0.0
+    steps = max(len(times) - 1, 0)
+    lines = [
+        f"prefill: {prompt_len:,} tokens in {prefill_s:.2f} s "
+        f"({prompt_len / max(prefill_s, 1e-9):,.0f} tokens/s)",
+        f"decode:  {new} tokens"
+        + (f", {decode_s / steps * 1000:.1f} ms/token" if steps else "")
+        + f" ({end - start:.2f} s in all)",
+    ]
+    mem = cache.memory()
+    lines.append(
+        f"KV cache: {format_bytes(mem['used'])} for {cache.get_seq_length():,} tokens: "
+        f"{format_bytes(mem['device_used'])} on the GPU, "
+        f"{format_bytes(mem['used'] - mem['device_used'])} in host memory; blocks reserved: "
+        f"{format_bytes(mem['host_reserved'])} host, {format_bytes(mem['device_reserved'])} GPU"
+    )
+    if device.startswith("cuda"):
+        lines.append(f"GPU peak: {format_bytes(torch.cuda.max_memory_allocated())} by torch")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return 0
+
+
+class _TimedStreamer(TextStreamer):
+    """transformers' ``TextStreamer`` (stdout), noting when each new token arrives."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.token_times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if self._prompt_seen:
+            self.token_times.append(time.perf_counter())
+        self._prompt_seen = True
+        super().put(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

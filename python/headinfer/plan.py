@@ -1,0 +1,465 @@
+"""What ``headinfer plan`` computes: where every byte of a long-context run would sit, from the
+model's config alone (no weights loaded), and the time floors no implementation beats.
+
+The split of the GPU budget is the runtime's own: ``headinfer.gpu.plan_figures``, the one call
+into the Rust planner (``src/plan.rs``) that a CUDA ``HeadInferCache`` makes too. What the
+runtime measures (the bytes of the weights torch holds), this module computes from the config:
+``parameter_count(config)`` for the supported families.
+
+Floors, at rates measured on an H200 (BENCHMARKS.md, 2026-11-26: causal SDPA 656.6 TFLOP/s,
+bf16 matmul 798.5 TFLOP/s, pinned host-to-device copies 55.5 GB/s), rounded down:
+
+- prefill: attention FLOPs / SDPA rate + ``2 * params * S`` / matmul rate, where the causal
+  attention of ``S`` tokens costs ``2 * q_heads * head_dim * S**2`` per full layer (a window
+  layer: ``4 * q_heads * head_dim * (S*w - w**2/2)``);
+- decode: the KV bytes that sit in host memory, read over PCIe once per token / H2D rate.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .cache import ModelSpec, model_spec
+from .gpu import DEFAULT_MARGIN, DEFAULT_STAGING_CAP, plan_figures
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "ModelNotFoundError",
+    "Rates",
+    "attention_flops",
+    "default_budget",
+    "format_bytes",
+    "load_config",
+    "make_plan",
+    "machine_figures",
+    "parameter_count",
+    "parse_dtype",
+    "render_plan",
+]
+
+#: The chunk size ``patch`` uses by default.
+DEFAULT_CHUNK_SIZE = 4096
+#: The budget planned for when none is given and this machine has no GPU.
+DEFAULT_BUDGET_WITHOUT_GPU = 24 << 30
+
+_DTYPE_NAMES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "f16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "f32": "float32",
+    "float32": "float32",
+    "float": "float32",
+}
+_ELEM_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class ModelNotFoundError(ValueError):
+    """A model name or path that leads to no config; the message says what to give instead."""
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Machine rates for the floors (defaults: an H200, as measured in BENCHMARKS.md)."""
+
+    sdpa_tflops: float = 650.0
+    matmul_tflops: float = 790.0
+    h2d_gbs: float = 55.0
+
+
+def parse_dtype(name: str) -> str:
+    """``bf16``, ``fp16``, ``fp32`` (or the torch names) -> the store's dtype name."""
+    try:
+        return _DTYPE_NAMES[name.strip().lower()]
+    except KeyError:
+        raise ValueError(
+            f"dtype: expected bf16, fp16 or fp32 (or bfloat16, float16, float32), got {name!r}"
+        ) from None
+
+
+def _text_config(config: Any) -> Any:
+    if hasattr(config, "get_text_config"):
+        return config.get_text_config(decoder=True)
+    return config
+
+
+def parameter_count(config: Any) -> int:
+    """Parameters of a Llama, Mistral, Qwen2 or Gemma-2 ``*ForCausalLM`` built from ``config``.
+
+    Counts what ``sum(p.numel() for p in model.parameters())`` counts: tied input and output
+    embeddings once; the biases each family has (Qwen2's q/k/v, Llama's optional attention and
+    MLP biases); RMSNorm weights (two per layer, four for Gemma-2, and the final one).
+
+    Raises:
+        UnsupportedModelError: not one of the supported families.
+    """
+    spec = model_spec(config)  # checks the family
+    c = _text_config(config)
+    hidden = c.hidden_size
+    inter = c.intermediate_size
+    q_out = spec.num_q_heads * spec.head_dim
+    kv_out = spec.num_kv_heads * spec.head_dim
+    attn = hidden * q_out + 2 * hidden * kv_out + q_out * hidden
+    mlp = 3 * hidden * inter
+    norms = 2 * hidden
+    if spec.family in ("llama", "gemma2") and getattr(c, "attention_bias", False):
+        attn += q_out + 2 * kv_out + hidden
+    if spec.family == "qwen2":
+        attn += q_out + 2 * kv_out  # q, k, v have biases; o does not
+    if spec.family == "llama" and getattr(c, "mlp_bias", False):
+        mlp += 2 * inter + hidden
+    if spec.family == "gemma2":
+        norms = 4 * hidden  # pre/post attention and pre/post feed-forward
+    embed = c.vocab_size * hidden
+    tied = bool(getattr(c, "tie_word_embeddings", spec.family == "gemma2"))
+    head = 0 if tied else c.vocab_size * hidden
+    return embed + spec.num_layers * (attn + mlp + norms) + hidden + head
+
+
+def _attention_pairs(context: int, window: int | None) -> float:
+    # (query, key) pairs of causal attention over `context` tokens, continuous approximation.
+    if window is None or window >= context:
+        return context * context / 2
+    return context * window - window * window / 2
+
+
+def attention_flops(spec: ModelSpec, context: int) -> float:
+    """FLOPs of the attention (scores and weighted values) of a causal prefill of ``context``.
+
+    ``2 * q_heads * head_dim * S**2`` per full layer; window layers see at most their window.
+    """
+    per_pair = 4 * spec.num_q_heads * spec.head_dim
+    return float(sum(per_pair * _attention_pairs(context, w) for w in spec.windows))
+
+
+def load_config(model: str, gguf_file: str | None = None) -> tuple[Any, str]:
+    """The config of ``model``: ``smollm2``, a local folder (or GGUF file), or a Hub id.
+
+    Only ``config.json`` (or a GGUF file's metadata) is read; no weights.
+
+    Returns:
+        ``(config, label)``: the label names the model in reports.
+
+    Raises:
+        ModelNotFoundError: nothing there, a folder without ``config.json``, an unknown name.
+    """
+    from transformers import AutoConfig
+
+    if model.strip().lower() == "smollm2":
+        return _smollm2_config(), "SmolLM2-135M-Instruct"
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _from_pretrained(AutoConfig, str(path.parent), gguf_file=path.name), path.name
+    if path.is_file():
+        # A config.json itself.
+        return _from_pretrained(AutoConfig, str(path)), path.parent.name or str(path)
+    if path.is_dir():
+        if gguf_file is not None:
+            return _from_pretrained(AutoConfig, str(path), gguf_file=gguf_file), gguf_file
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"--model {model}: the folder has no config.json; point --model at a Hugging "
+                "Face model folder (config.json and weights, as save_pretrained writes it), or "
+                "name its GGUF file with --gguf-file"
+            )
+        return _from_pretrained(AutoConfig, str(path)), path.name
+    if model.startswith(("/", ".", "~")):
+        raise ModelNotFoundError(f"--model {model}: no such file or folder")
+    if not _HUB_ID.fullmatch(model):
+        raise ModelNotFoundError(
+            f"--model {model}: unknown model; give 'smollm2' (the bundled SmolLM2-135M), a "
+            "local model folder with a config.json, or a Hugging Face Hub id such as "
+            "'Qwen/Qwen2.5-7B-Instruct'"
+        )
+    try:
+        kwargs = {} if gguf_file is None else {"gguf_file": gguf_file}
+        return AutoConfig.from_pretrained(model, **kwargs), model
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(
+            f"--model {model}: not a local folder and not loadable from the Hugging Face Hub "
+            f"({first}); download it first (huggingface-cli download {model}) or pass its "
+            "local folder"
+        ) from exc
+
+
+def _from_pretrained(auto: Any, where: str, **kwargs: Any) -> Any:
+    try:
+        return auto.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(f"--model {where}: cannot read its config ({first})") from exc
+
+
+def _smollm2_config() -> Any:
+    """SmolLM2's config: the cached folder's if it was built, else the GGUF's metadata."""
+    from transformers import AutoConfig
+
+    from .models import _SMOLLM2_DIRNAME, cache_dir, smollm2_gguf_path
+
+    folder = cache_dir() / _SMOLLM2_DIRNAME
+    if (folder / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(folder))
+    try:
+        gguf = smollm2_gguf_path()
+    except FileNotFoundError as exc:
+        raise ModelNotFoundError(f"--model smollm2: {exc}") from exc
+    return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def make_plan(
+    config: Any,
+    *,
+    context: int,
+    gpu_budget: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    dtype: str = "bfloat16",
+    rates: Rates | None = None,
+    label: str | None = None,
+) -> dict[str, Any]:
+    """Every figure of ``headinfer plan``, from the config alone (JSON-ready, bytes as ints).
+
+    ``prefill`` and ``decode`` are the Rust planner's splits of ``gpu_budget`` for the two
+    phases (the runtime replans when the phase changes: decode needs no staging, so more KV
+    stays on the GPU). Weights: ``parameter_count(config)`` elements of ``dtype``.
+    """
+    if context <= 0:
+        raise ValueError(f"context: must be positive, got {context}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size: must be positive, got {chunk_size}")
+    rates = rates or Rates()
+    dtype = parse_dtype(dtype)
+    elem = _ELEM_BYTES[dtype]
+    spec = model_spec(config)
+    text = _text_config(config)
+    params = parameter_count(config)
+    weight_bytes = params * elem
+    phases = {
+        phase: plan_figures(
+            text,
+            spec,
+            elem_bytes=elem,
+            weight_bytes=weight_bytes,
+            context=context,
+            chunk_size=chunk_size,
+            gpu_budget=gpu_budget,
+            prefill=phase == "prefill",
+        )
+        for phase in ("prefill", "decode")
+    }
+    for figures in phases.values():
+        figures["gpu_bytes"] = (
+            figures["weight_bytes"]
+            + figures["activation_bytes"]
+            + figures["staging_bytes"]
+            + figures["margin_bytes"]
+            + figures["kv_device_bytes"]
+        )
+    attn = attention_flops(spec, context)
+    linear = 2.0 * params * context
+    prefill_s = attn / (rates.sdpa_tflops * 1e12) + linear / (rates.matmul_tflops * 1e12)
+    decode_host = phases["decode"]["kv_host_bytes"]
+    full = [w for w in spec.windows if w is None]
+    return {
+        "model": label or getattr(config, "_name_or_path", "") or spec.family,
+        "family": spec.family,
+        "num_layers": spec.num_layers,
+        "num_q_heads": spec.num_q_heads,
+        "num_kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "windows": list(spec.windows),
+        "full_attention_layers": len(full),
+        "max_position_embeddings": spec.max_positions,
+        "dtype": dtype,
+        "elem_bytes": elem,
+        "params": params,
+        "weight_bytes": weight_bytes,
+        "context": context,
+        "chunk_size": chunk_size,
+        "gpu_budget": gpu_budget,
+        "margin_bytes": DEFAULT_MARGIN,
+        "staging_cap": DEFAULT_STAGING_CAP,
+        "kv_bytes_per_token_layer": 2 * spec.num_kv_heads * spec.head_dim * elem,
+        "kv_total_bytes": phases["prefill"]["kv_total_bytes"],
+        "prefill": phases["prefill"],
+        "decode": phases["decode"],
+        # Pinned host memory the cache needs at its peak (prefill keeps less KV on the GPU).
+        "host_kv_bytes": max(p["kv_host_bytes"] for p in phases.values()),
+        "floors": {
+            "prefill_attention_flops": attn,
+            "prefill_linear_flops": linear,
+            "prefill_s": prefill_s,
+            "decode_host_bytes_per_token": decode_host,
+            "decode_s_per_token": decode_host / (rates.h2d_gbs * 1e9),
+            **asdict(rates),
+        },
+    }
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def machine_figures(plan: dict[str, Any]) -> dict[str, Any]:
+    """Whether ``plan`` fits this machine: GPU 0's free memory and the host's available RAM."""
+    import torch
+
+    gpu: dict[str, Any] = {"gpu": None, "gpu_free_bytes": None, "gpu_total_bytes": None}
+    fits_gpu = None
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(0)
+        gpu = {
+            "gpu": torch.cuda.get_device_name(0),
+            "gpu_free_bytes": free,
+            "gpu_total_bytes": total,
+        }
+        peak = max(plan[phase]["gpu_bytes"] for phase in ("prefill", "decode"))
+        fits_gpu = bool(plan["prefill"]["fits_gpu"]) and peak <= free
+    ram = _mem_available()
+    return {
+        **gpu,
+        "fits_gpu": fits_gpu,
+        "ram_available_bytes": ram,
+        "fits_ram": None if ram is None else plan["host_kv_bytes"] <= ram,
+    }
+
+
+def default_budget() -> tuple[int, str]:
+    """The budget to plan for when none is given: GPU 0's free memory, else 24 GiB."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(0)
+        return free, "this GPU's free memory"
+    return DEFAULT_BUDGET_WITHOUT_GPU, "24 GiB (no GPU here; set --gpu-budget)"
+
+
+def format_bytes(n: float) -> str:
+    """``1.50 GiB``, ``12.0 MiB`` or ``0``."""
+    if n >= 2**30:
+        return f"{n / 2**30:,.2f} GiB"
+    if n == 0:
+        return "0"
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _count(n: float) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    return f"{n:,.0f}"
+
+
+def _seconds(s: float) -> str:
+    if s >= 3600:
+        return f"{s / 3600:.2f} h"
+    if s >= 60:
+        return f"{s / 60:.1f} min"
+    if s >= 1:
+        return f"{s:.2f} s"
+    return f"{s * 1000:.2f} ms"
+
+
+def render_plan(plan: dict[str, Any]) -> str:
+    """The human-readable report of ``make_plan`` (and ``machine`` figures, if present)."""
+    p, d = plan["prefill"], plan["decode"]
+    windows = sorted({w for w in plan["windows"] if w is not None})
+    sliding = plan["num_layers"] - plan["full_attention_layers"]
+    geometry = (
+        f"{plan['num_layers']} layers"
+        + (f" ({sliding} with a {'/'.join(map(str, windows))}-token window)" if sliding else "")
+        + f", {plan['num_q_heads']} q / {plan['num_kv_heads']} kv heads of {plan['head_dim']}"
+    )
+    lines = [
+        f"model     {plan['model']} ({plan['family']}): {geometry}, "
+        f"{_count(plan['params'])} parameters, {plan['dtype']}",
+    ]
+    ctx = f"context   {plan['context']:,} tokens"
+    limit = plan["max_position_embeddings"]
+    if limit is not None and plan["context"] > limit:
+        ctx += f" (beyond max_position_embeddings {limit:,}: forced)"
+    lines.append(ctx)
+    heads = p["heads_per_group"]
+    lines += [
+        f"prefill   chunks of {plan['chunk_size']:,} tokens, head groups of {heads} kv head"
+        + ("s" if heads != 1 else ""),
+        f"budget    {format_bytes(plan['gpu_budget'])} of GPU memory"
+        + (f" ({plan['gpu_budget_source']})" if plan.get("gpu_budget_source") else ""),
+        "",
+        f"{'where the bytes sit':<34}{'prefill':>14}{'decode':>14}",
+    ]
+    rows = [
+        ("GPU  weights", "weight_bytes"),
+        ("GPU  activations (one chunk)", "activation_bytes"),
+        ("GPU  staging (2 head groups)", "staging_bytes"),
+        ("GPU  margin", "margin_bytes"),
+        ("GPU  resident KV", "kv_device_bytes"),
+        ("GPU  total", "gpu_bytes"),
+        ("host KV (pinned)", "kv_host_bytes"),
+        ("KV total", "kv_total_bytes"),
+    ]
+    for name, key in rows:
+        lines.append(f"  {name:<32}{format_bytes(p[key]):>14}{format_bytes(d[key]):>14}")
+    per_token = plan["kv_bytes_per_token_layer"] * plan["num_layers"]
+    lines.append(
+        f"  (KV: {per_token:,} bytes per token over all layers"
+        + (", window layers hold at most window + chunk" if sliding else "")
+        + ")"
+    )
+    fits = "yes"
+    if not p["fits_gpu"]:
+        fits = (
+            f"NO: weights, working set, staging and margin need {format_bytes(p['gpu_bytes'])}; "
+            "every KV byte would sit in host memory (raise --gpu-budget)"
+        )
+    lines += ["", f"fits the budget: {fits}"]
+    m = plan.get("machine")
+    if m is not None:
+        if m["gpu"] is None:
+            lines.append("this GPU: no GPU here")
+        else:
+            verdict = "yes" if m["fits_gpu"] else "NO"
+            lines.append(
+                f"this GPU: {m['gpu']}, {format_bytes(m['gpu_free_bytes'])} free of "
+                f"{format_bytes(m['gpu_total_bytes'])}: fits {verdict}"
+            )
+        if m["ram_available_bytes"] is None:
+            lines.append("this RAM: unknown (no /proc/meminfo)")
+        else:
+            verdict = "yes" if m["fits_ram"] else "NO"
+            lines.append(
+                f"this RAM: {format_bytes(m['ram_available_bytes'])} available for "
+                f"{format_bytes(plan['host_kv_bytes'])} of host KV: fits {verdict}"
+            )
+    f = plan["floors"]
+    lines += [
+        "",
+        f"floors (H200 rates unless set: SDPA {f['sdpa_tflops']:g} TFLOP/s, matmul "
+        f"{f['matmul_tflops']:g} TFLOP/s, host-to-device {f['h2d_gbs']:g} GB/s)",
+        f"  prefill  {_seconds(f['prefill_s'])}: attention {f['prefill_attention_flops']:.3g} "
+        f"FLOP + linear {f['prefill_linear_flops']:.3g} FLOP",
+    ]
+    if f["decode_host_bytes_per_token"]:
+        lines.append(
+            f"  decode   {_seconds(f['decode_s_per_token'])}/token: "
+            f"{format_bytes(f['decode_host_bytes_per_token'])} of host KV read over PCIe per token"
+        )
+    else:
+        lines.append("  decode   no KV in host memory: bound by GPU memory bandwidth, not PCIe")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""headinfer.plan: parameter counts from configs, the planner shared with the runtime, floors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny import FAMILIES, tiny_config, tiny_model
+
+import headinfer
+from headinfer import gpu
+from headinfer.cache import model_spec
+from headinfer.plan import (
+    Rates,
+    attention_flops,
+    make_plan,
+    parameter_count,
+    parse_dtype,
+    render_plan,
+)
+
+VARIANTS = (
+    {},
+    {"tie_word_embeddings": True},
+    {"tie_word_embeddings": False},
+    {"attention_bias": True},
+    {"mlp_bias": True},
+    {"head_dim": 32},  # head_dim * heads != hidden_size
+)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(o) or "default")
+def test_parameter_count_matches_the_real_model(family: str, overrides: dict) -> None:
+    model = tiny_model(family, **overrides)
+    assert parameter_count(model.config) == sum(p.numel() for p in model.parameters())
+
+
+def test_parameter_count_rejects_other_families() -> None:
+    from transformers import GPT2Config
+
+    with pytest.raises(headinfer.UnsupportedModelError, match="gpt2"):
+        parameter_count(GPT2Config())
+
+
+def test_parse_dtype() -> None:
+    assert parse_dtype("bf16") == parse_dtype("BFloat16") == "bfloat16"
+    assert parse_dtype("fp16") == "float16"
+    assert parse_dtype("f32") == "float32"
+    with pytest.raises(ValueError, match="bf16, fp16 or fp32"):
+        parse_dtype("int8")
+
+
+def test_attention_flops_full_and_window() -> None:
+    llama = model_spec(tiny_config("llama"))
+    s = 300
+    assert attention_flops(llama, s) == 2 * 3 * 4 * 16 * s * s
+    qwen2 = model_spec(tiny_config("qwen2"))  # layer 0 full, layers 1-2 a 48-token window
+    w = 48
+    assert attention_flops(qwen2, s) == 2 * 4 * 16 * s * s + 2 * 4 * 4 * 16 * (s * w - w * w / 2)
+    # A window longer than the context is full attention.
+    assert attention_flops(qwen2, 40) == attention_flops(llama, 40)
+
+
+def test_make_plan_figures_and_floors() -> None:
+    config = tiny_config("mistral")
+    rates = Rates(sdpa_tflops=100, matmul_tflops=200, h2d_gbs=10)
+    budget = 2 << 30
+    plan = make_plan(
+        config, context=400, gpu_budget=budget, chunk_size=64, dtype="fp16", rates=rates
+    )
+    spec = model_spec(config)
+    params = parameter_count(config)
+    assert plan["params"] == params and plan["weight_bytes"] == 2 * params
+    per_token_layer = 2 * 2 * 16 * 2
+    assert plan["kv_bytes_per_token_layer"] == per_token_layer
+    # Every Mistral layer slides (window 64): it holds at most window + chunk tokens.
+    assert plan["kv_total_bytes"] == 3 * min(400, 64 + 64) * per_token_layer
+    for phase in ("prefill", "decode"):
+        p = plan[phase]
+        assert p["kv_device_bytes"] + p["kv_host_bytes"] == p["kv_total_bytes"]
+        parts = ("weight_bytes", "activation_bytes", "staging_bytes", "margin_bytes")
+        assert p["gpu_bytes"] == sum(p[k] for k in parts) + p["kv_device_bytes"]
+        assert p["gpu_bytes"] <= budget
+    assert plan["decode"]["staging_bytes"] == 0
+    f = plan["floors"]
+    assert f["prefill_attention_flops"] == attention_flops(spec, 400)
+    assert f["prefill_linear_flops"] == 2 * params * 400
+    want = f["prefill_attention_flops"] / 100e12 + f["prefill_linear_flops"] / 200e12
+    assert f["prefill_s"] == pytest.approx(want)
+    assert f["decode_s_per_token"] == plan["decode"]["kv_host_bytes"] / 10e9
+
+
+def test_tight_budget_puts_kv_on_the_host_and_says_so() -> None:
+    config = tiny_config("llama")
+    plan = make_plan(config, context=500, gpu_budget=1 << 20, chunk_size=64, dtype="fp32")
+    assert not plan["prefill"]["fits_gpu"]
+    assert plan["prefill"]["kv_host_bytes"] == plan["kv_total_bytes"] > 0
+    assert plan["floors"]["decode_s_per_token"] > 0
+    text = render_plan(plan)
+    assert "fits the budget: NO" in text and "raise --gpu-budget" in text
+    assert "read over PCIe per token" in text
+
+
+def test_render_plan_lists_every_place() -> None:
+    plan = make_plan(tiny_config("gemma2"), context=300, gpu_budget=4 << 30, label="tiny")
+    text = render_plan(plan)
+    for row in (
+        "weights",
+        "activations",
+        "staging",
+        "margin",
+        "resident KV",
+        "host KV",
+        "KV total",
+        "floors",
+        "prefill",
+        "decode",
+    ):
+        assert row in text
+    assert "tiny (gemma2)" in text and "with a 40-token window" in text
+
+
+def test_runtime_and_plan_share_the_planner(monkeypatch: pytest.MonkeyPatch) -> None:
+    # plan_memory (the CUDA cache's) and make_plan (headinfer plan) give the same split when
+    # the weights torch holds are the weights the config implies. Fake the CUDA queries.
+    config = tiny_config("qwen2")
+    weights = parameter_count(config) * 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 16 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: weights)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: weights)
+    spec = model_spec(config)
+    roomy = make_plan(config, context=450, gpu_budget=1 << 40, chunk_size=128)["prefill"]
+    # A budget with room for half the KV beside the prefill's fixed part: some on each side.
+    budget = roomy["gpu_bytes"] - roomy["kv_total_bytes"] // 2
+    planned = make_plan(config, context=450, gpu_budget=budget, chunk_size=128)
+    assert 0 < planned["prefill"]["kv_device_bytes"] < planned["kv_total_bytes"]
+    for prefill in (True, False):
+        runtime = gpu.plan_memory(
+            config,
+            spec,
+            device=torch.device("cuda"),
+            dtype=torch.bfloat16,
+            context=450,
+            chunk_size=128,
+            gpu_budget=budget,
+            prefill=prefill,
+        )
+        phase = planned["prefill" if prefill else "decode"]
+        assert {k: phase[k] for k in runtime.figures} == runtime.figures
