@@ -128,9 +128,10 @@ struct Job {
 unsafe extern "C" fn wait_job(arg: *mut std::ffi::c_void) {
     // SAFETY: `arg` is the `Arc<Job>` leaked by `run` for this call; reclaimed exactly once.
     let job = unsafe { Arc::from_raw(arg as *const Job) };
-    let mut done = job.done.lock().expect("job lock");
+    // Never panic here (this runs on the driver's thread): a poisoned lock still holds the flag.
+    let mut done = job.done.lock().unwrap_or_else(|e| e.into_inner());
     while !*done {
-        done = job.cv.wait(done).expect("job lock");
+        done = job.cv.wait(done).unwrap_or_else(|e| e.into_inner());
     }
 }
 
@@ -247,14 +248,18 @@ impl ShareState {
         };
         let (worker_job, error) = (job.clone(), self.error.clone());
         let task: Task = Box::new(move || {
-            let result = compute::<E>(&ptrs, rows, head_dim, &kv, &params);
+            // A panic must still release the stream, or it would wait forever.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                compute::<E>(&ptrs, rows, head_dim, &kv, &params)
+            }))
+            .unwrap_or_else(|_| Err(Error::Cuda("the CPU share worker panicked".into())));
             if let Err(e) = result {
                 // SAFETY: `rows` f32 of the pinned lse buffer; -inf makes the merge skip them.
                 let lse = unsafe { std::slice::from_raw_parts_mut(ptrs.lse as *mut f32, rows) };
                 lse.fill(f32::NEG_INFINITY);
-                *error.lock().expect("error lock") = Some(e.to_string());
+                *error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
             }
-            *worker_job.done.lock().expect("job lock") = true;
+            *worker_job.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
             worker_job.cv.notify_all();
         });
         if let Err(std::sync::mpsc::SendError(task)) = self.tasks.as_ref().expect("open").send(task)
