@@ -170,6 +170,19 @@ impl CudaState {
     fn layer_table(&self, heads: usize, layer: usize) -> u64 {
         self.table.dev_ptr() + (layer * heads * self.max_blocks * 2 * 8) as u64
     }
+
+    /// The kernels' view of `layer`: its block table.
+    fn layer_src(&self, heads: usize, layer: usize, block_size: usize) -> KvSrc {
+        KvSrc {
+            table: self.layer_table(heads, layer),
+            max_blocks: self.max_blocks as i32,
+            block_size: block_size as i32,
+            k: 0,
+            v: 0,
+            s0: 0,
+            s1: 0,
+        }
+    }
 }
 
 struct Layer {
@@ -891,15 +904,7 @@ impl KvStore {
             return Ok(());
         }
         c.gpu.bind()?;
-        let src = KvSrc {
-            table: c.layer_table(h, layer),
-            max_blocks: c.max_blocks as i32,
-            block_size: self.cfg.block_size as i32,
-            k: 0,
-            v: 0,
-            s0: 0,
-            s1: 0,
-        };
+        let src = c.layer_src(h, layer, self.cfg.block_size);
         // SAFETY: the caller vouches for `query` and `out`; the table covers `start..len`.
         unsafe { c.kernels.attend(stream, query, src, &args, out) }
     }
@@ -1060,15 +1065,7 @@ impl KvStore {
             *s = f as i64;
         }
         c.gpu.bind()?;
-        let src = KvSrc {
-            table: c.layer_table(h, layer),
-            max_blocks: c.max_blocks as i32,
-            block_size: self.cfg.block_size as i32,
-            k: 0,
-            v: 0,
-            s0: 0,
-            s1: 0,
-        };
+        let src = c.layer_src(h, layer, self.cfg.block_size);
         // SAFETY: the caller vouches for `query`; the table covers `start..len`.
         unsafe { c.kernels.attend_partial(stream, query, src, &args, &share) }
     }
