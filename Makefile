@@ -62,10 +62,13 @@ demo: $(BUILD_STAMP)
 
 test: test-rust lint stubtest pytest
 
+# cargo test gets NVRTC from torch's CUDA wheels, where present, so the kernels' compile test
+# runs on machines without a GPU too.
 test-rust: $(BUILD_STAMP)
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
-	cargo test --release
+	LD_LIBRARY_PATH="$$(ls -d $(VENV)/lib/python*/site-packages/nvidia/cu*/lib 2>/dev/null | tr '\n' ':')$${LD_LIBRARY_PATH:-}" \
+		cargo test --release
 
 lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check $(PY_DIRS)
