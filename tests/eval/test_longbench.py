@@ -160,18 +160,13 @@ def test_wrong_format_names_the_item_and_field(
 # ------------------------------------------------------------------------------ runs
 
 
-def _use_fixture_model(monkeypatch: pytest.MonkeyPatch, smollm2: tuple[Any, Any]) -> None:
-    monkeypatch.setattr(longbench, "load_model", lambda name, device, dtype: smollm2)
-
-
 @pytest.mark.slow
 def test_fixture_end_to_end(
-    smollm2: tuple[Any, Any],
-    monkeypatch: pytest.MonkeyPatch,
+    runner_model: tuple[Any, Any],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    _use_fixture_model(monkeypatch, smollm2)
+    smollm2 = runner_model
     out = tmp_path / "results.jsonl"
     argv = ["--data", str(FIXTURE), "--out", str(out), "--max-new-tokens", "16"]
     assert longbench.main([*argv, "--chunk-size", "512", "--device", "cpu"]) == 0
@@ -197,12 +192,11 @@ def test_fixture_end_to_end(
 
 @pytest.mark.slow
 def test_resume_runs_only_what_is_missing(
-    smollm2: tuple[Any, Any],
+    runner_model: tuple[Any, Any],
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    _use_fixture_model(monkeypatch, smollm2)
     items = load_data(FIXTURE)
     out = tmp_path / "results.jsonl"
     earlier = []

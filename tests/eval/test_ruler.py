@@ -143,18 +143,13 @@ def test_scorer_is_rulers() -> None:
 # ------------------------------------------------------------------------------ runs
 
 
-def _use_fixture_model(monkeypatch: pytest.MonkeyPatch, smollm2: tuple[Any, Any]) -> None:
-    monkeypatch.setattr(ruler, "load_model", lambda name, device, dtype: smollm2)
-
-
 @pytest.mark.slow
 def test_run_headinfer_matches_standard_attention(
-    smollm2: tuple[Any, Any],
-    monkeypatch: pytest.MonkeyPatch,
+    runner_model: tuple[Any, Any],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    _use_fixture_model(monkeypatch, smollm2)
+    smollm2 = runner_model
     out = tmp_path / "ruler.jsonl"
     argv = ["--lengths", "1024,4096", "--tasks", "niah_single_1", "--samples", "1"]
     argv += ["--max-new-tokens", "8", "--chunk-size", "1024", "--compare", "standard"]
@@ -182,11 +177,9 @@ def test_run_headinfer_matches_standard_attention(
 
 @pytest.mark.slow
 def test_run_more_tasks_at_1k(
-    smollm2: tuple[Any, Any],
-    monkeypatch: pytest.MonkeyPatch,
+    runner_model: tuple[Any, Any],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    _use_fixture_model(monkeypatch, smollm2)
     tasks = "niah_multikey_2,vt,cwe"
     argv = ["--lengths", "1024", "--tasks", tasks, "--samples", "1", "--max-new-tokens", "6"]
     assert ruler.main([*argv, "--compare", "standard", "--device", "cpu"]) == 0
