@@ -11,8 +11,8 @@ import logging
 import torch
 
 import headinfer
-from headinfer.models import load_smollm2
 from headinfer.needle import make_needle_prompt
+from headinfer.smollm2 import load_smollm2
 
 
 def main() -> None:

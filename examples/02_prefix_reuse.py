@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 import headinfer
-from headinfer.models import load_smollm2
 from headinfer.needle import filler_sentences
+from headinfer.smollm2 import load_smollm2
 
 #: Facts hidden in the document, and the question that asks for each.
 FACTS = (

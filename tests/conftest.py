@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from headinfer.models import smollm2_folder, smollm2_gguf_path
+from headinfer.smollm2 import smollm2_folder, smollm2_gguf_path
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -42,7 +42,7 @@ def smollm2() -> tuple[Any, Any]:
     Shared by the whole session: a test that patches the model must unpatch it.
     """
     _require_smollm2()
-    from headinfer.models import load_smollm2
+    from headinfer.smollm2 import load_smollm2
 
     return load_smollm2(dtype=torch.float32, attn_implementation="sdpa")
 

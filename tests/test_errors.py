@@ -109,7 +109,7 @@ def test_wrong_dtype_in_cache_update_names_argument() -> None:
 
 def test_cuda_without_driver_says_what_is_missing() -> None:
     from headinfer import _core
-    from headinfer.cache import check_device
+    from headinfer.device import check_device
 
     missing = _core.cuda_status()
     if missing is None:
@@ -123,7 +123,7 @@ def test_cuda_without_driver_says_what_is_missing() -> None:
 
 
 def test_other_devices_are_refused_by_name() -> None:
-    from headinfer.cache import check_device
+    from headinfer.device import check_device
 
     with pytest.raises(ValueError, match="input_ids: headinfer runs on CPU or CUDA"):
         check_device(torch.empty(1, device="meta"), "input_ids")

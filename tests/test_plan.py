@@ -7,8 +7,7 @@ import torch
 from _tiny import FAMILIES, tiny_config, tiny_model
 
 import headinfer
-from headinfer import gpu
-from headinfer.cache import model_spec
+from headinfer import planner
 from headinfer.plan import (
     Rates,
     attention_flops,
@@ -17,6 +16,7 @@ from headinfer.plan import (
     parse_dtype,
     render_plan,
 )
+from headinfer.spec import model_spec
 
 VARIANTS = (
     {},
@@ -135,7 +135,7 @@ def test_runtime_and_plan_share_the_planner(monkeypatch: pytest.MonkeyPatch) -> 
     planned = make_plan(config, context=450, gpu_budget=budget, chunk_size=128)
     assert 0 < planned["prefill"]["kv_device_bytes"] < planned["kv_total_bytes"]
     for prefill in (True, False):
-        runtime = gpu.plan_memory(
+        runtime = planner.plan_memory(
             config,
             spec,
             device=torch.device("cuda"),

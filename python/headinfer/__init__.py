@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from ._core import __version__
-from .cache import SUPPORTED_FAMILIES, HeadInferCache
+from .cache import HeadInferCache
 from .errors import (
     GpuNotSupportedError,
     HeadInferError,
@@ -21,6 +21,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .patch import is_patched, patch, unpatch
+from .spec import SUPPORTED_FAMILIES
 
 __all__ = [
     "SUPPORTED_FAMILIES",

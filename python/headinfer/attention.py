@@ -20,9 +20,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from . import _core
-from .cache import HeadInferCache, check_device
+from .cache import HeadInferCache
+from .device import check_device, current_stream
 from .errors import HeadInferError
-from .gpu import current_stream
 
 __all__ = [
     "ATTN_IMPLEMENTATION",

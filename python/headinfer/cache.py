@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,24 +21,17 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import _core
-from .errors import GpuNotSupportedError, HeadInferError, UnsupportedModelError
-from .gpu import (
-    DIRECT_ROWS,
-    GpuPlan,
-    PrefillState,
-    cuda_missing,
-    current_stream,
-    parse_bytes,
-    plan_memory,
-    prefill_attention,
-)
+from .device import check_device, current_stream
+from .errors import HeadInferError
+from .planner import DIRECT_ROWS, GpuPlan, plan_memory
+from .prefill_attention import PrefillState, prefill_attention
 from .share import MIN_HOST_TOKENS
+from .sizes import parse_bytes
+from .spec import model_spec
 
-__all__ = ["SUPPORTED_FAMILIES", "HeadInferCache", "HeadInferLayer", "ModelSpec", "model_spec"]
+__all__ = ["HeadInferCache", "HeadInferLayer", "store_dtype"]
 
 logger = logging.getLogger("headinfer")
-
-SUPPORTED_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gemma2")
 
 _STORE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -51,62 +43,6 @@ GPU_BLOCK_BYTES = 1 << 20
 DEFAULT_MAX_LEN = 1 << 20
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the store needs to know about a model, read from its config."""
-
-    family: str
-    num_layers: int
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    #: Per layer, the sliding window in tokens, or ``None`` for full attention.
-    windows: tuple[int | None, ...]
-    max_positions: int | None
-
-
-def model_spec(config: PretrainedConfig) -> ModelSpec:
-    """Read the attention geometry of a supported model from its config.
-
-    Raises:
-        UnsupportedModelError: ``config.model_type`` is not a supported family, or the model uses
-            an attention variant headinfer does not implement (e.g. bidirectional Gemma-2).
-    """
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config(decoder=True)
-    family = getattr(config, "model_type", None)
-    if family not in SUPPORTED_FAMILIES:
-        raise UnsupportedModelError(f"model_type {family!r}", SUPPORTED_FAMILIES)
-    if getattr(config, "use_bidirectional_attention", False) or not getattr(
-        config, "is_causal", True
-    ):
-        raise UnsupportedModelError(f"bidirectional attention ({family})", SUPPORTED_FAMILIES)
-
-    num_layers = config.num_hidden_layers
-    num_q_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_q_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_q_heads
-    sliding_window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if family == "llama":
-        windows: list[int | None] = [None] * num_layers
-    elif family == "mistral" or layer_types is None:
-        # Mistral's attention uses config.sliding_window in every layer, whatever layer_types says.
-        windows = [sliding_window] * num_layers
-    else:
-        # Qwen2 (layer_types derived from use_sliding_window / max_window_layers) and Gemma-2.
-        windows = [sliding_window if t == "sliding_attention" else None for t in layer_types]
-    return ModelSpec(
-        family=family,
-        num_layers=num_layers,
-        num_q_heads=num_q_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        windows=tuple(windows),
-        max_positions=getattr(config, "max_position_embeddings", None),
-    )
-
-
 def store_dtype(dtype: torch.dtype) -> str:
     """The store's name for a torch dtype; ``TypeError`` for one it does not hold."""
     try:
@@ -114,18 +50,6 @@ def store_dtype(dtype: torch.dtype) -> str:
     except KeyError:
         supported = ", ".join(str(d) for d in _STORE_DTYPES)
         raise TypeError(f"dtype: headinfer stores {supported}, got {dtype}") from None
-
-
-def check_device(tensor: torch.Tensor, name: str) -> None:
-    """CPU and CUDA tensors pass; ``GpuNotSupportedError`` when CUDA is there but the driver
-    or NVRTC cannot be loaded; ``ValueError`` for any other device."""
-    if tensor.device.type == "cuda":
-        missing = cuda_missing()
-        if missing is not None:
-            raise GpuNotSupportedError(name, missing)
-        return
-    if tensor.device.type != "cpu":
-        raise ValueError(f"{name}: headinfer runs on CPU or CUDA tensors, got {tensor.device}")
 
 
 class HeadInferLayer(CacheLayerMixin):

@@ -27,19 +27,18 @@ from typing import Any
 
 from transformers import TextStreamer
 
-from .gpu import parse_bytes
 from .plan import (
     DEFAULT_CHUNK_SIZE,
     ModelNotFoundError,
     Rates,
     default_budget,
-    format_bytes,
     load_config,
     machine_figures,
     make_plan,
     parse_dtype,
     render_plan,
 )
+from .sizes import format_bytes, parse_bytes
 
 __all__ = ["main"]
 
@@ -263,8 +262,8 @@ def _load_model(
     """``(model, tokenizer, label)``; checks the config first so errors come before weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .cache import model_spec
-    from .models import load_smollm2
+    from .smollm2 import load_smollm2
+    from .spec import model_spec
 
     config, label = load_config(args.model, args.gguf_file)
     model_spec(config)  # UnsupportedModelError before any weight is read

@@ -22,8 +22,8 @@ from transformers.generation.streamers import BaseStreamer
 
 import headinfer
 
-from .models import load_smollm2
 from .needle import make_needle_prompt, needle_found
+from .smollm2 import load_smollm2
 
 logger = logging.getLogger("headinfer")
 

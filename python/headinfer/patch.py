@@ -10,22 +10,46 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
 from .attention import ATTN_IMPLEMENTATION, register
-from .cache import HeadInferCache, check_device, model_spec, store_dtype
-from .gpu import parse_bytes
-from .prefill import CACHE_NAMES, PatchSettings, cache_kwarg_name, forward_params, patched_forward
+from .cache import HeadInferCache, store_dtype
+from .device import check_device
+from .prefill import CACHE_NAMES, cache_kwarg_name, forward_params, patched_forward
+from .sizes import parse_bytes
+from .spec import ModelSpec, model_spec
 
-__all__ = ["is_patched", "patch", "unpatch"]
+__all__ = ["PatchSettings", "is_patched", "patch", "unpatch"]
 
 logger = logging.getLogger("headinfer")
 
 M = TypeVar("M", bound=torch.nn.Module)
 
 _STATE = "_headinfer"
+
+
+@dataclass
+class PatchSettings:
+    """What ``patch()`` was given, and what it found out about the model."""
+
+    spec: ModelSpec
+    chunk_size: int
+    block_size: int | None
+    host_memory_limit: int | None
+    gpu_budget: int | None
+    cpu_heads: int | None
+    progress: bool
+    progress_delay: float
+    #: The model forward's keyword for the cache: "cache" (>= 5.24) or "past_key_values".
+    cache_name: str
+    #: The forward's named parameters, in order, to turn positional arguments into keywords.
+    forward_params: tuple[str, ...]
+    takes_logits_to_keep: bool
+    #: What patch() replaced, for unpatch(): instance attributes (or _MISSING) and the config's.
+    saved: dict[str, Any] = field(default_factory=dict)
 
 
 class _Wrapper:

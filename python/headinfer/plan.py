@@ -1,7 +1,7 @@
 """What ``headinfer plan`` computes: where every byte of a long-context run would sit, from the
 model's config alone (no weights loaded), and the time floors no implementation beats.
 
-The split of the GPU budget is the runtime's own: ``headinfer.gpu.plan_figures``, the one call
+The split of the GPU budget is the runtime's own: ``headinfer.planner.plan_figures``, the one call
 into the Rust planner (``src/plan.rs``) that a CUDA ``HeadInferCache`` makes too. What the
 runtime measures (the bytes of the weights torch holds), this module computes from the config:
 ``parameter_count(config)`` for the supported families.
@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .cache import ModelSpec, model_spec
-from .gpu import DEFAULT_MARGIN, DEFAULT_STAGING_CAP, plan_figures
+from .planner import DEFAULT_MARGIN, DEFAULT_STAGING_CAP, plan_figures
+from .sizes import format_bytes
+from .spec import ModelSpec, model_spec
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -203,7 +204,7 @@ def _smollm2_config() -> Any:
     """SmolLM2's config: the cached folder's if it was built, else the GGUF's metadata."""
     from transformers import AutoConfig
 
-    from .models import _SMOLLM2_DIRNAME, cache_dir, smollm2_gguf_path
+    from .smollm2 import _SMOLLM2_DIRNAME, cache_dir, smollm2_gguf_path
 
     folder = cache_dir() / _SMOLLM2_DIRNAME
     if (folder / "config.json").is_file():
@@ -347,15 +348,6 @@ def default_budget() -> tuple[int, str]:
         free, _ = torch.cuda.mem_get_info(0)
         return free, "this GPU's free memory"
     return DEFAULT_BUDGET_WITHOUT_GPU, "24 GiB (no GPU here; set --gpu-budget)"
-
-
-def format_bytes(n: float) -> str:
-    """``1.50 GiB``, ``12.0 MiB`` or ``0``."""
-    if n >= 2**30:
-        return f"{n / 2**30:,.2f} GiB"
-    if n == 0:
-        return "0"
-    return f"{n / 2**20:,.1f} MiB"
 
 
 def _count(n: float) -> str:

@@ -12,42 +12,24 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .attention import CACHE_KWARG
-from .cache import HeadInferCache, ModelSpec, check_device
+from .cache import HeadInferCache
+from .device import check_device
 
-__all__ = ["PatchSettings", "cache_kwarg_name", "patched_forward"]
+if TYPE_CHECKING:
+    from .patch import PatchSettings
+
+__all__ = ["CACHE_NAMES", "cache_kwarg_name", "forward_params", "patched_forward"]
 
 logger = logging.getLogger("headinfer")
 
 #: The two names transformers has used for the forward's cache argument (5.24 renamed it).
 CACHE_NAMES = ("cache", "past_key_values")
-
-
-@dataclass
-class PatchSettings:
-    """What ``patch()`` was given, and what it found out about the model."""
-
-    spec: ModelSpec
-    chunk_size: int
-    block_size: int | None
-    host_memory_limit: int | None
-    gpu_budget: int | None
-    cpu_heads: int | None
-    progress: bool
-    progress_delay: float
-    #: The model forward's keyword for the cache: "cache" (>= 5.24) or "past_key_values".
-    cache_name: str
-    #: The forward's named parameters, in order, to turn positional arguments into keywords.
-    forward_params: tuple[str, ...]
-    takes_logits_to_keep: bool
-    #: What patch() replaced, for unpatch(): instance attributes (or _MISSING) and the config's.
-    saved: dict[str, Any] = field(default_factory=dict)
 
 
 def cache_kwarg_name(model: torch.nn.Module) -> str:

@@ -69,7 +69,7 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype | None = None)
     """
     dtype = dtype if dtype is not None else torch.float32
     if name.lower() == SMOLLM2:
-        from ..models import load_smollm2
+        from ..smollm2 import load_smollm2
 
         return load_smollm2(dtype=dtype, device=device, attn_implementation="sdpa")
     from transformers import AutoModelForCausalLM, AutoTokenizer

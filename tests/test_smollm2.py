@@ -1,4 +1,4 @@
-"""headinfer.models: finding the GGUF, and the atomic on-disk cache of the dequantized model."""
+"""headinfer.smollm2: finding the GGUF, and the atomic on-disk cache of the dequantized model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import transformers
 
-from headinfer import models
+from headinfer import smollm2 as models
 
 
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
