@@ -64,7 +64,7 @@ def test_attention_flops_full_and_window() -> None:
 def test_make_plan_figures_and_floors() -> None:
     config = tiny_config("mistral")
     rates = Rates(sdpa_tflops=100, matmul_tflops=200, h2d_gbs=10)
-    budget = 2 << 30
+    budget = 4 << 30
     plan = make_plan(
         config, context=400, gpu_budget=budget, chunk_size=64, dtype="fp16", rates=rates
     )
@@ -78,7 +78,13 @@ def test_make_plan_figures_and_floors() -> None:
     for phase in ("prefill", "decode"):
         p = plan[phase]
         assert p["kv_device_bytes"] + p["kv_host_bytes"] == p["kv_total_bytes"]
-        parts = ("weight_bytes", "activation_bytes", "staging_bytes", "margin_bytes")
+        parts = (
+            "context_bytes",
+            "weight_bytes",
+            "activation_bytes",
+            "staging_bytes",
+            "margin_bytes",
+        )
         assert p["gpu_bytes"] == sum(p[k] for k in parts) + p["kv_device_bytes"]
         assert p["gpu_bytes"] <= budget
     assert plan["decode"]["staging_bytes"] == 0

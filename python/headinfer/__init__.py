@@ -17,6 +17,7 @@ from .cache import HeadInferCache
 from .errors import (
     GpuNotSupportedError,
     HeadInferError,
+    OutOfDeviceMemoryError,
     OutOfHostMemoryError,
     UnsupportedModelError,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "GpuNotSupportedError",
     "HeadInferCache",
     "HeadInferError",
+    "OutOfDeviceMemoryError",
     "OutOfHostMemoryError",
     "UnsupportedModelError",
     "__version__",

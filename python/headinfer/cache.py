@@ -23,7 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import _core
 from .device import check_device, current_stream
 from .errors import HeadInferError
-from .planner import DIRECT_ROWS, GpuPlan, plan_memory
+from .planner import DIRECT_ROWS, GpuPlan, cap_torch, plan_memory
 from .prefill_attention import PrefillState, prefill_attention
 from .share import MIN_HOST_TOKENS
 from .sizes import parse_bytes
@@ -395,6 +395,12 @@ class HeadInferCache(Cache):
             prefill=prefill,
         )
         store.device_budget = self._plan.kv_device_bytes
+        if self.gpu_budget is not None:
+            # torch's share of the budget; freeing its cache first keeps the process under the
+            # budget while blocks are promoted.
+            cap = cap_torch(device, self.gpu_budget, self._plan, store.device_bytes_reserved())
+            if torch.cuda.memory_reserved(device) > cap:
+                torch.cuda.empty_cache()
         moved = store.rebalance(torch.cuda.current_stream(device).cuda_stream)
         logger.info(
             "headinfer: %s of %d tokens planned: %.2f of %.2f GiB of KV on the GPU, head groups "

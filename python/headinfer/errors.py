@@ -14,6 +14,7 @@ from ._core import HeadInferError, OutOfHostMemoryError
 __all__ = [
     "GpuNotSupportedError",
     "HeadInferError",
+    "OutOfDeviceMemoryError",
     "OutOfHostMemoryError",
     "UnsupportedModelError",
 ]
@@ -32,3 +33,16 @@ class GpuNotSupportedError(HeadInferError, NotImplementedError):
 
     def __init__(self, what: str, missing: str) -> None:
         super().__init__(f"{what} is on a CUDA device, but headinfer cannot use it: {missing}")
+
+
+class OutOfDeviceMemoryError(HeadInferError, MemoryError):
+    """The GPU budget cannot hold what a step needs, even with every KV byte in host memory.
+
+    Raised before the step runs (nothing was allocated); ``needed`` and ``available`` are in
+    bytes.
+    """
+
+    def __init__(self, message: str, *, needed: int, available: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.available = available

@@ -18,6 +18,7 @@ import torch
 from .attention import ATTN_IMPLEMENTATION, register
 from .cache import HeadInferCache, store_dtype
 from .device import check_device
+from .planner import release_torch_caps
 from .prefill import CACHE_NAMES, cache_kwarg_name, forward_params, patched_forward
 from .sizes import parse_bytes
 from .spec import ModelSpec, model_spec
@@ -227,5 +228,6 @@ def unpatch(model: M) -> M:
         else:
             model.__dict__.pop(name, None)
     model.config._attn_implementation = settings.saved["attn_implementation"]
+    release_torch_caps()
     logger.info("headinfer: unpatched %s", type(model).__name__)
     return model

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .planner import DEFAULT_MARGIN, DEFAULT_STAGING_CAP, plan_figures
+from .planner import DEFAULT_CONTEXT_BYTES, DEFAULT_MARGIN, DEFAULT_STAGING_CAP, plan_figures
 from .sizes import format_bytes
 from .spec import ModelSpec, model_spec
 
@@ -251,14 +251,17 @@ def make_plan(
             weight_bytes=weight_bytes,
             context=context,
             chunk_size=chunk_size,
-            gpu_budget=gpu_budget,
+            # As the runtime does where NVML cannot measure it: the CUDA context comes first.
+            gpu_budget=max(gpu_budget - DEFAULT_CONTEXT_BYTES, 0),
             prefill=phase == "prefill",
         )
         for phase in ("prefill", "decode")
     }
     for figures in phases.values():
+        figures["context_bytes"] = DEFAULT_CONTEXT_BYTES
         figures["gpu_bytes"] = (
-            figures["weight_bytes"]
+            figures["context_bytes"]
+            + figures["weight_bytes"]
             + figures["activation_bytes"]
             + figures["staging_bytes"]
             + figures["margin_bytes"]
@@ -397,6 +400,7 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"{'where the bytes sit':<34}{'prefill':>14}{'decode':>14}",
     ]
     rows = [
+        ("GPU  CUDA context (estimate)", "context_bytes"),
         ("GPU  weights", "weight_bytes"),
         ("GPU  activations (one chunk)", "activation_bytes"),
         ("GPU  staging (2 head groups)", "staging_bytes"),
@@ -417,7 +421,8 @@ def render_plan(plan: dict[str, Any]) -> str:
     fits = "yes"
     if not p["fits_gpu"]:
         fits = (
-            f"NO: weights, working set, staging and margin need {format_bytes(p['gpu_bytes'])}; "
+            f"NO: context, weights, working set, staging and margin need "
+            f"{format_bytes(p['gpu_bytes'])}; "
             "every KV byte would sit in host memory (raise --gpu-budget)"
         )
     lines += ["", f"fits the budget: {fits}"]

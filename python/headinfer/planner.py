@@ -8,20 +8,26 @@ torch (what the weights hold, the free memory) and is the one caller both the ru
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import _core
+from .errors import OutOfDeviceMemoryError
 
 __all__ = [
     "DEFAULT_MARGIN",
     "DEFAULT_STAGING_CAP",
     "DIRECT_ROWS",
     "GpuPlan",
+    "cap_torch",
+    "fixed_device_bytes",
     "plan_figures",
     "plan_memory",
+    "process_device_bytes",
+    "release_torch_caps",
 ]
 
 logger = logging.getLogger("headinfer")
@@ -32,6 +38,9 @@ logger = logging.getLogger("headinfer")
 DEFAULT_MARGIN = 5 << 28  # 1.25 GiB
 #: Largest staging buffer (keys and values of one head group of one layer).
 DEFAULT_STAGING_CAP = 1 << 30
+#: The CUDA context with torch, cuBLAS, cuDNN and our kernels loaded, measured on an H200
+#: (about 1.3 GiB): what stands in for the measured figure where NVML cannot report it.
+DEFAULT_CONTEXT_BYTES = 3 << 29  # 1.5 GiB
 #: Queries x heads per kv head up to which decode reads the blocks directly.
 DIRECT_ROWS = 8
 
@@ -95,6 +104,46 @@ def plan_figures(
     )
 
 
+def process_device_bytes(device: torch.device) -> int | None:
+    """This process's device memory on ``device`` as the driver counts it (NVML), or ``None``.
+
+    ``None`` where NVML cannot say: no ``pynvml`` (the ``nvidia-ml-py`` package), no NVML
+    library, or a container whose process ids NVML does not report.
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # NVML numbers GPUs by PCI order, CUDA by its own (and CUDA_VISIBLE_DEVICES).
+        nvml_index = torch.cuda._get_nvml_device_index(index)
+        handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
+        pid = os.getpid()
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == pid and proc.usedGpuMemory:
+                return int(proc.usedGpuMemory)
+    except Exception as exc:  # NVML missing or refusing: measured figures are optional
+        logger.debug("NVML could not report this process's device memory: %s", exc)
+    return None
+
+
+def fixed_device_bytes(device: torch.device, held_by_store: int) -> tuple[int, str]:
+    """Device bytes this process holds outside torch's allocator and the store's blocks.
+
+    The CUDA context, the kernels loaded into it (cuBLAS, cuDNN, our NVRTC modules) and
+    anything else the driver counts: measured as NVML's figure for this process less what torch
+    reserved and the store holds. Returns ``(bytes, how)``; where NVML cannot say, the context
+    size measured on an H200 (``DEFAULT_CONTEXT_BYTES``) stands in.
+    """
+    used = process_device_bytes(device)
+    if used is None:
+        return DEFAULT_CONTEXT_BYTES, "assumed (NVML cannot report this process)"
+    fixed = used - torch.cuda.memory_reserved(device) - held_by_store
+    return max(fixed, 0), "measured by NVML"
+
+
 def plan_memory(
     config: Any,
     spec: Any,
@@ -109,15 +158,29 @@ def plan_memory(
 ) -> GpuPlan:
     """Split the GPU budget for ``context`` tokens (the Rust planner in ``src/plan.rs``).
 
-    The weights are what torch holds now; the budget defaults to everything this process could
-    use (free memory plus what torch and the store already hold). A prefill needs room for a
-    chunk's activations and the staging buffers; decode gives that room to the KV.
+    The weights are what torch holds now. An explicit ``gpu_budget`` bounds the whole process:
+    the CUDA context and loaded kernels (measured, see ``fixed_device_bytes``) come off it
+    first, and the rest is split between torch (weights, working set, staging, margin) and the
+    store's KV blocks. The default budget is everything this process could use (free memory
+    plus what torch and the store already hold). A prefill needs room for a chunk's activations
+    and the staging buffers; decode gives that room to the KV.
+
+    Raises:
+        OutOfDeviceMemoryError: the budget cannot hold the weights, the working set of this
+            phase, the staging buffers, the margin and the fixed part, even with every KV byte
+            in host memory.
     """
     free, _total = torch.cuda.mem_get_info(device)
     held_by_torch = torch.cuda.memory_reserved(device)
     # What torch holds now: the weights and whatever the caller keeps alive.
     weights = torch.cuda.memory_allocated(device)
-    budget = gpu_budget if gpu_budget is not None else free + held_by_torch + held_by_store
+    if gpu_budget is not None:
+        fixed, how = fixed_device_bytes(device, held_by_store)
+        budget = gpu_budget - fixed
+    else:
+        # Free memory already excludes the context and everything else the driver holds.
+        fixed, how = 0, "outside the default budget"
+        budget = free + held_by_torch + held_by_store
     figures = plan_figures(
         config,
         spec,
@@ -125,16 +188,23 @@ def plan_memory(
         weight_bytes=weights,
         context=context,
         chunk_size=chunk_size,
-        gpu_budget=budget,
+        gpu_budget=max(budget, 0),
         prefill=prefill,
     )
-    if prefill and not figures["fits_gpu"]:
-        logger.warning(
-            "gpu_budget %.2f GiB is below weights + working set + staging + margin (%.2f GiB): "
-            "every KV byte goes to the host",
-            budget / 2**30,
-            (weights + figures["activation_bytes"] + figures["staging_bytes"] + DEFAULT_MARGIN)
-            / 2**30,
+    figures["context_bytes"] = fixed
+    need = weights + figures["activation_bytes"] + figures["staging_bytes"] + DEFAULT_MARGIN
+    if budget < need:
+        total = gpu_budget if gpu_budget is not None else budget
+        phase = "prefill" if prefill else "decode"
+        raise OutOfDeviceMemoryError(
+            f"gpu_budget: {total / 2**30:.2f} GiB cannot hold this model's {phase}"
+            f" even with every KV byte in host memory: weights {weights / 2**30:.2f} GiB + working "
+            f"set {figures['activation_bytes'] / 2**30:.2f} GiB + staging "
+            f"{figures['staging_bytes'] / 2**30:.2f} GiB + margin {DEFAULT_MARGIN / 2**30:.2f} GiB"
+            f" + CUDA context and kernels {fixed / 2**30:.2f} GiB ({how}) = "
+            f"{(need + fixed) / 2**30:.2f} GiB; raise gpu_budget or lower chunk_size",
+            needed=need + fixed,
+            available=total,
         )
     return GpuPlan(
         context=context,
@@ -143,3 +213,34 @@ def plan_memory(
         heads_per_group=figures["heads_per_group"],
         figures=figures,
     )
+
+
+def cap_torch(device: torch.device, gpu_budget: int, plan: GpuPlan, held_by_store: int) -> int:
+    """Bound torch's caching allocator by what the budget leaves it; returns that cap in bytes.
+
+    torch may otherwise keep cached blocks past the plan (fragmentation, a larger workspace),
+    and the process would go over ``gpu_budget`` without any allocation failing. With the cap,
+    torch frees its cache and retries before it exceeds it, and raises its own out-of-memory
+    error if the plan was wrong, instead of the card running out under another process.
+    """
+    _free, total = torch.cuda.mem_get_info(device)
+    cap = gpu_budget - plan.figures["context_bytes"] - max(held_by_store, plan.kv_device_bytes)
+    cap = max(cap, 0)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TORCH_FRACTION:
+        get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        _TORCH_FRACTION[index] = get(index) if get is not None else 1.0
+    torch.cuda.set_per_process_memory_fraction(min(cap / total, 1.0), index)
+    logger.debug("torch's allocator capped at %.2f GiB on cuda:%d", cap / 2**30, index)
+    return cap
+
+
+def release_torch_caps() -> None:
+    """Give torch's allocator back the limits it had before ``cap_torch`` (``unpatch`` does)."""
+    while _TORCH_FRACTION:
+        index, fraction = _TORCH_FRACTION.popitem()
+        torch.cuda.set_per_process_memory_fraction(fraction, index)
+
+
+#: Per device, torch's memory fraction before headinfer capped it.
+_TORCH_FRACTION: dict[int, float] = {}
