@@ -41,6 +41,8 @@ DEFAULT_STAGING_CAP = 1 << 30
 #: The CUDA context with torch, cuBLAS, cuDNN and our kernels loaded, measured on an H200
 #: (about 1.3 GiB): what stands in for the measured figure where NVML cannot report it.
 DEFAULT_CONTEXT_BYTES = 3 << 29  # 1.5 GiB
+#: Room for kernels that load into the context after its size was measured.
+LAZY_LOAD_RESERVE = 1 << 28  # 256 MiB
 #: Queries x heads per kv head up to which decode reads the blocks directly.
 DIRECT_ROWS = 8
 
@@ -141,7 +143,9 @@ def fixed_device_bytes(device: torch.device, held_by_store: int) -> tuple[int, s
     if used is None:
         return DEFAULT_CONTEXT_BYTES, "assumed (NVML cannot report this process)"
     fixed = used - torch.cuda.memory_reserved(device) - held_by_store
-    return max(fixed, 0), "measured by NVML"
+    # Kernels load lazily: the first decode step, or a prefill's first cuDNN call, still adds
+    # some (about 20 MiB measured on an H200, after the figure above was read).
+    return max(fixed, 0) + LAZY_LOAD_RESERVE, "measured by NVML, plus a reserve for lazy loading"
 
 
 def plan_memory(
