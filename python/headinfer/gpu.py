@@ -107,7 +107,7 @@ def plan_figures(
     prefill: bool = True,
     margin: int = DEFAULT_MARGIN,
     staging_cap: int = DEFAULT_STAGING_CAP,
-) -> dict[str, Any]:
+) -> _core.Plan:
     """The Rust planner's split of ``gpu_budget`` bytes for ``context`` tokens; pure arithmetic.
 
     The one call into ``_core.plan`` that both the runtime (``plan_memory``) and
@@ -121,9 +121,9 @@ def plan_figures(
         weight_bytes: bytes of the weights on the GPU.
 
     Returns:
-        ``_core.plan``'s byte counts (see its docstring).
+        ``_core.plan``'s typed ``Plan`` (``.to_dict()`` for JSON).
     """
-    return _core.plan(
+    shape = _core.ModelShape(
         num_layers=spec.num_layers,
         num_q_heads=spec.num_q_heads,
         num_kv_heads=spec.num_kv_heads,
@@ -134,6 +134,9 @@ def plan_figures(
         elem_bytes=elem_bytes,
         weight_bytes=weight_bytes,
         windows=list(spec.windows),
+    )
+    return _core.plan(
+        shape,
         context=max(context, 1),
         chunk_size=chunk_size,
         gpu_budget=gpu_budget,
@@ -176,20 +179,20 @@ def plan_memory(
         gpu_budget=budget,
         prefill=prefill,
     )
-    if prefill and not figures["fits_gpu"]:
+    if prefill and not figures.fits_gpu:
         logger.warning(
             "gpu_budget %.2f GiB is below weights + working set + staging + margin (%.2f GiB): "
             "every KV byte goes to the host",
             budget / 2**30,
-            (weights + figures["activation_bytes"] + figures["staging_bytes"] + DEFAULT_MARGIN)
+            (weights + figures.activation_bytes + figures.staging_bytes + figures.margin_bytes)
             / 2**30,
         )
     return GpuPlan(
         context=context,
         prefill=prefill,
-        kv_device_bytes=figures["kv_device_bytes"],
-        heads_per_group=figures["heads_per_group"],
-        figures=figures,
+        kv_device_bytes=figures.kv_device_bytes,
+        heads_per_group=figures.heads_per_group,
+        figures=figures.to_dict(),
     )
 
 

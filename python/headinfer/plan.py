@@ -252,7 +252,7 @@ def make_plan(
             chunk_size=chunk_size,
             gpu_budget=gpu_budget,
             prefill=phase == "prefill",
-        )
+        ).to_dict()
         for phase in ("prefill", "decode")
     }
     for figures in phases.values():
