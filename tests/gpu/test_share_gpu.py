@@ -68,28 +68,54 @@ def host_store(layers, hkv, d, n, *, block=256, cpu_heads=1, dtype=torch.float32
 
 def test_queued_shared_decodes_never_hang_and_stay_exact():
     """Many layers of shared decode queued back to back, each step appending a token (new
-    pinned blocks are allocated while the stream waits on the CPU), with one wait at the end:
-    the shape that hung at 128K when a host function blocked the driver's thread."""
+    pinned blocks are allocated while the stream waits on the CPU), several steps between
+    host waits: the shape that hung at 128K when a host function blocked the driver's thread."""
     torch.manual_seed(0)
     layers, hkv, g, d, n, block = 8, 4, 4, 128, 40_000, 512
     store, kv = host_store(layers, hkv, d, n, block=block, cpu_heads=3)
     assert store.cpu_split(0) is not None
     scale = d**-0.5
     q = torch.randn(hkv * g, 1, d, device=DEV)
-    outs = []
-    for step in range(3 * block // 2):  # crosses block boundaries: allocations mid-queue
+    new = [[] for _ in range(layers)]
+    checks = []
+    for step in range(600):  # crosses a block boundary: allocations while work is queued
         for layer in range(layers):
             k1 = torch.randn(hkv, 1, d, device=DEV)
             store.append(layer, k1, k1)
-            kv[layer] = (torch.cat([kv[layer][0], k1], 1), torch.cat([kv[layer][1], k1], 1))
+            new[layer].append(k1)
             out = torch.empty_like(q)
             store.attend(layer, q, out, scale)
-            if step % 64 == 0:
-                outs.append((layer, out, kv[layer][0], kv[layer][1]))
+            if step % 97 == 0:
+                checks.append((layer, len(new[layer]), out))
+        if step % 8 == 7:
+            store.finish_step()
+    store.finish_step()
+    torch.cuda.synchronize()
+    for layer, count, out in checks:
+        tail = torch.cat(new[layer][:count], 1)
+        k = torch.cat([kv[layer][0], tail], 1)
+        v = torch.cat([kv[layer][1], tail], 1)
+        assert (out.double() - reference(q, k, v, scale)).abs().max() < 1e-4, (layer, count)
+
+
+@pytest.mark.slow
+def test_llama8b_shaped_128k_shared_decode_finishes():
+    """A Llama-3-8B-shaped store (32 layers, 8 kv heads of 128, bf16) at 128K tokens, all on
+    the host, cpu_heads=3: decode steps with appends finish (16 GiB pinned; a few seconds)."""
+    torch.manual_seed(5)
+    layers, hkv, g, d, n, block = 32, 8, 4, 128, 131_072, 4096
+    store, kv = host_store(layers, hkv, d, n, block=block, cpu_heads=3, dtype=torch.bfloat16)
+    del kv
+    q = torch.randn(hkv * g, 1, d, device=DEV, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    for _ in range(20):
+        for layer in range(layers):
+            k1 = torch.randn(hkv, 1, d, device=DEV, dtype=torch.bfloat16)
+            store.append(layer, k1, k1)
+            store.attend(layer, q, out, d**-0.5)
         store.finish_step()
     torch.cuda.synchronize()
-    for layer, out, k, v in outs:
-        assert (out.double() - reference(q, k, v, scale)).abs().max() < 1e-4, layer
+    assert store.seq_len(0) == n + 20 and out.isfinite().all()
 
 
 @pytest.mark.parametrize("point", ["cpu_share", "cpu_share_panic"])
