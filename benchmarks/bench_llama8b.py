@@ -27,7 +27,7 @@ from _common import cuda_time, h2d_gbs, llama8b
 from transformers import DynamicCache
 
 import headinfer
-from headinfer.share import default_cpu_heads
+from headinfer._core import default_cpu_heads
 
 GIB = 1 << 30
 CHUNK = 8192
@@ -121,7 +121,7 @@ def run(model, cfg, mode: str, s: int, budget_gib: float, decode_steps: int = 8)
         }
         if mode == "headinfer":
             mem = cache.memory()
-            r["cpu_heads"] = cache._cpu_heads
+            r["cpu_heads"] = cache.store.cpu_heads
             r["kv_device_gib"] = round(mem["device_used"] / GIB, 2)
             r["kv_host_gib"] = round((mem["used"] - mem["device_used"]) / GIB, 2)
             r["host_bytes"] = mem["used"] - mem["device_used"]

@@ -17,7 +17,6 @@ import torch
 from _common import cuda_time, h2d_gbs
 
 from headinfer import _core
-from headinfer.share import CpuShare
 
 HKV, HQ, D = 8, 32, 128
 
@@ -66,28 +65,19 @@ def main():
     torch.cuda.synchronize()
     q = torch.randn(HQ, 1, D, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    g = HQ // HKV
+    st.cpu_share_min_tokens = 0
+
+    def shared_step():
+        st.attend(0, q, out, D**-0.5, stream=stream)
+        st.finish_step()
+
     for heads in (2, 4, 6):
-        share = st.host_share(0, heads)
-        qh = q[: heads * g].cpu()
-        oh = torch.empty(heads * g, 1, D)
-        lh = torch.empty(heads * g, 1, 1)
-        st.attend_host(0, qh, oh, lh, share, D**-0.5)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            st.attend_host(0, qh, oh, lh, share, D**-0.5)
-        t_cpu = (time.perf_counter() - t0) / 5
-        cpu_bytes = st.bytes_used() * heads / HKV
-        cs = CpuShare(torch.device("cuda"), heads)
-        t_shared = bench(
-            lambda cs=cs, share=share: cs.attend(st, 0, q, out, D**-0.5, None, None, share),
-            iters=5,
-        )
+        st.cpu_heads = heads
+        t_shared = bench(shared_step, iters=5)
+        st.cpu_heads = 0
         t_gpu = bench(lambda: st.attend(0, q, out, D**-0.5, stream=stream), iters=5)
         row = {
             "cpu_heads": heads,
-            "cpu_GB/s": round(cpu_bytes / t_cpu / 1e9, 1),
-            "cpu_ms": round(t_cpu * 1e3, 2),
             "shared_ms": round(t_shared * 1e3, 2),
             "gpu_only_ms": round(t_gpu * 1e3, 2),
             "threads": torch.get_num_threads(),

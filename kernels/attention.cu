@@ -243,21 +243,24 @@ attend_partial(const T* __restrict__ q, long long q_s0, long long q_s1, int q_le
 // Merges the splits of every row by log-sum-exp and writes the normalised output. Rows below
 // extra_rows also merge the CPU's share: a normalised output and its log-sum-exp.
 //   out [num_q_heads, q_len, HEAD_DIM] with element strides (o_s0, o_s1, 1)
-//   extra_o [extra_rows, HEAD_DIM] f32, extra_lse [extra_rows] f32 (rows = q head * q_len + i)
+//   extra_o [extra_rows, HEAD_DIM] f32, extra_lse [extra_rows] f32 (rows = q head * q_len + i),
+//   in mapped pinned memory the CPU wrote just before the stream was let through: volatile
+//   loads, so no cached copy of an earlier step's rows is ever used.
 // grid (num_q_heads * q_len), block HEAD_DIM (at most 1024).
 extern "C" __global__ void merge_partials(const float* __restrict__ o_part,
                                           const float* __restrict__ ml_part, int splits,
                                           int q_len, T* out, long long o_s0, long long o_s1,
-                                          const float* __restrict__ extra_o,
-                                          const float* __restrict__ extra_lse, int extra_rows) {
+                                          const volatile float* extra_o,
+                                          const volatile float* extra_lse, int extra_rows) {
     const long long row = blockIdx.x;
     const int d = threadIdx.x;
     const bool extra = row < extra_rows;
-    float M = extra ? extra_lse[row] : NEG_INF;
+    const float e_lse = extra ? extra_lse[row] : NEG_INF;
+    float M = e_lse;
     for (int s = 0; s < splits; s++) M = fmaxf(M, ml_part[(row * splits + s) * 2]);
     float L = 0.f, O = 0.f;
-    if (extra && extra_lse[row] != NEG_INF) {
-        float w = __expf(extra_lse[row] - M);
+    if (extra && e_lse != NEG_INF) {
+        float w = __expf(e_lse - M);
         L = w;
         O = extra_o[row * HEAD_DIM + d] * w;
     }
@@ -292,11 +295,12 @@ extern "C" __global__ void append_kv(const T* __restrict__ k, long long k_s0, lo
 }
 
 // Copies positions a..a+n of heads h0..h0+heads out of the blocks.
-//   ko, vo [heads, n, HEAD_DIM] with element strides (s0, s1, 1), 16-byte aligned rows
+//   ko [heads, n, HEAD_DIM] with element strides (k_s0, k_s1, 1), 16-byte aligned rows
+//   vo [heads, n, HEAD_DIM] with element strides (v_s0, v_s1, 1), 16-byte aligned rows
 // grid ceil(heads * n * NV / 256), block 256.
 extern "C" __global__ void gather_kv(const u64* table, int max_blocks, int block_size, int h0,
-                                     int heads, long long a, int n, T* ko, T* vo, long long o_s0,
-                                     long long o_s1) {
+                                     int heads, long long a, int n, T* ko, long long k_s0,
+                                     long long k_s1, T* vo, long long v_s0, long long v_s1) {
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)heads * n * NV) return;
     int vi = idx % NV;
@@ -305,6 +309,6 @@ extern "C" __global__ void gather_kv(const u64* table, int max_blocks, int block
     long long pos = a + t;
     const u64* e = table + ((long long)(h0 + h) * max_blocks + pos / block_size) * 2;
     long long off = (pos % block_size) * HEAD_DIM + vi * VEC;
-    *(uint4*)(ko + h * o_s0 + t * o_s1 + vi * VEC) = *(const uint4*)((const T*)e[0] + off);
-    *(uint4*)(vo + h * o_s0 + t * o_s1 + vi * VEC) = *(const uint4*)((const T*)e[1] + off);
+    *(uint4*)(ko + h * k_s0 + t * k_s1 + vi * VEC) = *(const uint4*)((const T*)e[0] + off);
+    *(uint4*)(vo + h * v_s0 + t * v_s1 + vi * VEC) = *(const uint4*)((const T*)e[1] + off);
 }

@@ -5,10 +5,10 @@ use std::fmt;
 /// Every failure the core reports. Messages name the argument and what was wrong with it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An argument has the right type but a bad value (shape, range, length).
+    /// An argument has the right type but a bad value (shape, range, length, device ordinal).
     #[error("{arg}: {msg}")]
     Value { arg: String, msg: String },
-    /// An argument has the wrong type (dtype, device, layout).
+    /// An argument has the wrong type (dtype, device kind, layout).
     #[error("{arg}: {msg}")]
     Type { arg: String, msg: String },
     /// A request needs more host memory than is available; nothing was allocated.
@@ -22,9 +22,21 @@ pub enum Error {
         needed: usize,
         available: usize,
     },
-    /// The CUDA driver or NVRTC failed or is missing.
+    /// A CUDA driver call failed: what we were doing, and the driver's own code and name.
+    #[error("CUDA: {op} failed: {name} (CUresult {code})")]
+    Cuda { op: String, code: u32, name: String },
+    /// The CUDA driver or NVRTC is missing, or NVRTC refused our kernels.
     #[error("CUDA: {0}")]
-    Cuda(String),
+    CudaUnavailable(String),
+    /// The host worker of a shared decode failed (its own error, or a panic).
+    #[error("the CPU share of a decode step failed: {0}")]
+    Worker(Box<Error>),
+    /// A panic caught before it could cross into Python.
+    #[error("internal error: {0}")]
+    Panic(String),
+    /// A failure injected by a test (see `crate::testing`); never raised otherwise.
+    #[error("injected failure at {0} (test-only hook)")]
+    Injected(&'static str),
 }
 
 /// Shorthand used throughout the core.
@@ -44,6 +56,15 @@ impl Error {
         Error::Type {
             arg: arg.into(),
             msg: msg.into(),
+        }
+    }
+
+    /// A failed driver call, keeping the driver's code.
+    pub fn cuda(op: impl Into<String>, e: cudarc::driver::DriverError) -> Self {
+        Error::Cuda {
+            op: op.into(),
+            code: e.0 as u32,
+            name: format!("{:?}", e.0),
         }
     }
 }

@@ -1,15 +1,18 @@
 //! headinfer: exact long-context inference with a head-wise KV cache in host memory.
 //!
 //! The core (everything outside `py`) has no PyO3 in it; `py` is the thin binding layer that
-//! builds the Python module `headinfer._core`.
+//! builds the Python module `headinfer._core`. Modules depend downwards only: `error`,
+//! `tensor` <- `cpu`, `cuda` <- `store` <- `attention` <- `py`; `plan` stands alone.
+//! `docs/architecture.md` describes the layout.
 
+pub mod attention;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
-pub mod host;
 pub mod plan;
 pub mod store;
 pub mod tensor;
+pub mod testing;
 
 mod py;
 

@@ -1,4 +1,4 @@
-//! Pure arithmetic of where bytes sit: the GPU budget split into weights, working set,
+//! The one planner. Pure arithmetic of where bytes sit: the GPU budget split into weights, working set,
 //! prefill staging and resident KV; the rest of the KV on the host; and the floors that no
 //! implementation beats. The runtime (`HeadInferCache` on CUDA) and `headinfer plan` both use
 //! this one function.
@@ -54,6 +54,8 @@ pub struct Plan {
     pub kv_device_bytes: usize,
     pub kv_total_bytes: usize,
     pub kv_host_bytes: usize,
+    /// Bytes kept free for the CUDA context, library workspaces and fragmentation.
+    pub margin_bytes: usize,
     /// Whether weights + working set + staging fit the budget at all.
     pub fits_gpu: bool,
 }
@@ -123,6 +125,7 @@ pub fn plan(m: &ModelShape, r: &Request) -> Result<Plan> {
         kv_device_bytes: kv_device,
         kv_total_bytes: kv_total,
         kv_host_bytes: kv_total - kv_device,
+        margin_bytes: r.margin,
         fits_gpu: fixed <= r.gpu_budget,
     })
 }

@@ -97,6 +97,15 @@ pub enum Device {
     Cuda(usize),
 }
 
+/// A device tensor `[d0, d1, head_dim]` as the GPU kernels take it: address and element
+/// strides of the first two dims (the last is 1). Made by `Tensor3::cuda_view`.
+#[derive(Clone, Copy, Debug)]
+pub struct DevTensor {
+    pub ptr: u64,
+    pub s0: i64,
+    pub s1: i64,
+}
+
 /// A validated 3-d tensor: `[d0, d1, d2]` with element strides, the last 1.
 ///
 /// It borrows memory owned by the DLPack producer; the binding layer keeps the producer's
@@ -254,7 +263,7 @@ impl Tensor3 {
 
     /// The device address and strides of a CUDA tensor, checked for the kernels' 16-byte
     /// loads: an aligned base and rows that start on 16-byte boundaries.
-    pub fn cuda_view(&self, arg: &str) -> Result<crate::cuda::kernels::DevTensor> {
+    pub fn cuda_view(&self, arg: &str) -> Result<DevTensor> {
         if !matches!(self.device, Device::Cuda(_)) {
             return Err(Error::type_(arg, "expected a CUDA tensor"));
         }
@@ -274,7 +283,7 @@ impl Tensor3 {
                 ),
             ));
         }
-        Ok(crate::cuda::kernels::DevTensor {
+        Ok(DevTensor {
             ptr: self.ptr as u64,
             s0: self.strides[0] as i64,
             s1: self.strides[1] as i64,

@@ -292,3 +292,149 @@ def test_store_rejects_bad_construction() -> None:
         _store(dtype="float64")
     with pytest.raises(ValueError, match="windows"):
         _store(windows=[None])
+
+
+# --- Planner ---------------------------------------------------------------------------------
+
+
+def _shape(**kw: object) -> _core.ModelShape:
+    base: dict = dict(
+        num_layers=32,
+        num_q_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        hidden_size=4096,
+        intermediate_size=14336,
+        vocab_size=128256,
+        elem_bytes=2,
+        weight_bytes=16_060_000_000,
+        windows=[None] * 32,
+    )
+    base.update(kw)
+    return _core.ModelShape(**base)
+
+
+def test_plan_is_typed_and_its_dict_has_every_figure() -> None:
+    shape = _shape()
+    assert shape.kv_bytes_per_token_layer * shape.num_layers == 131_072
+    p = _core.plan(
+        shape,
+        context=128 * 1024,
+        chunk_size=8192,
+        gpu_budget=24 << 30,
+        margin=1 << 29,
+        staging_cap=1 << 30,
+    )
+    assert isinstance(p, _core.Plan)
+    assert p.kv_total_bytes == 16 << 30
+    assert p.kv_device_bytes + p.kv_host_bytes == p.kv_total_bytes
+    assert p.margin_bytes == 1 << 29 and p.fits_gpu
+    d = p.to_dict()
+    assert set(d) == {
+        "weight_bytes",
+        "activation_bytes",
+        "heads_per_group",
+        "staging_bytes",
+        "kv_device_bytes",
+        "kv_total_bytes",
+        "kv_host_bytes",
+        "margin_bytes",
+        "fits_gpu",
+    }
+    assert all(d[k] == getattr(p, k) for k in d)
+    with pytest.raises(AttributeError):
+        p.kv_device_bytes = 0  # type: ignore[misc]
+
+
+def test_plan_errors_name_the_argument() -> None:
+    with pytest.raises(ValueError, match="^chunk_size:"):
+        _core.plan(_shape(), context=10, chunk_size=0, gpu_budget=1, margin=0, staging_cap=1)
+    with pytest.raises(ValueError, match="^windows:"):
+        _core.plan(
+            _shape(windows=[None]), context=10, chunk_size=1, gpu_budget=1, margin=0, staging_cap=1
+        )
+
+
+# --- CPU share policy and failure hooks ------------------------------------------------------
+
+
+def test_cpu_heads_belongs_to_cuda_stores_and_is_checked() -> None:
+    s = _store()
+    assert s.cpu_heads == 0 and s.cpu_split(0) is None
+    with pytest.raises(ValueError, match="^cpu_heads:"):
+        _store(cpu_heads=1)
+    with pytest.raises(ValueError, match="^cpu_heads:"):
+        s.cpu_heads = 1
+    with pytest.raises(ValueError, match="^cpu_heads: must be between 0 and 2"):
+        _store(cpu_heads=3)
+    with pytest.raises(ValueError, match="^layer:"):
+        s.cpu_split(5)
+    s.finish_step()  # a CPU store has no CPU share: nothing to wait for
+    assert 0 <= _core.default_cpu_heads(8) <= 8
+    assert _core.default_cpu_heads(0) == 0
+
+
+def test_injected_allocation_failure_raises_and_leaves_the_store_usable() -> None:
+    torch.manual_seed(0)
+    s = _store(block_size=4)
+    k = torch.randn(2, 10, 16)
+    v = torch.randn(2, 10, 16)
+    s.append(0, k[:, :6], v[:, :6])
+    try:
+        # The next fresh block (positions 8..12) fails after one succeeds.
+        _core._inject_failure("alloc", after=1)
+        with pytest.raises(_core.HeadInferError, match="injected failure at alloc"):
+            s.append(0, k[:, 6:], v[:, 6:])
+    finally:
+        _core._inject_failure(None)
+    assert s.seq_len(0) == 6
+    s.append(0, k[:, 6:], v[:, 6:])
+    ko, vo = torch.empty(2, 10, 16), torch.empty(2, 10, 16)
+    s.read(0, 0, 10, ko, vo)
+    assert torch.equal(ko, k) and torch.equal(vo, v)
+
+
+def test_inject_failure_names_unknown_points() -> None:
+    with pytest.raises(ValueError, match="^point: unknown failure point"):
+        _core._inject_failure("nowhere")
+
+
+def test_a_failure_inside_a_decode_step_raises_there_and_the_cache_continues() -> None:
+    """A block allocation fails in the middle of a decode step (some layers appended): the
+    step raises, the cache rolls back to the last complete token, and decoding on from there
+    gives the tokens of a run that never failed."""
+    from _tiny import prompt, tiny_model, twin
+
+    import headinfer
+    from headinfer.prefill import cache_kwarg_name
+
+    model = tiny_model("llama")
+    ref = twin(model)
+    ids = prompt(40)
+    want = ref.generate(ids, max_new_tokens=12, do_sample=False)
+    headinfer.patch(model, block_size=8, chunk_size=16)
+    cache = headinfer.HeadInferCache(model)
+    name = cache_kwarg_name(model)
+    with torch.no_grad():
+        out = model(ids, use_cache=True, **{name: cache})
+        tokens = [int(out.logits[0, -1].argmax())]
+        failed = False
+        while len(tokens) < 12:
+            n = cache.get_seq_length()
+            step = torch.tensor([[tokens[-1]]])
+            if n == 48 and not failed:
+                # Position 48 starts a block: layer 0 allocates two (one a head), layer 1 fails.
+                _core._inject_failure("alloc", after=2)
+                try:
+                    with pytest.raises(_core.HeadInferError, match="injected failure at alloc"):
+                        model(step, use_cache=True, **{name: cache})
+                finally:
+                    _core._inject_failure(None)
+                failed = True
+                assert cache.get_seq_length() == n
+                assert all(cache.store.seq_len(i) == n for i in range(cache.store.num_layers))
+                continue
+            out = model(step, use_cache=True, **{name: cache})
+            tokens.append(int(out.logits[0, -1].argmax()))
+    assert failed
+    assert tokens == want[0, ids.shape[1] :].tolist()

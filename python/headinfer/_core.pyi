@@ -7,7 +7,10 @@ other strides are free, so views such as ``x[0]`` or ``x.transpose(0, 1)`` need 
 CUDA tensors need rows that start on 16-byte boundaries (the kernels load 16 bytes at a time).
 
 ``stream`` arguments are raw CUDA stream handles (``torch.cuda.current_stream().cuda_stream``);
-work on CUDA tensors is queued on that stream and the call returns without waiting.
+work on CUDA tensors is queued on that stream and the call returns without waiting. ``None``
+means torch's current stream on the tensors' device (the legacy default stream if torch is not
+imported). CUDA tensors must be on the store's device: another CUDA device raises
+``ValueError`` naming the argument, a CPU tensor for a CUDA store (or the reverse) ``TypeError``.
 """
 
 from collections.abc import Sequence
@@ -49,6 +52,10 @@ class KVStore:
             beyond. ``None``: CPU tensors in host memory.
         device_budget: bytes of device memory the blocks may fill (with ``device``).
         max_len: longest sequence the store will hold (required with ``device``).
+        cpu_heads: with ``device``, for how many kv heads the CPU attends over their
+            host-resident blocks during decode while the GPU reads the rest (0: never; at most
+            ``min(num_kv_heads, 16)``). The store decides per layer and step (see
+            ``cpu_split``).
     """
 
     def __init__(
@@ -63,6 +70,7 @@ class KVStore:
         device: int | None = None,
         device_budget: int = 0,
         max_len: int | None = None,
+        cpu_heads: int = 0,
     ) -> None: ...
     @property
     def num_layers(self) -> int: ...
@@ -84,6 +92,26 @@ class KVStore:
         """Bytes of device memory new blocks may fill; settable (blocks already placed stay)."""
     @device_budget.setter
     def device_budget(self, bytes: int) -> None: ...
+    @property
+    def cpu_heads(self) -> int:
+        """Kv heads whose host blocks the CPU may take in decode (0: never); settable."""
+    @cpu_heads.setter
+    def cpu_heads(self, heads: int) -> None: ...
+    @property
+    def cpu_share_min_tokens(self) -> int:
+        """Fewest host tokens (of the longest share) for which a decode splits; settable."""
+    @cpu_share_min_tokens.setter
+    def cpu_share_min_tokens(self, tokens: int) -> None: ...
+    def cpu_split(self, layer: int) -> list[int] | None:
+        """What the store would do for a decode of ``layer`` now: per kv head ``0..c``, the
+        first position the CPU takes; ``None``: the GPU alone (CPU stores: always ``None``)."""
+    def finish_step(self) -> None:
+        """Wait for this step's CPU share on the host and raise its first failure.
+
+        Call it once per forward step, after the last layer: a failure of the CPU worker in
+        any layer then raises in the step where it happened (the merged output of that step is
+        wrong and must be discarded). CPU stores: no-op.
+        """
     def seq_len(self, layer: int) -> int:
         """Tokens appended to ``layer`` so far (positions ``0..seq_len``), windowed-out ones too."""
     def retained_start(self, layer: int) -> int:
@@ -114,29 +142,23 @@ class KVStore:
         softcap: float | None = None,
         window: int | None = None,
         stream: int | None = None,
-        host_share: Sequence[int] | None = None,
     ) -> None:
         """Attention of ``query`` over every key stored for ``layer``; writes ``out``.
-
-        With ``host_share`` (CUDA, one query per head, ``query`` contiguous), the CPU takes kv
-        heads ``0..len(host_share)`` from ``host_share[h]`` on (their host blocks): a worker
-        attends over them while the GPU kernel reads the rest, and the GPU merges both into
-        ``out``. The call returns at once; only the merge on ``stream`` waits for the worker.
 
         Query ``i`` sits at position ``seq_len(layer) - q_len + i`` (the chunk just appended):
         it sees keys ``j <= position``, and with ``window`` only ``position - j < window``.
         Scores are ``scale * q.k``, then ``softcap * tanh(score / softcap)`` when given.
         GQA: query head ``h`` reads kv head ``h // (num_q_heads // num_kv_heads)``.
 
+        On a CUDA store with ``cpu_heads`` set, a decode (one contiguous query per head) may
+        split: the CPU attends over the host blocks of kv heads ``0..cpu_heads`` while the GPU
+        kernel reads the rest, and the GPU merges both into ``out``. The call returns at once;
+        only the merge on ``stream`` waits for the CPU (no host function is involved).
+        ``finish_step`` raises a failure of the CPU's part.
+
         Args:
             query: ``[num_q_heads, q_len, head_dim]``, the store's device and dtype.
             out: ``[num_q_heads, q_len, head_dim]``, like ``query``; overwritten.
-        """
-    def host_share(self, layer: int, num_heads: int) -> list[int] | None:
-        """Per kv head ``0..num_heads`` of ``layer``, the first position of its host blocks.
-
-        ``None`` unless every such head keeps its device blocks before its host blocks and
-        some head has host blocks (CPU stores: always ``None``).
         """
     def gather(
         self,
@@ -155,7 +177,8 @@ class KVStore:
 
         Args:
             key_out: ``[num_heads, end - start, head_dim]``, CUDA, the store's dtype.
-            value_out: ``[num_heads, end - start, head_dim]``, CUDA, same strides as ``key_out``.
+            value_out: ``[num_heads, end - start, head_dim]``, CUDA, the store's dtype (its
+                strides may differ from ``key_out``'s).
         """
     def rebalance(self, stream: int | None = None) -> tuple[int, int]:
         """Move blocks between device and pinned host memory to match ``device_budget``.
@@ -206,31 +229,97 @@ def attention(
         out: ``[num_q_heads, q_len, head_dim]``, same device and dtype; overwritten.
     """
 
+class ModelShape:
+    """The shape of a model as far as memory goes: the planner's input.
+
+    Args:
+        num_layers, num_q_heads, num_kv_heads, head_dim, hidden_size, intermediate_size,
+            vocab_size: from the model's config.
+        elem_bytes: bytes per element of activations and KV.
+        weight_bytes: bytes of the weights on the GPU.
+        windows: per layer, the sliding window (``None``: full attention).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        hidden_size: int,
+        intermediate_size: int,
+        vocab_size: int,
+        elem_bytes: int,
+        weight_bytes: int,
+        windows: Sequence[int | None],
+    ) -> None: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def weight_bytes(self) -> int: ...
+    @property
+    def kv_bytes_per_token_layer(self) -> int:
+        """KV bytes of one token of one layer (keys and values of every kv head)."""
+
+class Plan:
+    """Where every byte of a GPU budget goes (all figures in bytes but ``heads_per_group``)."""
+
+    @property
+    def weight_bytes(self) -> int: ...
+    @property
+    def activation_bytes(self) -> int:
+        """One chunk's activations (the working set), estimated."""
+    @property
+    def heads_per_group(self) -> int:
+        """KV heads gathered together for prefill attention."""
+    @property
+    def staging_bytes(self) -> int:
+        """The two prefill staging buffers (double buffering) at full context."""
+    @property
+    def kv_device_bytes(self) -> int:
+        """KV blocks kept on the GPU."""
+    @property
+    def kv_total_bytes(self) -> int:
+        """KV of the whole context."""
+    @property
+    def kv_host_bytes(self) -> int:
+        """KV in pinned host memory."""
+    @property
+    def margin_bytes(self) -> int:
+        """Kept free for the CUDA context, library workspaces and fragmentation."""
+    @property
+    def fits_gpu(self) -> bool:
+        """Whether weights, working set, staging and margin fit the budget at all."""
+    def to_dict(self) -> dict[str, Any]:
+        """The figures above as a dict, keyed by their names (for JSON)."""
+
 def plan(
+    model: ModelShape,
     *,
-    num_layers: int,
-    num_q_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    hidden_size: int,
-    intermediate_size: int,
-    vocab_size: int,
-    elem_bytes: int,
-    weight_bytes: int,
-    windows: Sequence[int | None],
     context: int,
     chunk_size: int,
     gpu_budget: int,
     margin: int,
     staging_cap: int,
     prefill: bool = True,
-) -> dict[str, Any]:
+) -> Plan:
     """Split a GPU budget: weights, one chunk's activations, prefill staging (double buffered
     head groups of at most ``staging_cap`` bytes), a margin, and resident KV; the rest of the
-    KV on the host. Returns byte counts: ``weight_bytes``, ``activation_bytes``,
-    ``heads_per_group``, ``staging_bytes``, ``kv_device_bytes``, ``kv_total_bytes``,
-    ``kv_host_bytes``, ``margin_bytes``, and ``fits_gpu``. ``prefill=False`` plans decode:
-    one token's working set and no staging, the rest to the KV."""
+    KV on the host. ``prefill=False`` plans decode: one token's working set and no staging, the
+    rest to the KV. Errors name the argument that cannot work."""
+
+def default_cpu_heads(num_kv_heads: int) -> int:
+    """Kv heads whose host blocks the CPU should take on this host (an estimate from its
+    threads and the measured per-core and PCIe rates of BENCHMARKS.md)."""
+
+def _inject_failure(point: str | None, after: int = 0) -> None:
+    """TEST-ONLY: make the pass through ``point`` after ``after`` more passes fail once.
+
+    Points: ``"cpu_share"`` (the CPU share worker returns an error), ``"cpu_share_panic"``
+    (it panics), ``"launch"`` (a kernel launch fails), ``"alloc"`` (a fresh KV block cannot be
+    allocated). ``None`` disarms every point. Failures raise ``HeadInferError``.
+    """
 
 def cuda_status() -> str | None:
     """``None`` when the CUDA driver and NVRTC load; else what is missing."""

@@ -25,7 +25,6 @@ from .device import check_device, current_stream
 from .errors import HeadInferError
 from .planner import DIRECT_ROWS, GpuPlan, cap_torch, plan_memory
 from .prefill_attention import PrefillState, prefill_attention
-from .share import MIN_HOST_TOKENS
 from .sizes import parse_bytes
 from .spec import model_spec
 
@@ -196,7 +195,7 @@ class HeadInferCache(Cache):
             pinned host memory and are read over PCIe.
         cpu_heads: on CUDA, for how many kv heads the CPU attends over the host-resident KV
             during decode, at the same time as the GPU reads the rest. Default 0 (the GPU reads
-            all); ``headinfer.share.default_cpu_heads(num_kv_heads)`` estimates a split from
+            all); ``headinfer._core.default_cpu_heads(num_kv_heads)`` estimates a split from
             the cores. Experimental: see BENCHMARKS.md.
 
     Raises:
@@ -249,8 +248,6 @@ class HeadInferCache(Cache):
         self.expected_new_tokens = 0
         self._plan: GpuPlan | None = None
         self._prefill: PrefillState | None = None
-        #: Kv heads whose host blocks the CPU attends over in decode (CUDA stores; 0: none).
-        self._cpu_heads = 0
         self._store: _core.KVStore | None = None
         # How many patched forwards are driving this cache right now (see `bound`).
         self._bound = 0
@@ -285,9 +282,9 @@ class HeadInferCache(Cache):
                     "device": index,
                     "device_budget": 0,
                     "max_len": spec.max_positions or DEFAULT_MAX_LEN,
+                    "cpu_heads": self.cpu_heads or 0,
                 }
                 self._prefill = PrefillState(torch.device("cuda", index))
-                self._cpu_heads = self.cpu_heads or 0
             self._store = _core.KVStore(
                 spec.num_layers,
                 spec.num_kv_heads,
@@ -338,6 +335,15 @@ class HeadInferCache(Cache):
                 self._roll_back(start, exc)
             raise
         self._bound -= 1
+        if outermost and self._store is not None:
+            # A failure inside the step (the CPU share of any layer) raises in this step; the
+            # cache then continues from the last complete token.
+            try:
+                self._store.finish_step()
+            except BaseException as exc:
+                self._pending.clear()
+                self._roll_back(start, exc)
+                raise
         if outermost and self._pending:
             layers = sorted(self._pending)
             self._pending.clear()
@@ -444,13 +450,8 @@ class HeadInferCache(Cache):
         q = query[0] if query[0].stride(-1) == 1 else query[0].contiguous()
         if not store.is_cuda or q_len * group <= DIRECT_ROWS:
             out_view = out[0].transpose(0, 1)
-            share = None
-            if self._cpu_heads and q_len == 1 and q.is_contiguous():
-                share = store.host_share(layer_idx, self._cpu_heads)
-                if share is not None and store.seq_len(layer_idx) - min(share) < MIN_HOST_TOKENS:
-                    share = None
-            stream = current_stream(query)
-            store.attend(layer_idx, q, out_view, scale, softcap, window, stream, share)
+            # One call per layer: the store decides whether the CPU takes a share (cpu_heads).
+            store.attend(layer_idx, q, out_view, scale, softcap, window, current_stream(query))
             return
         assert self._prefill is not None
         heads = self._plan.heads_per_group if self._plan is not None else store.num_kv_heads

@@ -254,7 +254,7 @@ def make_plan(
             # As the runtime does where NVML cannot measure it: the CUDA context comes first.
             gpu_budget=max(gpu_budget - DEFAULT_CONTEXT_BYTES, 0),
             prefill=phase == "prefill",
-        )
+        ).to_dict()
         for phase in ("prefill", "decode")
     }
     for figures in phases.values():

@@ -70,7 +70,7 @@ def plan_figures(
     prefill: bool = True,
     margin: int = DEFAULT_MARGIN,
     staging_cap: int = DEFAULT_STAGING_CAP,
-) -> dict[str, Any]:
+) -> _core.Plan:
     """The Rust planner's split of ``gpu_budget`` bytes for ``context`` tokens; pure arithmetic.
 
     The one call into ``_core.plan`` that both the runtime (``plan_memory``) and
@@ -84,9 +84,9 @@ def plan_figures(
         weight_bytes: bytes of the weights on the GPU.
 
     Returns:
-        ``_core.plan``'s byte counts (see its docstring).
+        ``_core.plan``'s typed ``Plan`` (``.to_dict()`` for JSON).
     """
-    return _core.plan(
+    shape = _core.ModelShape(
         num_layers=spec.num_layers,
         num_q_heads=spec.num_q_heads,
         num_kv_heads=spec.num_kv_heads,
@@ -97,6 +97,9 @@ def plan_figures(
         elem_bytes=elem_bytes,
         weight_bytes=weight_bytes,
         windows=list(spec.windows),
+    )
+    return _core.plan(
+        shape,
         context=max(context, 1),
         chunk_size=chunk_size,
         gpu_budget=gpu_budget,
@@ -194,7 +197,7 @@ def plan_memory(
         chunk_size=chunk_size,
         gpu_budget=max(budget, 0),
         prefill=prefill,
-    )
+    ).to_dict()
     figures["context_bytes"] = fixed
     need = weights + figures["activation_bytes"] + figures["staging_bytes"] + DEFAULT_MARGIN
     if budget < need:

@@ -1,4 +1,5 @@
-//! Attention on the CPU: the reference for every other path, and the path of CPU-only users.
+//! The host side's plumbing and math: aligned block memory and what the host has left
+//! (`memory`), and vectorisable elementwise math for the attention kernel (`math`).
 
-pub mod attention;
-mod math;
+pub mod math;
+pub mod memory;

@@ -1,14 +1,18 @@
 //! The kernels of `kernels/attention.cu`: compiled by NVRTC once per (device, dtype,
-//! head_dim), loaded once, launched on the caller's stream. Every launch site is the same
-//! three steps: check the arguments, pack them, launch and check the launch.
+//! head_dim), loaded once (a cudarc module), launched on the caller's stream through cudarc's
+//! launch builder over a borrowed stream. Every launch site is the same three steps: check the
+//! arguments, push them in the kernel's order, `launch`.
 
 use super::{driver_err, Gpu, Stream};
 use crate::error::{Error, Result};
-use crate::tensor::DType;
+use crate::tensor::{DType, DevTensor};
+use crate::testing::{self, FailPoint};
 use cudarc::driver::result as cu;
-use cudarc::driver::sys;
+use cudarc::driver::{
+    CudaContext, CudaFunction, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
-use std::ffi::{c_void, CString};
+use std::sync::Arc;
 
 const SOURCE: &str = include_str!("../../kernels/attention.cu");
 /// Query rows per CTA of `attend_partial` (`ROWS` in the source).
@@ -32,6 +36,9 @@ pub struct KvSrc {
     pub s1: i64,
 }
 
+// SAFETY: plain `#[repr(C)]` data, laid out as `struct KvSrc` in the source.
+unsafe impl DeviceRepr for KvSrc {}
+
 /// Kv heads `0..heads` whose keys from `from[h]` on are attended on the CPU (layout of
 /// `struct CpuShare` in the source).
 #[repr(C)]
@@ -41,6 +48,9 @@ pub struct CpuShare {
     pub pad: i32,
     pub from: [i64; MAX_CPU_HEADS],
 }
+
+// SAFETY: plain `#[repr(C)]` data, laid out as `struct CpuShare` in the source.
+unsafe impl DeviceRepr for CpuShare {}
 
 /// Most kv heads whose keys the CPU may share (`MAX_CPU_HEADS` in the source).
 pub const MAX_CPU_HEADS: usize = 16;
@@ -64,17 +74,19 @@ pub struct Pending {
     total_rows: usize,
 }
 
-/// A device tensor `[d0, d1, head_dim]`: address and element strides of the first two dims.
+/// Rows computed elsewhere (the CPU) for the first `rows` query rows, merged by `attend_merge`:
+/// normalised outputs `[rows, head_dim]` f32 at device address `o` and their log-sum-exp
+/// `[rows]` f32 at `lse` (device memory or mapped pinned memory; read with volatile loads).
 #[derive(Clone, Copy, Debug)]
-pub struct DevTensor {
-    pub ptr: u64,
-    pub s0: i64,
-    pub s1: i64,
+pub struct Extra {
+    pub o: u64,
+    pub lse: u64,
+    pub rows: usize,
 }
 
-/// The model's attention arithmetic for one launch.
+/// One attention launch as the kernels take it (built and checked by `attention::args`).
 #[derive(Clone, Copy, Debug)]
-pub struct AttnArgs {
+pub struct AttendLaunch {
     pub q_len: usize,
     pub seq_len: usize,
     /// First key position any query reads.
@@ -118,35 +130,23 @@ pub fn compile_ptx(dtype: DType, head_dim: usize, major: i32, minor: i32) -> Res
         ..Default::default()
     };
     let ptx = compile_ptx_with_opts(SOURCE, opts).map_err(|e| {
-        Error::Cuda(format!(
+        Error::CudaUnavailable(format!(
             "NVRTC failed to compile kernels/attention.cu: {e:?}"
         ))
     })?;
     Ok(ptx.to_src())
 }
 
+/// The loaded kernels of one (device, dtype, head_dim).
 pub struct Kernels {
-    module: sys::CUmodule,
-    attend_partial: sys::CUfunction,
-    merge_partials: sys::CUfunction,
-    append_kv: sys::CUfunction,
-    gather_kv: sys::CUfunction,
+    ctx: Arc<CudaContext>,
+    attend_partial: CudaFunction,
+    merge_partials: CudaFunction,
+    append_kv: CudaFunction,
+    gather_kv: CudaFunction,
     pub head_dim: usize,
     pub dtype: DType,
     sm_count: usize,
-}
-
-// SAFETY: module and function handles are process-wide driver tokens, valid on any thread
-// with the context bound (every launch binds it).
-unsafe impl Send for Kernels {}
-// SAFETY: as above; launching does not mutate the handles.
-unsafe impl Sync for Kernels {}
-
-impl Drop for Kernels {
-    fn drop(&mut self) {
-        // SAFETY: loaded in `compile`, unloaded once.
-        let _ = unsafe { cu::module::unload(self.module) };
-    }
 }
 
 impl Kernels {
@@ -154,14 +154,13 @@ impl Kernels {
     pub fn compile(gpu: &Gpu, dtype: DType, head_dim: usize) -> Result<Self> {
         let (major, minor) = gpu.compute_capability;
         let ptx = compile_ptx(dtype, head_dim, major, minor)?;
-        let image = CString::new(ptx).expect("PTX has no NUL");
-        gpu.bind()?;
-        // SAFETY: `image` is a NUL-terminated PTX module produced just above.
-        let module = unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }
+        let ctx = gpu.context().clone();
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .map_err(|e| driver_err("loading the compiled kernels", e))?;
-        let get = |name: &str| -> Result<sys::CUfunction> {
-            // SAFETY: `module` was loaded above and is not unloaded while `Kernels` lives.
-            unsafe { cu::module::get_function(module, CString::new(name).expect("name")) }
+        let get = |name: &str| {
+            module
+                .load_function(name)
                 .map_err(|e| driver_err(&format!("finding kernel {name}"), e))
         };
         Ok(Kernels {
@@ -169,7 +168,7 @@ impl Kernels {
             merge_partials: get("merge_partials")?,
             append_kv: get("append_kv")?,
             gather_kv: get("gather_kv")?,
-            module,
+            ctx,
             head_dim,
             dtype,
             sm_count: gpu.sm_count,
@@ -178,6 +177,29 @@ impl Kernels {
 
     fn vec(&self) -> usize {
         16 / self.dtype.size()
+    }
+
+    /// cudarc's view of the caller's stream, borrowed (never destroyed by us).
+    fn borrow(&self, stream: Stream) -> Arc<cudarc::driver::CudaStream> {
+        // SAFETY: `stream` is a live stream of this device's primary context (torch's current
+        // stream, or one the caller created there); the wrapper only queues work on it and is
+        // dropped before the call returns.
+        unsafe { self.ctx.wrap_borrowed_stream(stream.0) }
+    }
+
+    /// The one launch path: the test-only failure point, then cudarc's launch.
+    ///
+    /// # Safety
+    /// The pushed arguments must match the kernel's parameters one for one, and every address
+    /// among them must be valid for the work the kernel does, until the stream has run it.
+    unsafe fn launch(op: &str, mut args: LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
+        if testing::hit(FailPoint::Launch) {
+            return Err(Error::Injected("launch"));
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { args.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| driver_err(&format!("launching {op}"), e))
     }
 
     /// Attention of `q` (`[num_q_heads, q_len, head_dim]`) over `src`, into `out` (same shape).
@@ -190,7 +212,7 @@ impl Kernels {
         stream: Stream,
         q: DevTensor,
         src: KvSrc,
-        a: &AttnArgs,
+        a: &AttendLaunch,
         out: DevTensor,
     ) -> Result<()> {
         // SAFETY: forwarded from the caller.
@@ -210,7 +232,7 @@ impl Kernels {
         stream: Stream,
         q: DevTensor,
         src: KvSrc,
-        a: &AttnArgs,
+        a: &AttendLaunch,
         share: &CpuShare,
     ) -> Result<Pending> {
         let d = self.head_dim;
@@ -231,52 +253,28 @@ impl Kernels {
         let ws = unsafe { cu::malloc_async(stream.0, o_bytes + ml_bytes) }
             .map_err(|e| driver_err("allocating attention workspace", e))?;
         let (o_part, ml_part) = (ws, ws + o_bytes as u64);
-
-        let (mut qp, mut qs0, mut qs1) = (q.ptr, q.s0, q.s1);
-        let mut q_len = a.q_len as i32;
-        let mut src_v = src;
-        let (mut seq_len, mut lo) = (a.seq_len as i64, a.lo as i64);
-        let mut kps = keys_per_split;
-        let mut group = a.group as i32;
-        let mut scale = a.scale;
-        let mut softcap = a.softcap.unwrap_or(0.0);
-        let mut window = a.window.map_or(0, |w| w.min(i32::MAX as usize)) as i32;
-        let mut share_v = *share;
-        let (mut op, mut mp) = (o_part, ml_part);
-        let mut params: [*mut c_void; 15] = [
-            &mut qp as *mut _ as *mut c_void,
-            &mut qs0 as *mut _ as *mut c_void,
-            &mut qs1 as *mut _ as *mut c_void,
-            &mut q_len as *mut _ as *mut c_void,
-            &mut src_v as *mut _ as *mut c_void,
-            &mut seq_len as *mut _ as *mut c_void,
-            &mut lo as *mut _ as *mut c_void,
-            &mut kps as *mut _ as *mut c_void,
-            &mut group as *mut _ as *mut c_void,
-            &mut scale as *mut _ as *mut c_void,
-            &mut softcap as *mut _ as *mut c_void,
-            &mut window as *mut _ as *mut c_void,
-            &mut share_v as *mut _ as *mut c_void,
-            &mut op as *mut _ as *mut c_void,
-            &mut mp as *mut _ as *mut c_void,
-        ];
-        let grid = (splits as u32, a.num_kv_heads as u32, row_groups as u32);
-        // SAFETY: the parameters match `attend_partial`'s signature one for one; the caller
-        // vouches for the addresses.
-        let launched = unsafe {
-            cu::launch_kernel(
-                self.attend_partial,
-                grid,
-                (ATTEND_THREADS, 1, 1),
-                0,
-                stream.0,
-                &mut params,
-            )
+        let q_len = a.q_len as i32;
+        let (seq_len, lo) = (a.seq_len as i64, a.lo as i64);
+        let group = a.group as i32;
+        let softcap = a.softcap.unwrap_or(0.0);
+        let window = a.window.map_or(0, |w| w.min(i32::MAX as usize)) as i32;
+        let s = self.borrow(stream);
+        let mut b = s.launch_builder(&self.attend_partial);
+        b.arg(&q.ptr).arg(&q.s0).arg(&q.s1).arg(&q_len);
+        b.arg(&src).arg(&seq_len).arg(&lo).arg(&keys_per_split);
+        b.arg(&group).arg(&a.scale).arg(&softcap).arg(&window);
+        b.arg(share).arg(&o_part).arg(&ml_part);
+        let cfg = LaunchConfig {
+            grid_dim: (splits as u32, a.num_kv_heads as u32, row_groups as u32),
+            block_dim: (ATTEND_THREADS, 1, 1),
+            shared_mem_bytes: 0,
         };
-        if let Err(e) = launched {
+        // SAFETY: the arguments match `attend_partial`'s parameters one for one; the caller
+        // vouches for the addresses, the workspace was allocated above.
+        if let Err(e) = unsafe { Self::launch("attend_partial", b, cfg) } {
             // SAFETY: allocated above on this stream, used by nothing.
             let _ = unsafe { cu::free_async(ws, stream.0) };
-            return Err(driver_err("launching attend_partial", e));
+            return Err(e);
         }
         Ok(Pending {
             ws,
@@ -288,8 +286,8 @@ impl Kernels {
         })
     }
 
-    /// Merges `p`'s splits (and, for its first `rows` rows, the CPU's share: normalised
-    /// `[rows, head_dim]` f32 outputs at `o` and their log-sum-exp at `lse`) into `out`.
+    /// Merges `p`'s splits (and, for its first rows, `extra`: the CPU's share) into `out`, and
+    /// frees `p`'s workspace whatever happens.
     ///
     /// # Safety
     /// As for `attend`; `p` came from `attend_partial` on this stream.
@@ -297,41 +295,32 @@ impl Kernels {
         &self,
         stream: Stream,
         p: Pending,
-        extra: Option<(u64, u64, usize)>,
+        extra: Option<Extra>,
         out: DevTensor,
     ) -> Result<()> {
-        let (mut op, mut mp) = (p.o_part, p.ml_part);
-        let mut splits_i = p.splits as i32;
-        let mut q_len = p.q_len as i32;
-        let (mut outp, mut os0, mut os1) = (out.ptr, out.s0, out.s1);
-        let (mut eo, mut el, erows) = extra.unwrap_or((0, 0, 0));
-        let mut erows = erows as i32;
-        let mut params: [*mut c_void; 10] = [
-            &mut op as *mut _ as *mut c_void,
-            &mut mp as *mut _ as *mut c_void,
-            &mut splits_i as *mut _ as *mut c_void,
-            &mut q_len as *mut _ as *mut c_void,
-            &mut outp as *mut _ as *mut c_void,
-            &mut os0 as *mut _ as *mut c_void,
-            &mut os1 as *mut _ as *mut c_void,
-            &mut eo as *mut _ as *mut c_void,
-            &mut el as *mut _ as *mut c_void,
-            &mut erows as *mut _ as *mut c_void,
-        ];
-        // SAFETY: the parameters match `merge_partials`'s signature one for one.
-        let launched = unsafe {
-            cu::launch_kernel(
-                self.merge_partials,
-                (p.total_rows as u32, 1, 1),
-                (self.head_dim as u32, 1, 1),
-                0,
-                stream.0,
-                &mut params,
-            )
+        let splits = p.splits as i32;
+        let q_len = p.q_len as i32;
+        let e = extra.unwrap_or(Extra {
+            o: 0,
+            lse: 0,
+            rows: 0,
+        });
+        let erows = e.rows as i32;
+        let s = self.borrow(stream);
+        let mut b = s.launch_builder(&self.merge_partials);
+        b.arg(&p.o_part).arg(&p.ml_part).arg(&splits).arg(&q_len);
+        b.arg(&out.ptr).arg(&out.s0).arg(&out.s1);
+        b.arg(&e.o).arg(&e.lse).arg(&erows);
+        let cfg = LaunchConfig {
+            grid_dim: (p.total_rows as u32, 1, 1),
+            block_dim: (self.head_dim as u32, 1, 1),
+            shared_mem_bytes: 0,
         };
+        // SAFETY: the arguments match `merge_partials`'s parameters one for one.
+        let launched = unsafe { Self::launch("merge_partials", b, cfg) };
         // SAFETY: allocated by `attend_partial` on this stream; freed after its users.
         let freed = unsafe { cu::free_async(p.ws, stream.0) };
-        launched.map_err(|e| driver_err("launching merge_partials", e))?;
+        launched?;
         freed.map_err(|e| driver_err("freeing workspace", e))
     }
 
@@ -357,34 +346,20 @@ impl Kernels {
         if total == 0 {
             return Ok(());
         }
-        let (mut kp, mut ks0, mut ks1) = (k.ptr, k.s0, k.s1);
-        let (mut vp, mut vs0, mut vs1) = (v.ptr, v.s0, v.s1);
-        let (mut h, mut nn) = (heads as i32, n as i32);
-        let mut p0 = pos0 as i64;
-        let mut t = table;
-        let (mut mb, mut bs) = (max_blocks as i32, block_size as i32);
-        let mut params: [*mut c_void; 12] = [
-            &mut kp as *mut _ as *mut c_void,
-            &mut ks0 as *mut _ as *mut c_void,
-            &mut ks1 as *mut _ as *mut c_void,
-            &mut vp as *mut _ as *mut c_void,
-            &mut vs0 as *mut _ as *mut c_void,
-            &mut vs1 as *mut _ as *mut c_void,
-            &mut h as *mut _ as *mut c_void,
-            &mut nn as *mut _ as *mut c_void,
-            &mut p0 as *mut _ as *mut c_void,
-            &mut t as *mut _ as *mut c_void,
-            &mut mb as *mut _ as *mut c_void,
-            &mut bs as *mut _ as *mut c_void,
-        ];
-        let grid = (total.div_ceil(256) as u32, 1, 1);
-        // SAFETY: the parameters match `append_kv`'s signature; the caller vouches for them.
-        unsafe { cu::launch_kernel(self.append_kv, grid, (256, 1, 1), 0, stream.0, &mut params) }
-            .map_err(|e| driver_err("launching append_kv", e))
+        let (h, nn) = (heads as i32, n as i32);
+        let p0 = pos0 as i64;
+        let (mb, bs) = (max_blocks as i32, block_size as i32);
+        let s = self.borrow(stream);
+        let mut b = s.launch_builder(&self.append_kv);
+        b.arg(&k.ptr).arg(&k.s0).arg(&k.s1);
+        b.arg(&v.ptr).arg(&v.s0).arg(&v.s1);
+        b.arg(&h).arg(&nn).arg(&p0).arg(&table).arg(&mb).arg(&bs);
+        // SAFETY: the arguments match `append_kv`'s parameters; the caller vouches for them.
+        unsafe { Self::launch("append_kv", b, Self::flat(total)) }
     }
 
     /// Copies positions `a..a + n` of heads `h0..h0 + heads` into `ko` and `vo`
-    /// (`[heads, n, head_dim]`).
+    /// (`[heads, n, head_dim]`, each with its own strides).
     ///
     /// # Safety
     /// As for `append`.
@@ -402,40 +377,36 @@ impl Kernels {
         ko: DevTensor,
         vo: DevTensor,
     ) -> Result<()> {
-        if ko.s0 != vo.s0 || ko.s1 != vo.s1 {
-            return Err(Error::value(
-                "value_out",
-                "must have the same strides as key_out",
-            ));
-        }
         let total = heads * n * (self.head_dim / self.vec());
         if total == 0 {
             return Ok(());
         }
-        let mut t = table;
-        let (mut mb, mut bs) = (max_blocks as i32, block_size as i32);
-        let (mut hh0, mut hh) = (h0 as i32, heads as i32);
-        let mut aa = a as i64;
-        let mut nn = n as i32;
-        let (mut kp, mut vp) = (ko.ptr, vo.ptr);
-        let (mut s0, mut s1) = (ko.s0, ko.s1);
-        let mut params: [*mut c_void; 11] = [
-            &mut t as *mut _ as *mut c_void,
-            &mut mb as *mut _ as *mut c_void,
-            &mut bs as *mut _ as *mut c_void,
-            &mut hh0 as *mut _ as *mut c_void,
-            &mut hh as *mut _ as *mut c_void,
-            &mut aa as *mut _ as *mut c_void,
-            &mut nn as *mut _ as *mut c_void,
-            &mut kp as *mut _ as *mut c_void,
-            &mut vp as *mut _ as *mut c_void,
-            &mut s0 as *mut _ as *mut c_void,
-            &mut s1 as *mut _ as *mut c_void,
-        ];
-        let grid = (total.div_ceil(256) as u32, 1, 1);
-        // SAFETY: the parameters match `gather_kv`'s signature; the caller vouches for them.
-        unsafe { cu::launch_kernel(self.gather_kv, grid, (256, 1, 1), 0, stream.0, &mut params) }
-            .map_err(|e| driver_err("launching gather_kv", e))
+        let (mb, bs) = (max_blocks as i32, block_size as i32);
+        let (hh0, hh) = (h0 as i32, heads as i32);
+        let aa = a as i64;
+        let nn = n as i32;
+        let s = self.borrow(stream);
+        let mut b = s.launch_builder(&self.gather_kv);
+        b.arg(&table)
+            .arg(&mb)
+            .arg(&bs)
+            .arg(&hh0)
+            .arg(&hh)
+            .arg(&aa)
+            .arg(&nn);
+        b.arg(&ko.ptr).arg(&ko.s0).arg(&ko.s1);
+        b.arg(&vo.ptr).arg(&vo.s0).arg(&vo.s1);
+        // SAFETY: the arguments match `gather_kv`'s parameters; the caller vouches for them.
+        unsafe { Self::launch("gather_kv", b, Self::flat(total)) }
+    }
+
+    /// One thread per 16-byte vector, 256 a block.
+    fn flat(total: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (total.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 }
 

@@ -49,7 +49,7 @@ impl PinnedBuf {
         let host = unsafe { cu::malloc_host(len, flags) }.map_err(|e| Error::OutOfHostMemory {
             what: format!("pinning a {len}-byte KV block ({e:?})"),
             needed: len,
-            available: crate::host::available_bytes().unwrap_or(0),
+            available: crate::cpu::memory::available_bytes().unwrap_or(0),
         })? as *mut u8;
         let mut dev: sys::CUdeviceptr = 0;
         // SAFETY: `host` was just allocated with DEVICEMAP, so it has a device address.
@@ -63,8 +63,20 @@ impl PinnedBuf {
         Ok(PinnedBuf { host, dev, len })
     }
 
+    /// No memory (what an owner leaves behind after giving its buffer back).
+    pub fn empty() -> Self {
+        PinnedBuf {
+            host: std::ptr::null_mut(),
+            dev: 0,
+            len: 0,
+        }
+    }
+
     /// Returns the buffer to the pool for reuse.
     pub fn give_back(self) {
+        if self.len == 0 {
+            return;
+        }
         pool()
             .lock()
             .expect("pool")
@@ -92,6 +104,9 @@ impl PinnedBuf {
 
 impl Drop for PinnedBuf {
     fn drop(&mut self) {
+        if self.host.is_null() {
+            return;
+        }
         // SAFETY: allocated by `malloc_host` in `take`, freed once; nothing else owns it.
         let _ = unsafe { cu::free_host(self.host as *mut _) };
         PINNED_BYTES.fetch_sub(self.len, Ordering::Relaxed);

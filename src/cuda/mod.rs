@@ -1,10 +1,16 @@
 //! CUDA from Rust without build-time CUDA: the driver and NVRTC are loaded at run time
 //! (cudarc, dynamic loading), the primary context is shared with PyTorch, and work is ordered
 //! on the stream the caller passes (torch's current stream).
+//!
+//! Plumbing only: the context (`Gpu`), memory (`memory`), streams and events (`stream`), the
+//! compiled kernels and their typed launches (`kernels`), and the hand-off of stream work to a
+//! host thread with no host function (`handoff`). What to compute lives in `attention` and
+//! `store`.
 
+pub mod handoff;
 pub mod kernels;
 pub mod memory;
-pub mod share;
+pub mod stream;
 
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -14,15 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 pub use kernels::Kernels;
-
-/// A raw CUDA stream handle, as `torch.cuda.Stream.cuda_stream` gives it.
-#[derive(Clone, Copy, Debug)]
-pub struct Stream(pub sys::CUstream);
-
-// SAFETY: a stream handle is an opaque driver token, usable from any thread of the process.
-unsafe impl Send for Stream {}
-// SAFETY: as above.
-unsafe impl Sync for Stream {}
+pub use stream::Stream;
 
 /// One GPU: its primary context and the kernels compiled for it.
 pub struct Gpu {
@@ -39,8 +37,9 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
+/// A failed driver call as the crate's typed error (the driver's code is kept).
 pub(crate) fn driver_err(what: &str, e: DriverError) -> Error {
-    Error::Cuda(format!("{what}: {e:?}"))
+    Error::cuda(what, e)
 }
 
 /// Whether the CUDA driver and NVRTC libraries can be loaded; `Err` says which is missing.
@@ -51,12 +50,12 @@ pub fn check_libraries() -> Result<()> {
     let nvrtc = unsafe { cudarc::nvrtc::sys::is_culib_present() };
     match (driver, nvrtc) {
         (true, true) => Ok(()),
-        (false, _) => Err(Error::Cuda(
+        (false, _) => Err(Error::CudaUnavailable(
             "the CUDA driver library (libcuda.so.1) could not be loaded: is an NVIDIA driver \
              installed and on the loader path?"
                 .into(),
         )),
-        (true, false) => Err(Error::Cuda(
+        (true, false) => Err(Error::CudaUnavailable(
             "NVRTC (libnvrtc.so) could not be loaded: install the CUDA runtime compiler, e.g. \
              `pip install nvidia-cuda-nvrtc`, or add its folder to LD_LIBRARY_PATH"
                 .into(),
@@ -71,7 +70,7 @@ pub fn gpu(ordinal: usize) -> Result<Arc<Gpu>> {
     let mut map = GPUS
         .get_or_init(|| Mutex::new(HashMap::new()))
         .lock()
-        .expect("gpu registry poisoned");
+        .unwrap_or_else(|e| e.into_inner());
     if let Some(g) = map.get(&ordinal) {
         return Ok(g.clone());
     }
@@ -102,9 +101,14 @@ impl Gpu {
             .map_err(|e| driver_err("binding the CUDA context", e))
     }
 
+    /// The context, for cudarc's typed APIs (modules, launch builder).
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
     /// The kernels for `dtype` and `head_dim`, compiled by NVRTC on first use.
     pub fn kernels(&self, dtype: DType, head_dim: usize) -> Result<Arc<Kernels>> {
-        let mut map = self.kernels.lock().expect("kernel cache poisoned");
+        let mut map = self.kernels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = map.get(&(dtype, head_dim)) {
             return Ok(k.clone());
         }
@@ -118,11 +122,5 @@ impl Gpu {
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;
         cu::ctx::synchronize().map_err(|e| driver_err("synchronizing the device", e))
-    }
-
-    /// Free and total device memory in bytes.
-    pub fn mem_info(&self) -> Result<(usize, usize)> {
-        self.bind()?;
-        cu::mem_get_info().map_err(|e| driver_err("reading device memory", e))
     }
 }

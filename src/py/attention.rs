@@ -1,11 +1,12 @@
 //! `attention(query, key, value, out, ...)`: the op over explicit tensors (no store).
 
 use super::errors::IntoPyResult;
-use super::tensor::{stream_arg, TensorArg};
-use crate::cpu::attention::{attend, DenseKv, Params};
-use crate::cuda::kernels::KvSrc;
+use super::stream::{device_of, resolve};
+use super::tensor::TensorArg;
+use crate::attention::args::Params;
+use crate::attention::cpu::{attend, DenseKv};
+use crate::attention::cuda::{attend_dense, DenseDev};
 use crate::error::Error;
-use crate::store::attn_args;
 use crate::tensor::{Device, Tensor3};
 use crate::with_element;
 use pyo3::prelude::*;
@@ -36,11 +37,23 @@ pub fn check_out(
     )
     .py_err(py)?;
     out.expect_dtype("out", query.dtype).py_err(py)?;
-    out.expect_device("out", query.device).py_err(py)?;
+    same_device("out", out, query.device).py_err(py)?;
     if inputs.iter().any(|t| t.overlaps(out)) {
         return Err(Error::value("out", "must not share memory with the inputs")).py_err(py);
     }
     Ok(())
+}
+
+/// Checks that `t` is on `device`: another kind of device is a `TypeError`, another CUDA
+/// device a `ValueError`; both name the argument.
+pub fn same_device(arg: &str, t: &Tensor3, device: Device) -> crate::Result<()> {
+    match (t.device, device) {
+        (Device::Cuda(got), Device::Cuda(want)) if got != want => Err(Error::value(
+            arg,
+            format!("is on cuda:{got}, the query on cuda:{want}"),
+        )),
+        _ => t.expect_device(arg, device),
+    }
 }
 
 /// Attention over explicit key/value tensors; writes `out`. See `_core.pyi`.
@@ -58,14 +71,14 @@ pub fn attention(
     window: Option<usize>,
     stream: Option<usize>,
 ) -> PyResult<()> {
-    let s = stream_arg(stream);
+    let s = resolve(py, stream, device_of(query))?;
     let q = TensorArg::import(query, "query", false, s)?;
     let k = TensorArg::import(key, "key", false, s)?;
     let v = TensorArg::import(value, "value", false, s)?;
     let o = TensorArg::import(out, "out", true, s)?;
     for (arg, t) in [("key", &k.t), ("value", &v.t)] {
         t.expect_dtype(arg, q.t.dtype).py_err(py)?;
-        t.expect_device(arg, q.t.device).py_err(py)?;
+        same_device(arg, t, q.t.device).py_err(py)?;
     }
     check_out(py, &q.t, &[&q.t, &k.t, &v.t], &o.t)?;
     let params = Params {
@@ -82,49 +95,28 @@ pub fn attention(
             ))
             .py_err(py);
         }
-        let (kd, vd) = (
-            kt.cuda_view("key").py_err(py)?,
-            vt.cuda_view("value").py_err(py)?,
-        );
-        if kd.s0 != vd.s0 || kd.s1 != vd.s1 || kt.shape[2] != qt.shape[2] {
+        if kt.shape[2] != qt.shape[2] {
             return Err(Error::value(
-                "value",
-                "must have key's strides, and key the query's head_dim",
+                "key",
+                format!("head_dim is {}, the query's {}", kt.shape[2], qt.shape[2]),
             ))
             .py_err(py);
         }
-        let args = attn_args(
-            qt.shape[0],
-            qt.shape[1],
-            kt.shape[0],
-            kt.shape[1],
-            0,
-            &params,
-        )
-        .py_err(py)?;
+        let kv = DenseDev {
+            k: kt.cuda_view("key").py_err(py)?,
+            v: vt.cuda_view("value").py_err(py)?,
+            num_kv_heads: kt.shape[0],
+            kv_len: kt.shape[1],
+        };
         let (qd, od) = (
             qt.cuda_view("query").py_err(py)?,
             o.t.cuda_view("out").py_err(py)?,
         );
-        let gpu = crate::cuda::gpu(ordinal).py_err(py)?;
-        let kernels = gpu.kernels(qt.dtype, qt.shape[2]).py_err(py)?;
-        let src = KvSrc {
-            table: 0,
-            max_blocks: 0,
-            block_size: 0,
-            k: kd.ptr,
-            v: vd.ptr,
-            s0: kd.s0,
-            s1: kd.s1,
-        };
-        gpu.bind().py_err(py)?;
-        if qt.shape[1] == 0 {
-            return Ok(());
-        }
-        // SAFETY: all four tensors were validated as CUDA tensors of these shapes; their
-        // capsules live until the call returns and torch keeps the memory until the stream
-        // has run the kernels (the caller holds the tensors).
-        return unsafe { kernels.attend(s, qd, src, &args, od) }.py_err(py);
+        // SAFETY: all four tensors were validated as CUDA tensors of these shapes on one
+        // device; their capsules live until the call returns and torch keeps the memory until
+        // the stream has run the kernels (the caller holds the tensors).
+        return unsafe { attend_dense(ordinal, qt.dtype, qd, qt.shape, &kv, &params, od, s) }
+            .py_err(py);
     }
     let rows = py
         .detach(|| {

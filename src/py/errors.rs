@@ -48,7 +48,11 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
     match e {
         Error::Value { .. } => PyValueError::new_err(msg),
         Error::Type { .. } => PyTypeError::new_err(msg),
-        Error::Cuda(_) => HeadInferError::new_err(msg),
+        Error::Cuda { .. }
+        | Error::CudaUnavailable(_)
+        | Error::Worker(_)
+        | Error::Panic(_)
+        | Error::Injected(_) => HeadInferError::new_err(msg),
         Error::OutOfHostMemory {
             needed, available, ..
         } => {

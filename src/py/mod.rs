@@ -6,8 +6,11 @@ mod attention;
 mod errors;
 mod memory;
 mod plan;
+mod policy;
 mod store;
+mod stream;
 mod tensor;
+mod testing;
 
 use pyo3::prelude::*;
 
@@ -19,7 +22,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("OutOfHostMemoryError", errors::out_of_host_memory_type(py)?)?;
     m.add_class::<store::PyKvStore>()?;
     m.add_function(wrap_pyfunction!(attention::attention, m)?)?;
+    m.add_class::<plan::PyModelShape>()?;
+    m.add_class::<plan::PyPlan>()?;
     m.add_function(wrap_pyfunction!(plan::plan, m)?)?;
+    m.add_function(wrap_pyfunction!(policy::default_cpu_heads, m)?)?;
+    m.add_function(wrap_pyfunction!(testing::_inject_failure, m)?)?;
     m.add_function(wrap_pyfunction!(memory::cuda_status, m)?)?;
     m.add_function(wrap_pyfunction!(memory::pinned_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(memory::pinned_pool_bytes, m)?)?;

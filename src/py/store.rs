@@ -1,24 +1,80 @@
 //! `KVStore`: the head-wise KV store as a Python class. See `_core.pyi`.
+//!
+//! One class for both kinds of store: it holds a `CpuStore` or a `CudaStore` and the CPU-share
+//! policy, checks each tensor argument against the store's device on entry, and calls the
+//! core.
 
 use super::attention::{check_out, finish_out};
 use super::errors::IntoPyResult;
+use super::stream::resolve;
 use super::tensor::{stream_arg, TensorArg};
-use crate::cpu::attention::{attend, Params};
+use crate::attention::args::Params;
+use crate::attention::cpu::attend;
+use crate::attention::policy::SharePolicy;
 use crate::error::Error;
-use crate::store::{CudaConfig, KvStore, StoreConfig};
-use crate::tensor::{DType, Device};
+use crate::store::{CpuStore, CudaConfig, CudaStore, StoreConfig};
+use crate::tensor::{DType, Device, Tensor3};
 use crate::with_element;
 use pyo3::prelude::*;
 
+enum Inner {
+    Cpu(Box<CpuStore>),
+    Cuda(Box<CudaStore>),
+}
+
+/// Runs `$body` with `$s` bound to the store, whichever kind it is.
+macro_rules! each {
+    ($inner:expr, $s:ident => $body:expr) => {
+        match $inner {
+            Inner::Cpu($s) => $body,
+            Inner::Cuda($s) => $body,
+        }
+    };
+}
+
 #[pyclass(name = "KVStore", module = "headinfer._core")]
 pub struct PyKvStore {
-    inner: KvStore,
+    inner: Inner,
+    policy: SharePolicy,
+}
+
+impl PyKvStore {
+    fn config(&self) -> &StoreConfig {
+        each!(&self.inner, s => s.config())
+    }
+
+    fn device(&self) -> Device {
+        match &self.inner {
+            Inner::Cpu(_) => Device::Cpu,
+            Inner::Cuda(s) => Device::Cuda(s.ordinal()),
+        }
+    }
+
+    /// Checks that `t` is on the store's device: a CPU/CUDA mismatch is a `TypeError`, another
+    /// CUDA device a `ValueError`; both name the argument.
+    fn check_device(&self, arg: &str, t: &Tensor3) -> crate::Result<()> {
+        match (self.device(), t.device) {
+            (Device::Cuda(want), Device::Cuda(got)) if want != got => Err(Error::value(
+                arg,
+                format!("is on cuda:{got}, but this store holds cuda:{want}"),
+            )),
+            (Device::Cuda(_), Device::Cpu) => Err(Error::type_(
+                arg,
+                "is a CPU tensor but this store holds CUDA tensors (it was created with a device)",
+            )),
+            (Device::Cpu, Device::Cuda(_)) => Err(Error::type_(
+                arg,
+                "is a CUDA tensor but this store holds CPU tensors (create it with a device)",
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[pymethods]
 impl PyKvStore {
     #[new]
-    #[pyo3(signature = (num_layers, num_kv_heads, head_dim, dtype, block_size=256, windows=None, host_memory_limit=None, device=None, device_budget=0, max_len=None))]
+    #[pyo3(signature = (num_layers, num_kv_heads, head_dim, dtype, block_size=256, windows=None, host_memory_limit=None, device=None, device_budget=0, max_len=None, cpu_heads=0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -32,17 +88,8 @@ impl PyKvStore {
         device: Option<usize>,
         device_budget: usize,
         max_len: Option<usize>,
+        cpu_heads: usize,
     ) -> PyResult<Self> {
-        let cuda = match device {
-            None => None,
-            Some(ordinal) => Some(CudaConfig {
-                ordinal,
-                device_budget,
-                max_len: max_len
-                    .ok_or_else(|| Error::value("max_len", "is required with a device"))
-                    .py_err(py)?,
-            }),
-        };
         let cfg = StoreConfig {
             num_layers,
             num_kv_heads,
@@ -51,44 +98,109 @@ impl PyKvStore {
             block_size,
             windows: windows.unwrap_or_else(|| vec![None; num_layers]),
             host_memory_limit,
-            cuda,
+        };
+        SharePolicy::check(cpu_heads, num_kv_heads).py_err(py)?;
+        let inner = match device {
+            None => {
+                if cpu_heads > 0 {
+                    return Err(Error::value(
+                        "cpu_heads",
+                        "a CPU store attends on the CPU already; cpu_heads needs a device",
+                    ))
+                    .py_err(py);
+                }
+                Inner::Cpu(Box::new(CpuStore::new(cfg).py_err(py)?))
+            }
+            Some(ordinal) => {
+                let cuda = CudaConfig {
+                    ordinal,
+                    device_budget,
+                    max_len: max_len
+                        .ok_or_else(|| Error::value("max_len", "is required with a device"))
+                        .py_err(py)?,
+                };
+                Inner::Cuda(Box::new(CudaStore::new(cfg, cuda).py_err(py)?))
+            }
         };
         Ok(PyKvStore {
-            inner: KvStore::new(cfg).py_err(py)?,
+            inner,
+            policy: SharePolicy {
+                cpu_heads,
+                ..SharePolicy::default()
+            },
         })
     }
 
     #[getter]
     fn num_layers(&self) -> usize {
-        self.inner.config().num_layers
+        self.config().num_layers
     }
     #[getter]
     fn num_kv_heads(&self) -> usize {
-        self.inner.config().num_kv_heads
+        self.config().num_kv_heads
     }
     #[getter]
     fn head_dim(&self) -> usize {
-        self.inner.config().head_dim
+        self.config().head_dim
     }
     #[getter]
     fn dtype(&self) -> &'static str {
-        self.inner.config().dtype.name()
+        self.config().dtype.name()
     }
     #[getter]
     fn block_size(&self) -> usize {
-        self.inner.config().block_size
+        self.config().block_size
     }
     #[getter]
     fn windows(&self) -> Vec<Option<usize>> {
-        self.inner.config().windows.clone()
+        self.config().windows.clone()
+    }
+
+    #[getter]
+    fn cpu_heads(&self) -> usize {
+        self.policy.cpu_heads
+    }
+
+    #[setter]
+    fn set_cpu_heads(&mut self, py: Python<'_>, heads: usize) -> PyResult<()> {
+        SharePolicy::check(heads, self.config().num_kv_heads).py_err(py)?;
+        if heads > 0 && matches!(self.inner, Inner::Cpu(_)) {
+            return Err(Error::value(
+                "cpu_heads",
+                "a CPU store attends on the CPU already; cpu_heads needs a device",
+            ))
+            .py_err(py);
+        }
+        self.policy.cpu_heads = heads;
+        Ok(())
+    }
+
+    #[getter]
+    fn cpu_share_min_tokens(&self) -> usize {
+        self.policy.min_host_tokens
+    }
+
+    #[setter]
+    fn set_cpu_share_min_tokens(&mut self, tokens: usize) {
+        self.policy.min_host_tokens = tokens;
+    }
+
+    fn cpu_split(&self, py: Python<'_>, layer: usize) -> PyResult<Option<Vec<usize>>> {
+        match &self.inner {
+            Inner::Cpu(s) => s.seq_len(layer).map(|_| None).py_err(py),
+            Inner::Cuda(s) => {
+                let view = s.device_view(layer).py_err(py)?;
+                Ok(self.policy.split(1, true, &view).map(|s| s.from))
+            }
+        }
     }
 
     fn seq_len(&self, py: Python<'_>, layer: usize) -> PyResult<usize> {
-        self.inner.seq_len(layer).py_err(py)
+        each!(&self.inner, s => s.seq_len(layer)).py_err(py)
     }
 
     fn retained_start(&self, py: Python<'_>, layer: usize) -> PyResult<usize> {
-        self.inner.retained_start(layer).py_err(py)
+        each!(&self.inner, s => s.retained_start(layer)).py_err(py)
     }
 
     #[pyo3(signature = (layer, key, value, stream=None))]
@@ -100,38 +212,36 @@ impl PyKvStore {
         value: &Bound<'_, PyAny>,
         stream: Option<usize>,
     ) -> PyResult<()> {
-        let s = stream_arg(stream);
+        let s = resolve(py, stream, self.device())?;
         let k = TensorArg::import(key, "key", false, s)?;
         let v = TensorArg::import(value, "value", false, s)?;
-        let dtype = self.inner.config().dtype;
+        self.check_device("key", &k.t).py_err(py)?;
+        self.check_device("value", &v.t).py_err(py)?;
+        let dtype = self.config().dtype;
         k.t.expect_dtype("key", dtype).py_err(py)?;
         v.t.expect_dtype("value", dtype).py_err(py)?;
-        v.t.expect_device("value", k.t.device).py_err(py)?;
-        if let Device::Cuda(_) = k.t.device {
-            let c = self.inner.config();
-            let shape = [Some(c.num_kv_heads), Some(k.t.shape[1]), Some(c.head_dim)];
-            let what = "[num_kv_heads, chunk_len, head_dim]";
-            k.t.expect_shape("key", what, shape).py_err(py)?;
-            v.t.expect_shape("value", what, shape).py_err(py)?;
-            let (kd, vd) = (
-                k.t.cuda_view("key").py_err(py)?,
-                v.t.cuda_view("value").py_err(py)?,
-            );
-            let n = k.t.shape[1];
-            // SAFETY: both are validated CUDA tensors of the store's shape; the caller keeps
-            // them alive until the stream has run the copy (transformers holds them).
-            return unsafe { self.inner.append_cuda(layer, kd, vd, n, s) }.py_err(py);
+        match &mut self.inner {
+            Inner::Cuda(store) => {
+                let kd = k.t.cuda_view("key").py_err(py)?;
+                let vd = v.t.cuda_view("value").py_err(py)?;
+                // SAFETY: both are validated CUDA tensors of this device; the store checks
+                // their shapes; the caller keeps them alive until the stream has run the copy
+                // (transformers holds them).
+                unsafe { store.append_cuda(layer, dtype, (kd, k.t.shape), (vd, v.t.shape), s) }
+                    .py_err(py)
+            }
+            Inner::Cpu(store) => {
+                let (kt, vt) = (k.t, v.t);
+                py.detach(|| {
+                    with_element!(dtype, E => {
+                        // SAFETY: both capsules stay alive in this frame until the call returns.
+                        let (kv, vv) = unsafe { (kt.view::<E>(), vt.view::<E>()) };
+                        store.append(layer, kv, vv)
+                    })
+                })
+                .py_err(py)
+            }
         }
-        let (kt, vt) = (k.t, v.t);
-        let store = &mut self.inner;
-        py.detach(|| {
-            with_element!(dtype, E => {
-                // SAFETY: both capsules stay alive in this frame until the call returns.
-                let (kv, vv) = unsafe { (kt.view::<E>(), vt.view::<E>()) };
-                store.append(layer, kv, vv)
-            })
-        })
-        .py_err(py)
     }
 
     fn read(
@@ -148,7 +258,14 @@ impl PyKvStore {
         let vo = TensorArg::import(value_out, "value_out", true, s)?;
         ko.t.expect_device("key_out", Device::Cpu).py_err(py)?;
         vo.t.expect_device("value_out", Device::Cpu).py_err(py)?;
-        let cfg = self.inner.config();
+        let Inner::Cpu(store) = &self.inner else {
+            return Err(Error::type_(
+                "key_out",
+                "read copies to CPU tensors from a CPU store; a CUDA store has gather",
+            ))
+            .py_err(py);
+        };
+        let cfg = store.config();
         let shape = [
             Some(cfg.num_kv_heads),
             Some(end.saturating_sub(start)),
@@ -160,7 +277,7 @@ impl PyKvStore {
             t.expect_dtype(arg, cfg.dtype).py_err(py)?;
         }
         if ko.t.overlaps(&vo.t) {
-            return Err(crate::Error::value(
+            return Err(Error::value(
                 "value_out",
                 "must not share memory with key_out",
             ))
@@ -172,7 +289,7 @@ impl PyKvStore {
             let (heads, n) = (cfg.num_kv_heads, end.saturating_sub(start));
             let mut kbuf = vec![E::default(); heads * n * d];
             let mut vbuf = vec![E::default(); heads * n * d];
-            self.inner
+            store
                 .read::<E>(layer, start, end, |h, i, k, v| {
                     kbuf[(h * n + i) * d..][..d].copy_from_slice(k);
                     vbuf[(h * n + i) * d..][..d].copy_from_slice(v);
@@ -188,7 +305,7 @@ impl PyKvStore {
         Ok(())
     }
 
-    #[pyo3(signature = (layer, query, out, scale, softcap=None, window=None, stream=None, host_share=None))]
+    #[pyo3(signature = (layer, query, out, scale, softcap=None, window=None, stream=None))]
     #[allow(clippy::too_many_arguments)]
     fn attend(
         &mut self,
@@ -200,12 +317,12 @@ impl PyKvStore {
         softcap: Option<f32>,
         window: Option<usize>,
         stream: Option<usize>,
-        host_share: Option<Vec<usize>>,
     ) -> PyResult<()> {
-        let s = stream_arg(stream);
+        let s = resolve(py, stream, self.device())?;
         let q = TensorArg::import(query, "query", false, s)?;
         let o = TensorArg::import(out, "out", true, s)?;
-        let dtype = self.inner.config().dtype;
+        self.check_device("query", &q.t).py_err(py)?;
+        let dtype = self.config().dtype;
         q.t.expect_dtype("query", dtype).py_err(py)?;
         check_out(py, &q.t, &[&q.t], &o.t)?;
         let params = Params {
@@ -213,58 +330,55 @@ impl PyKvStore {
             softcap,
             window,
         };
-        if let Device::Cuda(_) = q.t.device {
-            let c = self.inner.config();
-            if q.t.shape[2] != c.head_dim {
-                return Err(Error::value(
-                    "query",
-                    format!(
-                        "head_dim is {}, the store holds {}",
-                        q.t.shape[2], c.head_dim
-                    ),
-                ))
-                .py_err(py);
+        let policy = self.policy;
+        match &mut self.inner {
+            Inner::Cuda(store) => {
+                let head_dim = store.config().head_dim;
+                if q.t.shape[2] != head_dim {
+                    return Err(Error::value(
+                        "query",
+                        format!("head_dim is {}, the store holds {head_dim}", q.t.shape[2]),
+                    ))
+                    .py_err(py);
+                }
+                let (qd, od) = (
+                    q.t.cuda_view("query").py_err(py)?,
+                    o.t.cuda_view("out").py_err(py)?,
+                );
+                let contiguous = q.t.strides[0] == q.t.shape[1] * head_dim
+                    && (q.t.shape[1] <= 1 || q.t.strides[1] == head_dim);
+                // SAFETY: validated CUDA tensors of this device; the caller keeps them alive
+                // until the stream has run the kernels.
+                unsafe {
+                    crate::attention::attend_cuda(
+                        store, &policy, layer, qd, q.t.shape, contiguous, &params, od, s,
+                    )
+                }
+                .py_err(py)
             }
-            let (qd, od) = (
-                q.t.cuda_view("query").py_err(py)?,
-                o.t.cuda_view("out").py_err(py)?,
-            );
-            let [hq, lq, _] = q.t.shape;
-            if let Some(from) = host_share {
-                let store = &mut self.inner;
-                // SAFETY: validated CUDA tensors; the caller keeps them alive until the stream
-                // has run the kernels.
-                return with_element!(dtype, E => unsafe {
-                    store.attend_cuda_shared::<E>(layer, qd, hq, lq, &params, &from, od, s)
-                })
-                .py_err(py);
+            Inner::Cpu(store) => {
+                let qt = q.t;
+                let store = &*store;
+                let rows = py
+                    .detach(|| {
+                        with_element!(dtype, E => {
+                            // SAFETY: the query's capsule stays alive in this frame until the
+                            // call returns, and `out` does not overlap it.
+                            let qv = unsafe { qt.view::<E>() };
+                            attend(qv, &store.view::<E>(layer)?, &params)
+                        })
+                    })
+                    .py_err(py)?;
+                finish_out(py, &q.t, &o, &rows)
             }
-            // SAFETY: validated CUDA tensors; the caller keeps them alive until the stream has
-            // run the kernels.
-            return unsafe { self.inner.attend_cuda(layer, qd, hq, lq, &params, od, s) }.py_err(py);
         }
-        let qt = q.t;
-        let store = &self.inner;
-        let rows = py
-            .detach(|| {
-                with_element!(dtype, E => {
-                    // SAFETY: the query's capsule stays alive in this frame until the call
-                    // returns, and `out` does not overlap it.
-                    let qv = unsafe { qt.view::<E>() };
-                    attend(qv, &store.layer_kv::<E>(layer)?, &params)
-                })
-            })
-            .py_err(py)?;
-        finish_out(py, &q.t, &o, &rows)
     }
 
-    fn host_share(
-        &self,
-        py: Python<'_>,
-        layer: usize,
-        num_heads: usize,
-    ) -> PyResult<Option<Vec<usize>>> {
-        self.inner.host_share(layer, num_heads).py_err(py)
+    fn finish_step(&self, py: Python<'_>) -> PyResult<()> {
+        match &self.inner {
+            Inner::Cpu(_) => Ok(()),
+            Inner::Cuda(store) => py.detach(|| store.finish_step()).py_err(py),
+        }
     }
 
     #[pyo3(signature = (layer, head_start, num_heads, start, end, key_out, value_out, stream=None))]
@@ -281,10 +395,19 @@ impl PyKvStore {
         value_out: &Bound<'_, PyAny>,
         stream: Option<usize>,
     ) -> PyResult<()> {
-        let s = stream_arg(stream);
+        let s = resolve(py, stream, self.device())?;
         let ko = TensorArg::import(key_out, "key_out", true, s)?;
         let vo = TensorArg::import(value_out, "value_out", true, s)?;
-        let c = self.inner.config();
+        self.check_device("key_out", &ko.t).py_err(py)?;
+        self.check_device("value_out", &vo.t).py_err(py)?;
+        let Inner::Cuda(store) = &self.inner else {
+            return Err(Error::type_(
+                "key_out",
+                "gather copies on the GPU from a CUDA store; a CPU store has read",
+            ))
+            .py_err(py);
+        };
+        let c = store.config();
         let shape = [
             Some(num_heads),
             Some(end.saturating_sub(start)),
@@ -306,65 +429,78 @@ impl PyKvStore {
             ko.t.cuda_view("key_out").py_err(py)?,
             vo.t.cuda_view("value_out").py_err(py)?,
         );
-        // SAFETY: validated CUDA tensors of the right shape; the caller keeps them alive until
-        // the stream has run the copy.
-        unsafe {
-            self.inner
-                .gather_cuda(layer, head_start, num_heads, start, end, kd, vd, s)
-        }
-        .py_err(py)
+        // SAFETY: validated CUDA tensors of this device and shape, each addressed with its own
+        // strides; the caller keeps them alive until the stream has run the copy.
+        unsafe { store.gather(layer, head_start, num_heads, start, end, kd, vd, s) }.py_err(py)
     }
 
     fn crop(&mut self, py: Python<'_>, length: usize) -> PyResult<()> {
-        self.inner.crop(length).py_err(py)
+        each!(&mut self.inner, s => py.detach(|| s.crop(length))).py_err(py)
     }
 
     fn clear(&mut self, py: Python<'_>) -> PyResult<()> {
-        self.inner.clear().py_err(py)
+        each!(&mut self.inner, s => py.detach(|| s.clear())).py_err(py)
     }
 
     fn device_bytes_reserved(&self) -> usize {
-        self.inner.device_bytes_reserved()
+        each!(&self.inner, s => s.device_bytes_reserved())
     }
 
     fn device_bytes_used(&self) -> usize {
-        self.inner.device_bytes_used()
+        each!(&self.inner, s => s.device_bytes_used())
     }
 
     fn host_bytes_reserved(&self) -> usize {
-        self.inner.host_bytes_reserved()
+        each!(&self.inner, s => s.host_bytes_reserved())
     }
 
     #[getter]
     fn device_budget(&self) -> usize {
-        self.inner.device_budget()
+        match &self.inner {
+            Inner::Cpu(_) => 0,
+            Inner::Cuda(s) => s.device_budget(),
+        }
     }
 
     #[setter]
     fn set_device_budget(&mut self, py: Python<'_>, bytes: usize) -> PyResult<()> {
-        self.inner.set_device_budget(bytes).py_err(py)
+        match &mut self.inner {
+            Inner::Cpu(_) => Err(Error::value(
+                "device_budget",
+                "this store holds CPU tensors",
+            ))
+            .py_err(py),
+            Inner::Cuda(s) => {
+                s.set_device_budget(bytes);
+                Ok(())
+            }
+        }
     }
 
     #[pyo3(signature = (stream=None))]
     fn rebalance(&mut self, py: Python<'_>, stream: Option<usize>) -> PyResult<(usize, usize)> {
-        self.inner.rebalance(stream_arg(stream)).py_err(py)
+        let s = resolve(py, stream, self.device())?;
+        match &mut self.inner {
+            Inner::Cpu(_) => Ok((0, 0)),
+            Inner::Cuda(store) => py.detach(|| store.rebalance(s)).py_err(py),
+        }
     }
 
     #[getter]
     fn is_cuda(&self) -> bool {
-        self.inner.is_cuda()
+        matches!(self.inner, Inner::Cuda(_))
     }
 
     fn bytes_used(&self) -> usize {
-        self.inner.bytes_used()
+        each!(&self.inner, s => s.bytes_used())
     }
 
     fn bytes_reserved(&self) -> usize {
-        self.inner.bytes_reserved()
+        each!(&self.inner, s => s.bytes_reserved())
     }
 
     fn __repr__(&self) -> String {
-        let c = self.inner.config();
+        let c = self.config();
         format!(
             "KVStore(num_layers={}, num_kv_heads={}, head_dim={}, dtype='{}', block_size={}, \
              tokens={}, bytes_used={}, bytes_reserved={})",
@@ -373,9 +509,15 @@ impl PyKvStore {
             c.head_dim,
             c.dtype.name(),
             c.block_size,
-            self.inner.seq_len(0).unwrap_or(0),
-            self.inner.bytes_used(),
-            self.inner.bytes_reserved()
+            self.seq_len_or_zero(),
+            self.bytes_used(),
+            self.bytes_reserved()
         )
+    }
+}
+
+impl PyKvStore {
+    fn seq_len_or_zero(&self) -> usize {
+        each!(&self.inner, s => s.seq_len(0).unwrap_or(0))
     }
 }

@@ -275,27 +275,39 @@ def test_shared_decode_cpu_and_gpu_match_reference(dtype, cpu_heads, softcap, wi
     budget = 0 if window else 7 * pair
     store = make_store(hkv, d, dtype, block=block, budget=budget, windows=[window])
     fill(store, 0, k, v, [1500, 500])
-    share = store.host_share(0, cpu_heads)
+    assert store.cpu_split(0) is None  # cpu_heads is 0: the GPU alone
+    store.cpu_heads = cpu_heads
+    store.cpu_share_min_tokens = 0
+    share = store.cpu_split(0)
     assert share is not None and len(share) == cpu_heads
     assert all(s % block == 0 and s < n for s in share)
     stream = torch.cuda.current_stream().cuda_stream
     q = torch.randn(hkv * g, 1, d, device=DEV, dtype=dtype)
     out = torch.full_like(q, float("nan"))
-    store.attend(0, q, out, d**-0.5, softcap, window, stream, share)
+    store.attend(0, q, out, d**-0.5, softcap, window, stream)
+    store.finish_step()
     ref = reference(q, k, v, d**-0.5, softcap, window)
     if dtype == torch.float32:
         assert rel(out, ref) < 1e-4
     else:
+        store.cpu_heads = 0
         plain = torch.empty_like(q)
         store.attend(0, q, plain, d**-0.5, softcap, window, stream)
+        store.cpu_heads = cpu_heads
         err_plain = (plain.double() - ref).abs().max().item()
         assert (out.double() - ref).abs().max().item() <= 2 * err_plain + 1e-2
     # Many layers' worth of shared decodes queued back to back, then one wait.
     outs = [torch.full_like(q, float("nan")) for _ in range(6)]
     for o in outs:
-        store.attend(0, q, o, d**-0.5, softcap, window, stream, share)
+        store.attend(0, q, o, d**-0.5, softcap, window, stream)
+    store.finish_step()
     torch.cuda.synchronize()
     assert all(torch.equal(o, out) for o in outs)
-    with pytest.raises(ValueError, match="one contiguous query"):
-        q2 = torch.randn(hkv * g, 2, d, device=DEV, dtype=dtype)
-        store.attend(0, q2, torch.empty_like(q2), d**-0.5, softcap, window, stream, share)
+    # A query that is not one contiguous row per head goes to the GPU alone, still exact.
+    q2 = torch.randn(hkv * g, 2, d, device=DEV, dtype=dtype)
+    o2 = torch.empty_like(q2)
+    store.attend(0, q2[:, 1:], o2[:, 1:], d**-0.5, softcap, window, stream)
+    store.cpu_heads = 0
+    o3 = torch.empty_like(q2)
+    store.attend(0, q2[:, 1:], o3[:, 1:], d**-0.5, softcap, window, stream)
+    assert torch.equal(o2[:, 1:], o3[:, 1:])

@@ -37,8 +37,15 @@ def _residency(request, monkeypatch):
 
     if budget == "shared":
         # All KV on the host, the CPU attending over one kv head's share during decode (the
-        # tests patch with cpu_heads=1 for it).
-        monkeypatch.setattr(cache_mod, "MIN_HOST_TOKENS", 0)
+        # tests patch with cpu_heads=1 for it), however short the host part is.
+        ensure = cache_mod.HeadInferCache._ensure_store
+
+        def short_shares_too(self, dtype, device):
+            store = ensure(self, dtype, device)
+            store.cpu_share_min_tokens = 0
+            return store
+
+        monkeypatch.setattr(cache_mod.HeadInferCache, "_ensure_store", short_shares_too)
         return
     if budget != "mixed":
         return

@@ -44,7 +44,7 @@ logger = logging.getLogger("headinfer.eval")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-#: ``--model`` value for the bundled SmolLM2-135M-Instruct (headinfer.models.load_smollm2).
+#: ``--model`` value for the bundled SmolLM2-135M-Instruct (headinfer.smollm2.load_smollm2).
 SMOLLM2 = "smollm2"
 
 

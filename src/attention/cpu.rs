@@ -1,4 +1,6 @@
-//! Exact attention of one layer's queries over its keys, on the CPU.
+//! Exact attention of one layer's queries over its keys, on the CPU: the kernel over any
+//! `KvSource` (a CPU store's layer, explicit tensors, or the host share of a CUDA store's
+//! layer).
 //!
 //! Flash-attention's tiling with an online softmax: queries of one GQA group are processed
 //! together as rows (so each K/V tile is converted once for all heads sharing it), keys in
@@ -6,9 +8,11 @@
 //! that leaves cores idle (decode), over key ranges whose partial results merge by
 //! log-sum-exp. The caller releases the GIL around `attend`.
 
-use super::math::{exp_tile, softcap_tile, TK};
+use super::args::{check_shapes, Params};
+use crate::cpu::math::{exp_tile, softcap_tile, TK};
 use crate::error::{Error, Result};
-use crate::tensor::{Element, Rows, View3};
+use crate::store::view::{KvSource, Segment};
+use crate::tensor::{Element, View3};
 use rayon::prelude::*;
 
 /// Rows (queries x heads of a GQA group) processed together in one task.
@@ -17,46 +21,6 @@ const ROWS_PER_TASK: usize = 48;
 const MIN_KEYS_PER_SPLIT: usize = 512;
 /// Below this many rows a task reads K and V in place instead of converting tiles.
 const DIRECT_BELOW_ROWS: usize = 8;
-
-/// The model's attention arithmetic.
-#[derive(Clone, Copy, Debug)]
-pub struct Params {
-    /// Multiplies `q . k` (usually `head_dim ** -0.5`).
-    pub scale: f32,
-    /// Logit soft-capping: `cap * tanh(score / cap)` (Gemma-2).
-    pub softcap: Option<f32>,
-    /// Sliding window: query at position `p` sees keys `j` with `p - j < window`.
-    pub window: Option<usize>,
-}
-
-/// Consecutive keys and values of one head, from position `pos` on.
-pub struct Segment<'a, E> {
-    pub pos: usize,
-    /// `[n, head_dim]`
-    pub k: Rows<'a, E>,
-    /// `[n, head_dim]`
-    pub v: Rows<'a, E>,
-}
-
-/// Where the keys and values of one layer come from: the store, or explicit tensors.
-pub trait KvSource<E: Element>: Sync {
-    fn num_kv_heads(&self) -> usize;
-    fn head_dim(&self) -> usize;
-    /// One past the last position held.
-    fn len(&self) -> usize;
-    /// Whether no position was ever appended.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// The first position held.
-    fn start(&self) -> usize;
-    /// The first position of `head` this source reads (a share of the keys may start later).
-    fn head_start(&self, _head: usize) -> usize {
-        self.start()
-    }
-    /// The keys and values of `head` at positions `a..b` (clamped to what is held).
-    fn segments(&self, head: usize, a: usize, b: usize) -> Vec<Segment<'_, E>>;
-}
 
 /// Keys and values given as tensors, each `[num_kv_heads, kv_len, head_dim]`.
 pub struct DenseKv<'a, E> {
@@ -213,34 +177,6 @@ pub fn attend_lse<E: Element, S: KvSource<E>>(
     Ok((out, lse))
 }
 
-/// The keys of kv heads `0..from.len()` of `inner` from position `from[h]` on: the share of
-/// a layer that the CPU reads while the GPU reads the rest.
-pub struct HeadShare<'s, S> {
-    pub inner: &'s S,
-    pub from: Vec<usize>,
-}
-
-impl<E: Element, S: KvSource<E>> KvSource<E> for HeadShare<'_, S> {
-    fn num_kv_heads(&self) -> usize {
-        self.from.len()
-    }
-    fn head_dim(&self) -> usize {
-        self.inner.head_dim()
-    }
-    fn len(&self) -> usize {
-        self.inner.len()
-    }
-    fn start(&self) -> usize {
-        self.inner.start()
-    }
-    fn head_start(&self, head: usize) -> usize {
-        self.from[head].max(self.inner.start())
-    }
-    fn segments(&self, head: usize, a: usize, b: usize) -> Vec<Segment<'_, E>> {
-        self.inner.segments(head, a.max(self.head_start(head)), b)
-    }
-}
-
 fn check<E: Element, S: KvSource<E>>(
     hq: usize,
     lq: usize,
@@ -255,64 +191,6 @@ fn check<E: Element, S: KvSource<E>>(
         ));
     }
     check_shapes(hq, lq, kv.num_kv_heads(), kv.len(), kv.start(), params)
-}
-
-/// Checks one attention call: `hq` query heads of `lq` queries over the keys `start..len`
-/// of `hkv` kv heads. Shared by the CPU op and the GPU kernels.
-pub fn check_shapes(
-    hq: usize,
-    lq: usize,
-    hkv: usize,
-    len: usize,
-    start: usize,
-    params: &Params,
-) -> Result<()> {
-    if hkv == 0 || !hq.is_multiple_of(hkv) {
-        return Err(Error::value(
-            "query",
-            format!("{hq} query heads is not a multiple of the {hkv} kv heads"),
-        ));
-    }
-    if lq > len {
-        return Err(Error::value(
-            "query",
-            format!(
-                "{lq} queries but only {len} keys: the queries' own keys must be appended first"
-            ),
-        ));
-    }
-    if !(params.scale.is_finite()) {
-        return Err(Error::value(
-            "scale",
-            format!("must be finite, got {}", params.scale),
-        ));
-    }
-    if let Some(c) = params.softcap {
-        if !(c.is_finite() && c > 0.0) {
-            return Err(Error::value(
-                "softcap",
-                format!("must be positive, got {c}"),
-            ));
-        }
-    }
-    if params.window == Some(0) {
-        return Err(Error::value("window", "must be at least 1"));
-    }
-    let first_pos = len - lq;
-    let need = params
-        .window
-        .map_or(0, |w| (first_pos + 1).saturating_sub(w));
-    if start > need {
-        return Err(Error::value(
-            "window",
-            format!(
-                "the query at position {first_pos} needs keys from {need}, but positions below \
-                 {start} were dropped (window {:?})",
-                params.window
-            ),
-        ));
-    }
-    Ok(())
 }
 
 struct TaskSpec {
@@ -560,5 +438,5 @@ fn pv_block<'v, T: Element, const FMA: bool, const W: usize>(
 }
 
 #[cfg(test)]
-#[path = "../../tests/rust/cpu/attention.rs"]
+#[path = "../../tests/rust/attention/cpu.rs"]
 mod tests;

@@ -1,6 +1,7 @@
-//! Unit tests of `src/store.rs`: blocks, windows, crop, accounting, memory checks.
+//! Unit tests of `src/store/mod.rs`: blocks, windows, crop, accounting, memory checks.
 
 use super::*;
+use crate::tensor::DType;
 use crate::test_common::Rng;
 
 fn cfg(block_size: usize, windows: Vec<Option<usize>>) -> StoreConfig {
@@ -12,12 +13,11 @@ fn cfg(block_size: usize, windows: Vec<Option<usize>>) -> StoreConfig {
         block_size,
         windows,
         host_memory_limit: None,
-        cuda: None,
     }
 }
 
 /// Appends `n` tokens whose values encode (head, position, k/v) so reads are checkable.
-fn append_positions(s: &mut KvStore, layer: usize, from: usize, n: usize) -> Result<()> {
+fn append_positions(s: &mut CpuStore, layer: usize, from: usize, n: usize) -> Result<()> {
     let (h, d) = (2, 4);
     let mut k = vec![0f32; h * n * d];
     let mut v = vec![0f32; h * n * d];
@@ -36,7 +36,7 @@ fn append_positions(s: &mut KvStore, layer: usize, from: usize, n: usize) -> Res
     )
 }
 
-fn check_positions(s: &KvStore, layer: usize, a: usize, b: usize) {
+fn check_positions(s: &CpuStore, layer: usize, a: usize, b: usize) {
     let mut seen = 0;
     s.read::<f32>(layer, a, b, |h, i, k, v| {
         for j in 0..4 {
@@ -52,7 +52,7 @@ fn check_positions(s: &KvStore, layer: usize, a: usize, b: usize) {
 
 #[test]
 fn append_and_read_across_blocks() {
-    let mut s = KvStore::new(cfg(5, vec![None, None])).unwrap();
+    let mut s = CpuStore::new(cfg(5, vec![None, None])).unwrap();
     let mut rng = Rng::new(1);
     let mut len = 0;
     for _ in 0..20 {
@@ -70,7 +70,7 @@ fn append_and_read_across_blocks() {
 
 #[test]
 fn crop_then_append_reuses_blocks() {
-    let mut s = KvStore::new(cfg(4, vec![None])).unwrap();
+    let mut s = CpuStore::new(cfg(4, vec![None])).unwrap();
     append_positions(&mut s, 0, 0, 30).unwrap();
     let reserved = s.bytes_reserved();
     s.crop(9).unwrap();
@@ -91,7 +91,7 @@ fn crop_then_append_reuses_blocks() {
 
 #[test]
 fn window_drops_whole_blocks_it_no_longer_needs() {
-    let mut s = KvStore::new(cfg(4, vec![Some(6), None])).unwrap();
+    let mut s = CpuStore::new(cfg(4, vec![Some(6), None])).unwrap();
     for p in 0..40 {
         append_positions(&mut s, 0, p, 1).unwrap();
         let start = s.retained_start(0).unwrap();
@@ -107,7 +107,7 @@ fn window_drops_whole_blocks_it_no_longer_needs() {
 
 #[test]
 fn crop_refuses_what_a_window_dropped_and_changes_nothing() {
-    let mut s = KvStore::new(cfg(4, vec![Some(6), None])).unwrap();
+    let mut s = CpuStore::new(cfg(4, vec![Some(6), None])).unwrap();
     append_positions(&mut s, 0, 0, 20).unwrap();
     append_positions(&mut s, 1, 0, 20).unwrap();
     append_positions(&mut s, 0, 20, 20).unwrap();
@@ -128,7 +128,7 @@ fn memory_limit_is_checked_before_anything_changes() {
     let mut c = cfg(4, vec![None]);
     // Room for exactly two blocks per head (k and v of 2 heads).
     c.host_memory_limit = Some(2 * 2 * 2 * c.block_bytes());
-    let mut s = KvStore::new(c).unwrap();
+    let mut s = CpuStore::new(c).unwrap();
     append_positions(&mut s, 0, 0, 8).unwrap();
     let err = append_positions(&mut s, 0, 8, 1).unwrap_err();
     match err {
@@ -149,7 +149,7 @@ fn memory_limit_is_checked_before_anything_changes() {
 
 #[test]
 fn bad_arguments_name_themselves() {
-    let mut s = KvStore::new(cfg(4, vec![None])).unwrap();
+    let mut s = CpuStore::new(cfg(4, vec![None])).unwrap();
     let k = vec![0f32; 3 * 2 * 4];
     let e = s
         .append(
@@ -173,10 +173,37 @@ fn bad_arguments_name_themselves() {
         .to_string();
     assert!(e.starts_with("key: dtype is bfloat16"), "{e}");
     assert_eq!(s.seq_len(0).unwrap(), 0);
-    let e = KvStore::new(cfg(0, vec![None])).err().unwrap().to_string();
+    let e = CpuStore::new(cfg(0, vec![None])).err().unwrap().to_string();
     assert!(e.starts_with("block_size:"), "{e}");
     let mut c = cfg(4, vec![None]);
     c.windows = vec![];
-    let e = KvStore::new(c).err().unwrap().to_string();
+    let e = CpuStore::new(c).err().unwrap().to_string();
     assert!(e.starts_with("windows:"), "{e}");
+}
+
+#[test]
+fn block_sizes_that_overflow_are_refused() {
+    let e = CpuStore::new(cfg(1 << 62, vec![None]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.starts_with("block_size:"), "{e}");
+}
+
+#[test]
+fn a_failed_allocation_leaves_every_head_as_it_was() {
+    // One head's block allocates, the next fails: neither head may keep a new block.
+    let mut s = CpuStore::new(cfg(4, vec![Some(6)])).unwrap();
+    append_positions(&mut s, 0, 0, 8).unwrap();
+    let reserved = s.bytes_reserved();
+    crate::testing::local::arm(crate::testing::FailPoint::Alloc, 1);
+    let e = append_positions(&mut s, 0, 8, 4).unwrap_err();
+    assert!(matches!(e, Error::Injected("alloc")), "{e}");
+    assert_eq!(s.seq_len(0).unwrap(), 8);
+    let start = s.retained_start(0).unwrap();
+    check_positions(&s, 0, start, 8);
+    // The block allocated before the failure stays reserved for reuse, not leaked.
+    assert!(s.bytes_reserved() >= reserved);
+    append_positions(&mut s, 0, 8, 4).unwrap();
+    check_positions(&s, 0, s.retained_start(0).unwrap(), 12);
 }

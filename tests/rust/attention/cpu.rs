@@ -1,7 +1,8 @@
-//! Unit tests of `src/cpu/attention.rs`: the op against a naive f64 reference.
+//! Unit tests of `src/attention/cpu.rs`: the op against a naive f64 reference.
 
 use super::*;
-use crate::store::{KvStore, StoreConfig};
+use crate::attention::args::Params;
+use crate::store::{CpuStore, StoreConfig};
 use crate::test_common::{reference, rel_err, Rng};
 use half::{bf16, f16};
 
@@ -51,7 +52,7 @@ fn run_case<E: Element>(c: &Case, seed: u64, tol: f64) {
     assert!(err < tol, "dense {}: err {err}", describe(c));
 
     // The same through the store, appended in two chunks across small blocks.
-    let mut store = KvStore::new(StoreConfig {
+    let mut store = CpuStore::new(StoreConfig {
         num_layers: 1,
         num_kv_heads: c.hkv,
         head_dim: c.d,
@@ -59,7 +60,6 @@ fn run_case<E: Element>(c: &Case, seed: u64, tol: f64) {
         block_size: 16,
         windows: vec![c.window],
         host_memory_limit: None,
-        cuda: None,
     })
     .unwrap();
     let split = c.past / 2;
@@ -77,7 +77,7 @@ fn run_case<E: Element>(c: &Case, seed: u64, tol: f64) {
             )
             .unwrap();
     }
-    let got = attend(qv, &store.layer_kv::<E>(0).unwrap(), &params).unwrap();
+    let got = attend(qv, &store.view::<E>(0).unwrap(), &params).unwrap();
     let err = rel_err(&got, &want);
     assert!(err < tol, "store {}: err {err}", describe(c));
 }

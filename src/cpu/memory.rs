@@ -1,7 +1,8 @@
-//! Host memory: aligned buffers for KV blocks, and how much memory the host has left.
+//! Host memory: aligned buffers for KV blocks of CPU stores, and how much memory the host has
+//! left.
 //!
-//! Blocks are plain heap memory here. The GPU path swaps in pinned memory (allocated
-//! without the write-combined flag, so the CPU can still read it fast) behind the same type.
+//! CUDA stores use pinned memory instead (`cuda::memory`); both sit behind the store's one
+//! block pool (`store::pool`).
 
 use crate::error::{Error, Result};
 use std::alloc::{self, Layout};
@@ -39,6 +40,11 @@ impl HostBuf {
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// The first byte.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
     }
 
     /// Always false: buffers are never empty.

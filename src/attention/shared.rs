@@ -1,0 +1,207 @@
+//! Decode with the CPU sharing the host-resident KV, to go below the PCIe-only floor: the
+//! mechanism (`policy` decides when).
+//!
+//! For kv heads `0..c` the CPU takes the keys from their first host block on, the GPU kernel
+//! the rest, and the GPU merges the CPU's rows by their log-sum-exp. The query reaches the host
+//! and the rows come back through `cuda::handoff`: no host function, and nothing waits on the
+//! calling thread; only the merge on the stream waits for the worker.
+
+use super::args::{self, Params};
+use super::cpu::attend_lse;
+use crate::cuda::kernels::{CpuShare, Extra};
+use crate::cuda::Stream;
+use crate::error::{Error, Result};
+use crate::store::view::{HostRun, KvSource, Segment};
+use crate::store::CudaStore;
+use crate::tensor::{DevTensor, Element, Rows, View3};
+use crate::testing::{self, FailPoint};
+
+/// Keys and values of some heads, by raw address into pinned blocks, from position `from[h]`
+/// on: what the worker reads, without borrowing the store (blocks outlive the task because
+/// every path that frees or rewrites them first drains the worker, and the GPU writes into a
+/// reused block only behind the wait that the task releases).
+pub struct RawKv<E> {
+    /// Per head, its runs in position order.
+    pub heads: Vec<Vec<HostRun>>,
+    pub head_dim: usize,
+    pub len: usize,
+    pub from: Vec<usize>,
+    _e: std::marker::PhantomData<E>,
+}
+
+// SAFETY: the addresses point into pinned blocks that stay allocated and unwritten while the
+// task runs (see above); the worker only reads them.
+unsafe impl<E> Send for RawKv<E> {}
+// SAFETY: as above.
+unsafe impl<E> Sync for RawKv<E> {}
+
+impl<E: Element> KvSource<E> for RawKv<E> {
+    fn num_kv_heads(&self) -> usize {
+        self.heads.len()
+    }
+    fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn start(&self) -> usize {
+        0
+    }
+    fn head_start(&self, head: usize) -> usize {
+        self.from[head]
+    }
+    fn segments(&self, head: usize, a: usize, b: usize) -> Vec<Segment<'_, E>> {
+        let d = self.head_dim;
+        let mut out = Vec::new();
+        for &(pos, k, v, n) in &self.heads[head] {
+            let (lo, hi) = (a.max(pos), b.min(pos + n));
+            if lo >= hi {
+                continue;
+            }
+            let rows = |p: *const u8| Rows {
+                // SAFETY: `p` addresses `n` rows of `d` elements of a live pinned block.
+                data: unsafe {
+                    std::slice::from_raw_parts((p as *const E).add((lo - pos) * d), (hi - lo) * d)
+                },
+                stride: d,
+                len: hi - lo,
+                width: d,
+            };
+            out.push(Segment {
+                pos: lo,
+                k: rows(k),
+                v: rows(v),
+            });
+        }
+        out
+    }
+}
+
+/// Addresses the worker reads or writes, moved into it.
+struct Ptrs {
+    q: usize,
+    o: usize,
+    lse: usize,
+}
+
+/// Decode attention of `query` (`[num_q_heads, 1, head_dim]`, contiguous) over `layer` with
+/// the CPU taking `from[h]..len` of kv heads `0..from.len()`; the merged result goes to `out`
+/// (same shape). Returns once everything is queued.
+///
+/// # Safety
+/// `query` and `out` must be valid device tensors of those shapes, alive until `stream` has
+/// run this work.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn attend<E: Element>(
+    store: &mut CudaStore,
+    layer: usize,
+    query: DevTensor,
+    num_q_heads: usize,
+    params: &Params,
+    from: &[usize],
+    out: DevTensor,
+    stream: Stream,
+) -> Result<()> {
+    let cfg = store.config().clone();
+    let (h, d) = (cfg.num_kv_heads, cfg.head_dim);
+    if E::DTYPE != cfg.dtype {
+        return Err(Error::type_("query", "dtype differs from the store's"));
+    }
+    if query.s0 != d as i64 {
+        return Err(Error::value(
+            "query",
+            "a shared decode takes one contiguous query per head ([num_q_heads, 1, head_dim])",
+        ));
+    }
+    let kernels = store.kernels().clone();
+    let (view, handoff) = store.view_and_handoff(layer)?;
+    let launch = args::launch(num_q_heads, 1, h, view.len(), view.start(), params)?;
+    if from.is_empty() || from.len() > h.min(crate::cuda::kernels::MAX_CPU_HEADS) {
+        return Err(Error::value("cpu_heads", "has more entries than kv heads"));
+    }
+    // The worker's view: each CPU head's host blocks from `from[h]` on.
+    let mut heads = Vec::with_capacity(from.len());
+    for (hi, &f) in from.iter().enumerate() {
+        let runs = view.host_runs(hi, f).ok_or_else(|| {
+            Error::value(
+                "cpu_heads",
+                format!("kv head {hi} of layer {layer} has a device block after position {f}"),
+            )
+        })?;
+        heads.push(runs);
+    }
+    let len = view.len();
+    let kv = RawKv::<E> {
+        heads,
+        head_dim: d,
+        len,
+        from: from.iter().map(|&f| f.min(len)).collect(),
+        _e: std::marker::PhantomData,
+    };
+    let mut share = CpuShare::NONE;
+    share.heads = from.len() as i32;
+    for (s, &f) in share.from.iter_mut().zip(from) {
+        *s = f as i64;
+    }
+    let rows = launch.group * from.len();
+    let q_bytes = rows * d * cfg.dtype.size();
+    let slot = handoff.slot(layer, rows, q_bytes, d)?;
+    let ptrs = Ptrs {
+        q: slot.q.host_ptr() as usize,
+        o: slot.o.host_ptr() as usize,
+        lse: slot.lse.host_ptr() as usize,
+    };
+    let extra = Extra {
+        o: slot.o.dev_ptr(),
+        lse: slot.lse.dev_ptr(),
+        rows,
+    };
+    let src = view.src();
+    // SAFETY: the caller vouches for `query`; the table covers `start..len`.
+    let pending = unsafe { kernels.attend_partial(stream, query, src, &launch, &share)? };
+    let params = *params;
+    let queued = (|| {
+        // SAFETY: the query rows of the CPU heads come first and are contiguous (checked),
+        // `q_bytes` of them.
+        let copied = unsafe { handoff.stage_query(layer, query.ptr, q_bytes, stream)? };
+        let task = Box::new(move || compute::<E>(&ptrs, rows, d, &kv, &params));
+        handoff.submit(layer, copied, task, stream)
+    })();
+    match queued {
+        // SAFETY: forwarded; the extra rows live in the layer's slot, written before the
+        // stream passes the wait `submit` queued.
+        Ok(()) => unsafe { kernels.attend_merge(stream, pending, Some(extra), out) },
+        Err(e) => {
+            // SAFETY: finishing the launched half frees its workspace; then report.
+            let _ = unsafe { kernels.attend_merge(stream, pending, None, out) };
+            Err(e)
+        }
+    }
+}
+
+/// The worker's part, once the query is on the host: attend, write the rows.
+fn compute<E: Element>(
+    p: &Ptrs,
+    rows: usize,
+    head_dim: usize,
+    kv: &RawKv<E>,
+    params: &Params,
+) -> Result<()> {
+    testing::check(FailPoint::CpuShare)?;
+    if testing::hit(FailPoint::CpuSharePanic) {
+        panic!("injected panic in the CPU share worker (test-only hook)");
+    }
+    // SAFETY: the pinned query buffer holds `rows` rows, copied in full (the task waited).
+    let q = unsafe { std::slice::from_raw_parts(p.q as *const E, rows * head_dim) };
+    // Decode: one query per row, at the last position.
+    let (out, lse) = attend_lse(View3::contiguous(q, [rows, 1, head_dim]), kv, params)?;
+    // SAFETY: the pinned output buffers hold `rows` rows and `rows` values; the GPU reads
+    // them only after this task publishes, and the next task of this layer starts only after
+    // the GPU has passed this step's merge (its query copy is ordered after it).
+    unsafe {
+        std::slice::from_raw_parts_mut(p.o as *mut f32, rows * head_dim).copy_from_slice(&out);
+        std::slice::from_raw_parts_mut(p.lse as *mut f32, rows).copy_from_slice(&lse);
+    }
+    Ok(())
+}

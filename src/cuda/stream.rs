@@ -1,0 +1,131 @@
+//! Streams and events: the caller's stream handle, events that order one stream after
+//! another, and the few stream operations the core queues itself (copies, a wait on a word of
+//! host memory).
+
+use super::driver_err;
+use crate::error::Result;
+use cudarc::driver::result as cu;
+use cudarc::driver::sys;
+
+/// A raw CUDA stream handle, as `torch.cuda.Stream.cuda_stream` gives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stream(pub sys::CUstream);
+
+// SAFETY: a stream handle is an opaque driver token, usable from any thread of the process.
+unsafe impl Send for Stream {}
+// SAFETY: as above.
+unsafe impl Sync for Stream {}
+
+/// An event without timing, destroyed on drop (a pending wait on it stays valid: the driver
+/// frees it once the wait is done).
+pub struct Event(sys::CUevent);
+
+// SAFETY: an event handle is an opaque driver token, usable from any thread of the process.
+unsafe impl Send for Event {}
+
+impl Event {
+    /// A new event; the context must be bound.
+    pub fn new() -> Result<Self> {
+        cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map(Event)
+            .map_err(|e| driver_err("creating an event", e))
+    }
+
+    /// Records the event at the current end of `stream`.
+    pub fn record(&self, stream: Stream) -> Result<()> {
+        // SAFETY: a live event and a stream handle of the bound context.
+        unsafe { cu::event::record(self.0, stream.0) }
+            .map_err(|e| driver_err("recording an event", e))
+    }
+
+    /// Makes `stream` wait for the work recorded by this event.
+    pub fn wait_on(&self, stream: Stream) -> Result<()> {
+        // SAFETY: a live event and a stream handle of the bound context.
+        unsafe {
+            cu::stream::wait_event(
+                stream.0,
+                self.0,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(|e| driver_err("ordering streams", e))
+    }
+
+    /// Blocks the calling host thread until the recorded work is done. Only threads that no
+    /// GPU work waits on may call this (the hand-off worker), never a driver callback.
+    pub fn synchronize(&self) -> Result<()> {
+        // SAFETY: a live event.
+        unsafe { cu::event::synchronize(self.0) }.map_err(|e| driver_err("waiting for an event", e))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        let _ = unsafe { cu::event::destroy(self.0) };
+    }
+}
+
+/// Orders `after` behind the work queued so far on `before` (nothing when they are one).
+pub fn order(before: Stream, after: Stream) -> Result<()> {
+    if before == after {
+        return Ok(());
+    }
+    let ev = Event::new()?;
+    ev.record(before)?;
+    ev.wait_on(after)
+}
+
+/// Queues a copy of `bytes` between device-addressable memory (device memory, or mapped
+/// pinned memory by its device address) on `stream`.
+///
+/// # Safety
+/// Both ranges must be valid for `bytes` and stay alive until the stream has run the copy.
+pub unsafe fn copy_async(
+    dst: u64,
+    src: u64,
+    bytes: usize,
+    stream: Stream,
+    what: &str,
+) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { sys::cuMemcpyAsync(dst, src, bytes, stream.0) }
+        .result()
+        .map_err(|e| driver_err(what, e))
+}
+
+/// Queues a copy of `bytes` from device memory to host memory on `stream`.
+///
+/// # Safety
+/// As for `copy_async`; `dst` is a host pointer (pinned, for the copy to be asynchronous).
+pub unsafe fn copy_to_host_async(
+    dst: *mut u8,
+    src: u64,
+    bytes: usize,
+    stream: Stream,
+) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { sys::cuMemcpyDtoHAsync_v2(dst as *mut _, src, bytes, stream.0) }
+        .result()
+        .map_err(|e| driver_err("copying to the host", e))
+}
+
+/// Makes `stream` wait until the 32-bit word at device address `word` is at least `value`
+/// (a stream memory operation: no host function, no host thread involved on the GPU side).
+///
+/// # Safety
+/// `word` must be device memory or mapped pinned memory that outlives the wait, and something
+/// must eventually write a value `>= value` there, or the stream waits forever.
+pub unsafe fn wait_value_geq(stream: Stream, word: u64, value: u32) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        sys::cuStreamWaitValue32_v2(
+            stream.0,
+            word,
+            value,
+            sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
+        )
+    }
+    .result()
+    .map_err(|e| driver_err("queueing a wait on the CPU share", e))
+}

@@ -1,0 +1,369 @@
+//! A CUDA store: its backend (the GPU, its kernels, the device copy of the table, the CPU share
+//! hand-off) and its data paths: append, gather and rebalance, all queued on the caller's
+//! stream.
+
+use super::pool::{Block, BlockPool, DeviceAlloc, PinnedAlloc, Placement};
+use super::residency::{self, Move};
+use super::table::DeviceTable;
+use super::view::DeviceLayer;
+use super::{Backend, CudaConfig, CudaStore, KvStore, StoreConfig};
+use crate::cuda::handoff::Handoff;
+use crate::cuda::stream::{self, Stream};
+use crate::cuda::{Gpu, Kernels};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, DevTensor};
+use std::sync::Arc;
+
+/// The GPU side of a CUDA store.
+pub struct Cuda {
+    gpu: Arc<Gpu>,
+    kernels: Arc<Kernels>,
+    table: DeviceTable,
+    /// Bytes of device memory the blocks may fill, as set.
+    budget: usize,
+    max_len: usize,
+    /// The CPU share's side stream, worker and buffers, made on first use.
+    handoff: Option<Handoff>,
+}
+
+impl Backend for Cuda {
+    const KIND: &'static str = "CUDA";
+
+    fn place(&mut self, layer: usize, head: usize, abs: usize, block: &Block) {
+        self.table.set(layer, head, abs, block);
+    }
+
+    fn quiesce(&self) -> Result<()> {
+        // Host tasks first (they may read pinned blocks), then the device (whose waits those
+        // tasks release).
+        if let Some(h) = &self.handoff {
+            h.drain();
+        }
+        self.gpu.synchronize()
+    }
+
+    fn max_len(&self) -> Option<usize> {
+        Some(self.max_len)
+    }
+}
+
+impl CudaStore {
+    /// An empty CUDA store on device `cuda.ordinal`; takes no block memory until the first
+    /// append (the block table is pinned at once).
+    pub fn new(cfg: StoreConfig, cuda: CudaConfig) -> Result<Self> {
+        cfg.validate()?;
+        if cuda.max_len == 0 {
+            return Err(Error::value("max_len", "must be at least 1"));
+        }
+        let gpu = crate::cuda::gpu(cuda.ordinal)?;
+        let kernels = gpu.kernels(cfg.dtype, cfg.head_dim)?;
+        let max_blocks = cuda.max_len.div_ceil(cfg.block_size);
+        let table = DeviceTable::new(&gpu, cfg.num_layers, cfg.num_kv_heads, max_blocks)?;
+        let n = cfg.block_bytes();
+        let host = BlockPool::new(Box::new(PinnedAlloc(gpu.clone())), n, usize::MAX);
+        let device = BlockPool::new(
+            Box::new(DeviceAlloc(gpu.clone())),
+            n,
+            cuda.device_budget / (2 * n),
+        );
+        let backend = Cuda {
+            gpu,
+            kernels,
+            table,
+            budget: cuda.device_budget,
+            max_len: max_blocks * cfg.block_size,
+            handoff: None,
+        };
+        KvStore::assemble(cfg, host, device, backend)
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.backend.gpu.ordinal
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.backend.gpu
+    }
+
+    pub fn kernels(&self) -> &Arc<Kernels> {
+        &self.backend.kernels
+    }
+
+    /// Checks that a tensor argument lives on this store's device.
+    pub fn expect_ordinal(&self, arg: &str, ordinal: usize) -> Result<()> {
+        if ordinal != self.ordinal() {
+            return Err(Error::value(
+                arg,
+                format!(
+                    "is on cuda:{ordinal}, but this store holds cuda:{}",
+                    self.ordinal()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A read-only view of `layer` for the GPU kernels and the CPU share.
+    pub fn device_view(&self, layer: usize) -> Result<DeviceLayer<'_>> {
+        let l = self.layer(layer)?;
+        Ok(DeviceLayer {
+            layer: l,
+            table: self.backend.table.layer_addr(layer),
+            max_blocks: self.backend.table.max_blocks,
+            block_size: self.cfg.block_size,
+        })
+    }
+
+    /// The CPU share hand-off, made on first use.
+    pub fn handoff(&mut self) -> Result<&mut Handoff> {
+        if self.backend.handoff.is_none() {
+            self.backend.handoff = Some(Handoff::new(&self.backend.gpu, self.cfg.num_layers)?);
+        }
+        Ok(self.backend.handoff.as_mut().expect("set above"))
+    }
+
+    /// A view of `layer` and the hand-off together (they borrow different parts).
+    pub fn view_and_handoff(&mut self, layer: usize) -> Result<(DeviceLayer<'_>, &mut Handoff)> {
+        self.handoff()?;
+        self.layer(layer)?;
+        let view = DeviceLayer {
+            layer: &self.layers[layer],
+            table: self.backend.table.layer_addr(layer),
+            max_blocks: self.backend.table.max_blocks,
+            block_size: self.cfg.block_size,
+        };
+        Ok((view, self.backend.handoff.as_mut().expect("made above")))
+    }
+
+    /// Waits for this step's host tasks (the CPU share) and raises the first failure among
+    /// them, so a failed step raises in that step.
+    pub fn finish_step(&self) -> Result<()> {
+        match &self.backend.handoff {
+            Some(h) => h.finish(),
+            None => Ok(()),
+        }
+    }
+
+    /// The error of an earlier host task, if one failed (without waiting).
+    pub fn take_share_error(&self) -> Option<Error> {
+        self.backend.handoff.as_ref().and_then(Handoff::take_error)
+    }
+
+    /// Appends `n` tokens from device tensors `key`, `value` (`[num_kv_heads, n, head_dim]`).
+    ///
+    /// # Safety
+    /// The tensors must be valid device memory of that shape and strides, alive until
+    /// `stream` reaches this work.
+    pub unsafe fn append_cuda(
+        &mut self,
+        layer: usize,
+        dtype: DType,
+        key: (DevTensor, [usize; 3]),
+        value: (DevTensor, [usize; 3]),
+        stream: Stream,
+    ) -> Result<()> {
+        let n = self.check_chunk(layer, dtype, key.1, value.1)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let len = self.layers[layer].len;
+        self.reserve(layer, n)?;
+        let h = self.cfg.num_kv_heads;
+        let c = &self.backend;
+        c.gpu.bind()?;
+        // SAFETY: the caller vouches for the tensors; `reserve` put every block the
+        // positions `len..len + n` fall in into the table.
+        unsafe {
+            c.kernels.append(
+                stream,
+                key.0,
+                value.0,
+                h,
+                n,
+                len,
+                c.table.layer_addr(layer),
+                c.table.max_blocks,
+                self.cfg.block_size,
+            )?
+        };
+        self.layers[layer].len += n;
+        Ok(())
+    }
+
+    /// Copies positions `a..b` of kv heads `h0..h0 + heads` of `layer` into device tensors
+    /// `key_out`, `value_out` (`[heads, b - a, head_dim]`, each with its own strides).
+    ///
+    /// # Safety
+    /// As for `append_cuda`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gather(
+        &self,
+        layer: usize,
+        h0: usize,
+        heads: usize,
+        a: usize,
+        b: usize,
+        key_out: DevTensor,
+        value_out: DevTensor,
+        stream: Stream,
+    ) -> Result<()> {
+        let l = self.layer(layer)?;
+        let h = self.cfg.num_kv_heads;
+        if h0.checked_add(heads).is_none_or(|e| e > h) {
+            return Err(Error::value(
+                "num_heads",
+                format!("kv heads {h0}..{h0}+{heads} are out of range for {h}"),
+            ));
+        }
+        if a > b || b > l.len || a < l.start {
+            return Err(Error::value(
+                "end",
+                format!(
+                    "range {a}..{b} is outside the positions {}..{} held for layer {layer}",
+                    l.start, l.len
+                ),
+            ));
+        }
+        let c = &self.backend;
+        c.gpu.bind()?;
+        let d = self.cfg.head_dim;
+        let es = self.cfg.dtype.size();
+        if key_out.s1 == d as i64 && value_out.s1 == d as i64 {
+            // Rows contiguous in each output: one copy-engine transfer per block run, so the
+            // copy needs no SMs and overlaps the attention kernels of a previous unit. Each
+            // output is addressed with its own strides.
+            let bs = self.cfg.block_size;
+            let row = d * es;
+            for hi in 0..heads {
+                let blocks = &l.heads[h0 + hi];
+                let mut pos = a;
+                while pos < b {
+                    let rel = pos - l.start;
+                    let (bi, off) = (rel / bs, rel % bs);
+                    let n = (bs - off).min(b - pos);
+                    let blk = &blocks[bi];
+                    for (src, dst) in [(blk.k.dev_ptr(), key_out), (blk.v.dev_ptr(), value_out)] {
+                        let dst_off = (hi as u64 * dst.s0 as u64
+                            + (pos - a) as u64 * dst.s1 as u64)
+                            * es as u64;
+                        // SAFETY: source rows `off..off + n` lie in the block; the destination
+                        // rows lie in the caller's validated output; both are device-addressable
+                        // (device memory or mapped pinned memory) and the copy is stream-ordered.
+                        unsafe {
+                            stream::copy_async(
+                                dst.ptr + dst_off,
+                                src + (off * row) as u64,
+                                n * row,
+                                stream,
+                                "copying KV blocks",
+                            )?
+                        };
+                    }
+                    pos += n;
+                }
+            }
+            return Ok(());
+        }
+        // SAFETY: the caller vouches for the outputs; the table covers `start..len`.
+        unsafe {
+            c.kernels.gather(
+                stream,
+                c.table.layer_addr(layer),
+                c.table.max_blocks,
+                self.cfg.block_size,
+                h0,
+                heads,
+                a,
+                b - a,
+                key_out,
+                value_out,
+            )
+        }
+    }
+
+    /// Bytes of device memory new blocks may fill.
+    pub fn device_budget(&self) -> usize {
+        self.backend.budget
+    }
+
+    /// Changes how many bytes of device memory new blocks may fill. Blocks already on the
+    /// device stay there; a smaller budget only sends later blocks to the host.
+    pub fn set_device_budget(&mut self, bytes: usize) {
+        self.backend.budget = bytes;
+        self.device.set_budget(bytes / (2 * self.cfg.block_bytes()));
+    }
+
+    /// Moves blocks between device memory and pinned host memory until the device holds as
+    /// many blocks as the budget allows (the moves: `residency::plan_moves`). The copies run on
+    /// `stream`, which is synchronized once before the block table changes, so no kernel ever
+    /// reads a block that is still being filled. Replaced host blocks stay reserved for reuse.
+    /// Returns (promoted, demoted) block pairs.
+    pub fn rebalance(&mut self, stream: Stream) -> Result<(usize, usize)> {
+        let n = self.cfg.block_bytes();
+        let bs = self.cfg.block_size;
+        // Unused device blocks beyond the budget go first: nothing reads them.
+        self.device.trim_to_budget();
+        let in_use = self.device.allocated() - self.device.free_len();
+        let placement: Vec<_> = self.layers.iter().map(|l| l.placements()).collect();
+        let moves = residency::plan_moves(&placement, in_use, self.device.budget());
+        if moves.is_empty() {
+            return Ok((0, 0));
+        }
+        let to = moves[0].to;
+        if to == Placement::Host {
+            let fresh = moves.len().saturating_sub(self.host.free_len());
+            self.check_host_memory(fresh, "moving KV blocks from the GPU to the host")?;
+        }
+        self.backend.gpu.bind()?;
+        // Copy into new blocks; nothing anyone reads changes yet.
+        let mut staged: Vec<Block> = Vec::with_capacity(moves.len());
+        let copied = (|| -> Result<()> {
+            for &Move {
+                layer, head, index, ..
+            } in &moves
+            {
+                let (new, _) = self.pool(to).take_for_move()?;
+                let old = &self.layers[layer].heads[head][index];
+                let pairs = [
+                    (new.k.dev_ptr(), old.k.dev_ptr()),
+                    (new.v.dev_ptr(), old.v.dev_ptr()),
+                ];
+                staged.push(new);
+                for (dst, src) in pairs {
+                    // SAFETY: both blocks are `n` bytes of device-addressable memory owned by
+                    // the store; the copy is ordered on `stream` after every write to `old`.
+                    unsafe { stream::copy_async(dst, src, n, stream, "moving a KV block")? };
+                }
+            }
+            // SAFETY: a valid stream handle from the caller.
+            unsafe { cudarc::driver::result::stream::synchronize(stream.0) }
+                .map_err(|e| crate::cuda::driver_err("waiting for block moves", e))
+        })();
+        if let Err(e) = copied {
+            // Nothing was switched: the staged blocks go back to their pool (synchronize
+            // first, copies into them may be in flight).
+            let _ = self.backend.gpu.synchronize();
+            for b in staged {
+                self.pool(to).give(b);
+            }
+            return Err(e);
+        }
+        for (m, new) in moves.iter().zip(staged) {
+            let abs = self.layers[m.layer].start / bs + m.index;
+            self.backend.place(m.layer, m.head, abs, &new);
+            let old = std::mem::replace(&mut self.layers[m.layer].heads[m.head][m.index], new);
+            match to {
+                // The replaced host block stays reserved for reuse.
+                Placement::Device => self.host.give(old),
+                // The replaced device block is freed: the budget shrank.
+                Placement::Host => self.device.discard(old),
+            }
+        }
+        Ok(if to == Placement::Device {
+            (moves.len(), 0)
+        } else {
+            (0, moves.len())
+        })
+    }
+}

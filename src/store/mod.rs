@@ -1,0 +1,444 @@
+//! The head-wise KV store: per (layer, kv head), keys and values in fixed-size blocks, so what
+//! is stored is never copied again as the sequence grows.
+//!
+//! - `config`: the store's shape; `pool`: block memory behind one pool type (heap, pinned,
+//!   device allocators); `table`: which block holds which tokens; `residency`: the pure
+//!   planner of block moves; `accounting`: bytes used and reserved, and the host memory check;
+//!   `view`: read-only views of a layer, which `attention` reads; `cuda`: a CUDA store's data
+//!   paths (append, gather, rebalance).
+//!
+//! One `KvStore<B>` holds the logic every store shares; its backend `B` (`Cpu` or `Cuda`) is
+//! where they differ: the pools it was given, the device copy of the table, and how to wait
+//! for in-flight readers before blocks are reused.
+//!
+//! Positions are absolute: layer `l` holds positions `start..len`, where `start` is a
+//! multiple of the block size and only moves past 0 on sliding-window layers, which drop
+//! whole blocks their window no longer reaches. Freed blocks go back to their pool.
+
+mod accounting;
+pub mod config;
+mod cuda;
+pub mod pool;
+pub mod residency;
+pub mod table;
+pub mod view;
+
+pub use config::{CudaConfig, StoreConfig};
+pub use cuda::Cuda;
+pub use view::{DeviceLayer, HostLayer, KvSource, Segment};
+
+use crate::error::{Error, Result};
+use crate::tensor::{Element, View3};
+use pool::{Block, BlockPool, HeapAlloc, NoDevice, Placement};
+use table::Layer;
+
+/// What differs between a CPU and a CUDA store, beyond their pools.
+pub trait Backend: Send + Sync + 'static {
+    /// The tensors the store holds, for messages: "CPU" or "CUDA".
+    const KIND: &'static str;
+    /// Records that `block` now holds absolute block `abs` of (`layer`, `head`).
+    fn place(&mut self, layer: usize, head: usize, abs: usize, block: &Block);
+    /// Waits until nothing in flight (kernels, host tasks) reads any block, before blocks are
+    /// freed or reused.
+    fn quiesce(&self) -> Result<()>;
+    /// Longest sequence the store can hold, if bounded.
+    fn max_len(&self) -> Option<usize>;
+}
+
+/// A CPU store's backend: nothing beyond its heap pool.
+pub struct Cpu;
+
+impl Backend for Cpu {
+    const KIND: &'static str = "CPU";
+    fn place(&mut self, _layer: usize, _head: usize, _abs: usize, _block: &Block) {}
+    fn quiesce(&self) -> Result<()> {
+        Ok(())
+    }
+    fn max_len(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// The KV cache of one model.
+pub struct KvStore<B: Backend> {
+    cfg: StoreConfig,
+    layers: Vec<Layer>,
+    host: BlockPool,
+    device: BlockPool,
+    backend: B,
+}
+
+/// A store of CPU tensors, in heap memory.
+pub type CpuStore = KvStore<Cpu>;
+/// A store of CUDA tensors: device memory up to a budget, pinned host memory beyond.
+pub type CudaStore = KvStore<Cuda>;
+
+impl CpuStore {
+    /// An empty CPU store; takes no memory until the first append.
+    pub fn new(cfg: StoreConfig) -> Result<Self> {
+        cfg.validate()?;
+        let n = cfg.block_bytes();
+        KvStore::assemble(
+            cfg,
+            BlockPool::new(Box::new(HeapAlloc), n, usize::MAX),
+            BlockPool::new(Box::new(NoDevice), n, 0),
+            Cpu,
+        )
+    }
+}
+
+impl<B: Backend> KvStore<B> {
+    fn assemble(cfg: StoreConfig, host: BlockPool, device: BlockPool, backend: B) -> Result<Self> {
+        let layers = (0..cfg.num_layers)
+            .map(|_| Layer::new(cfg.num_kv_heads))
+            .collect();
+        Ok(KvStore {
+            cfg,
+            layers,
+            host,
+            device,
+            backend,
+        })
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.cfg
+    }
+
+    fn layer(&self, layer: usize) -> Result<&Layer> {
+        self.layers.get(layer).ok_or_else(|| {
+            Error::value(
+                "layer",
+                format!("{layer} is out of range for {} layers", self.cfg.num_layers),
+            )
+        })
+    }
+
+    /// Tokens appended to `layer` so far.
+    pub fn seq_len(&self, layer: usize) -> Result<usize> {
+        Ok(self.layer(layer)?.len)
+    }
+
+    /// First position still held for `layer`.
+    pub fn retained_start(&self, layer: usize) -> Result<usize> {
+        Ok(self.layer(layer)?.start)
+    }
+
+    /// Checks an appended chunk: dtype and shape `[num_kv_heads, chunk, head_dim]`.
+    fn check_chunk(
+        &self,
+        layer: usize,
+        dtype: crate::tensor::DType,
+        key: [usize; 3],
+        value: [usize; 3],
+    ) -> Result<usize> {
+        self.layer(layer)?;
+        if dtype != self.cfg.dtype {
+            return Err(Error::type_(
+                "key",
+                format!(
+                    "dtype is {}, the store holds {}",
+                    dtype.name(),
+                    self.cfg.dtype.name()
+                ),
+            ));
+        }
+        let (h, d) = (self.cfg.num_kv_heads, self.cfg.head_dim);
+        let chunk = key[1];
+        for (arg, shape) in [("key", key), ("value", value)] {
+            if shape != [h, chunk, d] {
+                return Err(Error::value(
+                    arg,
+                    format!(
+                        "expected shape [num_kv_heads, chunk_len, head_dim] = [{h}, {chunk}, {d}], got {shape:?}",
+                    ),
+                ));
+            }
+        }
+        Ok(chunk)
+    }
+
+    /// Where the first block of a window layer can start once position `pos` is queried:
+    /// the earliest key that query needs is `pos + 1 - window`.
+    fn window_start(&self, layer: usize, pos: usize) -> usize {
+        let l = &self.layers[layer];
+        match self.cfg.windows[layer] {
+            Some(w) => {
+                let need = (pos + 1).saturating_sub(w);
+                let bs = self.cfg.block_size;
+                (need / bs * bs).max(l.start)
+            }
+            None => l.start,
+        }
+    }
+
+    fn pool(&mut self, p: Placement) -> &mut BlockPool {
+        match p {
+            Placement::Host => &mut self.host,
+            Placement::Device => &mut self.device,
+        }
+    }
+
+    /// Makes room for `chunk` more tokens of `layer`: lets go of the blocks its window no
+    /// longer needs and places the new ones (device while its pool has room, then host).
+    /// Checks host memory first; on error the layer holds the same tokens as before. The
+    /// caller writes the tokens and advances `len`.
+    fn reserve(&mut self, layer: usize, chunk: usize) -> Result<()> {
+        let h = self.cfg.num_kv_heads;
+        let bs = self.cfg.block_size;
+        let (len, start, have) = {
+            let l = &self.layers[layer];
+            (l.len, l.start, l.blocks_per_head())
+        };
+        let end = len
+            .checked_add(chunk)
+            .ok_or_else(|| Error::value("key", "the sequence length overflows"))?;
+        if let Some(max) = self.backend.max_len() {
+            if end > max {
+                return Err(Error::value(
+                    "key",
+                    format!("{end} tokens exceed the store's max_len of {max}"),
+                ));
+            }
+        }
+        let new_start = self.window_start(layer, len);
+        let dropped = ((new_start - start) / bs).min(have);
+        let need = (end - new_start).div_ceil(bs);
+        let grow = need - (have - dropped);
+        let (_, host_wanted) = residency::place_new(grow * h, self.device.room());
+        let dropped_host = self.layers[layer]
+            .heads
+            .iter()
+            .flat_map(|b| b.iter().take(dropped))
+            .filter(|b| b.placement() == Placement::Host)
+            .count();
+        let fresh_host = host_wanted.saturating_sub(self.host.free_len() + dropped_host);
+        self.check_host_memory(fresh_host, "appending to the KV cache")?;
+
+        // Blocks the window no longer needs go back to their pools first, so they are reused.
+        // Dropping them is right whatever follows: no later query reaches them.
+        for hi in 0..h {
+            for _ in 0..dropped {
+                let b = self.layers[layer].heads[hi]
+                    .pop_front()
+                    .expect("counted above");
+                self.pool(b.placement()).give(b);
+            }
+        }
+        self.layers[layer].start += dropped * bs;
+        // Take every new block before placing any, so a failure leaves the heads alike.
+        let mut new = Vec::with_capacity(grow * h);
+        for _ in 0..grow * h {
+            let taken = if self.device.room() > 0 {
+                self.device.take()
+            } else {
+                self.host.take()
+            };
+            match taken {
+                Ok(b) => new.push(b),
+                Err(e) => {
+                    for b in new {
+                        self.pool(b.placement()).give(b);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let first_new = self.layers[layer].start / bs + have - dropped;
+        let mut new = new.into_iter();
+        for hi in 0..h {
+            for gi in 0..grow {
+                let b = new.next().expect("taken above");
+                self.backend.place(layer, hi, first_new + gi, &b);
+                self.layers[layer].heads[hi].push_back(b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops every position `>= length` in every layer (a no-op where a layer is shorter).
+    ///
+    /// Fails, changing nothing, if a sliding-window layer already dropped tokens that
+    /// queries from `length` on would need.
+    pub fn crop(&mut self, length: usize) -> Result<()> {
+        for (i, l) in self.layers.iter().enumerate() {
+            if length >= l.len {
+                continue;
+            }
+            let need = match self.cfg.windows[i] {
+                Some(w) => (length + 1).saturating_sub(w),
+                None => 0,
+            };
+            if l.start > need {
+                return Err(Error::value(
+                    "length",
+                    format!(
+                        "cannot crop to {length}: layer {i} (sliding window {}) already dropped \
+                         positions below {}, and position {length} needs keys from {need}",
+                        self.cfg.windows[i].unwrap_or(0),
+                        l.start
+                    ),
+                ));
+            }
+        }
+        // Freed blocks get new table entries on reuse: no reader may still use the old.
+        self.backend.quiesce()?;
+        let bs = self.cfg.block_size;
+        for li in 0..self.layers.len() {
+            let l = &mut self.layers[li];
+            if length >= l.len {
+                continue;
+            }
+            let keep = (length - l.start).div_ceil(bs);
+            let mut freed = Vec::new();
+            for blocks in &mut l.heads {
+                while blocks.len() > keep {
+                    freed.push(blocks.pop_back().expect("len > keep"));
+                }
+            }
+            l.len = length;
+            if keep == 0 {
+                l.start = 0;
+            }
+            for b in freed {
+                self.pool(b.placement()).give(b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops every token; blocks stay reserved for reuse.
+    pub fn clear(&mut self) -> Result<()> {
+        self.backend.quiesce()?;
+        for li in 0..self.layers.len() {
+            let l = &mut self.layers[li];
+            let freed: Vec<Block> = l.heads.iter_mut().flat_map(|b| b.drain(..)).collect();
+            l.len = 0;
+            l.start = 0;
+            for b in freed {
+                self.pool(b.placement()).give(b);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CpuStore {
+    /// Appends `key` and `value`, each `[num_kv_heads, chunk_len, head_dim]`, to `layer`.
+    ///
+    /// The host memory the chunk needs is checked before any is taken; on error the store
+    /// holds the same tokens as before.
+    pub fn append<E: Element>(
+        &mut self,
+        layer: usize,
+        key: View3<'_, E>,
+        value: View3<'_, E>,
+    ) -> Result<()> {
+        let chunk = self.check_chunk(layer, E::DTYPE, key.shape, value.shape)?;
+        if chunk == 0 {
+            return Ok(());
+        }
+        let len = self.layers[layer].len;
+        self.reserve(layer, chunk)?;
+        let d = self.cfg.head_dim;
+        let bs = self.cfg.block_size;
+        let l = &mut self.layers[layer];
+        for (hi, blocks) in l.heads.iter_mut().enumerate() {
+            let (krows, vrows) = (key.rows(hi), value.rows(hi));
+            for i in 0..chunk {
+                let rel = len + i - l.start;
+                let b = &mut blocks[rel / bs];
+                let off = (rel % bs) * d;
+                for (m, src) in [(&mut b.k, krows.row(i)), (&mut b.v, vrows.row(i))] {
+                    let buf = m.heap_mut().expect("a CPU store's blocks are heap memory");
+                    buf.as_mut_slice::<E>()[off..off + d].copy_from_slice(src);
+                }
+            }
+        }
+        l.len += chunk;
+        Ok(())
+    }
+
+    /// Positions `a..b` of `layer` as `[num_kv_heads, b - a, head_dim]`, one call per row:
+    /// `f(head, i, key_row, value_row)`.
+    pub fn read<E: Element>(
+        &self,
+        layer: usize,
+        a: usize,
+        b: usize,
+        mut f: impl FnMut(usize, usize, &[E], &[E]),
+    ) -> Result<()> {
+        let kv = self.view::<E>(layer)?;
+        if a > b || b > kv.len() {
+            return Err(Error::value(
+                "end",
+                format!(
+                    "range {a}..{b} is outside the {} tokens of layer {layer}",
+                    kv.len()
+                ),
+            ));
+        }
+        if a < kv.start() {
+            return Err(Error::value(
+                "start",
+                format!(
+                    "position {a} of layer {layer} was dropped by its sliding window (held from {})",
+                    kv.start()
+                ),
+            ));
+        }
+        for h in 0..self.cfg.num_kv_heads {
+            for seg in kv.segments(h, a, b) {
+                for i in 0..seg.k.len {
+                    f(h, seg.pos + i - a, seg.k.row(i), seg.v.row(i));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A read-only view of `layer` for the attention op.
+    pub fn view<E: Element>(&self, layer: usize) -> Result<HostLayer<'_, E>> {
+        let l = self.layer(layer)?;
+        if E::DTYPE != self.cfg.dtype {
+            return Err(Error::type_(
+                "query",
+                format!(
+                    "dtype is {}, the store holds {}",
+                    E::DTYPE.name(),
+                    self.cfg.dtype.name()
+                ),
+            ));
+        }
+        Ok(HostLayer {
+            layer: l,
+            block_size: self.cfg.block_size,
+            head_dim: self.cfg.head_dim,
+            _e: std::marker::PhantomData,
+        })
+    }
+}
+
+impl<B: Backend> Drop for KvStore<B> {
+    fn drop(&mut self) {
+        // Kernels and host tasks in flight may still read blocks: let them finish before
+        // anything goes back to a pool.
+        let _ = self.backend.quiesce();
+        for li in 0..self.layers.len() {
+            let blocks: Vec<Block> = self.layers[li]
+                .heads
+                .iter_mut()
+                .flat_map(|b| b.drain(..))
+                .collect();
+            for b in blocks {
+                self.pool(b.placement()).give(b);
+            }
+        }
+        self.host.release_free();
+        self.device.release_free();
+    }
+}
+
+#[cfg(test)]
+#[path = "../../tests/rust/store/mod.rs"]
+mod tests;

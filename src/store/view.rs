@@ -1,0 +1,174 @@
+//! Read-only views of one layer's blocks: what attention reads.
+//!
+//! `KvSource` is the CPU kernel's input (a store's layer, explicit tensors, or the host share
+//! of a layer); `HostLayer` is a CPU store's layer; `DeviceLayer` is a CUDA store's layer as
+//! the GPU kernels and the CPU share read it.
+
+use super::pool::{Mem, Placement};
+use super::residency;
+use super::table::Layer;
+use crate::cuda::kernels::KvSrc;
+use crate::tensor::{Element, Rows};
+
+/// Consecutive keys and values of one head, from position `pos` on.
+pub struct Segment<'a, E> {
+    pub pos: usize,
+    /// `[n, head_dim]`
+    pub k: Rows<'a, E>,
+    /// `[n, head_dim]`
+    pub v: Rows<'a, E>,
+}
+
+/// Where the keys and values of one layer come from: the store, or explicit tensors.
+pub trait KvSource<E: Element>: Sync {
+    fn num_kv_heads(&self) -> usize;
+    fn head_dim(&self) -> usize;
+    /// One past the last position held.
+    fn len(&self) -> usize;
+    /// Whether no position was ever appended.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The first position held.
+    fn start(&self) -> usize;
+    /// The first position of `head` this source reads (a share of the keys may start later).
+    fn head_start(&self, _head: usize) -> usize {
+        self.start()
+    }
+    /// The keys and values of `head` at positions `a..b` (clamped to what is held).
+    fn segments(&self, head: usize, a: usize, b: usize) -> Vec<Segment<'_, E>>;
+}
+
+/// A CPU store's layer (every block in heap memory).
+pub struct HostLayer<'a, E> {
+    pub(super) layer: &'a Layer,
+    pub(super) block_size: usize,
+    pub(super) head_dim: usize,
+    pub(super) _e: std::marker::PhantomData<E>,
+}
+
+impl<'a, E: Element> KvSource<E> for HostLayer<'a, E> {
+    fn num_kv_heads(&self) -> usize {
+        self.layer.heads.len()
+    }
+    fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    fn len(&self) -> usize {
+        self.layer.len
+    }
+    fn start(&self) -> usize {
+        self.layer.start
+    }
+    fn segments(&self, head: usize, a: usize, b: usize) -> Vec<Segment<'_, E>> {
+        let layer: &'a Layer = self.layer;
+        let (bs, d) = (self.block_size, self.head_dim);
+        let a = a.max(layer.start);
+        let b = b.min(layer.len);
+        let mut out = Vec::new();
+        let mut pos = a;
+        while pos < b {
+            let rel = pos - layer.start;
+            let (bi, off) = (rel / bs, rel % bs);
+            let n = (bs - off).min(b - pos);
+            let blk = &layer.heads[head][bi];
+            let rows = |m: &'a Mem| Rows {
+                data: &m
+                    .heap()
+                    .expect("a CPU store's blocks are heap memory")
+                    .as_slice::<E>()[off * d..(off + n) * d],
+                stride: d,
+                len: n,
+                width: d,
+            };
+            out.push(Segment {
+                pos,
+                k: rows(&blk.k),
+                v: rows(&blk.v),
+            });
+            pos += n;
+        }
+        out
+    }
+}
+
+/// A run of consecutive positions of one head in one pinned block: (first position, key rows,
+/// value rows, rows).
+pub type HostRun = (usize, *const u8, *const u8, usize);
+
+/// A CUDA store's layer: its block table for the kernels, and its host blocks for the CPU.
+pub struct DeviceLayer<'a> {
+    pub(super) layer: &'a Layer,
+    pub(super) table: u64,
+    pub(super) max_blocks: usize,
+    pub(super) block_size: usize,
+}
+
+impl<'a> DeviceLayer<'a> {
+    pub fn len(&self) -> usize {
+        self.layer.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layer.len == 0
+    }
+
+    pub fn start(&self) -> usize {
+        self.layer.start
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.layer.heads.len()
+    }
+
+    /// The kernels' view: the layer's block table.
+    pub fn src(&self) -> KvSrc {
+        KvSrc {
+            table: self.table,
+            max_blocks: self.max_blocks as i32,
+            block_size: self.block_size as i32,
+            k: 0,
+            v: 0,
+            s0: 0,
+            s1: 0,
+        }
+    }
+
+    /// Per kv head `0..heads`, the first position of its host blocks where it keeps its
+    /// device blocks before them (see `residency::host_tail`).
+    pub fn host_tails(&self, heads: usize) -> Vec<Option<usize>> {
+        residency::host_tail(
+            &self.layer.placements(),
+            heads,
+            self.layer.start,
+            self.layer.len,
+            self.block_size,
+        )
+    }
+
+    /// The host runs of `head` from position `from` (a block start) on; `None` if a block
+    /// there is in device memory.
+    pub fn host_runs(&self, head: usize, from: usize) -> Option<Vec<HostRun>> {
+        let l = self.layer;
+        let bs = self.block_size;
+        if from >= l.len {
+            return Some(Vec::new());
+        }
+        if from < l.start || !(from - l.start).is_multiple_of(bs) {
+            return None;
+        }
+        let mut runs = Vec::new();
+        for (bi, b) in l.heads[head].iter().enumerate().skip((from - l.start) / bs) {
+            let pos = l.start + bi * bs;
+            if pos >= l.len {
+                break;
+            }
+            if b.placement() != Placement::Host {
+                return None;
+            }
+            let (k, v) = (b.k.host_ptr()?, b.v.host_ptr()?);
+            runs.push((pos, k, v, bs.min(l.len - pos)));
+        }
+        Some(runs)
+    }
+}

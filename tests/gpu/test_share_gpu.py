@@ -1,0 +1,278 @@
+"""The CPU share of decode on the GPU machine: no hang however much work is queued, failures
+raise in their step and leave the cache usable, and the B10 boundary checks (gather strides,
+devices, the default stream).
+
+Every test runs under a watchdog: a hang dumps every thread's stack and ends the process
+instead of stalling the run. Run under `timeout` as well.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+
+import pytest
+import torch
+from _tiny import prompt, tiny_model, twin
+
+import headinfer
+from headinfer import _core
+from headinfer.prefill import cache_kwarg_name
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+DEV = "cuda"
+WATCHDOG_S = 240
+
+
+@pytest.fixture(autouse=True)
+def _watchdog():
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+    _core._inject_failure(None)
+
+
+def reference(q, k, v, scale):
+    """q [hq, 1, d] at the last position; k, v [hkv, lk, d]. float64, no mask needed."""
+    g = q.shape[0] // k.shape[0]
+    kk = k.double().repeat_interleave(g, 0)
+    vv = v.double().repeat_interleave(g, 0)
+    return (q.double() @ kk.transpose(1, 2) * scale).softmax(-1) @ vv
+
+
+def host_store(layers, hkv, d, n, *, block=256, cpu_heads=1, dtype=torch.float32):
+    """A store whose KV sit in pinned host memory, `n` random tokens per layer, the CPU
+    taking `cpu_heads` heads of every decode."""
+    store = _core.KVStore(
+        layers,
+        hkv,
+        d,
+        str(dtype).removeprefix("torch."),
+        block_size=block,
+        device=0,
+        device_budget=0,
+        max_len=n + 4 * block,
+        cpu_heads=cpu_heads,
+    )
+    store.cpu_share_min_tokens = 0
+    kv = []
+    for layer in range(layers):
+        k = torch.randn(hkv, n, d, device=DEV, dtype=dtype)
+        v = torch.randn(hkv, n, d, device=DEV, dtype=dtype)
+        store.append(layer, k, v)
+        kv.append((k, v))
+    return store, kv
+
+
+def test_queued_shared_decodes_never_hang_and_stay_exact():
+    """Many layers of shared decode queued back to back, each step appending a token (new
+    pinned blocks are allocated while the stream waits on the CPU), several steps between
+    host waits: the shape that hung at 128K when a host function blocked the driver's thread."""
+    torch.manual_seed(0)
+    layers, hkv, g, d, n, block = 8, 4, 4, 128, 40_000, 512
+    store, kv = host_store(layers, hkv, d, n, block=block, cpu_heads=3)
+    assert store.cpu_split(0) is not None
+    scale = d**-0.5
+    q = torch.randn(hkv * g, 1, d, device=DEV)
+    new = [[] for _ in range(layers)]
+    checks = []
+    for step in range(600):  # crosses a block boundary: allocations while work is queued
+        for layer in range(layers):
+            k1 = torch.randn(hkv, 1, d, device=DEV)
+            store.append(layer, k1, k1)
+            new[layer].append(k1)
+            out = torch.empty_like(q)
+            store.attend(layer, q, out, scale)
+            if step % 97 == 0:
+                checks.append((layer, len(new[layer]), out))
+        if step % 8 == 7:
+            store.finish_step()
+    store.finish_step()
+    torch.cuda.synchronize()
+    for layer, count, out in checks:
+        tail = torch.cat(new[layer][:count], 1)
+        k = torch.cat([kv[layer][0], tail], 1)
+        v = torch.cat([kv[layer][1], tail], 1)
+        assert (out.double() - reference(q, k, v, scale)).abs().max() < 1e-4, (layer, count)
+
+
+@pytest.mark.slow
+def test_llama8b_shaped_128k_shared_decode_finishes():
+    """A Llama-3-8B-shaped store (32 layers, 8 kv heads of 128, bf16) at 128K tokens, all on
+    the host, cpu_heads=3: decode steps with appends finish (16 GiB pinned; a few seconds)."""
+    torch.manual_seed(5)
+    layers, hkv, g, d, n, block = 32, 8, 4, 128, 131_072, 4096
+    store, kv = host_store(layers, hkv, d, n, block=block, cpu_heads=3, dtype=torch.bfloat16)
+    del kv
+    q = torch.randn(hkv * g, 1, d, device=DEV, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    for _ in range(20):
+        for layer in range(layers):
+            k1 = torch.randn(hkv, 1, d, device=DEV, dtype=torch.bfloat16)
+            store.append(layer, k1, k1)
+            store.attend(layer, q, out, d**-0.5)
+        store.finish_step()
+    torch.cuda.synchronize()
+    assert store.seq_len(0) == n + 20 and out.isfinite().all()
+
+
+@pytest.mark.parametrize("point", ["cpu_share", "cpu_share_panic"])
+def test_a_failed_cpu_share_raises_in_its_step_and_the_next_step_is_exact(point):
+    torch.manual_seed(1)
+    hkv, g, d, n = 2, 4, 64, 3000
+    store, kv = host_store(2, hkv, d, n, block=128, cpu_heads=2)
+    q = torch.randn(hkv * g, 1, d, device=DEV)
+    out = torch.empty_like(q)
+    _core._inject_failure(point, after=1)  # the second layer's CPU share fails
+    for layer in range(2):
+        store.attend(layer, q, out, d**-0.5)  # queued: returns at once
+    with pytest.raises(_core.HeadInferError, match=f"injected failure at {point}|injected panic"):
+        store.finish_step()
+    torch.cuda.synchronize()  # the stream was released: no hang
+    store.finish_step()  # raised once
+    for layer in range(2):
+        out = torch.full_like(q, float("nan"))
+        store.attend(layer, q, out, d**-0.5)
+        store.finish_step()
+        ref = reference(q, *kv[layer], d**-0.5)
+        assert (out.double() - ref).abs().max() < 1e-4
+
+
+def test_a_failed_launch_raises_at_once_and_the_store_stays_usable():
+    torch.manual_seed(2)
+    hkv, g, d, n = 2, 2, 64, 2000
+    store, kv = host_store(1, hkv, d, n, block=128, cpu_heads=1)
+    q = torch.randn(hkv * g, 1, d, device=DEV)
+    out = torch.empty_like(q)
+    for after in (0, 1):  # the partial kernel, then the merge
+        _core._inject_failure("launch", after=after)
+        with pytest.raises(_core.HeadInferError, match="injected failure at launch"):
+            store.attend(0, q, out, d**-0.5)
+        store.finish_step()
+        torch.cuda.synchronize()
+    store.attend(0, q, out, d**-0.5)
+    store.finish_step()
+    assert (out.double() - reference(q, *kv[0], d**-0.5)).abs().max() < 1e-4
+    _core._inject_failure("alloc")
+    k1 = torch.randn(hkv, 200, d, device=DEV)
+    with pytest.raises(_core.HeadInferError, match="injected failure at alloc"):
+        store.append(0, k1, k1)
+    assert store.seq_len(0) == n
+
+
+def _decode_with_failure(model, ids, steps, fail_at, point):
+    """Greedy decode through an explicit cache; the step at `fail_at` tokens fails once (the
+    point armed to fire in its second layer) and is retried."""
+    name = cache_kwarg_name(model)
+    cache = headinfer.HeadInferCache(model)
+    failed = False
+    with torch.no_grad():
+        out = model(ids, use_cache=True, **{name: cache})
+        tokens = [int(out.logits[0, -1].argmax())]
+        while len(tokens) < steps:
+            n = cache.get_seq_length()
+            step = torch.tensor([[tokens[-1]]], device=DEV)
+            if n == fail_at and not failed:
+                _core._inject_failure(point, after=1)
+                with pytest.raises(_core.HeadInferError, match="injected"):
+                    model(step, use_cache=True, **{name: cache})
+                _core._inject_failure(None)
+                failed = True
+                assert cache.get_seq_length() == n, "rolled back to the last complete token"
+                continue
+            out = model(step, use_cache=True, **{name: cache})
+            tokens.append(int(out.logits[0, -1].argmax()))
+    assert failed
+    return tokens
+
+
+@pytest.mark.parametrize("point", ["cpu_share", "cpu_share_panic", "launch"])
+def test_a_failure_in_a_decode_step_raises_there_and_generation_continues_exactly(point):
+    base = tiny_model("llama", max_position_embeddings=4096)
+    ref = twin(base).to(DEV)
+    model = twin(base).to(DEV)
+    ids = prompt(600).to(DEV)
+    want = ref.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1] :].tolist()
+    # All KV on the host, the CPU taking one kv head of every decode.
+    headinfer.patch(model, chunk_size=256, block_size=64, gpu_budget=1, cpu_heads=1)
+    import headinfer.cache as cache_mod
+
+    ensure = cache_mod.HeadInferCache._ensure_store
+
+    def short_shares_too(self, dtype, device):
+        store = ensure(self, dtype, device)
+        store.cpu_share_min_tokens = 0
+        return store
+
+    cache_mod.HeadInferCache._ensure_store = short_shares_too
+    try:
+        got = _decode_with_failure(model, ids, 16, 600 + 5, point)
+    finally:
+        cache_mod.HeadInferCache._ensure_store = ensure
+    assert got == want
+
+
+def test_gather_writes_each_output_with_its_own_strides():
+    """B10: value_out with other strides than key_out (the fast copy path and the kernel)."""
+    torch.manual_seed(3)
+    hkv, d, n = 3, 64, 700
+    store = _core.KVStore(
+        1, hkv, d, "float32", block_size=64, device=0, device_budget=1 << 20, max_len=1024
+    )
+    k = torch.randn(hkv, n, d, device=DEV)
+    v = torch.randn(hkv, n, d, device=DEV)
+    store.append(0, k, v)
+    a, b = 100, 650
+    # Rows contiguous in both, heads far apart in value_out only: the copy-engine path.
+    ko = torch.full((2, b - a, d), float("nan"), device=DEV)
+    vbig = torch.full((2, 2 * (b - a), d), float("nan"), device=DEV)
+    vo = vbig[:, : b - a]
+    store.gather(0, 1, 2, a, b, ko, vo)
+    torch.cuda.synchronize()
+    assert torch.equal(ko, k[1:3, a:b]) and torch.equal(vo, v[1:3, a:b])
+    assert vbig[:, b - a :].isnan().all(), "nothing written outside value_out"
+    # Rows strided in key_out, packed in value_out: the kernel path.
+    kbig = torch.full((b - a, 2, d), float("nan"), device=DEV)
+    ko = kbig.transpose(0, 1)
+    vo = torch.full((2, b - a, d), float("nan"), device=DEV)
+    store.gather(0, 0, 2, a, b, ko, vo)
+    torch.cuda.synchronize()
+    assert torch.equal(ko, k[0:2, a:b]) and torch.equal(vo, v[0:2, a:b])
+
+
+def test_stream_none_is_torchs_current_stream():
+    """B10: without a stream, work is ordered on torch's current stream, not the legacy one."""
+    torch.manual_seed(4)
+    hkv, g, d, n = 2, 2, 64, 4096
+    store = _core.KVStore(
+        1, hkv, d, "float32", block_size=256, device=0, device_budget=1 << 30, max_len=n
+    )
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        k = torch.randn(hkv, n, d, device=DEV)
+        v = torch.randn(hkv, n, d, device=DEV)
+        # A long op on `side` just before: an unordered append would read k, v too early.
+        for _ in range(20):
+            k = k * 1.0
+        store.append(0, k, v)
+        q = torch.randn(hkv * g, 1, d, device=DEV)
+        out = torch.empty_like(q)
+        store.attend(0, q, out, d**-0.5)
+        side.synchronize()
+    assert (out.double() - reference(q, k, v, d**-0.5)).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_tensor_on_another_gpu_is_refused_by_name():
+    store = _core.KVStore(1, 2, 64, "float32", device=0, device_budget=0, max_len=1024)
+    k = torch.randn(2, 10, 64, device="cuda:1")
+    with pytest.raises(ValueError, match="^key: is on cuda:1"):
+        store.append(0, k, k)
+    q = torch.randn(2, 1, 64, device="cuda:1")
+    with pytest.raises(ValueError, match="^query: is on cuda:1"):
+        store.attend(0, q, torch.empty_like(q), 0.1)
+    k0 = torch.randn(2, 10, 64, device="cuda:0")
+    with pytest.raises(ValueError, match="^key: is on cuda:0"):
+        _core.attention(q, k0, k0, torch.empty_like(q), 0.1)
