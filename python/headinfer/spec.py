@@ -189,6 +189,8 @@ def _check_structure(config: Any, text: Any, family: str) -> None:
             f"{text.kv_lora_rank}), not per-head keys and values",
         )
     kinds = set(getattr(text, "layer_types", None) or ())
+    if getattr(text, "attention_chunk_size", None) or "chunked_attention" in kinds:
+        raise _refuse(family, "chunked attention: each chunk attends only within itself")
     if kinds - {"full_attention", "sliding_attention"}:
         other = sorted(kinds - {"full_attention", "sliding_attention"})
         raise _refuse(
@@ -207,8 +209,6 @@ def _check_structure(config: Any, text: Any, family: str) -> None:
         raise _refuse(family, "cross-attention layers attend over another sequence")
     if getattr(text, "use_bidirectional_attention", False) or not getattr(text, "is_causal", True):
         raise _refuse(family, "bidirectional attention: headinfer's attention is causal")
-    if getattr(text, "attention_chunk_size", None):
-        raise _refuse(family, "chunked attention: each chunk attends only within itself")
     if getattr(text, "alibi", False) or getattr(text, "use_alibi", False):
         raise _refuse(family, "ALiBi position biases are added to the scores inside attention")
     if not getattr(text, "num_attention_heads", None):
