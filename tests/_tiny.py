@@ -94,7 +94,21 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
             layer_types=_SLIDING_MIDDLE_FULL,
         ),
     ),
-    "phi3": ("phi3", dict(sliding_window=64)),
+    # LongRoPE as in Phi-3-128k / Phi-4-mini: long factors past 64 positions.
+    "phi3": (
+        "phi3",
+        dict(
+            sliding_window=64,
+            rope_parameters=dict(
+                rope_type="longrope",
+                rope_theta=10000.0,
+                factor=8.0,
+                short_factor=[1.0] * 8,
+                long_factor=[4.0] * 8,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ),
     "olmo2": ("olmo2", {}),
     "olmo3": ("olmo3", dict(sliding_window=48, layer_types=_SLIDING_MIDDLE_FULL)),
     "granite": (

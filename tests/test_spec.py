@@ -139,3 +139,13 @@ def test_window_the_model_passes_must_be_the_stores() -> None:
     with pytest.raises(headinfer.HeadInferError, match="sliding_window=32"), torch.no_grad():
         model(prompt(100), **{cache_kwarg_name(model): cache})
     assert cache.get_seq_length() == 0
+
+
+def test_readme_table_lists_every_supported_family() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("## Supported models", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    named = {line.split("`")[1] for line in rows}
+    assert named == set(headinfer.SUPPORTED_FAMILIES) | {"gpt_oss"}
