@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import PretrainedConfig
@@ -285,7 +285,7 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
         if isinstance(getattr(m, "layer_idx", None), int)
         and (hasattr(m, "k_proj") or hasattr(m, "qkv_proj"))
     ]
-    return sorted(found, key=lambda m: m.layer_idx)
+    return sorted(found, key=lambda m: cast(int, m.layer_idx))
 
 
 def _proj_heads(proj: Any, head_dim: int) -> int | None:
@@ -322,8 +322,8 @@ def _check_modules(model: torch.nn.Module, spec: ModelSpec) -> None:
         if q is not None and q != spec.num_q_heads:
             raise _refuse(family, f"{where} projects {q} query heads, config {spec.num_q_heads}")
         scaling = getattr(m, "scaling", None)
-        known = scaling is not None and spec.scale is not None
-        if known and not math.isclose(float(scaling), spec.scale, rel_tol=1e-6):
+        want = spec.scale if spec.scale is not None else float("nan")
+        if scaling is not None and not math.isclose(float(scaling), want, rel_tol=1e-6):
             raise _refuse(family, f"{where} scales scores by {scaling}, config {spec.scale}")
         if (getattr(m, "sinks", None) is not None) != spec.sinks:
             raise _refuse(family, f"{where} has attention sinks the config does not announce")
