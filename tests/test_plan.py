@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny import FAMILIES, tiny_config, tiny_model
+from _tiny import CASES, MULTIMODAL, have, tiny_config, tiny_model, tiny_multimodal
 
 import headinfer
 from headinfer import planner
@@ -19,20 +19,47 @@ from headinfer.plan import (
 from headinfer.spec import model_spec
 
 VARIANTS = (
-    {},
     {"tie_word_embeddings": True},
     {"tie_word_embeddings": False},
     {"attention_bias": True},
     {"mlp_bias": True},
     {"head_dim": 32},  # head_dim * heads != hidden_size
 )
+#: Every family as tested, both embedding tyings, and the other variants on Llama and Gemma-2.
+COUNTED = (
+    [(case, {}) for case in CASES]
+    + [(case, {"tie_word_embeddings": not tiny_config(case).tie_word_embeddings}) for case in CASES]
+    + [(case, o) for case in ("llama", "gemma2") for o in VARIANTS]
+)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(o) or "default")
+@pytest.mark.parametrize(
+    ("family", "overrides"), COUNTED, ids=lambda o: ",".join(o) if isinstance(o, dict) else o
+)
 def test_parameter_count_matches_the_real_model(family: str, overrides: dict) -> None:
+    # MoE experts, shared experts, sinks, q/k norms, fused projections, tied embeddings.
+    if not have(family):
+        pytest.skip(f"transformers has no {family} model")
     model = tiny_model(family, **overrides)
     assert parameter_count(model.config) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", MULTIMODAL)
+def test_parameter_count_of_a_multimodal_wrapper(name: str) -> None:
+    model = tiny_multimodal(name)
+    assert parameter_count(model.config) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_plan_works_for_every_family_from_its_config(family: str) -> None:
+    if not have(family):
+        pytest.skip(f"transformers has no {family} model")
+    config = tiny_config(family)
+    plan = make_plan(config, context=1000, gpu_budget=1 << 30, chunk_size=64)
+    spec = model_spec(config)
+    assert plan["family"] == spec.family and plan["windows"] == list(spec.windows)
+    assert plan["params"] == parameter_count(config) > 0
+    assert "KV total" in render_plan(plan)
 
 
 def test_parameter_count_rejects_other_families() -> None:

@@ -1,7 +1,7 @@
 """headinfer: exact long-context inference for Hugging Face transformers.
 
 The KV cache lives in host memory, in a Rust store split by (layer, kv head); ``patch(model)``
-plugs it into a Llama, Mistral, Qwen2 or Gemma-2 model, with chunked prefill::
+plugs it into a model of any family in ``SUPPORTED_FAMILIES``, with chunked prefill::
 
     import headinfer
     headinfer.patch(model)

@@ -38,6 +38,16 @@ ATTN_IMPLEMENTATION = "headinfer"
 CACHE_KWARG = "headinfer_cache"
 
 
+#: Keywords some attention modules pass that change the result; never silently ignored.
+_UNSUPPORTED_KWARGS = {
+    "s_aux": "learned attention sinks",
+    "sinks": "learned attention sinks",
+    "indices": "sparse attention over selected keys",
+    "block_indices": "sparse attention over selected blocks",
+    "position_bias": "a position bias added to the scores",
+}
+
+
 def _head_view(x: torch.Tensor, name: str) -> torch.Tensor:
     # [1, H, L, D] -> [H, L, D] without a copy; the op needs only head_dim stride 1.
     if x.shape[0] != 1:
@@ -85,8 +95,14 @@ def headinfer_attention(
         )
     if dropout:
         raise HeadInferError(f"dropout: headinfer is for inference, got {dropout}")
-    if not getattr(module, "is_causal", True):
+    if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
         raise HeadInferError("headinfer implements causal attention only")
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise HeadInferError(
+                f"{type(module).__name__} passes {name}= to attention "
+                f"({_UNSUPPORTED_KWARGS[name]}), which the headinfer op does not compute"
+            )
     batch, num_q_heads, q_len, head_dim = query.shape
     scale = float(scaling) if scaling is not None else head_dim**-0.5
     softcap = float(softcap) if softcap else None

@@ -199,7 +199,7 @@ class HeadInferCache(Cache):
             the cores. Experimental: see BENCHMARKS.md.
 
     Raises:
-        UnsupportedModelError: the model is not Llama, Mistral, Qwen2 or Gemma-2.
+        UnsupportedModelError: the model is not of a supported family (``SUPPORTED_FAMILIES``).
     """
 
     def __init__(
@@ -232,7 +232,7 @@ class HeadInferCache(Cache):
                 dtype = getattr(model_or_config, "dtype", None)
             device = getattr(model_or_config, "device", None)
         self.config = config
-        self.spec = model_spec(config)
+        self.spec = model_spec(model_or_config)
         if block_size is not None and block_size <= 0:
             raise ValueError(f"block_size: must be positive, got {block_size}")
         self._block_size = block_size
@@ -439,10 +439,12 @@ class HeadInferCache(Cache):
         """
         store = self.store
         held = store.windows[layer_idx]
-        if held is not None and (window is None or window > held):
+        if window != held:
+            # The spec's window is what the model's own mask applies (eager attention); an
+            # attention that passes another one would make headinfer differ from it.
             raise HeadInferError(
-                f"layer {layer_idx}: the model attends with window {window} but the store keeps "
-                f"only {held} tokens (config and model disagree)"
+                f"layer {layer_idx}: the model's attention passes sliding_window={window} but "
+                f"its config gives this layer {held} (config and model disagree)"
             )
         self._pending.pop(layer_idx, None)
         q_len = query.shape[2]

@@ -21,7 +21,7 @@ from .device import check_device
 from .planner import release_torch_caps
 from .prefill import CACHE_NAMES, cache_kwarg_name, forward_params, patched_forward
 from .sizes import parse_bytes
-from .spec import ModelSpec, model_spec
+from .spec import ModelSpec, runnable_spec
 
 __all__ = ["PatchSettings", "is_patched", "patch", "unpatch"]
 
@@ -104,7 +104,8 @@ def patch(
     ``input_ids`` ``[1, L]`` (or ``inputs_embeds`` ``[1, L, hidden]``).
 
     Args:
-        model: a Llama, Mistral, Qwen2 or Gemma-2 transformers model (e.g. ``*ForCausalLM``),
+        model: a transformers model of a family in ``headinfer.SUPPORTED_FAMILIES`` (e.g.
+            ``*ForCausalLM``, or a multimodal wrapper around one, for text prompts),
             float32, bfloat16 or float16, on the CPU or one CUDA device.
         chunk_size: longest prefill chunk, in tokens.
         block_size: tokens per store block (default: 256 on the CPU, 1 MiB of one head on
@@ -123,9 +124,10 @@ def patch(
         The same model object. Patching again only updates these settings.
 
     Raises:
-        UnsupportedModelError: ``model.config.model_type`` is not a supported family.
+        UnsupportedModelError: the model's attention is not one headinfer runs (the message
+            says why) or its family is not among ``SUPPORTED_FAMILIES``.
     """
-    spec = model_spec(model.config)
+    spec = runnable_spec(model)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size: must be positive, got {chunk_size}")
     if block_size is not None and block_size <= 0:

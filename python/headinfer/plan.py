@@ -4,7 +4,7 @@ model's config alone (no weights loaded), and the time floors no implementation 
 The split of the GPU budget is the runtime's own: ``headinfer.planner.plan_figures``, the one call
 into the Rust planner (``src/plan.rs``) that a CUDA ``HeadInferCache`` makes too. What the
 runtime measures (the bytes of the weights torch holds), this module computes from the config:
-``parameter_count(config)`` for the supported families.
+``parameter_count(config)``, from the model built on the meta device.
 
 Floors, at rates measured on an H200 (BENCHMARKS.md, 2026-11-26: causal SDPA 656.6 TFLOP/s,
 bf16 matmul 798.5 TFLOP/s, pinned host-to-device copies 55.5 GB/s), rounded down:
@@ -93,36 +93,35 @@ def _text_config(config: Any) -> Any:
 
 
 def parameter_count(config: Any) -> int:
-    """Parameters of a Llama, Mistral, Qwen2 or Gemma-2 ``*ForCausalLM`` built from ``config``.
+    """Parameters of the model ``config`` describes, as ``model.parameters()`` counts them.
 
-    Counts what ``sum(p.numel() for p in model.parameters())`` counts: tied input and output
-    embeddings once; the biases each family has (Qwen2's q/k/v, Llama's optional attention and
-    MLP biases); RMSNorm weights (two per layer, four for Gemma-2, and the final one).
+    The model is built on PyTorch's meta device (shapes only: no memory, no weights read), as
+    ``AutoModelForCausalLM`` (or ``AutoModelForImageTextToText`` for a multimodal wrapper)
+    builds it from this config, so every family's parts count exactly as loading it would:
+    MoE experts and routers, shared experts, tied embeddings (once), biases, q/k norms, sinks,
+    a vision tower. A quantized checkpoint's bytes are not its parameters times a dtype's size
+    (e.g. gpt-oss's MXFP4 experts); the count is of parameters.
 
     Raises:
-        UnsupportedModelError: not one of the supported families.
+        UnsupportedModelError: a model headinfer cannot run (``model_spec`` says why).
     """
-    spec = model_spec(config)  # checks the family
-    c = _text_config(config)
-    hidden = c.hidden_size
-    inter = c.intermediate_size
-    q_out = spec.num_q_heads * spec.head_dim
-    kv_out = spec.num_kv_heads * spec.head_dim
-    attn = hidden * q_out + 2 * hidden * kv_out + q_out * hidden
-    mlp = 3 * hidden * inter
-    norms = 2 * hidden
-    if spec.family in ("llama", "gemma2") and getattr(c, "attention_bias", False):
-        attn += q_out + 2 * kv_out + hidden
-    if spec.family == "qwen2":
-        attn += q_out + 2 * kv_out  # q, k, v have biases; o does not
-    if spec.family == "llama" and getattr(c, "mlp_bias", False):
-        mlp += 2 * inter + hidden
-    if spec.family == "gemma2":
-        norms = 4 * hidden  # pre/post attention and pre/post feed-forward
-    embed = c.vocab_size * hidden
-    tied = bool(getattr(c, "tie_word_embeddings", spec.family == "gemma2"))
-    head = 0 if tied else c.vocab_size * hidden
-    return embed + spec.num_layers * (attn + mlp + norms) + hidden + head
+    model_spec(config)  # refuses what headinfer cannot run, before building anything
+    model = _meta_model(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _meta_model(config: Any) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    errors = []
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        try:
+            with torch.device("meta"):
+                return auto.from_config(config)
+        except ValueError as exc:  # this auto class has no model for the config
+            errors.append(str(exc).splitlines()[0])
+    raise ValueError(f"config: transformers builds no causal LM from it ({'; '.join(errors)})")
 
 
 def _attention_pairs(context: int, window: int | None) -> float:
