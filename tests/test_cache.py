@@ -195,3 +195,67 @@ def test_cache_for_other_model_rejected() -> None:
     other = headinfer.HeadInferCache(tiny_config("llama", num_hidden_layers=2))
     with pytest.raises(ValueError, match="cache"):
         model(prompt(10), **_kw(model, other))
+
+
+# --- Freed on last reference, as a DynamicCache is (no cycle for the cyclic GC to find) --------
+
+
+@pytest.fixture
+def no_gc():
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _live_caches() -> int:
+    import gc
+
+    # gc.get_objects() lists every tracked object still alive, cycles awaiting the GC included.
+    return sum(type(o) is headinfer.HeadInferCache for o in gc.get_objects())
+
+
+def test_deleted_cache_frees_its_store_without_gc(no_gc: None) -> None:
+    import gc
+    import weakref
+
+    model = headinfer.patch(tiny_model("mistral"), chunk_size=64, block_size=16)
+    cache = headinfer.HeadInferCache(model)
+    with torch.no_grad():
+        out = model(prompt(200), **_kw(model, cache))
+    store = cache.store
+    # Only the cache holds the store, so the store goes when the cache goes.
+    (holder,) = gc.get_referrers(store)
+    assert holder is cache or holder is vars(cache)
+    del store, holder
+    gone = weakref.ref(cache)
+    layer = cache.layers[0]
+    del cache, out
+    assert gone() is None
+    with pytest.raises(headinfer.HeadInferError, match="deleted"):
+        layer.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
+    assert layer.get_seq_length() == 0
+
+
+def test_caches_made_by_forward_and_generate_are_freed_without_gc(no_gc: None) -> None:
+    model = headinfer.patch(tiny_model("gemma2"), chunk_size=64, block_size=16, progress=True)
+    before = _live_caches()
+    with torch.no_grad():
+        out = model(prompt(150))
+        assert isinstance(out.past_key_values, headinfer.HeadInferCache)
+        assert _live_caches() == before + 1
+        del out
+        assert _live_caches() == before
+        model(prompt(150), use_cache=False)
+        assert _live_caches() == before
+        tokens = model.generate(prompt(150), max_new_tokens=4, do_sample=False)
+        assert tokens.shape == (1, 154)
+        assert _live_caches() == before
+        scores = _greedy(model, prompt(150), 3)
+        assert _live_caches() == before + 1  # the output holds its cache, as with DynamicCache
+        del scores
+        assert _live_caches() == before
