@@ -195,3 +195,148 @@ def test_cache_for_other_model_rejected() -> None:
     other = headinfer.HeadInferCache(tiny_config("llama", num_hidden_layers=2))
     with pytest.raises(ValueError, match="cache"):
         model(prompt(10), **_kw(model, other))
+
+
+# --- Freed on last reference, as a DynamicCache is (no cycle for the cyclic GC to find) --------
+
+
+@pytest.fixture
+def no_gc():
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _live_caches() -> int:
+    import gc
+
+    # gc.get_objects() lists every tracked object still alive, cycles awaiting the GC included.
+    return sum(type(o) is headinfer.HeadInferCache for o in gc.get_objects())
+
+
+def test_deleted_cache_frees_its_store_without_gc(no_gc: None) -> None:
+    import gc
+    import weakref
+
+    model = headinfer.patch(tiny_model("mistral"), chunk_size=64, block_size=16)
+    cache = headinfer.HeadInferCache(model)
+    with torch.no_grad():
+        out = model(prompt(200), **_kw(model, cache))
+    store = cache.store
+    # Only the cache holds the store, so the store goes when the cache goes.
+    (holder,) = gc.get_referrers(store)
+    assert holder is cache or holder is vars(cache)
+    del store, holder
+    gone = weakref.ref(cache)
+    layer = cache.layers[0]
+    del cache, out
+    assert gone() is None
+    with pytest.raises(headinfer.HeadInferError, match="deleted"):
+        layer.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
+    assert layer.get_seq_length() == 0
+
+
+def test_caches_made_by_forward_and_generate_are_freed_without_gc(no_gc: None) -> None:
+    model = headinfer.patch(tiny_model("gemma2"), chunk_size=64, block_size=16, progress=True)
+    before = _live_caches()
+    with torch.no_grad():
+        out = model(prompt(150))
+        assert isinstance(out.past_key_values, headinfer.HeadInferCache)
+        assert _live_caches() == before + 1
+        del out
+        assert _live_caches() == before
+        model(prompt(150), use_cache=False)
+        assert _live_caches() == before
+        tokens = model.generate(prompt(150), max_new_tokens=4, do_sample=False)
+        assert tokens.shape == (1, 154)
+        assert _live_caches() == before
+        scores = _greedy(model, prompt(150), 3)
+        assert _live_caches() == before + 1  # the output holds its cache, as with DynamicCache
+        del scores
+        assert _live_caches() == before
+
+
+def test_dtype_with_a_config_is_the_store_dtype() -> None:
+    cache = headinfer.HeadInferCache(tiny_config("llama"), dtype=torch.float16)
+    k = torch.randn(1, 2, 5, 16)
+    with pytest.raises(TypeError, match="key: dtype is float32, expected float16"):
+        cache.update(k, k, 0)
+    assert cache.get_seq_length() == 0
+    keys, _ = cache.update(k.half(), k.half(), 0)
+    assert cache.store.dtype == "float16" and cache.layers[0].dtype == torch.float16
+    assert torch.equal(keys, k.half())
+    with pytest.raises(TypeError, match="dtype"):
+        headinfer.HeadInferCache(tiny_config("llama"), dtype=torch.float64)
+
+
+def test_dtype_given_for_a_model_of_another_dtype_is_refused_by_name() -> None:
+    model = headinfer.patch(tiny_model("llama"), chunk_size=16, block_size=16)  # float32
+    cache = headinfer.HeadInferCache(model, dtype=torch.float16)
+    with torch.no_grad(), pytest.raises(TypeError, match="key: dtype is float32, expected float16"):
+        model(prompt(40), **_kw(model, cache))
+    assert cache.get_seq_length() == 0
+
+
+# --- Host memory checked before prefill, for the whole request --------------------------------
+
+
+def _layer_calls(model: torch.nn.Module) -> list[int]:
+    calls = [0]
+
+    def count(*args: object) -> None:
+        calls[0] += 1
+
+    model.model.layers[0].register_forward_hook(count)
+    return calls
+
+
+def test_prompt_larger_than_host_memory_refused_before_any_chunk() -> None:
+    # Tiny Llama in float32, blocks of 16 tokens: a block pair (keys and values of one head) is
+    # 2 KiB, 300 tokens take 19 x 2 heads x 3 layers = 114 pairs, 228 KiB. The first chunks fit.
+    model = headinfer.patch(
+        tiny_model("llama"), chunk_size=64, block_size=16, host_memory_limit=100 << 10
+    )
+    calls = _layer_calls(model)
+    cache = headinfer.HeadInferCache(model)
+    with torch.no_grad(), pytest.raises(headinfer.OutOfHostMemoryError) as info:
+        model(prompt(300), **_kw(model, cache))
+    assert calls == [0]  # no chunk ran
+    assert info.value.needed == 114 * 2048 and info.value.available == 100 << 10
+    assert "300 tokens" in str(info.value)
+    assert cache.get_seq_length() == 0 and cache.bytes_reserved() == 0
+    with torch.no_grad():
+        model(prompt(40), **_kw(model, cache))  # what fits still runs
+    assert cache.get_seq_length() == 40
+
+
+def test_generation_larger_than_host_memory_refused_before_prefill() -> None:
+    # A 100-token prompt fits in 100 KiB (7 x 6 pairs); with 100 new tokens it does not (13 x 6).
+    model = headinfer.patch(
+        tiny_model("llama"), chunk_size=64, block_size=16, host_memory_limit=100 << 10
+    )
+    calls = _layer_calls(model)
+    with pytest.raises(headinfer.OutOfHostMemoryError, match="200 tokens"):
+        model.generate(prompt(100), max_new_tokens=100, do_sample=False)
+    assert calls == [0]
+    out = model.generate(prompt(100), max_new_tokens=10, do_sample=False)
+    assert out.shape == (1, 110)
+
+
+def test_sliding_window_counts_only_its_window() -> None:
+    from headinfer.host_memory import blocks_for
+
+    assert blocks_for(300, [None], 16) == 19
+    # Window 64 at 300 tokens: from position 237, rounded down to 224: 76 tokens, 5 blocks.
+    assert blocks_for(300, [64], 16) == 5
+    assert blocks_for(10, [64, None], 16) == 2
+    model = headinfer.patch(
+        tiny_model("mistral"), chunk_size=64, block_size=16, host_memory_limit=100 << 10
+    )
+    with torch.no_grad():
+        out = model(prompt(500))  # 5 blocks per head and layer at most: it fits
+    assert out.past_key_values.get_seq_length() == 500

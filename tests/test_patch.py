@@ -107,11 +107,68 @@ def test_unsupported_dtype() -> None:
         headinfer.patch(tiny_model("llama").to(torch.float64))
 
 
-def test_bad_settings() -> None:
-    with pytest.raises(ValueError, match="chunk_size"):
-        headinfer.patch(tiny_model("llama"), chunk_size=0)
-    with pytest.raises(ValueError, match="block_size"):
-        headinfer.patch(tiny_model("llama"), block_size=-1)
+BAD_SETTINGS = [
+    ({"chunk_size": 0}, ValueError, "chunk_size"),
+    ({"chunk_size": 64.0}, TypeError, "chunk_size"),
+    ({"chunk_size": True}, TypeError, "chunk_size"),
+    ({"block_size": -1}, ValueError, "block_size"),
+    ({"block_size": 16.5}, TypeError, "block_size"),
+    ({"gpu_budget": 0}, ValueError, "gpu_budget"),
+    ({"gpu_budget": "0"}, ValueError, "gpu_budget"),
+    ({"gpu_budget": "0GiB"}, ValueError, "gpu_budget"),
+    ({"gpu_budget": float("nan")}, ValueError, "gpu_budget"),
+    ({"gpu_budget": float("inf")}, ValueError, "gpu_budget"),
+    ({"gpu_budget": True}, TypeError, "gpu_budget"),
+    ({"host_memory_limit": 0}, ValueError, "host_memory_limit"),
+    ({"host_memory_limit": -1}, ValueError, "host_memory_limit"),
+    ({"host_memory_limit": "lots"}, ValueError, "host_memory_limit"),
+    ({"host_memory_limit": float("nan")}, ValueError, "host_memory_limit"),
+    ({"host_memory_limit": [1]}, TypeError, "host_memory_limit"),
+    ({"cpu_heads": -1}, ValueError, "cpu_heads"),
+    ({"cpu_heads": 3}, ValueError, "cpu_heads"),  # the tiny model has 2 kv heads
+    ({"cpu_heads": 1.0}, TypeError, "cpu_heads"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "name"), BAD_SETTINGS)
+def test_bad_settings(kwargs: dict, error: type, name: str) -> None:
+    model = tiny_model("llama")
+    with pytest.raises(error, match=f"^{name}: "):
+        headinfer.patch(model, **kwargs)
+    assert not headinfer.is_patched(model)
+    if name != "chunk_size":  # HeadInferCache takes the others, checked alike
+        with pytest.raises(error, match=f"^{name}: "):
+            headinfer.HeadInferCache(model.config, **kwargs)
+        with pytest.raises(error, match=f"^{name}: "):
+            headinfer.HeadInferCache(model, **kwargs)
+
+
+def test_sizes_accepted_as_strings() -> None:
+    model = headinfer.patch(tiny_model("llama"), host_memory_limit="64MiB", gpu_budget="2GiB")
+    cache = headinfer.HeadInferCache(model)
+    assert (cache.host_memory_limit, cache.gpu_budget) == (64 << 20, 2 << 30)
+    assert headinfer.HeadInferCache(model.config, host_memory_limit="1GiB").host_memory_limit == (
+        1 << 30
+    )
+
+
+def test_base_model_without_lm_head() -> None:
+    from _tiny import tiny_config
+    from transformers import LlamaModel
+
+    model = LlamaModel(tiny_config("llama")).eval()
+    reference = LlamaModel(tiny_config("llama")).eval()
+    reference.load_state_dict(model.state_dict())
+    headinfer.patch(model, chunk_size=16, block_size=16)
+    ids = prompt(40)
+    with torch.no_grad():
+        got = model(ids)
+        want = reference(ids)
+    assert isinstance(got.past_key_values, headinfer.HeadInferCache)
+    assert got.past_key_values.get_seq_length() == 40
+    assert rel_err(got.last_hidden_state, want.last_hidden_state) < 1e-5
+    headinfer.unpatch(model)
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
 
 
 def test_logs_and_never_prints(

@@ -12,6 +12,7 @@ exact.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -21,11 +22,12 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import _core
+from .checks import check_cpu_heads, check_optional_positive_int, check_size
 from .device import check_device, current_stream
 from .errors import HeadInferError
+from .host_memory import check_host_memory, pair_bytes
 from .planner import DIRECT_ROWS, GpuPlan, cap_torch, plan_memory
 from .prefill_attention import PrefillState, prefill_attention
-from .sizes import parse_bytes
 from .spec import model_spec
 
 __all__ = ["HeadInferCache", "HeadInferLayer", "store_dtype"]
@@ -38,7 +40,7 @@ DEFAULT_BLOCK_SIZE = 256
 #: Bytes per block on the GPU path: large enough that every copy and every kernel read of a
 #: block is a long run (1 MiB: 4096 tokens of a 128-dim bf16 head).
 GPU_BLOCK_BYTES = 1 << 20
-#: Longest sequence a CUDA store is sized for when the config gives no limit.
+#: Shortest sequence a CUDA store is sized for (more when max_position_embeddings says so).
 DEFAULT_MAX_LEN = 1 << 20
 
 
@@ -55,13 +57,16 @@ class HeadInferLayer(CacheLayerMixin):
     """One decoder layer's view of the shared store (``layer_idx`` in it).
 
     It holds no tensors itself (``keys``/``values`` stay ``None``); every call goes to the store.
+    It refers to its cache weakly: the cache holds its layers, and a cycle between them would
+    keep the store's blocks (GiBs of pinned memory on the GPU path) alive until the cyclic
+    garbage collector runs, where a deleted ``DynamicCache`` frees its tensors at once.
     """
 
     is_compileable = False
 
     def __init__(self, cache: HeadInferCache, layer_idx: int, window: int | None) -> None:
         super().__init__()
-        self._cache = cache
+        self._cache_ref = weakref.ref(cache)
         self.layer_idx = layer_idx
         self.sliding_window = window
         self.is_sliding = window is not None
@@ -71,11 +76,22 @@ class HeadInferLayer(CacheLayerMixin):
     def __repr__(self) -> str:
         return f"HeadInferLayer(layer_idx={self.layer_idx}, window={self.sliding_window})"
 
+    @property
+    def _cache(self) -> HeadInferCache:
+        cache = self._cache_ref()
+        if cache is None:
+            raise HeadInferError(
+                f"layer {self.layer_idx}: its HeadInferCache was deleted (a layer does not keep "
+                "the cache alive; keep a reference to the cache)"
+            )
+        return cache
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Create the shared store on first use, with the dtype and device of ``key_states``."""
-        self._cache._ensure_store(key_states.dtype, key_states.device)
+        """Create the shared store on first use, on the device of ``key_states``, with the
+        cache's ``dtype`` (when it was given) or else that of ``key_states``."""
+        store = self._cache._ensure_store(key_states.dtype, key_states.device)
         self.device = key_states.device
-        self.dtype = key_states.dtype
+        self.dtype = _DTYPES_BY_NAME[store.dtype]
         self.is_initialized = True
 
     def update(
@@ -138,7 +154,8 @@ class HeadInferLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         """Tokens appended to this layer so far (windowed-out ones included)."""
-        store = self._cache._store
+        cache = self._cache_ref()
+        store = None if cache is None else cache._store
         return 0 if store is None else store.seq_len(self.layer_idx)
 
     def get_max_length(self) -> int:
@@ -183,12 +200,15 @@ class HeadInferCache(Cache):
 
     Args:
         model_or_config: the model (its dtype and, if patched, its ``block_size`` and
-            ``host_memory_limit`` become the defaults) or its config (the dtype is then taken
-            from the first keys stored).
+            ``host_memory_limit`` become the defaults) or its config (the dtype is then
+            ``dtype``, or else that of the first keys stored).
         block_size: tokens per store block (default: the model's ``patch`` setting, else 256
             on the CPU and 1 MiB worth of one head on the GPU).
-        host_memory_limit: bytes the store may reserve (default: what the host has available).
-        dtype: element type of the stored keys/values (float32, bfloat16 or float16).
+        host_memory_limit: bytes the store may reserve, an int or a size like ``"64GiB"``
+            (default: what the host has available).
+        dtype: element type of the stored keys/values (float32, bfloat16 or float16). The
+            store holds exactly this type: keys and values of another dtype are refused with a
+            ``TypeError`` (never cast, which would change the results).
         gpu_budget: on CUDA, bytes of GPU memory this process may use in all (weights,
             working set and resident KV); an int or a size like ``"20GiB"``. Default: all the
             free memory less a margin. KV blocks fill what is left on the GPU; the rest sit in
@@ -200,6 +220,7 @@ class HeadInferCache(Cache):
 
     Raises:
         UnsupportedModelError: the model is not of a supported family (``SUPPORTED_FAMILIES``).
+        TypeError, ValueError: an argument of the wrong type or value (the message names it).
     """
 
     def __init__(
@@ -207,13 +228,15 @@ class HeadInferCache(Cache):
         model_or_config: torch.nn.Module | PretrainedConfig,
         *,
         block_size: int | None = None,
-        host_memory_limit: int | None = None,
+        host_memory_limit: int | str | None = None,
         dtype: torch.dtype | None = None,
         gpu_budget: int | str | None = None,
         cpu_heads: int | None = None,
     ) -> None:
         device = None
         self.chunk_size = 4096
+        if dtype is not None:
+            store_dtype(dtype)  # TypeError for a dtype the store does not hold
         if isinstance(model_or_config, PretrainedConfig):
             config = model_or_config
         else:
@@ -233,17 +256,16 @@ class HeadInferCache(Cache):
             device = getattr(model_or_config, "device", None)
         self.config = config
         self.spec = model_spec(model_or_config)
-        if block_size is not None and block_size <= 0:
-            raise ValueError(f"block_size: must be positive, got {block_size}")
-        self._block_size = block_size
-        self.host_memory_limit = host_memory_limit
-        self.gpu_budget = None if gpu_budget is None else parse_bytes(gpu_budget)
-        if cpu_heads is not None and not 0 <= cpu_heads <= min(16, self.spec.num_kv_heads):
-            raise ValueError(
-                f"cpu_heads: must be between 0 and {min(16, self.spec.num_kv_heads)}, "
-                f"got {cpu_heads}"
-            )
-        self.cpu_heads = cpu_heads
+        self._block_size = check_optional_positive_int(block_size, "block_size")
+        self.host_memory_limit = check_size(host_memory_limit, "host_memory_limit")
+        self.gpu_budget = check_size(gpu_budget, "gpu_budget")
+        self.cpu_heads = check_cpu_heads(cpu_heads, self.spec.num_kv_heads)
+        #: The store's element type when given (else the first keys' dtype).
+        self._dtype = dtype
+        #: Longest sequence the store holds (CUDA stores size their block table for it).
+        self.max_len = max(self.spec.max_positions or 0, DEFAULT_MAX_LEN)
+        # The largest context the up-front host memory check has passed.
+        self._host_checked = 0
         #: New tokens a generate() call will add (set by the patched generate), for planning.
         self.expected_new_tokens = 0
         self._plan: GpuPlan | None = None
@@ -268,6 +290,9 @@ class HeadInferCache(Cache):
         return DEFAULT_BLOCK_SIZE
 
     def _ensure_store(self, dtype: torch.dtype, device: torch.device) -> _core.KVStore:
+        # `dtype` is what the caller has at hand (the keys', the model's); the cache's own wins.
+        if self._dtype is not None:
+            dtype = self._dtype
         if self._store is None:
             spec = self.spec
             cuda: dict[str, Any] = {}
@@ -281,7 +306,8 @@ class HeadInferCache(Cache):
                 cuda = {
                     "device": index,
                     "device_budget": 0,
-                    "max_len": spec.max_positions or DEFAULT_MAX_LEN,
+                    # Past max_position_embeddings too, as transformers runs RoPE models there.
+                    "max_len": self.max_len,
                     "cpu_heads": self.cpu_heads or 0,
                 }
                 self._prefill = PrefillState(torch.device("cuda", index))
@@ -319,12 +345,19 @@ class HeadInferCache(Cache):
 
         While bound, ``update`` appends without reading back, and the headinfer attention must
         consume every appended chunk; the check at exit catches a model whose attention did not
-        go through headinfer (which would otherwise see only the new chunk). If the block
-        raises (e.g. ``OutOfHostMemoryError`` in some layer), the tokens it appended are cropped
-        away, so the cache is as it was before the block and stays usable.
+        go through headinfer (which would otherwise see only the new chunk).
+
+        If the block raises (``OutOfHostMemoryError`` in some layer, an error in the model, a
+        ``KeyboardInterrupt``), the tokens it appended are dropped so that the cache is as it
+        was before the block and stays usable, and the original exception propagates
+        unchanged. Where that rollback cannot be exact (a sliding-window layer already let go
+        of keys the old positions need, until the store keeps them: issue 7 B4), the cache
+        falls back to the longest state every layer holds, a warning is logged and a note on
+        the exception says what is left.
         """
         outermost = self._bound == 0
         start = self.get_seq_length() if outermost else 0
+        checkpoint = outermost and self._checkpoint()
         self._bound += 1
         try:
             yield
@@ -332,64 +365,120 @@ class HeadInferCache(Cache):
             self._bound -= 1
             if outermost:
                 self._pending.clear()
-                self._roll_back(start, exc)
+                self._roll_back(start, checkpoint, exc)
             raise
         self._bound -= 1
-        if outermost and self._store is not None:
+        if not outermost:
+            return
+        if self._store is not None:
             # A failure inside the step (the CPU share of any layer) raises in this step; the
             # cache then continues from the last complete token.
             try:
                 self._store.finish_step()
             except BaseException as exc:
                 self._pending.clear()
-                self._roll_back(start, exc)
+                self._roll_back(start, checkpoint, exc)
                 raise
-        if outermost and self._pending:
+        if self._pending:
             layers = sorted(self._pending)
             self._pending.clear()
-            self._roll_back(start, None)
-            raise HeadInferError(
+            error = HeadInferError(
                 f"layers {layers} appended to the cache but their attention did not run through "
                 "headinfer (is the model patched, and does it pass **kwargs to attention?)"
             )
+            self._roll_back(start, checkpoint, error)
+            raise error
+        if checkpoint:
+            self.store.commit()  # type: ignore[attr-defined]
 
-    def _roll_back(self, length: int, exc: BaseException | None) -> None:
+    def _checkpoint(self) -> bool:
+        # The store's checkpoint keeps the blocks a window lets go of until commit(), so that
+        # rollback() restores the state exactly (issue 7 B4, Rust part). Until the store has
+        # it, _roll_back crops, which is exact except where a window dropped blocks.
+        begin = getattr(self._store, "checkpoint", None)
+        if begin is None:
+            return False
+        begin()
+        return True
+
+    def _roll_back(self, length: int, checkpoint: bool, exc: BaseException) -> None:
+        """Back to ``length`` tokens after ``exc``; never raises, never replaces ``exc``."""
         store = self._store
-        if store is None or all(store.seq_len(i) <= length for i in range(store.num_layers)):
+        if store is None:
             return
+        if self._prefill is not None:
+            self._prefill.clear()  # staged copies of positions that may now hold other tokens
         try:
-            store.crop(length)
-        except ValueError as crop_exc:
-            # A sliding layer already dropped what the old positions need: the only consistent
-            # state left is an empty cache; say so rather than continue from a wrong one.
-            store.clear()
-            raise HeadInferError(
-                f"the cache could not be rolled back to {length} tokens after an error and was "
-                f"reset ({crop_exc})"
-            ) from exc
+            if checkpoint:
+                store.rollback()  # type: ignore[attr-defined]
+                return
+            held = [store.seq_len(i) for i in range(store.num_layers)]
+            if max(held) <= length:
+                return
+            # The exact state first; then the longest one every layer holds (the chunks that
+            # ran through every layer), which a window may still allow; else nothing.
+            reasons = []
+            for target in dict.fromkeys((length, min(held))):
+                try:
+                    store.crop(target)
+                except ValueError as crop_exc:
+                    reasons.append(str(crop_exc))
+                    continue
+                if target == length:
+                    return
+                left = f"holds the first {target} tokens"
+                break
+            else:
+                store.clear()
+                left = "was emptied"
+            why = "; ".join(reasons)
+        except Exception as rollback_exc:  # e.g. a CUDA error while synchronizing
+            left, why = "may be inconsistent: reset() it", repr(rollback_exc)
+        message = (
+            f"headinfer: after {type(exc).__name__}, the cache could not be rolled back to "
+            f"its {length} tokens and {left} ({why})"
+        )
+        logger.warning(message)
+        add_note = getattr(exc, "add_note", None)  # Python >= 3.11
+        if add_note is not None:
+            add_note(message)
 
     def prepare(self, context: int, new_tokens: int) -> None:
-        """Plan GPU memory before a forward of ``new_tokens`` reaching ``context``; CPU: no-op.
+        """Check and plan memory before a forward of ``new_tokens`` reaching ``context``.
 
-        Called by the patched forward. It replans when the context grows past the last plan or
-        the phase changes: a prefill keeps room for a chunk's activations and staging, decode
-        gives that room to the KV, and blocks move between GPU and host to match (once per
-        phase change: a few copies and one stream synchronization).
+        Called by the patched forward before the model runs. The whole request (the prompt
+        and the tokens ``generate()`` will add) must fit host memory, else
+        ``OutOfHostMemoryError`` with the figures before any chunk is computed; on CUDA, also
+        the store's ``max_len``. On CUDA it then replans when the context grows past the last
+        plan or the phase changes: a prefill keeps room for a chunk's activations and staging,
+        decode gives that room to the KV, and blocks move between GPU and host to match (once
+        per phase change: a few copies and one stream synchronization).
         """
         store = self._store
-        if store is None or not store.is_cuda:
+        if store is None:
             return
+        # generate()'s new tokens count from its prompt on; each decode step is one of them.
+        end = context + (self.expected_new_tokens if new_tokens > 1 else 0)
+        if not store.is_cuda:
+            self._check_room(store, end, 0)
+            return
+        if end > self.max_len:
+            raise ValueError(
+                f"input_ids: {end} tokens (with the new ones generate() adds) exceed the "
+                f"cache's max_len of {self.max_len}"
+            )
         context += self.expected_new_tokens
         prefill = new_tokens * self.spec.num_q_heads // self.spec.num_kv_heads > DIRECT_ROWS
         plan = self._plan
         if plan is not None and context <= plan.context and prefill == plan.prefill:
+            self._check_room(store, end, plan.kv_device_bytes)
             return
         device = self._prefill.device if self._prefill is not None else torch.device("cuda")
         if not prefill:
             # The prefill's activations and staging sit in torch's cache as reserved memory;
             # hand them back so the blocks promoted below really fit the budget.
             torch.cuda.empty_cache()
-        self._plan = plan_memory(
+        plan = plan_memory(
             self.config,
             self.spec,
             device=device,
@@ -400,6 +489,8 @@ class HeadInferCache(Cache):
             held_by_store=store.device_bytes_reserved(),
             prefill=prefill,
         )
+        self._check_room(store, end, plan.kv_device_bytes)
+        self._plan = plan
         store.device_budget = self._plan.kv_device_bytes
         if self.gpu_budget is not None:
             # torch's share of the budget; freeing its cache first keeps the process under the
@@ -418,6 +509,14 @@ class HeadInferCache(Cache):
             self._plan.heads_per_group,
             moved,
         )
+
+    def _check_room(self, store: _core.KVStore, context: int, device_bytes: int) -> None:
+        # Once per new high-water mark: decode steps inside a checked generate() skip it.
+        if context <= self._host_checked:
+            return
+        device_blocks = device_bytes // pair_bytes(store)
+        check_host_memory(store, context, self.host_memory_limit, device_blocks)
+        self._host_checked = context
 
     def attend(
         self,

@@ -17,10 +17,15 @@ import torch
 
 from .attention import ATTN_IMPLEMENTATION, register
 from .cache import HeadInferCache, store_dtype
+from .checks import (
+    check_cpu_heads,
+    check_optional_positive_int,
+    check_positive_int,
+    check_size,
+)
 from .device import check_device
 from .planner import release_torch_caps
 from .prefill import CACHE_NAMES, cache_kwarg_name, forward_params, patched_forward
-from .sizes import parse_bytes
 from .spec import ModelSpec, runnable_spec
 
 __all__ = ["PatchSettings", "is_patched", "patch", "unpatch"]
@@ -92,7 +97,7 @@ def patch(
     *,
     gpu_budget: int | str | None = None,
     cpu_heads: int | None = None,
-    host_memory_limit: int | None = None,
+    host_memory_limit: int | str | None = None,
     progress: bool = True,
     progress_delay: float = 2.0,
 ) -> M:
@@ -116,7 +121,8 @@ def patch(
         cpu_heads: on CUDA, for how many kv heads the CPU attends over host-resident KV during
             decode while the GPU reads the rest (default 0: off; experimental, see
             ``HeadInferCache``).
-        host_memory_limit: bytes each cache may reserve (default: what the host has).
+        host_memory_limit: bytes each cache may reserve (an int or a size like ``"64GiB"``;
+            default: what the host has).
         progress: show a progress bar over prefill chunks when prefill takes a while
             (``progress_delay`` seconds) and the output is a terminal.
 
@@ -126,13 +132,14 @@ def patch(
     Raises:
         UnsupportedModelError: the model's attention is not one headinfer runs (the message
             says why) or its family is not among ``SUPPORTED_FAMILIES``.
+        TypeError, ValueError: a setting of the wrong type or value (the message names it).
     """
     spec = runnable_spec(model)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size: must be positive, got {chunk_size}")
-    if block_size is not None and block_size <= 0:
-        raise ValueError(f"block_size: must be positive, got {block_size}")
-    budget = None if gpu_budget is None else parse_bytes(gpu_budget)
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    block_size = check_optional_positive_int(block_size, "block_size")
+    budget = check_size(gpu_budget, "gpu_budget")
+    host_memory_limit = check_size(host_memory_limit, "host_memory_limit")
+    cpu_heads = check_cpu_heads(cpu_heads, spec.num_kv_heads)
     param = next(model.parameters(), None)
     if param is not None:
         check_device(param, "the model")
@@ -169,10 +176,10 @@ def patch(
     saved["generate"] = _saved_attr(model, "generate")
     saved["attn_implementation"] = model.config._attn_implementation
 
-    forward = _Forward(model, model.forward, settings)
-    generate = _Generate(model, model.generate, settings)
-    model.forward = forward
-    model.generate = generate
+    model.forward = _Forward(model, model.forward, settings)
+    # A base model (e.g. LlamaModel) has no generate(): only its forward is patched.
+    if hasattr(model, "generate"):
+        model.generate = _Generate(model, model.generate, settings)
     model.config._attn_implementation = ATTN_IMPLEMENTATION
     model.__dict__[_STATE] = settings
     logger.info(

@@ -24,6 +24,12 @@ from .device import check_device
 if TYPE_CHECKING:
     from .patch import PatchSettings
 
+_slice_logits_to_keep: Callable[..., torch.Tensor] | None
+try:
+    from transformers.modeling_utils import slice_logits_to_keep as _slice_logits_to_keep
+except ImportError:  # transformers < 5.24 slices inline in each model's forward
+    _slice_logits_to_keep = None
+
 __all__ = ["CACHE_NAMES", "cache_kwarg_name", "forward_params", "patched_forward"]
 
 logger = logging.getLogger("headinfer")
@@ -97,14 +103,8 @@ def _check_inputs(
             f"cache: built for a different model ({cache.spec.family}, "
             f"{cache.spec.num_layers} layers) than this {settings.spec.family} model"
         )
-    past = cache.get_seq_length() if cache is not None else 0
-    new = x.shape[1]
-    limit = settings.spec.max_positions
-    if limit is not None and past + new > limit:
-        raise ValueError(
-            f"{name}: {new} new tokens after {past} cached make {past + new} positions, more than "
-            f"the model's max_position_embeddings ({limit})"
-        )
+    # No check against max_position_embeddings: transformers runs past it (RoPE extrapolates;
+    # generate() logs a warning and goes on), and so does headinfer.
     return name, x
 
 
@@ -162,15 +162,44 @@ def patched_forward(
         return _chunked(model, original, settings, kwargs, input_name, x, cache, temporary)
 
 
-def _chunk_keep(keep: int | torch.Tensor, start: int, end: int, length: int) -> Any:
-    """What ``logits_to_keep`` a chunk gets; ``None`` when none of its logits are wanted."""
+def _slice_like_transformers(hidden: torch.Tensor, keep: Any) -> torch.Tensor:
+    # What *ForCausalLM.forward does to its hidden states [B, L, H] with logits_to_keep.
+    if _slice_logits_to_keep is not None:  # transformers >= 5.24
+        return _slice_logits_to_keep(hidden, keep)
+    index = slice(-keep, None) if isinstance(keep, int) else keep  # 5.17 to 5.23
+    return hidden[:, index, :]
+
+
+def _kept_positions(keep: Any, length: int, hidden_size: int) -> tuple[int, torch.Tensor | None]:
+    """Which positions of a ``length``-token forward ``logits_to_keep`` keeps, and in what shape.
+
+    Returns ``(first, None)`` when they are the positions ``first..length`` in order (an int
+    ``keep``), else ``(0, index)``: ``index`` holds the position of every logit the forward
+    returns, in the shape of its logits less the vocabulary axis. Both come from transformers'
+    own slicing applied to the positions, so an out-of-range or malformed ``keep`` raises what
+    the unpatched forward raises (before any chunk runs, rather than after the last).
+    """
     if isinstance(keep, int):
-        if keep == 0:
-            return 0
-        first = max(start, length - keep)
-        return end - first if end > first else None
-    local = keep[(keep >= start) & (keep < end)] - start
-    return local if local.numel() else None
+        kept = range(length)[-keep:]
+        return (kept.start if kept else length), None
+    if isinstance(keep, torch.Tensor):
+        keep = keep.cpu()
+    positions = torch.arange(length).view(1, length, 1)
+    try:
+        index = _slice_like_transformers(positions, keep)
+    except Exception:
+        # The same call on the hidden states' own shape, so the message is word for word the
+        # one the unpatched forward gives (it can name the shape); expand() copies nothing.
+        _slice_like_transformers(positions.expand(1, length, hidden_size), keep)
+        raise
+    return 0, index[..., 0]
+
+
+def _hidden_size(model: torch.nn.Module) -> int:
+    config: Any = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    return int(config.hidden_size)
 
 
 def _chunked(
@@ -189,23 +218,19 @@ def _chunked(
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
     labels = kwargs.pop("labels", None)
-    keep = kwargs.pop("logits_to_keep", 0) if settings.takes_logits_to_keep else None
-    if labels is not None:
-        keep = 0  # the loss needs every logit
-    if isinstance(keep, torch.Tensor):
-        if keep.dtype == torch.bool or keep.dim() > 2 or (keep.dim() == 2 and keep.shape[0] != 1):
-            raise ValueError(
-                "logits_to_keep: chunked prefill takes an int or a tensor of positions, "
-                f"got dtype {keep.dtype} shape {tuple(keep.shape)}"
-            )
-        keep = keep.reshape(-1)
-        keep = torch.where(keep < 0, keep + length, keep)
+    first, index, wanted_positions = length, None, None
+    if settings.takes_logits_to_keep:
+        keep = kwargs.pop("logits_to_keep", 0)
+        first, index = _kept_positions(keep, length, _hidden_size(model))
+        if index is not None:
+            # Each position once, in order; `inverse` puts them back in the order asked for.
+            wanted_positions, inverse = torch.unique(index, return_inverse=True)
     position_ids = kwargs.pop("position_ids", None)
     cache_position = kwargs.pop("cache_position", None)
     mask = kwargs.pop("attention_mask", None)
     cache_name, _ = _find_cache(kwargs)
 
-    logits: list[tuple[Any, torch.Tensor]] = []
+    logits: list[torch.Tensor] = []
     states: list[torch.Tensor] = []
     hidden: list[tuple[torch.Tensor, ...]] = []
     out = None
@@ -229,9 +254,14 @@ def _chunked(
             if mask is not None:
                 # The mask may cover cached tokens too: cut from its end.
                 step["attention_mask"] = mask[:, : mask.shape[1] - (length - end)]
-            wanted = None
-            if keep is not None:
-                wanted = _chunk_keep(keep, start, end, length)
+            wanted: int | torch.Tensor | None = None
+            if wanted_positions is not None:
+                local = wanted_positions[(wanted_positions >= start) & (wanted_positions < end)]
+                wanted = (local - start).to(x.device) if local.numel() else None
+            elif end > max(start, first):
+                wanted = end - max(start, first)
+            if settings.takes_logits_to_keep:
+                # A chunk none of whose logits are wanted computes one, not chunk x vocab.
                 step["logits_to_keep"] = 1 if wanted is None else wanted
             if cache is not None:
                 step[cache_name] = cache
@@ -240,8 +270,7 @@ def _chunked(
             returned = out.get(settings.cache_name)
             cache = cache if returned is None else returned
             if "logits" in out and wanted is not None:
-                sel = (keep >= start) & (keep < end) if torch.is_tensor(keep) else None
-                logits.append((sel, out["logits"]))
+                logits.append(out["logits"])
             if "last_hidden_state" in out:
                 states.append(out["last_hidden_state"])
             if out.get("hidden_states") is not None:
@@ -251,15 +280,12 @@ def _chunked(
 
     assert out is not None
     fields = dict(out)
-    if logits:
-        if torch.is_tensor(keep):
-            first = logits[0][1]
-            full = first.new_empty((first.shape[0], keep.numel(), first.shape[-1]))
-            for sel, part in logits:
-                full[:, sel] = part
-            fields["logits"] = full
-        else:
-            fields["logits"] = torch.cat([part for _, part in logits], dim=1)
+    if settings.takes_logits_to_keep and "logits" in out:
+        # No wanted logit at all: an empty slice of the last chunk's, for dtype and vocab.
+        kept = torch.cat(logits, dim=1) if logits else out["logits"][:, :0]
+        if index is not None:
+            kept = kept[0][inverse.to(kept.device)]
+        fields["logits"] = kept
     if states:
         fields["last_hidden_state"] = torch.cat(states, dim=1)
     if hidden:

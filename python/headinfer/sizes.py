@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 
 __all__ = ["format_bytes", "parse_bytes"]
 
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]?)i?b?\s*")
 
 
-def parse_bytes(value: int | str, name: str = "gpu_budget") -> int:
-    """``20GiB``, ``"512 MB"``, ``24e9`` or an int of bytes; binary units either way."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name}: expected bytes (int) or a size like '20GiB', got {value!r}")
-    if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ValueError(f"{name}: must be positive, got {value}")
-        return int(value)
+def parse_bytes(value: int | float | str, name: str = "gpu_budget") -> int:
+    """``"20GiB"``, ``"512 MB"``, ``"2e10"``, ``24e9`` or an int of bytes; binary units either way.
+
+    Raises:
+        TypeError: ``value`` is not an int, a float or a str (a bool included).
+        ValueError: not a size, or not at least one byte (zero, negative, NaN, infinite).
+    """
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        raise TypeError(
+            f"{name}: expected bytes (an int) or a size like '20GiB', "
+            f"got {type(value).__name__} {value!r}"
+        )
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*", value.lower())
-        if m:
-            return int(float(m.group(1)) * _UNITS[m.group(2)])
-    raise ValueError(f"{name}: expected bytes or a size like '20GiB', got {value!r}")
+        m = _SIZE.fullmatch(value.lower())
+        if m is None:
+            raise ValueError(f"{name}: expected bytes or a size like '20GiB', got {value!r}")
+        size: float = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        size = value
+    if not math.isfinite(size) or size < 1:
+        raise ValueError(f"{name}: must be at least 1 byte (and finite), got {value!r}")
+    return int(size)
 
 
 def format_bytes(n: float) -> str:
