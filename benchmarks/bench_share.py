@@ -15,6 +15,7 @@ Writes $OUT/bench_share_<context>.json (or ./...).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import time
@@ -71,6 +72,8 @@ def main() -> None:
         results["h2d_gbs"] = round(gbs, 1)
         runs = {}
         for heads in (0, args.cpu_heads):
+            # A hang dumps every thread's stack and ends the run instead of stalling it.
+            faulthandler.dump_traceback_later(60 + 10 * args.steps, exit=True)
             cache.crop(args.context)
             cache.store.cpu_heads = heads
             tokens, logits, spt = decode(model, cache, name, first, args.steps)
@@ -85,6 +88,7 @@ def main() -> None:
                 "tokens": tokens,
             }
             print(json.dumps(results[f"cpu_heads_{heads}"]), flush=True)
+            faulthandler.cancel_dump_traceback_later()
         (t0, l0), (t1, l1) = runs[0], runs[args.cpu_heads]
         results["same_tokens"] = t0 == t1
         results["max_abs_logit_diff"] = float((l0 - l1).abs().max())

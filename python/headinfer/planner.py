@@ -86,14 +86,17 @@ def plan_figures(
     Returns:
         ``_core.plan``'s typed ``Plan`` (``.to_dict()`` for JSON).
     """
+    if hasattr(config, "get_text_config"):  # a multimodal wrapper's figures are its text tower's
+        config = config.get_text_config(decoder=True)
+    hidden = _config_int(config, "hidden_size", spec.num_q_heads * spec.head_dim)
     shape = _core.ModelShape(
         num_layers=spec.num_layers,
         num_q_heads=spec.num_q_heads,
         num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim,
-        hidden_size=config.hidden_size,
-        intermediate_size=getattr(config, "intermediate_size", 4 * config.hidden_size),
-        vocab_size=config.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=_config_int(config, "intermediate_size", 4 * hidden),
+        vocab_size=_config_int(config, "vocab_size", 0),
         elem_bytes=elem_bytes,
         weight_bytes=weight_bytes,
         windows=list(spec.windows),
@@ -107,6 +110,21 @@ def plan_figures(
         staging_cap=staging_cap,
         prefill=prefill,
     )
+
+
+def _config_int(config: Any, name: str, default: int) -> int:
+    # Some configs hold per-layer values (a list, or transformers' per-layer attributes that
+    # refuse a global read): the largest one bounds the working set.
+    try:
+        value = getattr(config, name, None)
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError and the like
+        value = None
+        per_layer = getattr(config, "per_layer_config", None) or []
+        values = [getattr(c, name, None) for c in per_layer]
+        value = max((v for v in values if isinstance(v, int)), default=None)
+    if isinstance(value, (list, tuple)):
+        value = max(value, default=None)
+    return int(value) if isinstance(value, int) and value > 0 else default
 
 
 def process_device_bytes(device: torch.device) -> int | None:

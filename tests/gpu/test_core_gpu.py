@@ -204,7 +204,8 @@ def test_memory_returns_to_start_over_cycles():
     assert _core.pinned_bytes() == after_first, "the pool is reused, not grown"
     assert _core.device_block_bytes() == start_dev
     _core.release_pinned_pool()
-    assert _core.pinned_bytes() == start_pinned
+    # Releasing the pool also frees what earlier tests left in it.
+    assert _core.pinned_bytes() <= start_pinned
 
 
 @pytest.mark.parametrize("n", [997, 4099, 33333])
