@@ -42,16 +42,20 @@ def no_gc():
     gc.enable()
 
 
-def _model(family: str, budget: Any = None, **kw: Any) -> tuple[Any, Any]:
+def _model(family: str, **kw: Any) -> tuple[Any, Any]:
     model = tiny_model(family, **kw).to(DEV)
     reference = twin(model)
-    headinfer.patch(model, chunk_size=64, block_size=16, gpu_budget=budget)
+    headinfer.patch(model, chunk_size=64, block_size=16)
     return model, reference
 
 
-@pytest.mark.parametrize("budget", [None, 1], ids=["resident", "streamed"])
-def test_deleted_cache_frees_pinned_and_device_blocks_without_gc(no_gc: None, budget) -> None:
-    model, _ = _model("llama", budget)
+@pytest.mark.parametrize("budget", ["resident", "streamed"])
+def test_deleted_cache_frees_pinned_and_device_blocks_without_gc(
+    no_gc: None, budget: str, request: pytest.FixtureRequest
+) -> None:
+    if budget == "streamed":
+        request.getfixturevalue("kv_on_host")
+    model, _ = _model("llama")
     torch.cuda.synchronize()
     _core.release_pinned_pool()
     in_caches = _core.pinned_bytes() - _core.pinned_pool_bytes()
@@ -71,9 +75,13 @@ def test_deleted_cache_frees_pinned_and_device_blocks_without_gc(no_gc: None, bu
     assert _core.device_block_bytes() == device
 
 
-@pytest.mark.parametrize("budget", [None, 1], ids=["resident", "streamed"])
-def test_generate_past_max_positions_as_transformers(budget) -> None:
-    model, reference = _model("llama", budget, max_position_embeddings=40)
+@pytest.mark.parametrize("budget", ["resident", "streamed"])
+def test_generate_past_max_positions_as_transformers(
+    budget: str, request: pytest.FixtureRequest
+) -> None:
+    if budget == "streamed":
+        request.getfixturevalue("kv_on_host")
+    model, reference = _model("llama", max_position_embeddings=40)
     ids = prompt(36).to(DEV)
     got = model.generate(ids, max_new_tokens=12, do_sample=False)
     want = reference.generate(ids, max_new_tokens=12, do_sample=False)
@@ -86,8 +94,8 @@ def test_generate_past_max_positions_as_transformers(budget) -> None:
     [0, 3, -5, 1000, torch.tensor([5, 100, 299]), torch.tensor([[7, 7, 1]]), torch.tensor([])],
     ids=["0", "3", "-5", "1000", "1d", "2d", "empty"],
 )
-def test_logits_to_keep_as_transformers(keep) -> None:
-    model, reference = _model("gemma2", 1)
+def test_logits_to_keep_as_transformers(keep, kv_on_host: None) -> None:
+    model, reference = _model("gemma2")
     ids = prompt(300).to(DEV)
     if isinstance(keep, torch.Tensor):
         keep = keep.long().to(DEV)
@@ -99,10 +107,10 @@ def test_logits_to_keep_as_transformers(keep) -> None:
         assert rel_err(got, want) < TOL
 
 
-def test_out_of_range_logits_to_keep_raises_without_a_device_assert() -> None:
+def test_out_of_range_logits_to_keep_raises_without_a_device_assert(kv_on_host: None) -> None:
     # The unpatched model would index out of bounds on the GPU (a device-side assert that ends
     # the CUDA context); the patched one checks the positions on the host, before any chunk.
-    model, reference = _model("llama", 1)
+    model, reference = _model("llama")
     ids = prompt(300).to(DEV)
     with torch.no_grad(), pytest.raises(IndexError, match="index 300 is out of bounds"):
         model(ids, logits_to_keep=torch.tensor([5, 300], device=DEV))
@@ -151,13 +159,12 @@ def test_error_in_chunked_prefill(family: str, budget, exc_type: type) -> None:
     assert rel_err(got, want) < TOL
 
 
-def test_request_larger_than_host_memory_refused_before_any_chunk() -> None:
-    # Every KV byte on the host (budget 1); tiny Llama float32, 16-token blocks: 2 KiB a pair.
+def test_request_larger_than_host_memory_refused_before_any_chunk(kv_on_host: None) -> None:
+    # Every KV byte on the host; tiny Llama float32, 16-token blocks: 2 KiB a pair.
     model = headinfer.patch(
         tiny_model("llama").to(DEV),
         chunk_size=64,
         block_size=16,
-        gpu_budget=1,
         host_memory_limit=100 << 10,
     )
     calls = [0]

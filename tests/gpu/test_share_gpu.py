@@ -189,14 +189,16 @@ def _decode_with_failure(model, ids, steps, fail_at, point):
 
 
 @pytest.mark.parametrize("point", ["cpu_share", "cpu_share_panic", "launch"])
-def test_a_failure_in_a_decode_step_raises_there_and_generation_continues_exactly(point):
+def test_a_failure_in_a_decode_step_raises_there_and_generation_continues_exactly(
+    point, kv_on_host
+):
     base = tiny_model("llama", max_position_embeddings=4096)
     ref = twin(base).to(DEV)
     model = twin(base).to(DEV)
     ids = prompt(600).to(DEV)
     want = ref.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1] :].tolist()
     # All KV on the host, the CPU taking one kv head of every decode.
-    headinfer.patch(model, chunk_size=256, block_size=64, gpu_budget=1, cpu_heads=1)
+    headinfer.patch(model, chunk_size=256, block_size=64, cpu_heads=1)
     import headinfer.cache as cache_mod
 
     ensure = cache_mod.HeadInferCache._ensure_store
