@@ -344,3 +344,15 @@ def test_old_cache_argument_warning_points_at_the_caller() -> None:
     with pytest.warns(FutureWarning, match="past_key_values") as record, torch.no_grad():
         model(prompt(10), past_key_values=headinfer.HeadInferCache(model))
     assert [Path(w.filename).name for w in record] == ["test_patch.py"]
+
+
+def test_log_lines_do_not_repeat_the_logger_name(caplog: pytest.LogCaptureFixture) -> None:
+    # The handler prints the logger's name ("headinfer: ..."); messages must not repeat it.
+    model = tiny_model("llama")
+    with caplog.at_level(logging.DEBUG, logger="headinfer"):
+        headinfer.patch(model, chunk_size=64, block_size=16)
+        with torch.no_grad():
+            model(prompt(150))
+        headinfer.unpatch(model)
+    assert caplog.records
+    assert not [r.getMessage() for r in caplog.records if r.getMessage().startswith("headinfer")]

@@ -397,7 +397,7 @@ class HeadInferCache(Cache):
         store.device_budget = self._plan.kv_device_bytes
         moved = store.rebalance(torch.cuda.current_stream(device).cuda_stream)
         logger.info(
-            "headinfer: %s of %d tokens planned: %.2f of %.2f GiB of KV on the GPU, head groups "
+            "%s of %d tokens planned: %.2f of %.2f GiB of KV on the GPU, head groups "
             "of %d; blocks promoted/demoted: %s",
             "prefill" if prefill else "decode",
             context,
