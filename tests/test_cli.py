@@ -28,8 +28,10 @@ def run(argv: list[str]) -> int:
         return int(exc.code or 0)
 
 
-def plan_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, Any]:
-    assert run(["plan", *argv, "--json"]) == 0
+def plan_json(
+    capsys: pytest.CaptureFixture[str], argv: list[str], status: int = 0
+) -> dict[str, Any]:
+    assert run(["plan", *argv, "--json"]) == status
     return json.loads(capsys.readouterr().out)
 
 
@@ -109,7 +111,9 @@ def test_plan_force_and_rates(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     base = ["--model", str(tmp_path), "--gpu-budget", "2MiB", "--dtype", "bf16"]
     assert run(["plan", *base, "--context", "1000"]) == 2
     assert "longer than" in capsys.readouterr().err
-    plan = plan_json(capsys, [*base, "--context", "1000", "--force", "--h2d-gbs", "1"])
+    # 2 MiB hold no weights: the run does not fit (exit status 1), the figures are still there.
+    plan = plan_json(capsys, [*base, "--context", "1000", "--force", "--h2d-gbs", "1"], status=1)
+    assert plan["fits"] is False
     assert plan["context"] == 1000 and plan["elem_bytes"] == 2
     host = plan["decode"]["kv_host_bytes"]
     assert host > 0 and plan["floors"]["decode_s_per_token"] == host / 1e9

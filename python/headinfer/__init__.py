@@ -6,6 +6,9 @@ plugs it into a Llama, Mistral, Qwen2 or Gemma-2 model, with chunked prefill::
     import headinfer
     headinfer.patch(model)
     out = model.generate(**inputs, max_new_tokens=256)
+
+``with headinfer.patch(model):`` restores the model on exit; ``pipeline("headinfer-qa", ...)``
+(registered on import) answers many questions about one long context from a single prefill.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .patch import is_patched, patch, unpatch
+from .pipelines import HeadInferQAPipeline
 from .spec import SUPPORTED_FAMILIES
 
 __all__ = [
@@ -28,6 +32,7 @@ __all__ = [
     "GpuNotSupportedError",
     "HeadInferCache",
     "HeadInferError",
+    "HeadInferQAPipeline",
     "OutOfHostMemoryError",
     "UnsupportedModelError",
     "__version__",

@@ -198,6 +198,11 @@ class HeadInferCache(Cache):
             during decode, at the same time as the GPU reads the rest. Default 0 (the GPU reads
             all); ``headinfer.share.default_cpu_heads(num_kv_heads)`` estimates a split from
             the cores. Experimental: see BENCHMARKS.md.
+        croppable: keep every token on sliding-window layers too (by default they drop what
+            their window no longer reaches), so that ``crop()`` can always go back: prefix
+            reuse on models with sliding windows (Mistral, Qwen2, Gemma-2). Those layers then
+            hold the whole context, as full-attention layers do; attention still sees only
+            the window.
 
     Raises:
         UnsupportedModelError: the model is not Llama, Mistral, Qwen2 or Gemma-2.
@@ -212,6 +217,7 @@ class HeadInferCache(Cache):
         dtype: torch.dtype | None = None,
         gpu_budget: int | str | None = None,
         cpu_heads: int | None = None,
+        croppable: bool = False,
     ) -> None:
         device = None
         self.chunk_size = 4096
@@ -245,6 +251,7 @@ class HeadInferCache(Cache):
                 f"got {cpu_heads}"
             )
         self.cpu_heads = cpu_heads
+        self.croppable = bool(croppable)
         #: New tokens a generate() call will add (set by the patched generate), for planning.
         self.expected_new_tokens = 0
         self._plan: GpuPlan | None = None
@@ -294,7 +301,8 @@ class HeadInferCache(Cache):
                 spec.head_dim,
                 store_dtype(dtype),
                 block_size=block_size or DEFAULT_BLOCK_SIZE,
-                windows=list(spec.windows),
+                # croppable: window layers keep every token, so crop() can always go back.
+                windows=[None] * spec.num_layers if self.croppable else list(spec.windows),
                 host_memory_limit=self.host_memory_limit,
                 **cuda,
             )
