@@ -28,6 +28,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import urllib.parse
 from importlib import metadata
 from pathlib import Path
@@ -127,6 +128,7 @@ def _lend_torch(site_packages: Path, lent: Path) -> None:
 
 
 def _run(command: str, env: dict[str, str]) -> None:
+    start = time.perf_counter()
     done = subprocess.run(
         command,
         shell=True,
@@ -139,6 +141,7 @@ def _run(command: str, env: dict[str, str]) -> None:
     )
     tail = (done.stdout + done.stderr)[-4000:]
     assert done.returncode == 0, f"`{command}` failed (status {done.returncode}):\n{tail}"
+    print(f"{time.perf_counter() - start:6.1f} s  {command}")  # shown with pytest -s
 
 
 def test_install_commands_work_as_written_in_a_fresh_venv(tmp_path: Path) -> None:
@@ -167,7 +170,10 @@ def test_install_commands_work_as_written_in_a_fresh_venv(tmp_path: Path) -> Non
 
     def check(imports: list[str]) -> None:
         # In the venv's interpreter, away from the checkout: the installed package is used.
-        code = "\n".join([*imports, "import headinfer, sys", "print(headinfer.__file__)"])
+        code = "\n".join(
+            [*imports, "import headinfer, pathlib", "print(headinfer.__file__)"]
+            + ["assert (pathlib.Path(headinfer.__file__).parent / 'py.typed').is_file()"]
+        )
         done = subprocess.run(
             [str(python), "-c", code],
             cwd=tmp_path,
@@ -196,7 +202,7 @@ def test_install_commands_work_as_written_in_a_fresh_venv(tmp_path: Path) -> Non
     wheels = tmp_path / "wheels"
     _run(f"python -m pip wheel --no-deps -w {wheels} .", env)
     _run("python -m pip uninstall -y headinfer", env)
-    env["PIP_FIND_LINKS"] = str(wheels)
+    env["PIP_FIND_LINKS"] = " ".join(filter(None, [str(wheels), env.get("PIP_FIND_LINKS")]))
     for command in readme_commands():
         if "headinfer" in command.split("install", 1)[1]:
             _run(command, env)
