@@ -1,9 +1,12 @@
 # headinfer: `make demo` and `make test` set everything up themselves (Rust and Python 3 needed).
 #
-#   make demo      needle-in-a-haystack with SmolLM2-135M through headinfer (~7K tokens)
-#   make test      Rust checks (fmt, clippy, tests), Python lint, stub check, pytest
-#   make build     create .venv, install the dependencies, build headinfer into it (release)
-#   make clean     remove build outputs (keeps .venv and the model cache)
+#   make demo        needle-in-a-haystack with SmolLM2-135M through headinfer (~7K tokens)
+#   make test        Rust checks (fmt, clippy, tests), Python lint, stub check, pytest
+#   make test-quick  ruff and pytest without the slow tests (SmolLM2's weights, the notebook,
+#                    the fresh-venv install test): a fraction of `make test`
+#   make build       create .venv, install the dependencies, build headinfer into it (release)
+#   make wheel       the abi3 manylinux_2_28 wheel `pip install headinfer` serves, into dist/
+#   make clean       remove build outputs (keeps .venv and the model cache)
 #
 # The set-up steps leave stamp files in .venv, so reruns only redo what changed: dependencies
 # when pyproject.toml changes, the Rust extension when src/, kernels/ or Cargo.* change.
@@ -34,10 +37,10 @@ DEPS_STAMP := $(VENV)/.headinfer-deps
 BUILD_STAMP := $(VENV)/.headinfer-build
 RUST_SOURCES := $(shell find src kernels -type f 2>/dev/null) Cargo.toml $(wildcard Cargo.lock)
 
-.PHONY: help venv build demo test test-rust lint stubtest pytest clean
+.PHONY: help venv build demo test test-quick test-rust lint stubtest pytest wheel clean
 
 help:
-	@sed -n '1,6s/^# \{0,1\}//p' Makefile
+	@sed -n '1,9s/^# \{0,1\}//p' Makefile
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +82,16 @@ stubtest: $(BUILD_STAMP)
 
 pytest: $(BUILD_STAMP)
 	$(PY) -m pytest -q
+
+test-quick: lint $(BUILD_STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+# maturin's own auditwheel check: a build on this host's glibc links symbols newer than 2.28, so
+# zig (a pip package) links against glibc 2.28 instead (torch's wheels need 2.28 too).
+wheel: $(DEPS_STAMP)
+	$(PIP) install "ziglang>=0.13"
+	PATH="$(VENV_ABS)/bin:$$PATH" $(VENV)/bin/maturin build --release --zig \
+		--compatibility manylinux_2_28 --out dist
 
 clean:
 	cargo clean

@@ -40,6 +40,7 @@ def decode(model, cache, name: str, first: torch.Tensor, steps: int):
         torch.cuda.synchronize()
         times.append(time.time() - t)
         tokens.append(int(nxt))
+        print(f"  step {len(times)}: {times[-1]:.3f} s", flush=True)
     # The first two steps replan and warm up; time the rest.
     steady = times[2:] or times
     return tokens, logits, sum(steady) / len(steady)
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--cpu-heads", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--watchdog", type=float, default=120, help="seconds per decode phase")
     args = ap.parse_args()
     cfg, model = llama8b()
     gbs = h2d_gbs()
@@ -73,7 +75,7 @@ def main() -> None:
         runs = {}
         for heads in (0, args.cpu_heads):
             # A hang dumps every thread's stack and ends the run instead of stalling it.
-            faulthandler.dump_traceback_later(60 + 10 * args.steps, exit=True)
+            faulthandler.dump_traceback_later(args.watchdog, exit=True)
             cache.crop(args.context)
             cache.store.cpu_heads = heads
             tokens, logits, spt = decode(model, cache, name, first, args.steps)

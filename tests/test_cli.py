@@ -28,8 +28,10 @@ def run(argv: list[str]) -> int:
         return int(exc.code or 0)
 
 
-def plan_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, Any]:
-    assert run(["plan", *argv, "--json"]) == 0
+def plan_json(
+    capsys: pytest.CaptureFixture[str], argv: list[str], status: int = 0
+) -> dict[str, Any]:
+    assert run(["plan", *argv, "--json"]) == status
     return json.loads(capsys.readouterr().out)
 
 
@@ -109,7 +111,9 @@ def test_plan_force_and_rates(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     base = ["--model", str(tmp_path), "--gpu-budget", "2MiB", "--dtype", "bf16"]
     assert run(["plan", *base, "--context", "1000"]) == 2
     assert "longer than" in capsys.readouterr().err
-    plan = plan_json(capsys, [*base, "--context", "1000", "--force", "--h2d-gbs", "1"])
+    # 2 MiB hold no weights: the run does not fit (exit status 1), the figures are still there.
+    plan = plan_json(capsys, [*base, "--context", "1000", "--force", "--h2d-gbs", "1"], status=1)
+    assert plan["fits"] is False
     assert plan["context"] == 1000 and plan["elem_bytes"] == 2
     host = plan["decode"]["kv_host_bytes"]
     assert host > 0 and plan["floors"]["decode_s_per_token"] == host / 1e9
@@ -165,6 +169,7 @@ def reference_answer(smollm2: tuple[Any, Any]) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_generate_streams_the_answer(
     reference_answer: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -193,6 +198,7 @@ def test_generate_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "unknown model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_python_dash_m_headinfer_cli(reference_answer: str) -> None:
     # The entry point as a process: stdin prompt, the answer alone on stdout.
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -231,3 +237,203 @@ def test_demo_is_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["--help"]) == 0
     out = capsys.readouterr().out
     assert "generate" in out and "plan" in out and "demo" in out
+
+
+# --- plan: suffixes, exit status, longest context, plot ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [("131072", 131072), ("128K", 131072), ("128k", 131072), ("1M", 1 << 20)]
+    + [("1.5M", 3 << 19), ("1,000,000", 1000000), ("1_000", 1000)],
+)
+def test_context_suffixes(text: str, tokens: int) -> None:
+    from headinfer.plan import parse_context
+
+    assert parse_context(text) == tokens
+
+
+def test_plan_takes_suffixes_and_rejects_nonsense(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny_model("llama").config.save_pretrained(tmp_path)
+    base = ["--model", str(tmp_path), "--gpu-budget", "8GiB", "--force"]
+    assert plan_json(capsys, [*base, "--context", "128K"])["context"] == 131072
+    assert plan_json(capsys, [*base, "--context", "1K", "--chunk-size", "512"])["context"] == 1024
+    assert run(["plan", *base, "--context", "12Q"]) == 2
+    assert "128K or 1M" in capsys.readouterr().err
+
+
+def _fixed_ram(monkeypatch: pytest.MonkeyPatch, num_bytes: int) -> None:
+    from headinfer import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "_mem_available", lambda: num_bytes)
+
+
+def test_plan_exit_status_and_longest_context(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from headinfer.plan import make_plan
+
+    if torch.cuda.is_available():
+        pytest.skip("the verdict also depends on this GPU's free memory")
+    config = tiny_model("llama").config
+    config.save_pretrained(tmp_path)
+    _fixed_ram(monkeypatch, 64 << 20)
+    base = ["--model", str(tmp_path), "--force", "--chunk-size", "64"]
+    budget = ["--gpu-budget", "1400MiB"]  # weights + working set + margin, and a little KV
+
+    plan = plan_json(capsys, [*base, *budget, "--context", "300"])
+    assert plan["fits"] is True
+    longest = plan["longest_context"]
+    assert longest["host_bytes"] == 64 << 20
+    n, resident = longest["with_host"], longest["resident"]
+    assert 300 < resident < n
+
+    def host(context: int) -> int:
+        figures = make_plan(
+            config, context=context, gpu_budget=1400 << 20, chunk_size=64, dtype="bfloat16"
+        )
+        return figures["host_kv_bytes"]
+
+    # The longest context fits the RAM; one token more does not. Resident: no host KV.
+    assert host(n) <= 64 << 20 < host(n + 1)
+    assert host(resident) == 0 < host(resident + 1)
+
+    # One token beyond it: does not fit this host's RAM, exit status 1, and says so.
+    assert run(["plan", *base, *budget, "--context", str(n + 1)]) == 1
+    out = capsys.readouterr().out
+    assert "fits NO" in out and "overall: does NOT fit (exit status 1)" in out
+    assert f"longest context: {n:,} tokens" in out
+    # A budget that does not hold the weights: exit status 1.
+    assert run(["plan", *base, "--gpu-budget", "2MiB", "--context", "10"]) == 1
+    assert "longest context: none" in capsys.readouterr().out
+
+
+def test_plan_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    tiny_model("gemma2").config.save_pretrained(tmp_path)
+    _fixed_ram(monkeypatch, 1 << 30)
+    png = tmp_path / "plan.png"
+    argv = ["plan", "--model", str(tmp_path), "--context", "400", "--gpu-budget", "2GiB"]
+    assert run([*argv, "--plot", str(png)]) in (0, 1)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    assert "plot:" in capsys.readouterr().err
+    assert run([*argv, "--plot", str(tmp_path / "no" / "such" / "dir.png")]) == 2
+
+
+# --- devices, version, prompt and sampling --------------------------------------------------
+
+
+def test_device_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["generate", "--model", "smollm2", "--prompt", "hi", "--device"]
+    assert run([*argv, "mps"]) == 2
+    err = capsys.readouterr().err
+    assert "headinfer runs on the CPU or a CUDA GPU, not 'mps'" in err
+    assert "Traceback" not in err
+    if not torch.cuda.is_available():
+        assert run([*argv, "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "torch sees no CUDA GPU" in err and "--device cpu" in err
+    assert run([*argv, "toaster"]) == 2
+    assert "expected auto, cpu or cuda" in capsys.readouterr().err
+    assert run(["eval", "ruler", "--device", "mps"]) == 2
+    assert "not 'mps'" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"headinfer {headinfer.__version__} (transformers ")
+
+
+def test_hub_id_not_downloaded_names_hf_download(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert run(["plan", "--model", "no-such-org/no-such-model-x", "--context", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "hf download no-such-org/no-such-model-x" in err and "huggingface-cli" not in err
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    """A tiny Llama with a one-character-per-token tokenizer and a chat template."""
+    from test_pipelines import char_tokenizer
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    char_tokenizer(chat=True).save_pretrained(folder)
+    return folder
+
+
+def _answer(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert run(["generate", "--device", "cpu", "--max-new-tokens", "6", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_generate_prompt_text_and_sampling(
+    tiny_folder: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    model = ["--model", str(tiny_folder)]
+    greedy = _answer(capsys, [*model, "--prompt", "hello there"])
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_text("hello there")
+    assert _answer(capsys, [*model, "--prompt-file", str(prompt_file)]) == greedy
+    sampled = [
+        _answer(capsys, [*model, "--prompt", "hello there", "--temperature", "5", "--seed", "3"])
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]  # the seed decides
+    others = {
+        _answer(capsys, [*model, "--prompt", "hello there", "--temperature", "5", "--seed", str(s)])
+        for s in range(4, 9)
+    }
+    assert len(others | {greedy}) > 1  # sampling does sample
+    topk = _answer(capsys, [*model, "--prompt", "hello there", "--top-k", "1", "--seed", "1"])
+    assert topk == greedy  # top-1 sampling is greedy
+    assert run(["generate", *model, "--prompt", "x", "--top-p", "1.5"]) == 2
+    assert "must be in (0, 1]" in capsys.readouterr().err
+    assert run(["generate", *model, "--prompt", "x", "--prompt-file", "f"]) == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_generate_chat_strips_the_prompt_files_newline(
+    tiny_folder: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    contents: list[str] = []
+    original = PreTrainedTokenizerFast.apply_chat_template
+
+    def spy(self: Any, conversation: Any, *args: Any, **kwargs: Any) -> Any:
+        contents.append(conversation[-1]["content"])
+        return original(self, conversation, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "apply_chat_template", spy)
+    prompt_file = tmp_path / "question.txt"
+    prompt_file.write_text("What is it?\n")
+    model = ["--model", str(tiny_folder), "--chat"]
+    from_file = _answer(capsys, [*model, "--prompt-file", str(prompt_file)])
+    assert contents == ["What is it?"]
+    assert _answer(capsys, [*model, "--prompt", "What is it?"]) == from_file
+
+
+def test_eval_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["eval"]) == 2
+    assert "ruler" in capsys.readouterr().out
+    assert run(["eval", "ruler", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: headinfer eval ruler") and "--gpu-budget" in out
+    assert run(["eval", "longbench", "--help"]) == 0
+    assert "JSON lines" in capsys.readouterr().out
+    assert run(["eval", "nope"]) == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err
+    assert run(["--help"]) == 0
+    assert "eval" in capsys.readouterr().out

@@ -128,7 +128,8 @@ def test_generate_with_dynamic_cache_uses_dense_op(family: str) -> None:
     model, _ = _pair(family)
     headinfer.patch(model, chunk_size=97, block_size=16)
     cache = DynamicCache(config=model.config)
-    out = _generate(model, **{cache_kwarg_name(model): cache})
+    with pytest.warns(UserWarning, match="pass a headinfer.HeadInferCache"):
+        out = _generate(model, **{cache_kwarg_name(model): cache})
     sequences, scores = _eager_generate(family)
     assert torch.equal(out.sequences, sequences)
     assert max(rel_err(g, r) for g, r in zip(out.scores, scores)) < TOL

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +235,181 @@ def test_no_transformers_deprecation_logged(caplog: pytest.LogCaptureFixture) ->
     finally:
         hf_logging.disable_propagation()
     assert not [r.message for r in caplog.records if "deprecat" in r.message.lower()]
+
+
+# --- `with headinfer.patch(model):` ------------------------------------------------------------
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_with_patch_restores_on_exit() -> None:
+    model = tiny_model("llama")
+    cls, ids = type(model), prompt(120)
+    before = _logits(model, ids)
+    with headinfer.patch(model, chunk_size=50, block_size=16) as patched:
+        assert patched is model and headinfer.is_patched(model)
+        assert isinstance(model, cls) and type(model).__name__ == cls.__name__
+        inside = _logits(model, ids)
+    assert not headinfer.is_patched(model)
+    assert type(model) is cls
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+    assert not [k for k in model.__dict__ if k.startswith("_headinfer")]
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(_logits(model, ids), before)
+    assert rel_err(inside, before) < 1e-4
+
+
+def test_patch_still_returns_the_model_for_assignment() -> None:
+    model = tiny_model("qwen2")
+    same = headinfer.patch(model, chunk_size=64, block_size=16)
+    assert same is model and headinfer.is_patched(model)
+    headinfer.unpatch(model)
+    assert type(model) is type(tiny_model("qwen2"))
+
+
+def test_with_patch_nested_unwinds_one_level_at_a_time() -> None:
+    model = tiny_model("mistral")
+    with headinfer.patch(model, chunk_size=64, block_size=16):
+        with headinfer.patch(model, chunk_size=32, block_size=16):
+            assert model._headinfer.chunk_size == 32
+        assert headinfer.is_patched(model) and model._headinfer.chunk_size == 64
+    assert not headinfer.is_patched(model)
+
+
+def test_with_patch_on_a_model_patched_before_keeps_it_patched() -> None:
+    model = headinfer.patch(tiny_model("llama"), chunk_size=64, block_size=16)
+    with headinfer.patch(model, chunk_size=16):
+        assert model._headinfer.chunk_size == 16
+    assert headinfer.is_patched(model) and model._headinfer.chunk_size == 64
+    headinfer.unpatch(model)
+    assert not headinfer.is_patched(model)
+
+
+def test_with_patch_restores_when_the_block_raises() -> None:
+    model = tiny_model("gemma2")
+    cls = type(model)
+    with pytest.raises(KeyError, match="inside"), headinfer.patch(model, chunk_size=64):
+        raise KeyError("inside")
+    assert not headinfer.is_patched(model) and type(model) is cls
+    # An error of headinfer's own inside the block: restored too, and the error is the original.
+    with pytest.raises(ValueError, match="batch size"), headinfer.patch(model, chunk_size=64):
+        model(torch.zeros(2, 5, dtype=torch.long))
+    assert not headinfer.is_patched(model)
+
+
+def test_with_patch_survives_unpatch_inside_the_block() -> None:
+    model = tiny_model("llama")
+    with headinfer.patch(model, chunk_size=64):
+        headinfer.unpatch(model)
+        assert not headinfer.is_patched(model)
+    assert not headinfer.is_patched(model)
+    assert not [k for k in model.__dict__ if k.startswith("_headinfer")]
+
+
+def test_with_on_a_patched_model_needs_a_patch_call() -> None:
+    model = tiny_model("llama")
+    with headinfer.patch(model, chunk_size=64):
+        pass
+    headinfer.patch(model, chunk_size=64)
+    with model:  # the pending patch() call
+        pass
+    assert not headinfer.is_patched(model)
+    headinfer.patch(model, chunk_size=64)
+    with model:
+        pass
+    with pytest.raises(TypeError), model:  # unpatched: an ordinary module, no context manager
+        pass
+    headinfer.patch(model, chunk_size=64)
+    with model, pytest.raises(RuntimeError, match="with headinfer.patch"), model:
+        pass
+
+
+def test_patched_model_deepcopies_as_patched() -> None:
+    import copy
+
+    model = headinfer.patch(tiny_model("llama"), chunk_size=64, block_size=16)
+    ids = prompt(100)
+    expected = _logits(model, ids)
+    clone = copy.deepcopy(model)
+    assert headinfer.is_patched(clone) and type(clone) is type(model)
+    assert torch.equal(_logits(clone, ids), expected)
+    with clone:  # the pending patch() call was copied too
+        pass
+    assert not headinfer.is_patched(clone) and type(clone) is type(tiny_model("llama"))
+    assert headinfer.is_patched(model)
+
+
+# --- a cache that is not a HeadInferCache -----------------------------------------------------
+
+
+def test_dynamic_cache_warns_once_naming_the_fix() -> None:
+    from transformers import DynamicCache
+
+    model = headinfer.patch(tiny_model("llama"), chunk_size=64, block_size=16)
+    name = cache_kwarg_name(model)
+    with pytest.warns(UserWarning, match="HeadInferCache") as record:
+        model.generate(prompt(100), max_new_tokens=2, do_sample=False, **{name: DynamicCache()})
+    # Attributed to this file (the caller), not to headinfer's or transformers' frames.
+    assert [Path(w.filename).name for w in record] == ["test_patch.py"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(prompt(100), max_new_tokens=2, do_sample=False, **{name: DynamicCache()})
+        with torch.no_grad():
+            model(prompt(50), **{name: DynamicCache()})
+
+
+def test_dynamic_cache_to_forward_warns() -> None:
+    from transformers import DynamicCache
+
+    model = headinfer.patch(tiny_model("qwen2"), chunk_size=64, block_size=16)
+    match = "DynamicCache given to a model patched by headinfer"
+    with pytest.warns(UserWarning, match=match), torch.no_grad():
+        model(prompt(50), **{cache_kwarg_name(model): DynamicCache()})
+
+
+def test_cache_implementation_warns() -> None:
+    model = headinfer.patch(tiny_model("llama"), chunk_size=64, block_size=16)
+    with pytest.warns(UserWarning, match="DynamicCache given"):
+        model.generate(
+            prompt(50), max_new_tokens=2, do_sample=False, cache_implementation="dynamic"
+        )
+
+
+def test_headinfer_cache_and_no_cache_do_not_warn() -> None:
+    model = headinfer.patch(tiny_model("llama"), chunk_size=64, block_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(prompt(100), max_new_tokens=2, do_sample=False)
+        cache = headinfer.HeadInferCache(model)
+        model.generate(
+            prompt(100), max_new_tokens=2, do_sample=False, **{cache_kwarg_name(model): cache}
+        )
+
+
+def test_old_cache_argument_warning_points_at_the_caller() -> None:
+    model = headinfer.patch(tiny_model("llama"), chunk_size=64, block_size=16)
+    if cache_kwarg_name(model) != "cache":
+        pytest.skip("this transformers (< 5.24) still calls it past_key_values")
+    cache = headinfer.HeadInferCache(model)
+    with pytest.warns(FutureWarning, match="past_key_values") as record:
+        out = model.generate(prompt(60), max_new_tokens=2, do_sample=False, past_key_values=cache)
+    assert [Path(w.filename).name for w in record] == ["test_patch.py"]
+    assert cache.get_seq_length() == out.shape[1] - 1
+    with pytest.warns(FutureWarning, match="past_key_values") as record, torch.no_grad():
+        model(prompt(10), past_key_values=headinfer.HeadInferCache(model))
+    assert [Path(w.filename).name for w in record] == ["test_patch.py"]
+
+
+def test_log_lines_do_not_repeat_the_logger_name(caplog: pytest.LogCaptureFixture) -> None:
+    # The handler prints the logger's name ("headinfer: ..."); messages must not repeat it.
+    model = tiny_model("llama")
+    with caplog.at_level(logging.DEBUG, logger="headinfer"):
+        headinfer.patch(model, chunk_size=64, block_size=16)
+        with torch.no_grad():
+            model(prompt(150))
+        headinfer.unpatch(model)
+    assert caplog.records
+    assert not [r.getMessage() for r in caplog.records if r.getMessage().startswith("headinfer")]

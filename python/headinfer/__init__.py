@@ -6,6 +6,9 @@ plugs it into a model of any family in ``SUPPORTED_FAMILIES``, with chunked pref
     import headinfer
     headinfer.patch(model)
     out = model.generate(**inputs, max_new_tokens=256)
+
+``with headinfer.patch(model):`` restores the model on exit; ``pipeline("headinfer-qa", ...)``
+(registered on import) answers many questions about one long context from a single prefill.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .patch import is_patched, patch, unpatch
+from .pipelines import HeadInferQAPipeline
 from .spec import SUPPORTED_FAMILIES
 
 __all__ = [
@@ -30,6 +34,7 @@ __all__ = [
     "HeadInferCache",
     "HeadInferError",
     "OutOfDeviceMemoryError",
+    "HeadInferQAPipeline",
     "OutOfHostMemoryError",
     "UnsupportedModelError",
     "__version__",

@@ -217,6 +217,11 @@ class HeadInferCache(Cache):
             during decode, at the same time as the GPU reads the rest. Default 0 (the GPU reads
             all); ``headinfer._core.default_cpu_heads(num_kv_heads)`` estimates a split from
             the cores. Experimental: see BENCHMARKS.md.
+        croppable: keep every token on sliding-window layers too (by default they drop what
+            their window no longer reaches), so that ``crop()`` can always go back: prefix
+            reuse on models with sliding windows (Mistral, Qwen2, Gemma-2). Those layers then
+            hold the whole context, as full-attention layers do; attention still sees only
+            the window.
 
     Raises:
         UnsupportedModelError: the model is not of a supported family (``SUPPORTED_FAMILIES``).
@@ -232,6 +237,7 @@ class HeadInferCache(Cache):
         dtype: torch.dtype | None = None,
         gpu_budget: int | str | None = None,
         cpu_heads: int | None = None,
+        croppable: bool = False,
     ) -> None:
         device = None
         self.chunk_size = 4096
@@ -266,8 +272,11 @@ class HeadInferCache(Cache):
         self.max_len = max(self.spec.max_positions or 0, DEFAULT_MAX_LEN)
         # The largest context the up-front host memory check has passed.
         self._host_checked = 0
+        self.croppable = bool(croppable)
         #: New tokens a generate() call will add (set by the patched generate), for planning.
         self.expected_new_tokens = 0
+        # The longest context a forward so far announced (prompt + generate()'s new tokens).
+        self._horizon = 0
         self._plan: GpuPlan | None = None
         self._prefill: PrefillState | None = None
         self._store: _core.KVStore | None = None
@@ -317,7 +326,8 @@ class HeadInferCache(Cache):
                 spec.head_dim,
                 store_dtype(dtype),
                 block_size=block_size or DEFAULT_BLOCK_SIZE,
-                windows=list(spec.windows),
+                # croppable: window layers keep every token, so crop() can always go back.
+                windows=[None] * spec.num_layers if self.croppable else list(spec.windows),
                 host_memory_limit=self.host_memory_limit,
                 **cuda,
             )
@@ -467,12 +477,18 @@ class HeadInferCache(Cache):
                 f"input_ids: {end} tokens (with the new ones generate() adds) exceed the "
                 f"cache's max_len of {self.max_len}"
             )
-        context += self.expected_new_tokens
+        # Plan once for the whole generate() call: its decode steps stay within the horizon
+        # set by its prompt's forward, and do not replan (or rebalance) step by step.
+        self._horizon = max(self._horizon, end)
+        context = max(context, self._horizon)
         prefill = new_tokens * self.spec.num_q_heads // self.spec.num_kv_heads > DIRECT_ROWS
         plan = self._plan
         if plan is not None and context <= plan.context and prefill == plan.prefill:
             self._check_room(store, end, plan.kv_device_bytes)
             return
+        if plan is not None and prefill == plan.prefill:
+            # Growing past the plan a step at a time (a hand-written decode loop): plan ahead.
+            context += max(1024, context // 16)
         device = self._prefill.device if self._prefill is not None else torch.device("cuda")
         if not prefill:
             # The prefill's activations and staging sit in torch's cache as reserved memory;
@@ -500,7 +516,7 @@ class HeadInferCache(Cache):
                 torch.cuda.empty_cache()
         moved = store.rebalance(torch.cuda.current_stream(device).cuda_stream)
         logger.info(
-            "headinfer: %s of %d tokens planned: %.2f of %.2f GiB of KV on the GPU, head groups "
+            "%s of %d tokens planned: %.2f of %.2f GiB of KV on the GPU, head groups "
             "of %d; blocks promoted/demoted: %s",
             "prefill" if prefill else "decode",
             context,
@@ -537,7 +553,9 @@ class HeadInferCache(Cache):
             out: ``[1, q_len, num_q_heads, head_dim]``, written.
         """
         store = self.store
-        held = store.windows[layer_idx]
+        # The spec's window, not the store's: a croppable cache keeps every token of a window
+        # layer and the op applies the window.
+        held = self.spec.windows[layer_idx]
         if window != held:
             # The spec's window is what the model's own mask applies (eager attention); an
             # attention that passes another one would make headinfer differ from it.
@@ -584,10 +602,12 @@ class HeadInferCache(Cache):
         target = max_length if max_length > 0 else max(length + max_length, 0)
         if target < length:
             self._store.crop(target)
+            self._horizon = 0
 
     def reset(self) -> None:
         """Drop every token; the store keeps its blocks for reuse."""
         self._pending.clear()
+        self._horizon = 0
         if self._prefill is not None:
             self._prefill.clear()
         if self._store is not None:

@@ -1,16 +1,19 @@
-"""The ``headinfer`` command: ``generate``, ``plan`` and ``demo``.
+"""The ``headinfer`` command: ``generate``, ``plan``, ``eval`` and ``demo``.
 
 ::
 
     headinfer generate --model smollm2 --prompt-file doc.txt --chat --max-new-tokens 64
-    headinfer plan --model meta-llama/Llama-3.1-8B-Instruct --context 1000000 --gpu-budget 24GiB
+    headinfer plan --model meta-llama/Llama-3.1-8B-Instruct --context 1M --gpu-budget 24GiB
+    headinfer eval ruler --lengths 4096 --gpu-budget 20GiB
     headinfer demo --compare
 
 ``generate`` streams the answer to stdout, and the prefill progress, times and where the KV bytes
 sat to stderr. ``plan`` reads only the model's config and prints where every byte of a run would
-sit (the runtime's own planner), whether that fits this machine, and the time floors; ``--json``
-prints the same figures as JSON. ``demo`` is ``make demo`` (``python -m headinfer.demo``).
-Also runnable as ``python -m headinfer``.
+sit (the runtime's own planner), whether that fits this machine, the longest context that does,
+and the time floors; ``--json`` prints the same figures as JSON, ``--plot`` draws them. It exits
+with status 0 when the run fits, 1 when it does not, 2 for a bad argument. ``eval`` runs the
+benchmark runners (``python -m headinfer.eval.ruler``, ``.longbench``); ``demo`` is ``make
+demo`` (``python -m headinfer.demo``). Also runnable as ``python -m headinfer``.
 """
 
 from __future__ import annotations
@@ -27,15 +30,20 @@ from typing import Any
 
 from transformers import TextStreamer
 
+from .device import resolve_device
 from .plan import (
     DEFAULT_CHUNK_SIZE,
     ModelNotFoundError,
     Rates,
     default_budget,
+    fits,
     load_config,
+    longest_figures,
     machine_figures,
     make_plan,
+    parse_context,
     parse_dtype,
+    plot_plan,
     render_plan,
 )
 from .sizes import format_bytes, parse_bytes
@@ -65,6 +73,66 @@ def _dtype(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("dtype: ")) from None
 
 
+def _context(text: str) -> int:
+    try:
+        return parse_context(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("context: ")) from None
+
+
+def _device(text: str) -> str:
+    # Checked now, so that a machine without a GPU says so before any model is loaded.
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return resolve_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("device: ")) from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value:g}")
+    return value
+
+
+def _version() -> str:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return (
+        f"headinfer {__version__} (transformers {transformers.__version__}, "
+        f"torch {torch.__version__})"
+    )
+
+
+class _VersionAction(argparse.Action):
+    # argparse's own "version" action formats its string eagerly; this imports torch only when
+    # --version is asked for.
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(_version())
+        parser.exit()
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text.replace("_", "").replace(",", ""))
@@ -80,7 +148,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         prog=_PROG,
         description="Exact long-context inference with the KV cache in host memory.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{generate,plan,demo}")
+    parser.add_argument("--version", action=_VersionAction)
+    sub = parser.add_subparsers(dest="command", metavar="{generate,plan,eval,demo}")
     sub.required = True
 
     def model_args(p: argparse.ArgumentParser) -> None:
@@ -94,10 +163,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         p.add_argument("--gguf-file", metavar="F", help="the GGUF file inside --model's folder")
         p.add_argument(
             "--chunk-size",
-            type=_positive,
+            type=_context,
             default=DEFAULT_CHUNK_SIZE,
             metavar="N",
-            help=f"prefill chunk in tokens (default {DEFAULT_CHUNK_SIZE})",
+            help=f"prefill chunk in tokens, e.g. 8192 or 8K (default {DEFAULT_CHUNK_SIZE})",
         )
         p.add_argument(
             "--gpu-budget",
@@ -113,27 +182,53 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         description="Stream the answer to stdout; progress, times and memory go to stderr.",
     )
     model_args(gen)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT", help="the prompt")
+    source.add_argument("--prompt-file", metavar="F", help="the prompt, as text; '-' for stdin")
     gen.add_argument(
-        "--prompt-file", required=True, metavar="F", help="the prompt, as text; '-' for stdin"
-    )
-    gen.add_argument(
-        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+        "--chat",
+        action="store_true",
+        help="wrap the prompt in the model's chat template (surrounding whitespace stripped)",
     )
     gen.add_argument("--max-new-tokens", type=_positive, default=256, metavar="N")
     gen.add_argument(
+        "--temperature",
+        type=_non_negative,
+        default=0.0,
+        metavar="T",
+        help="sample at this temperature (default 0: greedy decoding)",
+    )
+    gen.add_argument(
+        "--top-p", type=_fraction, metavar="P", help="sample from the top-p nucleus (0 < P <= 1)"
+    )
+    gen.add_argument(
+        "--top-k", type=_positive, metavar="K", help="sample from the K most likely tokens"
+    )
+    gen.add_argument("--seed", type=int, metavar="N", help="seed for sampling (default: random)")
+    gen.add_argument(
         "--dtype", type=_dtype, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)"
     )
-    gen.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
+    gen.add_argument(
+        "--device", type=_device, default="auto", help="auto (CUDA if available), cpu, cuda"
+    )
 
     plan = sub.add_parser(
         "plan",
         help="where every byte of a long-context run would sit, from the config alone",
         description="Read only the model's config (no weights) and plan a run of --context "
         "tokens with the runtime's own planner: the GPU budget's split, host KV, whether it "
-        "fits this machine, and the prefill and decode floors.",
+        "fits this machine, the longest context that does, and the prefill and decode floors. "
+        "Exit status: 0 when the run fits (the budget, this GPU if there is one, this host's "
+        "RAM), 1 when it does not, 2 for a bad argument.",
     )
     model_args(plan)
-    plan.add_argument("--context", type=_positive, required=True, metavar="TOKENS")
+    plan.add_argument(
+        "--context",
+        type=_context,
+        required=True,
+        metavar="TOKENS",
+        help="tokens in the cache, e.g. 131072, 128K (= 131,072) or 1M (= 1,048,576)",
+    )
     plan.add_argument(
         "--dtype",
         type=_dtype,
@@ -170,6 +265,18 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "BENCHMARKS.md)",
     )
     plan.add_argument("--json", action="store_true", help="print the figures as JSON")
+    plan.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw where the bytes sit and the longest context against the GPU budget",
+    )
+
+    sub.add_parser(
+        "eval",
+        help="long-context benchmarks through headinfer: `headinfer eval ruler|longbench "
+        "--help` for their options",
+        add_help=False,
+    )
 
     sub.add_parser(
         "demo",
@@ -187,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import demo
 
         return demo.main(argv[1:])
+    if argv and argv[0] == "eval":
+        return _eval(argv[1:])
     parser, subs = _parser()
     args = parser.parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
@@ -206,6 +315,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 2  # not reached: error() exits
+
+
+_EVALS = ("ruler", "longbench")
+
+
+def _eval(argv: list[str]) -> int:
+    usage = f"usage: {_PROG} eval {{{','.join(_EVALS)}}} [options]  (--help after the name)"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        print("\n  ruler       RULER's synthetic tasks, generated locally")
+        print("  longbench   LongBench v2 from its data file (JSON list or JSON lines)")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in _EVALS:
+        print(f"{usage}\n{_PROG} eval: error: unknown benchmark {name!r}", file=sys.stderr)
+        return 2
+    if name == "ruler":
+        from .eval import ruler as runner
+    else:
+        from .eval import longbench as runner  # type: ignore[no-redef]
+    try:
+        return runner.main(rest, prog=f"{_PROG} eval {name}")
+    except SystemExit as exc:  # argparse's exits: keep their status
+        return int(exc.code or 0)
 
 
 def _plan(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
@@ -239,11 +372,22 @@ def _plan(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
             )
     plan["gpu_budget_source"] = source
     plan["machine"] = machine_figures(plan)
+    plan["longest_context"] = longest_figures(config, plan, plan["machine"]["ram_available_bytes"])
+    plan["fits"] = fits(plan)
+    if args.plot:
+        try:
+            plot_plan(config, plan, args.plot, plan["machine"]["ram_available_bytes"])
+        except ImportError:
+            sub.error("--plot needs matplotlib: pip install matplotlib")
+        except OSError as exc:
+            sub.error(f"--plot {args.plot}: {exc.strerror or exc}")
     if args.json:
         print(json.dumps(plan, indent=2))
     else:
         print(render_plan(plan))
-    return 0
+    if args.plot:
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0 if plan["fits"] else 1
 
 
 def _read_prompt(name: str, sub: argparse.ArgumentParser) -> str:
@@ -293,15 +437,17 @@ def _generate(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
 
     from .prefill import cache_kwarg_name
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     dtype = dtypes[dtype_name]
-    text = _read_prompt(args.prompt_file, sub)
+    if args.prompt is not None:
+        text, source = args.prompt, "--prompt"
+    else:
+        text, source = _read_prompt(args.prompt_file, sub), f"--prompt-file {args.prompt_file}"
     if not text.strip():
-        sub.error(f"--prompt-file {args.prompt_file}: the prompt is empty")
+        sub.error(f"{source}: the prompt is empty")
+    sampling = _sampling(args)
 
     try:
         model, tokenizer, label = _load_model(args, device, dtype, dtype_name)
@@ -320,8 +466,9 @@ def _generate(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
     if args.chat:
         if getattr(tokenizer, "chat_template", None) is None:
             sub.error(f"--chat: {label}'s tokenizer has no chat template; leave out --chat")
+        # A prompt file's trailing newline is not part of the question.
         enc = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}],
+            [{"role": "user", "content": text.strip()}],
             add_generation_prompt=True,
             return_tensors="pt",
             return_dict=True,
@@ -354,8 +501,8 @@ def _generate(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
             input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=args.max_new_tokens,
-            do_sample=False,
             streamer=streamer,
+            **sampling,
             **{cache_kwarg_name(model): cache},
         )
     end = time.perf_counter()
@@ -386,6 +533,23 @@ def _generate(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
         lines.append(f"GPU peak: {format_bytes(torch.cuda.max_memory_allocated())} by torch")
     print("\n".join(lines), file=sys.stderr, flush=True)
     return 0
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """generate()'s decoding arguments: greedy unless a temperature (or top-p/top-k) is given."""
+    if args.temperature == 0 and args.top_p is None and args.top_k is None:
+        return {"do_sample": False}
+    if args.temperature == 0:
+        args.temperature = 1.0  # top-p/top-k alone: sample at the model's own temperature
+    if args.seed is not None:
+        from transformers import set_seed
+
+        set_seed(args.seed)
+    kwargs: dict[str, Any] = {"do_sample": True, "temperature": args.temperature}
+    # 0 and 1.0 switch them off (the model's generation config may set its own).
+    kwargs["top_p"] = args.top_p if args.top_p is not None else 1.0
+    kwargs["top_k"] = args.top_k if args.top_k is not None else 0
+    return kwargs
 
 
 class _TimedStreamer(TextStreamer):

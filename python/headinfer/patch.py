@@ -1,8 +1,15 @@
 """``patch(model)`` / ``unpatch(model)``: plug headinfer into one model object.
 
-Only the object changes, never its class: ``forward`` and ``generate`` become instance attributes
-that wrap the previous ones (an accelerate hook's included), and the config's attention
+Only the object changes, never its class's code: ``forward`` and ``generate`` become instance
+attributes that wrap the previous ones (an accelerate hook's included), and the config's attention
 implementation is set to ``"headinfer"``. ``unpatch`` puts each of them back as it was.
+
+``with headinfer.patch(model):`` also works, and restores the model on exit. Python looks
+``__enter__`` up on the type, not the instance, so while patched the object's ``__class__`` is a
+subclass of its own class that adds only ``__enter__`` and ``__exit__`` (same name, module and
+methods; made once per class; the class itself is never modified); ``unpatch`` puts the
+original class back. ``patch`` records what the model was before each call; ``__enter__`` takes
+that record and ``__exit__`` restores it, so nested ``with`` blocks unwind one at a time.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -17,6 +25,7 @@ import torch
 
 from .attention import ATTN_IMPLEMENTATION, register
 from .cache import HeadInferCache, store_dtype
+from .callsite import user_stacklevel
 from .checks import (
     check_cpu_heads,
     check_optional_positive_int,
@@ -35,6 +44,11 @@ logger = logging.getLogger("headinfer")
 M = TypeVar("M", bound=torch.nn.Module)
 
 _STATE = "_headinfer"
+#: The ``with`` bookkeeping (a ``_WithState``), kept apart from the settings so that it outlives
+#: an ``unpatch`` inside the block.
+_WITH = "_headinfer_with"
+#: ``_WithState.pending`` when no ``patch`` call waits for its ``__enter__``.
+_NOTHING = object()
 
 
 @dataclass
@@ -54,6 +68,8 @@ class PatchSettings:
     #: The forward's named parameters, in order, to turn positional arguments into keywords.
     forward_params: tuple[str, ...]
     takes_logits_to_keep: bool
+    #: Whether the "cache that is not a HeadInferCache" warning was given (once per model).
+    warned_cache: bool = False
     #: What patch() replaced, for unpatch(): instance attributes (or _MISSING) and the config's.
     saved: dict[str, Any] = field(default_factory=dict)
 
@@ -71,13 +87,100 @@ class _Wrapper:
 
 class _Forward(_Wrapper):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _rename_old_cache_kwarg(self.model, self.settings, kwargs, "forward")
         return patched_forward(self.model, self.original, self.settings, args, kwargs)
 
 
 class _Generate(_Wrapper):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _rename_old_cache_kwarg(self.model, self.settings, kwargs, "generate")
         _give_cache(self.model, self.settings, self.original, args, kwargs)
         return self.original(*args, **kwargs)
+
+
+def _rename_old_cache_kwarg(
+    model: torch.nn.Module, settings: PatchSettings, kwargs: dict[str, Any], method: str
+) -> None:
+    # transformers >= 5.24 warns about `past_key_values` from a decorator whose stacklevel names
+    # its caller: our wrapper. Rename it here and warn from the caller's line instead.
+    if settings.cache_name != "cache" or "past_key_values" not in kwargs or "cache" in kwargs:
+        return
+    warnings.warn(
+        f"`past_key_values` is deprecated for `{type(model).__name__}.{method}`: this "
+        "transformers calls it `cache`. Use `cache` instead.",
+        FutureWarning,
+        stacklevel=user_stacklevel(),
+    )
+    kwargs["cache"] = kwargs.pop("past_key_values")
+
+
+class _WithState:
+    """What ``__exit__`` restores: a stack of snapshots (``None``: unpatched), one per block."""
+
+    def __init__(self) -> None:
+        self.pending: Any = _NOTHING
+        self.stack: list[dict[str, Any] | None] = []
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, Any] | None:
+    # patch()'s arguments that reproduce the current settings; None when unpatched.
+    settings = model.__dict__.get(_STATE)
+    if settings is None:
+        return None
+    return {
+        "chunk_size": settings.chunk_size,
+        "block_size": settings.block_size,
+        "gpu_budget": settings.gpu_budget,
+        "cpu_heads": settings.cpu_heads,
+        "host_memory_limit": settings.host_memory_limit,
+        "progress": settings.progress,
+        "progress_delay": settings.progress_delay,
+    }
+
+
+def _enter(self: Any) -> Any:
+    state = self.__dict__.get(_WITH)
+    if state is None or state.pending is _NOTHING:
+        raise RuntimeError(
+            "`with model:` on a patched model restores what a patch() call changed; write "
+            "`with headinfer.patch(model, ...):`"
+        )
+    state.stack.append(state.pending)
+    state.pending = _NOTHING
+    return self
+
+
+def _exit(self: Any, *exc_info: object) -> None:
+    state = self.__dict__[_WITH]
+    snapshot = state.stack.pop()
+    if snapshot is None:
+        unpatch(self)
+    else:
+        patch(self, **snapshot)
+        state.pending = _NOTHING
+    if not state.stack and not is_patched(self):
+        self.__dict__.pop(_WITH, None)
+    # Returns None: an exception inside the block propagates.
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _patched_class(base: type) -> type:
+    """``base`` plus ``__enter__``/``__exit__``: the class of a patched object (one per class)."""
+    cls = _PATCHED_CLASSES.get(base)
+    if cls is None:
+        namespace = {
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+            "__enter__": _enter,
+            "__exit__": _exit,
+            "_headinfer_base": base,
+        }
+        cls = type(base)(base.__name__, (base,), namespace)
+        _PATCHED_CLASSES[base] = cls
+    return cls
 
 
 def _saved_attr(model: torch.nn.Module, name: str) -> tuple[bool, Any]:
@@ -127,7 +230,10 @@ def patch(
             (``progress_delay`` seconds) and the output is a terminal.
 
     Returns:
-        The same model object. Patching again only updates these settings.
+        The same model object. Patching again only updates these settings. It is also a
+        context manager: ``with headinfer.patch(model, ...):`` restores on exit what the
+        model was before this call (unpatched, or patched with its earlier settings), also
+        when the block raises.
 
     Raises:
         UnsupportedModelError: the model's attention is not one headinfer runs (the message
@@ -145,8 +251,10 @@ def patch(
         check_device(param, "the model")
         store_dtype(param.dtype)
 
+    before = _snapshot(model)
     settings = model.__dict__.get(_STATE)
     if settings is not None:
+        model.__dict__.setdefault(_WITH, _WithState()).pending = before
         settings.chunk_size = chunk_size
         settings.block_size = block_size
         settings.host_memory_limit = host_memory_limit
@@ -180,10 +288,13 @@ def patch(
     # A base model (e.g. LlamaModel) has no generate(): only its forward is patched.
     if hasattr(model, "generate"):
         model.generate = _Generate(model, model.generate, settings)
+    saved["class"] = type(model)
     model.config._attn_implementation = ATTN_IMPLEMENTATION
     model.__dict__[_STATE] = settings
+    model.__class__ = _patched_class(type(model))
+    model.__dict__.setdefault(_WITH, _WithState()).pending = before
     logger.info(
-        "headinfer: patched %s (%s), chunk_size=%d, block_size=%s",
+        "patched %s (%s), chunk_size=%d, block_size=%s",
         type(model).__name__,
         spec.family,
         chunk_size,
@@ -201,6 +312,8 @@ def _give_cache(
 ) -> None:
     # generate() would make a DynamicCache; hand it a HeadInferCache instead, unless the caller
     # chose a cache (an object, or a cache_implementation) or no cache at all.
+    # (A cache that is not a HeadInferCache is warned about when it reaches forward, after the
+    # checks that reject a static one.)
     if any(kwargs.get(name) is not None for name in CACHE_NAMES):
         return
     config = kwargs.get("generation_config")
@@ -230,6 +343,10 @@ def unpatch(model: M) -> M:
     settings = model.__dict__.pop(_STATE, None)
     if settings is None:
         return model
+    state = model.__dict__.get(_WITH)
+    if state is not None and not state.stack:
+        del model.__dict__[_WITH]
+    model.__class__ = settings.saved["class"]
     for name in ("forward", "generate"):
         had, previous = settings.saved[name]
         if had:
@@ -238,5 +355,5 @@ def unpatch(model: M) -> M:
             model.__dict__.pop(name, None)
     model.config._attn_implementation = settings.saved["attn_implementation"]
     release_torch_caps()
-    logger.info("headinfer: unpatched %s", type(model).__name__)
+    logger.info("unpatched %s", type(model).__name__)
     return model

@@ -32,12 +32,17 @@ __all__ = [
     "Rates",
     "attention_flops",
     "default_budget",
+    "fits",
     "format_bytes",
     "load_config",
+    "longest_context",
+    "longest_figures",
     "make_plan",
     "machine_figures",
     "parameter_count",
+    "parse_context",
     "parse_dtype",
+    "plot_plan",
     "render_plan",
 ]
 
@@ -84,6 +89,25 @@ def parse_dtype(name: str) -> str:
         raise ValueError(
             f"dtype: expected bf16, fp16 or fp32 (or bfloat16, float16, float32), got {name!r}"
         ) from None
+
+
+_TOKEN_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_context(text: str) -> int:
+    """A number of tokens: ``131072``, ``1_000_000``, ``1,000,000``, or with a binary suffix as
+    context lengths are usually quoted: ``128K`` = 131,072, ``1M`` = 1,048,576, ``1.5M``."""
+    m = re.fullmatch(
+        r"\s*([0-9]*\.?[0-9]+)\s*([kmg]?)\s*", text.replace("_", "").replace(",", "").lower()
+    )
+    if m is None:
+        raise ValueError(
+            f"context: expected a number of tokens like 131072, 128K or 1M, got {text!r}"
+        )
+    value = int(float(m.group(1)) * _TOKEN_UNITS[m.group(2)])
+    if value <= 0:
+        raise ValueError(f"context: must be positive, got {text!r}")
+    return value
 
 
 def _text_config(config: Any) -> Any:
@@ -186,8 +210,7 @@ def load_config(model: str, gguf_file: str | None = None) -> tuple[Any, str]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotFoundError(
             f"--model {model}: not a local folder and not loadable from the Hugging Face Hub "
-            f"({first}); download it first (huggingface-cli download {model}) or pass its "
-            "local folder"
+            f"({first}); download it first (hf download {model}) or pass its local folder"
         ) from exc
 
 
@@ -342,6 +365,65 @@ def machine_figures(plan: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def fits(plan: dict[str, Any]) -> bool:
+    """Whether the run fits: the budget holds weights, working set, staging and margin, and,
+    where ``plan["machine"]`` says, this GPU's free memory and this host's available RAM."""
+    machine = plan.get("machine") or {}
+    return (
+        bool(plan["prefill"]["fits_gpu"])
+        and machine.get("fits_gpu") is not False
+        and machine.get("fits_ram") is not False
+    )
+
+
+#: Where ``longest_context`` stops looking (a context that fits beyond it is reported as None).
+CONTEXT_SEARCH_LIMIT = 1 << 40
+
+
+def longest_context(
+    config: Any,
+    *,
+    gpu_budget: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    dtype: str = "bfloat16",
+    host_bytes: int | None = None,
+    resident: bool = False,
+) -> int | None:
+    """The longest context, in tokens, whose plan fits ``gpu_budget`` and ``host_bytes``.
+
+    The same planner as ``make_plan``, searched (doubling, then bisection; every figure grows
+    with the context): a context fits when the budget holds weights, working set, staging and
+    margin, and its host KV fits ``host_bytes`` (``resident``: no host KV at all, every KV byte
+    on the GPU). Returns 0 when not even one token fits, ``None`` when there is no limit below
+    ``CONTEXT_SEARCH_LIMIT`` tokens (no RAM figure, or only sliding-window layers).
+    """
+
+    def ok(context: int) -> bool:
+        plan = make_plan(
+            config, context=context, gpu_budget=gpu_budget, chunk_size=chunk_size, dtype=dtype
+        )
+        if not plan["prefill"]["fits_gpu"]:
+            return False
+        if resident:
+            return plan["host_kv_bytes"] == 0
+        return host_bytes is None or plan["host_kv_bytes"] <= host_bytes
+
+    if not ok(1):
+        return 0
+    low, high = 1, 2
+    while ok(high):
+        if high >= CONTEXT_SEARCH_LIMIT:
+            return None
+        low, high = high, high * 2
+    while high - low > 1:  # ok(low), not ok(high)
+        mid = (low + high) // 2
+        if ok(mid):
+            low = mid
+        else:
+            high = mid
+    return low
+
+
 def default_budget() -> tuple[int, str]:
     """The budget to plan for when none is given: GPU 0's free memory, else 24 GiB."""
     import torch
@@ -417,14 +499,14 @@ def render_plan(plan: dict[str, Any]) -> str:
         + (", window layers hold at most window + chunk" if sliding else "")
         + ")"
     )
-    fits = "yes"
+    budget_verdict = "yes"
     if not p["fits_gpu"]:
-        fits = (
+        budget_verdict = (
             f"NO: context, weights, working set, staging and margin need "
             f"{format_bytes(p['gpu_bytes'])}; "
             "every KV byte would sit in host memory (raise --gpu-budget)"
         )
-    lines += ["", f"fits the budget: {fits}"]
+    lines += ["", f"fits the budget: {budget_verdict}"]
     m = plan.get("machine")
     if m is not None:
         if m["gpu"] is None:
@@ -443,6 +525,11 @@ def render_plan(plan: dict[str, Any]) -> str:
                 f"this RAM: {format_bytes(m['ram_available_bytes'])} available for "
                 f"{format_bytes(plan['host_kv_bytes'])} of host KV: fits {verdict}"
             )
+    longest = plan.get("longest_context")
+    if longest is not None:
+        lines.append(_render_longest(longest))
+    if "machine" in plan:
+        lines.append("overall: fits" if fits(plan) else "overall: does NOT fit (exit status 1)")
     f = plan["floors"]
     lines += [
         "",
@@ -459,3 +546,150 @@ def render_plan(plan: dict[str, Any]) -> str:
     else:
         lines.append("  decode   no KV in host memory: bound by GPU memory bandwidth, not PCIe")
     return "\n".join(lines)
+
+
+def _tokens(n: int | None) -> str:
+    return f"more than {CONTEXT_SEARCH_LIMIT:,}" if n is None else f"{n:,}"
+
+
+def _render_longest(longest: dict[str, Any]) -> str:
+    host = longest["host_bytes"]
+    if longest["with_host"] == 0 and longest["resident"] == 0:
+        return (
+            "longest context: none (the budget does not hold weights, working set, staging "
+            "and margin)"
+        )
+    where = (
+        f"this budget and {format_bytes(host)} of host RAM"
+        if host is not None
+        else "this budget (host RAM unknown: no limit from it)"
+    )
+    resident = longest["resident"]
+    return f"longest context: {_tokens(longest['with_host'])} tokens ({where}); " + (
+        f"{_tokens(resident)} with every KV byte on the GPU"
+        if resident
+        else "none with every KV byte on the GPU"
+    )
+
+
+def longest_figures(config: Any, plan: dict[str, Any], host_bytes: int | None) -> dict[str, Any]:
+    """``plan``'s ``longest_context`` entry: the longest context under its budget and
+    ``host_bytes`` of host RAM, and the longest with no KV on the host."""
+    kwargs = {
+        "gpu_budget": plan["gpu_budget"],
+        "chunk_size": plan["chunk_size"],
+        "dtype": plan["dtype"],
+    }
+    return {
+        "with_host": longest_context(config, host_bytes=host_bytes, **kwargs),
+        "resident": longest_context(config, resident=True, **kwargs),
+        "host_bytes": host_bytes,
+    }
+
+
+#: The parts of the GPU budget in the plot, bottom to top: (plan key, label, colour).
+_PARTS = (
+    ("weight_bytes", "weights", "#4c72b0"),
+    ("activation_bytes", "working set (one chunk)", "#dd8452"),
+    ("staging_bytes", "staging (2 head groups)", "#937860"),
+    ("margin_bytes", "margin", "#c0c0c0"),
+    ("kv_device_bytes", "KV on the GPU", "#55a868"),
+)
+
+
+def plot_plan(
+    config: Any, plan: dict[str, Any], path: str | Path, host_bytes: int | None = None
+) -> None:
+    """Draw ``plan`` into a PNG at ``path``: where the bytes sit in each phase (a stacked bar:
+    the GPU budget's parts, then the KV in host memory above the budget line), and the longest
+    context against the GPU budget (with host RAM ``host_bytes``, and with all KV on the GPU).
+
+    Needs matplotlib (the Agg backend: no display).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gib = float(1 << 30)
+    fig, (bars, curve) = plt.subplots(1, 2, figsize=(12, 5.6), width_ratios=[1, 1.5])
+
+    phases = ("prefill", "decode")
+    for x, phase in enumerate(phases):
+        bottom = 0.0
+        for key, label, colour in _PARTS:
+            height = plan[phase][key] / gib
+            bars.bar(x, height, bottom=bottom, color=colour, label=label if x == 0 else None)
+            bottom += height
+        host = plan[phase]["kv_host_bytes"] / gib
+        bars.bar(
+            x,
+            host,
+            bottom=bottom,
+            color="white",
+            edgecolor="#55a868",
+            hatch="//",
+            label="KV in host memory" if x == 0 else None,
+        )
+        total = bottom + host
+        bars.annotate(
+            f"GPU {format_bytes(plan[phase]['gpu_bytes'])}\nhost {format_bytes(host * gib)}",
+            (x, total),
+            ha="center",
+            va="bottom",
+            fontsize="small",
+        )
+    budget = plan["gpu_budget"] / gib
+    bars.axhline(budget, color="black", linestyle="--", linewidth=1)
+    bars.annotate(
+        f"GPU budget {format_bytes(plan['gpu_budget'])}",
+        (0.5, budget),
+        ha="center",
+        va="bottom",
+        fontsize="small",
+    )
+    bars.set_xticks(range(len(phases)), phases)
+    bars.set_xlim(-0.5, len(phases) - 0.5)
+    bars.set_ylabel("GiB")
+    tallest = max(sum(plan[p][k] for k, _, _ in _PARTS) + plan[p]["kv_host_bytes"] for p in phases)
+    bars.set_ylim(0, max(tallest / gib, budget) * 1.2)
+    bars.set_title(f"{plan['model']}: {plan['context']:,} tokens, {plan['dtype']}")
+    bars.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
+
+    # Longest context against the GPU budget: from what weights, working set and margin need,
+    # to twice this budget (or 80 GiB, whichever is more).
+    low = plan["weight_bytes"] + plan["prefill"]["activation_bytes"] + plan["margin_bytes"]
+    high = max(2 * plan["gpu_budget"], 80 << 30)
+    budgets = [low + (high - low) * i / 40 for i in range(1, 41)]
+    kwargs = {"chunk_size": plan["chunk_size"], "dtype": plan["dtype"]}
+    resident = [
+        longest_context(config, gpu_budget=int(b), resident=True, **kwargs) for b in budgets
+    ]
+    xs = [b / gib for b in budgets]
+    curve.plot(xs, [r or float("nan") for r in resident], label="every KV byte on the GPU")
+    if host_bytes is not None:
+        with_host = [
+            longest_context(config, gpu_budget=int(b), host_bytes=host_bytes, **kwargs)
+            for b in budgets
+        ]
+        curve.plot(
+            xs,
+            [r or float("nan") for r in with_host],
+            label=f"with {format_bytes(host_bytes)} of host RAM",
+        )
+    curve.axvline(budget, color="black", linestyle="--", linewidth=1, label="this budget")
+    curve.axhline(
+        plan["context"], color="tab:red", linestyle=":", linewidth=1, label="this context"
+    )
+    limit = plan.get("max_position_embeddings")
+    if limit is not None:
+        curve.axhline(limit, color="gray", linestyle="-.", linewidth=1, label="model positions")
+    curve.set_yscale("log")
+    curve.set_xlabel("GPU budget (GiB)")
+    curve.set_ylabel("longest context (tokens)")
+    curve.set_title("longest context that fits")
+    curve.grid(True, which="major", alpha=0.3)
+    curve.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

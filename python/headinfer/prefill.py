@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .attention import CACHE_KWARG
 from .cache import HeadInferCache
+from .callsite import user_stacklevel
 from .device import check_device
 
 if TYPE_CHECKING:
@@ -30,7 +32,13 @@ try:
 except ImportError:  # transformers < 5.24 slices inline in each model's forward
     _slice_logits_to_keep = None
 
-__all__ = ["CACHE_NAMES", "cache_kwarg_name", "forward_params", "patched_forward"]
+__all__ = [
+    "CACHE_NAMES",
+    "cache_kwarg_name",
+    "forward_params",
+    "patched_forward",
+    "warn_cache_not_headinfer",
+]
 
 logger = logging.getLogger("headinfer")
 
@@ -49,6 +57,26 @@ def forward_params(model: torch.nn.Module) -> tuple[str, ...]:
     params = list(inspect.signature(type(model).forward).parameters.values())[1:]
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return tuple(p.name for p in params if p.kind in kinds)
+
+
+def warn_cache_not_headinfer(model: torch.nn.Module, settings: PatchSettings, what: str) -> None:
+    """Warn, once per patched model, that ``what`` (a cache the caller chose) bypasses the store.
+
+    Such a cache still gives exact results (attention runs on the keys it hands over), but its
+    keys and values stay where it keeps them, on the GPU for a ``DynamicCache``: the user who
+    patched the model for its memory behaviour would otherwise run out of it unawares.
+    """
+    if settings.warned_cache:
+        return
+    settings.warned_cache = True
+    warnings.warn(
+        f"{what} given to a model patched by headinfer: its keys and values stay in that cache, "
+        "not in headinfer's store (nothing is offloaded by headinfer, and GPU memory grows with "
+        "the context); pass a headinfer.HeadInferCache(model), or no cache and generate() "
+        "makes one. Warned once per model.",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _find_cache(kwargs: Mapping[str, Any]) -> tuple[str | None, Any]:
@@ -146,6 +174,8 @@ def patched_forward(
         temporary = not use_cache
 
     if not isinstance(cache, HeadInferCache):
+        if cache is not None:
+            warn_cache_not_headinfer(model, settings, type(cache).__name__)
         # Another Cache (or none): the attention function runs the dense op on what it is given.
         if length <= settings.chunk_size:
             return original(**kwargs)

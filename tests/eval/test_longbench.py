@@ -188,6 +188,29 @@ def test_fixture_end_to_end(
     )
     assert f"headinfer   {accuracy}" in printed
     assert f"{'items':<12}{3:>10}{2:>10}{1:>10}{1:>10}{1:>10}{1:>10}" in printed
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["benchmark"] == "longbench_v2" and summary["samples_file"] == "results.jsonl"
+    assert summary["results"]["headinfer"] == table
+    assert summary["config"]["chunk_size"] == 512 and summary["config"]["max_new_tokens"] == 16
+    assert set(summary["versions"]) >= {"headinfer", "transformers", "torch", "python"}
+
+
+def test_json_lines_input(tmp_path: Path) -> None:
+    items = load_data(FIXTURE)
+    lines = tmp_path / "data.jsonl"
+    lines.write_text("\n".join(json.dumps(item) for item in items) + "\n")
+    assert load_data(lines) == items
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(items[0]) + "\n{oops\n")
+    with pytest.raises(LongBenchDataError, match="line 2 is not valid JSON"):
+        load_data(bad)
+
+
+def test_results_path() -> None:
+    from headinfer.eval._common import results_path
+
+    assert results_path("out/run.jsonl") == Path("out/run.json")
+    assert results_path("run.json") == Path("run.json.results.json")
 
 
 @pytest.mark.slow

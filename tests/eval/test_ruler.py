@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import headinfer
 from headinfer.eval import ruler
@@ -173,6 +174,22 @@ def test_run_headinfer_matches_standard_attention(
         score = f"{row['score'] * 100:.2f}"
         line = f"{'niah_single_1':<18}{row['length']:>8}{1:>9}{score:>11}{score:>10}{'1/1':>11}"
         assert line in printed
+    # The results JSON beside the samples: settings, versions, scores per task and length.
+    summary = json.loads((tmp_path / "ruler.json").read_text())
+    assert summary["benchmark"] == "ruler" and summary["samples_file"] == "ruler.jsonl"
+    assert summary["config"]["model"] == "smollm2" and summary["config"]["chunk_size"] == 1024
+    assert summary["config"]["dtype"] == "float32" and summary["config"]["gpu_budget"] is None
+    assert summary["versions"]["headinfer"] == headinfer.__version__
+    assert summary["versions"]["torch"] and summary["versions"]["transformers"]
+    assert "T" in summary["date"]
+    for row in rows:
+        cell = summary["results"]["niah_single_1"][str(row["length"])]
+        assert cell == {
+            "score": round(row["score"] * 100, 2),
+            "samples": 1,
+            "standard_score": round(row["standard_score"] * 100, 2),
+            "identical": 1,
+        }
 
 
 @pytest.mark.slow
@@ -191,9 +208,20 @@ def test_run_more_tasks_at_1k(
 
 
 def test_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--tasks", "nope"], ["--lengths", "1024,x"], ["--lengths", "0"]):
+    cases = [["--tasks", "nope"], ["--lengths", "1024,x"], ["--lengths", "0"]]
+    cases += [["--device", "mps"], ["--dtype", "int8"], ["--gpu-budget", "lots"]]
+    for argv in cases:
         with pytest.raises(SystemExit) as exc:
             ruler.main(argv)
         assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "unknown task(s) nope" in err and "comma-separated integers" in err
+    assert "not 'mps'" in err and "bf16, fp16 or fp32" in err and "20GiB" in err
+
+
+def test_dtype_short_names() -> None:
+    from headinfer.eval._common import pick_dtype
+
+    assert pick_dtype("bf16", "cpu") == torch.bfloat16
+    assert pick_dtype("fp16", "cpu") == torch.float16
+    assert pick_dtype("auto", "cpu") == torch.float32

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import importlib.metadata
 import json
 import logging
+import platform
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,8 +39,11 @@ __all__ = [
     "pick_device",
     "pick_dtype",
     "render_prompt",
+    "results_path",
+    "run_config",
     "setup_logging",
     "write_record",
+    "write_results",
 ]
 
 logger = logging.getLogger("headinfer.eval")
@@ -49,17 +55,21 @@ SMOLLM2 = "smollm2"
 
 
 def pick_device(name: str) -> str:
-    """``"auto"``: CUDA where torch sees a GPU, else the CPU; any other name is kept."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    """``"auto"``: CUDA where torch sees a GPU, else the CPU; else the name, checked
+    (``ValueError`` for a device this machine has not, or headinfer does not run on)."""
+    from ..device import resolve_device
+
+    return resolve_device(name)
 
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
-    """``"auto"``: float32 on the CPU, bfloat16 on a GPU; else one of ``DTYPES``."""
+    """``"auto"``: float32 on the CPU, bfloat16 on a GPU; else a name ``parse_dtype`` takes
+    (``bf16``, ``fp16``, ``fp32``, or the torch names)."""
     if name == "auto":
         return torch.float32 if device == "cpu" else torch.bfloat16
-    return DTYPES[name]
+    from ..plan import parse_dtype
+
+    return DTYPES[parse_dtype(name)]
 
 
 def load_model(name: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:
@@ -154,13 +164,21 @@ class Generator:
         device: where the inputs go (the model's device).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, chunk_size: int, device: str) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        chunk_size: int,
+        device: str,
+        gpu_budget: int | None = None,
+    ) -> None:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size: must be positive, got {chunk_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
         self.device = device
+        self.gpu_budget = gpu_budget
         self._was_patched = headinfer.is_patched(model)
         self._announced = False
 
@@ -168,12 +186,12 @@ class Generator:
         if on == headinfer.is_patched(self.model):
             return
         if on and not self._announced:
-            headinfer.patch(self.model, chunk_size=self.chunk_size)
+            headinfer.patch(self.model, chunk_size=self.chunk_size, gpu_budget=self.gpu_budget)
             self._announced = True
             return
         with _quiet_library():
             if on:
-                headinfer.patch(self.model, chunk_size=self.chunk_size)
+                headinfer.patch(self.model, chunk_size=self.chunk_size, gpu_budget=self.gpu_budget)
             else:
                 headinfer.unpatch(self.model)
 
@@ -214,25 +232,123 @@ class Generator:
         self.close()
 
 
+def _device_arg(text: str) -> str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return pick_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("device: ")) from None
+
+
+def _dtype_arg(text: str) -> str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    from ..plan import parse_dtype
+
+    try:
+        return parse_dtype(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("dtype: ")) from None
+
+
+def _size_arg(text: str) -> int:
+    from ..sizes import parse_bytes
+
+    try:
+        return parse_bytes(text, "size")
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"{str(exc).removeprefix('size: ')} (e.g. 24GiB, 512MiB, 2e10)"
+        ) from None
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--device``, ``--dtype``, ``--chunk-size``, ``-v``."""
+    """``--model``, ``--device``, ``--dtype``, ``--chunk-size``, ``--gpu-budget``, ``-v``."""
     parser.add_argument(
         "--model",
         default=SMOLLM2,
         help="Hugging Face name or folder, or 'smollm2' for the bundled SmolLM2-135M-Instruct "
         "(default)",
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
+    parser.add_argument(
+        "--device", type=_device_arg, default="auto", help="auto (CUDA if available), cpu, cuda"
+    )
     parser.add_argument(
         "--dtype",
-        choices=["auto", *sorted(DTYPES)],
+        type=_dtype_arg,
         default="auto",
-        help="weights' dtype (auto: float32 on the CPU, bfloat16 on a GPU)",
+        help="weights' dtype: bf16, fp16, fp32 (default auto: fp32 on the CPU, bf16 on a GPU)",
     )
     parser.add_argument(
         "--chunk-size", type=int, default=4096, help="headinfer's prefill chunk (4096)"
     )
+    parser.add_argument(
+        "--gpu-budget",
+        type=_size_arg,
+        metavar="SIZE",
+        help="GPU memory the process may use in all, e.g. 20GiB (default: the free memory)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_config(args: argparse.Namespace, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """The ``config`` and ``versions`` entries of a results file (lm-eval's layout)."""
+    import transformers
+
+    return {
+        "config": {
+            "model": args.model,
+            "device": device,
+            "dtype": str(dtype).removeprefix("torch."),
+            "chunk_size": args.chunk_size,
+            "gpu_budget": args.gpu_budget,
+            "max_new_tokens": args.max_new_tokens,
+        },
+        "versions": {
+            "headinfer": headinfer.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "accelerate": _version("accelerate"),
+        },
+    }
+
+
+def results_path(out: str | Path) -> Path:
+    """Where the results JSON goes: beside the per-sample ``out`` file, ``.json`` for its
+    ``.jsonl`` (``run.jsonl`` -> ``run.json``; ``run.json`` -> ``run.results.json``)."""
+    out = Path(out)
+    path = out.with_suffix(".json")
+    return out.with_name(out.name + ".results.json") if path == out else path
+
+
+def write_results(
+    out: str | Path, benchmark: str, header: dict[str, Any], results: dict[str, Any], **extra: Any
+) -> Path:
+    """Write the results JSON beside ``out`` (``results_path``) and return its path.
+
+    ``{"benchmark", "date", "config", "versions", "results", "samples_file", ...extra}``: the
+    scores per task and length (or group) as lm-eval's ``results`` holds them per task.
+    """
+    path = results_path(out)
+    record = {
+        "benchmark": benchmark,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **header,
+        "results": results,
+        "samples_file": Path(out).name,
+        **extra,
+    }
+    path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
 
 
 def setup_logging(verbose: bool) -> None:

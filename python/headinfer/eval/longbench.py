@@ -42,8 +42,10 @@ from ._common import (
     pick_device,
     pick_dtype,
     render_prompt,
+    run_config,
     setup_logging,
     write_record,
+    write_results,
 )
 
 __all__ = [
@@ -93,8 +95,31 @@ class LongBenchDataError(ValueError):
     """The data file is not in LongBench v2's format; the message says where and why."""
 
 
+def _read_items(path: Path) -> Any:
+    # A JSON list (the benchmark's data.json), or JSON lines (one item per line).
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        if not text.lstrip().startswith("{"):
+            raise LongBenchDataError(f"{path}: not valid JSON ({exc})") from None
+    items = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise LongBenchDataError(
+                f"{path}: line {number} is not valid JSON ({exc}); expected a JSON list of "
+                "items, or one item per line"
+            ) from None
+    return items
+
+
 def load_data(path: str | Path) -> list[dict[str, Any]]:
-    """Read and check a LongBench v2 data file (a JSON list of items).
+    """Read and check a LongBench v2 data file: a JSON list of items (the benchmark's
+    ``data.json``) or JSON lines (one item per line).
 
     Raises:
         FileNotFoundError: no such file.
@@ -105,10 +130,7 @@ def load_data(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LongBench data file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LongBenchDataError(f"{path}: not valid JSON ({exc})") from None
+    data = _read_items(path)
     if not isinstance(data, list):
         raise LongBenchDataError(
             f"{path}: expected a JSON list of LongBench v2 items (objects with the fields "
@@ -257,12 +279,16 @@ def _print_scores(records: list[dict[str, Any]], compare: bool, title: str) -> N
         print(f"identical outputs: {same}/{len(records)} ({same / len(records):.2f})")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m headinfer.eval.longbench",
+        prog=prog or "python -m headinfer.eval.longbench",
         description="LongBench v2 (multiple choice, zero-shot) through headinfer.",
     )
-    parser.add_argument("--data", required=True, help="LongBench v2 data.json (a JSON list)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="LongBench v2's data.json (a JSON list), or the same items as JSON lines",
+    )
     add_model_arguments(parser)
     parser.add_argument(
         "--max-context",
@@ -284,14 +310,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out",
         default=None,
-        help="results, one JSON line per item; items already in it are skipped (resume)",
+        help="results, one JSON line per item; items already in it are skipped (resume); "
+        "the scores with the run's settings and versions go beside it (results.jsonl -> "
+        "results.json)",
     )
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run LongBench v2; print the scores table to stdout. Returns 0, or 2 for bad input."""
-    parser = _parser()
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     for name in ("max_context", "max_new_tokens", "limit", "chunk_size"):
         value = getattr(args, name)
@@ -326,9 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results = {r["_id"]: r for r in earlier}
     start = time.perf_counter()
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
     if todo:
-        device = pick_device(args.device)
-        model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device))
+        model, tokenizer = load_model(args.model, device, dtype)
         positions = model_positions(model)
         max_context = args.max_context
         if max_context is None:
@@ -340,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"--max-new-tokens: {args.max_new_tokens} leaves no room for a prompt")
         out = open_output(args.out, "a")
         try:
-            with Generator(model, tokenizer, args.chunk_size, device) as generator:
+            with Generator(model, tokenizer, args.chunk_size, device, args.gpu_budget) as generator:
                 bar = tqdm(todo, desc="LongBench v2", unit="item", file=sys.stderr)
                 for item in bar:
                     prompt, cut = truncate_middle(tokenizer, build_prompt(item), max_context)
@@ -383,7 +412,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _print_scores(records, compare, title)
     if args.out:
-        print(f"results: {args.out}")
+        header = run_config(args, device, dtype)
+        header["config"].update(data=str(args.data), max_context=args.max_context, limit=args.limit)
+        table = {"headinfer": scores(records)}
+        if compare:
+            table["standard"] = scores(records, "standard_judge")
+            table["identical"] = sum(bool(r["identical"]) for r in records)
+        summary = write_results(
+            args.out,
+            "longbench_v2",
+            header,
+            table,
+            seconds=round(time.perf_counter() - start, 1),
+        )
+        print(f"results: {args.out} (per item), {summary} (scores)")
     return 0
 
 

@@ -64,8 +64,10 @@ from ._common import (
     pick_device,
     pick_dtype,
     render_prompt,
+    run_config,
     setup_logging,
     write_record,
+    write_results,
 )
 
 __all__ = [
@@ -728,9 +730,9 @@ def _task_list(text: str) -> list[str]:
     return tasks
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m headinfer.eval.ruler",
+        prog=prog or "python -m headinfer.eval.ruler",
         description="RULER's synthetic tasks, generated locally with the model's tokenizer, "
         "through headinfer; --compare standard also runs standard attention on the same "
         "samples.",
@@ -762,7 +764,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="also run standard attention (the model unpatched) and compare",
     )
-    parser.add_argument("--out", default=None, help="write one JSON line per sample here")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="write one JSON line per sample here, and the scores with the run's settings and "
+        "versions beside it (results.jsonl -> results.json)",
+    )
     return parser
 
 
@@ -809,9 +816,34 @@ def _print_table(
         print(f"identical outputs: {same}/{len(rows)} ({same / len(rows):.2f})")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def scores(rows: list[dict[str, Any]], compare: bool) -> dict[str, Any]:
+    """Scores per task and length (``{task: {length: {...}}}``, lengths as strings): the mean
+    score times 100, the number of samples, and with ``compare`` the standard attention's score
+    and how many outputs were identical."""
+    table: dict[str, Any] = {}
+    for row in rows:
+        cell = table.setdefault(row["task"], {}).setdefault(str(row["length"]), [])
+        cell.append(row)
+    results: dict[str, Any] = {}
+    for task, by_length in table.items():
+        results[task] = {}
+        for length, cell in by_length.items():
+            entry: dict[str, Any] = {
+                "score": round(sum(r["score"] for r in cell) / len(cell) * 100, 2),
+                "samples": len(cell),
+            }
+            if compare:
+                entry["standard_score"] = round(
+                    sum(r["standard_score"] for r in cell) / len(cell) * 100, 2
+                )
+                entry["identical"] = sum(bool(r["identical"]) for r in cell)
+            results[task][length] = entry
+    return results
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run RULER; print the scores table to stdout. Returns 0."""
-    parser = _parser()
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     if args.samples <= 0:
         parser.error(f"--samples: must be positive, got {args.samples}")
@@ -822,7 +854,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     device = pick_device(args.device)
-    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device))
+    dtype = pick_dtype(args.dtype, device)
+    model, tokenizer = load_model(args.model, device, dtype)
     positions = model_positions(model)
     if positions is not None and max(args.lengths) > positions:
         parser.error(
@@ -843,7 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = open_output(args.out, "w")
     start = time.perf_counter()
     try:
-        with Generator(model, tokenizer, args.chunk_size, device) as generator:
+        with Generator(model, tokenizer, args.chunk_size, device, args.gpu_budget) as generator:
             bar = tqdm(samples, desc="RULER", unit="sample", file=sys.stderr)
             for sample in bar:
                 bar.set_postfix_str(f"{sample.task} @ {sample.length}")
@@ -883,7 +916,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _print_table(rows, args.lengths, args.tasks, title, compare)
     if args.out:
-        print(f"results: {args.out}")
+        header = run_config(args, device, dtype)
+        header["config"].update(
+            lengths=args.lengths, tasks=args.tasks, samples=args.samples, seed=args.seed
+        )
+        summary = write_results(
+            args.out,
+            "ruler",
+            header,
+            scores(rows, compare),
+            seconds=round(time.perf_counter() - start, 1),
+        )
+        print(f"results: {args.out} (per sample), {summary} (scores)")
     return 0
 
 
