@@ -15,6 +15,37 @@ pub struct PyKvStore {
     inner: KvStore,
 }
 
+impl PyKvStore {
+    /// Checks that a tensor is on the store's device: the CPU, or its CUDA device.
+    fn expect_store_device(&self, arg: &str, device: Device) -> crate::Result<()> {
+        let want = match &self.inner.config().cuda {
+            Some(c) => Device::Cuda(c.ordinal),
+            None => Device::Cpu,
+        };
+        // A CPU tensor for a CUDA store (and the reverse) keeps the store's own message.
+        if matches!((device, want), (Device::Cuda(a), Device::Cuda(b)) if a != b) {
+            return Err(Error::type_(
+                arg,
+                format!("is on {device:?}, but the store holds {want:?} tensors"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A zeroed host buffer of `n` elements; `OutOfHostMemory` instead of an abort when the
+/// allocation fails.
+fn host_vec<E: crate::tensor::Element>(n: usize) -> crate::Result<Vec<E>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::OutOfHostMemory {
+        what: "a buffer for reading the KV cache".into(),
+        needed: n.saturating_mul(std::mem::size_of::<E>()),
+        available: crate::host::available_bytes().unwrap_or(0),
+    })?;
+    v.resize(n, E::default());
+    Ok(v)
+}
+
 #[pymethods]
 impl PyKvStore {
     #[new]
@@ -43,16 +74,19 @@ impl PyKvStore {
                     .py_err(py)?,
             }),
         };
-        let cfg = StoreConfig {
+        let mut cfg = StoreConfig {
             num_layers,
             num_kv_heads,
             head_dim,
             dtype: DType::parse("dtype", dtype).py_err(py)?,
             block_size,
-            windows: windows.unwrap_or_else(|| vec![None; num_layers]),
+            windows: Vec::new(),
             host_memory_limit,
             cuda,
         };
+        // Sizes first: the default windows below are one entry per layer.
+        cfg.check_sizes().py_err(py)?;
+        cfg.windows = windows.unwrap_or_else(|| vec![None; num_layers]);
         Ok(PyKvStore {
             inner: KvStore::new(cfg).py_err(py)?,
         })
@@ -107,6 +141,7 @@ impl PyKvStore {
         k.t.expect_dtype("key", dtype).py_err(py)?;
         v.t.expect_dtype("value", dtype).py_err(py)?;
         v.t.expect_device("value", k.t.device).py_err(py)?;
+        self.expect_store_device("key", k.t.device).py_err(py)?;
         if let Device::Cuda(_) = k.t.device {
             let c = self.inner.config();
             let shape = [Some(c.num_kv_heads), Some(k.t.shape[1]), Some(c.head_dim)];
@@ -170,8 +205,9 @@ impl PyKvStore {
         with_element!(cfg.dtype, E => {
             let d = cfg.head_dim;
             let (heads, n) = (cfg.num_kv_heads, end.saturating_sub(start));
-            let mut kbuf = vec![E::default(); heads * n * d];
-            let mut vbuf = vec![E::default(); heads * n * d];
+            // Sized like the validated outputs, so no overflow; the allocation may still fail.
+            let mut kbuf = host_vec::<E>(heads * n * d).py_err(py)?;
+            let mut vbuf = host_vec::<E>(heads * n * d).py_err(py)?;
             self.inner
                 .read::<E>(layer, start, end, |h, i, k, v| {
                     kbuf[(h * n + i) * d..][..d].copy_from_slice(k);
@@ -207,6 +243,7 @@ impl PyKvStore {
         let o = TensorArg::import(out, "out", true, s)?;
         let dtype = self.inner.config().dtype;
         q.t.expect_dtype("query", dtype).py_err(py)?;
+        self.expect_store_device("query", q.t.device).py_err(py)?;
         check_out(py, &q.t, &[&q.t], &o.t)?;
         let params = Params {
             scale,
@@ -231,6 +268,14 @@ impl PyKvStore {
             );
             let [hq, lq, _] = q.t.shape;
             if let Some(from) = host_share {
+                let len = self.inner.seq_len(layer).py_err(py)?;
+                if let Some(&f) = from.iter().find(|&&f| f > len) {
+                    return Err(Error::value(
+                        "host_share",
+                        format!("position {f} is beyond the {len} tokens of layer {layer}"),
+                    ))
+                    .py_err(py);
+                }
                 let store = &mut self.inner;
                 // SAFETY: validated CUDA tensors; the caller keeps them alive until the stream
                 // has run the kernels.
@@ -285,6 +330,19 @@ impl PyKvStore {
         let ko = TensorArg::import(key_out, "key_out", true, s)?;
         let vo = TensorArg::import(value_out, "value_out", true, s)?;
         let c = self.inner.config();
+        if head_start
+            .checked_add(num_heads)
+            .is_none_or(|e| e > c.num_kv_heads)
+        {
+            return Err(Error::value(
+                "num_heads",
+                format!(
+                    "kv heads from {head_start}, {num_heads} of them, are out of range for {}",
+                    c.num_kv_heads
+                ),
+            ))
+            .py_err(py);
+        }
         let shape = [
             Some(num_heads),
             Some(end.saturating_sub(start)),
@@ -302,10 +360,24 @@ impl PyKvStore {
             ))
             .py_err(py);
         }
+        self.expect_store_device("key_out", ko.t.device)
+            .py_err(py)?;
+        vo.t.expect_device("value_out", ko.t.device).py_err(py)?;
         let (kd, vd) = (
             ko.t.cuda_view("key_out").py_err(py)?,
             vo.t.cuda_view("value_out").py_err(py)?,
         );
+        // Every copy path addresses both outputs with one set of strides.
+        if (kd.s0, kd.s1) != (vd.s0, vd.s1) && num_heads > 0 && end > start {
+            return Err(Error::value(
+                "value_out",
+                format!(
+                    "must have key_out's strides {:?}, got {:?}",
+                    ko.t.strides, vo.t.strides
+                ),
+            ))
+            .py_err(py);
+        }
         // SAFETY: validated CUDA tensors of the right shape; the caller keeps them alive until
         // the stream has run the copy.
         unsafe {
