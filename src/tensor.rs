@@ -132,7 +132,9 @@ impl Tensor3 {
         let dev = t.device();
         let device = match dev.device_type {
             DLDeviceType::CPU | DLDeviceType::CUDAHOST => Device::Cpu,
-            DLDeviceType::CUDA => Device::Cuda(dev.device_id as usize),
+            DLDeviceType::CUDA => Device::Cuda(usize::try_from(dev.device_id).map_err(|_| {
+                Error::type_(arg, format!("invalid CUDA device id {}", dev.device_id))
+            })?),
             other => {
                 return Err(Error::type_(
                     arg,
@@ -159,8 +161,37 @@ impl Tensor3 {
                 ))
             }
         };
-        let shape = t.shape();
-        if shape.len() != 3 {
+        let strides = t
+            .strides_or_compact()
+            .map_err(|e| Error::value(arg, format!("bad strides: {e}")))?;
+        Self::new(
+            arg,
+            t.data_ptr() as *mut u8,
+            t.byte_offset(),
+            device,
+            dtype,
+            t.shape(),
+            &strides,
+            writable,
+        )
+    }
+
+    /// Validates the layout a producer described: three dimensions, sizes and strides
+    /// non-negative, stride 1 on the last, every element address (`base + byte_offset +
+    /// index * size`) representable without overflow, and (when `writable`) no two elements
+    /// at one address. The memory itself is not touched.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        arg: &str,
+        base: *mut u8,
+        byte_offset: u64,
+        device: Device,
+        dtype: DType,
+        shape: &[i64],
+        strides: &[i64],
+        writable: bool,
+    ) -> Result<Self> {
+        if shape.len() != 3 || strides.len() != 3 {
             return Err(Error::value(
                 arg,
                 format!(
@@ -169,16 +200,19 @@ impl Tensor3 {
                 ),
             ));
         }
-        let strides = t
-            .strides_or_compact()
-            .map_err(|e| Error::value(arg, format!("bad strides: {e}")))?;
         let mut s = [0usize; 3];
         let mut d = [0usize; 3];
         for i in 0..3 {
             d[i] = usize::try_from(shape[i])
                 .map_err(|_| Error::value(arg, format!("negative size in shape {shape:?}")))?;
             s[i] = usize::try_from(strides[i]).map_err(|_| {
-                Error::value(arg, format!("negative stride in strides {strides:?}"))
+                Error::value(
+                    arg,
+                    format!(
+                        "negative stride in strides {strides:?}; call .contiguous() first \
+                         (flipped views are not supported)"
+                    ),
+                )
             })?;
         }
         if d[2] > 1 && s[2] != 1 {
@@ -191,10 +225,39 @@ impl Tensor3 {
             ));
         }
         s[2] = 1;
+        let too_big = || {
+            Error::value(
+                arg,
+                format!(
+                    "shape {shape:?} with strides {strides:?} spans more memory than can be \
+                     addressed"
+                ),
+            )
+        };
+        // Every count the core and the kernels derive from the layout (elements, the span,
+        // its bytes, the end address) is checked here once, so later arithmetic cannot wrap.
+        d.iter()
+            .try_fold(1usize, |n, &x| n.checked_mul(x))
+            .ok_or_else(too_big)?;
+        let mut span = 1usize;
+        if !d.contains(&0) {
+            for i in 0..3 {
+                span = (d[i] - 1)
+                    .checked_mul(s[i])
+                    .and_then(|x| x.checked_add(span))
+                    .ok_or_else(too_big)?;
+            }
+        }
+        let offset = usize::try_from(byte_offset).map_err(|_| too_big())?;
+        let start = (base as usize).checked_add(offset).ok_or_else(too_big)?;
+        span.checked_mul(dtype.size())
+            .and_then(|bytes| bytes.checked_add(start))
+            .filter(|&end| end <= isize::MAX as usize)
+            .ok_or_else(too_big)?;
         let t3 = Tensor3 {
-            // SAFETY: adding the producer's byte offset to its base pointer stays inside the
-            // producer's allocation, per the DLPack contract.
-            ptr: unsafe { (t.data_ptr() as *mut u8).add(t.byte_offset() as usize) },
+            // The producer's base plus its byte offset: inside its allocation per the DLPack
+            // contract (no overflow: checked above); only dereferenced through the views.
+            ptr: base.wrapping_add(offset),
             device,
             dtype,
             shape: d,
@@ -283,11 +346,78 @@ impl Tensor3 {
                 ),
             ));
         }
+        // The kernels count rows in `int` and step by `long long` strides.
+        for i in 0..2 {
+            if i32::try_from(self.shape[i]).is_err() || i64::try_from(self.strides[i]).is_err() {
+                return Err(Error::value(
+                    arg,
+                    format!(
+                        "shape {:?} (strides {:?}) exceeds the GPU kernels' limit of {} rows \
+                         per dimension",
+                        self.shape,
+                        self.strides,
+                        i32::MAX
+                    ),
+                ));
+            }
+        }
         Ok(DevTensor {
             ptr: self.ptr as u64,
             s0: self.strides[0] as i64,
             s1: self.strides[1] as i64,
         })
+    }
+
+    /// Checks that the tensor may be written: the producer did not mark it read-only
+    /// (`read_only_flag`, DLPack's `READ_ONLY`), and on the CPU every page its elements
+    /// touch is writable memory (a read-only `mmap`, as under `np.memmap(mode="r")` seen
+    /// through `torch.from_numpy`, carries no flag; writing it would kill the process).
+    /// The probe writes each probed byte's own value back, through the kernel, which
+    /// reports a fault as an error instead of a signal.
+    pub fn check_writable(&self, arg: &str, read_only_flag: bool) -> Result<()> {
+        let read_only = || {
+            Error::value(
+                arg,
+                "is read-only memory (a read-only numpy array or memmap, or a tensor made from \
+                 an immutable buffer); pass a writable tensor, e.g. torch.empty_like(...)",
+            )
+        };
+        if read_only_flag {
+            return Err(read_only());
+        }
+        if self.device != Device::Cpu || self.span() == 0 {
+            return Ok(());
+        }
+        match writable_pages(&self.probe_addresses()) {
+            Some(false) => Err(read_only()),
+            _ => Ok(()),
+        }
+    }
+
+    /// One address of an element of the tensor in every page its elements touch.
+    fn probe_addresses(&self) -> Vec<usize> {
+        const PAGE: usize = 4096;
+        let es = self.dtype.size();
+        let row_bytes = self.shape[2] * es;
+        let base = self.ptr as usize;
+        let mut out: Vec<usize> = Vec::new();
+        for i0 in 0..self.shape[0] {
+            for i1 in 0..self.shape[1] {
+                let a = base + (i0 * self.strides[0] + i1 * self.strides[1]) * es;
+                let last = a + row_bytes - 1;
+                // The row's first byte, then the first byte of every later page it reaches.
+                let mut p = a;
+                while p <= last {
+                    if out.last().is_none_or(|&q| q / PAGE != p / PAGE) {
+                        out.push(p);
+                    }
+                    p = (p / PAGE + 1) * PAGE;
+                }
+            }
+        }
+        out.sort_unstable_by_key(|&p| p / PAGE);
+        out.dedup_by_key(|p| *p / PAGE);
+        out
     }
 
     /// The address of element `[0, 0, 0]`.
@@ -392,6 +522,61 @@ impl Tensor3 {
     }
 }
 
+/// Whether every byte at `addrs` can be written: `Some(false)` if one cannot, `None` where
+/// the probe is unavailable (not Linux, or the system call is not permitted).
+#[cfg(target_os = "linux")]
+fn writable_pages(addrs: &[usize]) -> Option<bool> {
+    // SAFETY: `getpid` has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let mut bytes = vec![0u8; addrs.len()];
+    for (chunk, buf) in addrs.chunks(1024).zip(bytes.chunks_mut(1024)) {
+        let local: Vec<libc::iovec> = buf
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b as *mut u8 as *mut libc::c_void,
+                iov_len: 1,
+            })
+            .collect();
+        let remote: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|&a| libc::iovec {
+                iov_base: a as *mut libc::c_void,
+                iov_len: 1,
+            })
+            .collect();
+        let n = chunk.len() as libc::c_ulong;
+        // SAFETY: `process_vm_readv` (then `process_vm_writev`) on our own process copy between the
+        // iovecs through the kernel, which checks every remote page's protection and returns
+        // a short count (or EFAULT) instead of faulting. Local iovecs point into `buf`. The
+        // write puts back the bytes just read, into elements of an output the caller is about
+        // to overwrite, so no value anyone reads changes.
+        let read = unsafe { libc::process_vm_readv(pid, local.as_ptr(), n, remote.as_ptr(), n, 0) };
+        let done = if read == chunk.len() as isize {
+            // SAFETY: as above.
+            unsafe { libc::process_vm_writev(pid, local.as_ptr(), n, remote.as_ptr(), n, 0) }
+        } else {
+            read
+        };
+        if done < 0 {
+            return match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EFAULT) => Some(false),
+                // ENOSYS, EPERM (a seccomp filter): no probe here.
+                _ => None,
+            };
+        }
+        if done != chunk.len() as isize {
+            // A short count: the kernel stopped at a page it cannot read or write.
+            return Some(false);
+        }
+    }
+    Some(true)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn writable_pages(_addrs: &[usize]) -> Option<bool> {
+    None
+}
+
 /// A typed, strided, read-only `[d0, d1, d2]` view with stride 1 on the last dimension.
 #[derive(Clone, Copy, Debug)]
 pub struct View3<'a, E> {
@@ -491,3 +676,7 @@ macro_rules! with_element {
         }
     };
 }
+
+#[cfg(test)]
+#[path = "../tests/rust/tensor.rs"]
+mod tests;

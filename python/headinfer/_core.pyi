@@ -5,6 +5,11 @@ validated once, on entry: device, dtype, shape and strides; a wrong one raises `
 or ``TypeError`` naming the argument. The last dimension (``head_dim``) must have stride 1;
 other strides are free, so views such as ``x[0]`` or ``x.transpose(0, 1)`` need no copy.
 CUDA tensors need rows that start on 16-byte boundaries (the kernels load 16 bytes at a time).
+Outputs must be writable memory (a read-only array, memmap or DLPack export raises
+``ValueError``) and share no memory with the inputs or each other. A tensor that requires grad
+raises ``HeadInferError`` (the op is not differentiable: run under ``torch.no_grad()``); a lazily
+negated view (``is_neg()``) raises ``TypeError``. Each tensor's storage is held until the call
+returns, so another thread swapping it (``set_``) cannot free memory under the op.
 
 ``stream`` arguments are raw CUDA stream handles (``torch.cuda.current_stream().cuda_stream``);
 work on CUDA tensors is queued on that stream and the call returns without waiting. ``None``

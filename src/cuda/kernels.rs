@@ -98,6 +98,22 @@ pub struct AttendLaunch {
     pub window: Option<usize>,
 }
 
+/// Largest `int` kernel argument, and the driver's grid limits (x; y and z).
+const INT_MAX: usize = i32::MAX as usize;
+const GRID_YZ_MAX: usize = 65535;
+
+/// Checks a size a launch passes as `int` or as a grid dimension, so the `as` casts at the
+/// launch sites below are lossless; `arg` names the argument it came from.
+fn fits(arg: &str, what: &str, v: usize, max: usize) -> Result<()> {
+    if v > max {
+        return Err(Error::value(
+            arg,
+            format!("{what} is {v}, beyond the GPU kernels' limit of {max}"),
+        ));
+    }
+    Ok(())
+}
+
 /// PTX of `kernels/attention.cu` for `dtype`, `head_dim` and compute capability
 /// `major.minor`. Needs NVRTC only (no GPU), so it is tested on machines without one.
 pub fn compile_ptx(dtype: DType, head_dim: usize, major: i32, minor: i32) -> Result<String> {
@@ -247,6 +263,20 @@ impl Kernels {
             .clamp(1, 65535);
         let keys_per_split = keys.div_ceil(splits) as i64;
         let total_rows = num_q_heads * a.q_len;
+        fits(
+            "query",
+            "query rows per kv head (group * q_len)",
+            rows,
+            INT_MAX,
+        )?;
+        fits("query", "query rows in all", total_rows, INT_MAX)?;
+        fits("query", "row groups per kv head", row_groups, GRID_YZ_MAX)?;
+        fits(
+            "num_kv_heads",
+            "the number of kv heads",
+            a.num_kv_heads,
+            GRID_YZ_MAX,
+        )?;
         let o_bytes = total_rows * splits * d * 4;
         let ml_bytes = total_rows * splits * 2 * 4;
         // SAFETY: stream-ordered allocation on the caller's stream, freed by `attend_merge`.
@@ -346,6 +376,11 @@ impl Kernels {
         if total == 0 {
             return Ok(());
         }
+        fits("key", "kv heads", heads, INT_MAX)?;
+        fits("key", "tokens in one append", n, INT_MAX)?;
+        fits("key", "thread blocks", total.div_ceil(256), INT_MAX)?;
+        fits("max_len", "blocks per head", max_blocks, INT_MAX)?;
+        fits("block_size", "tokens per block", block_size, INT_MAX)?;
         let (h, nn) = (heads as i32, n as i32);
         let p0 = pos0 as i64;
         let (mb, bs) = (max_blocks as i32, block_size as i32);
@@ -381,6 +416,16 @@ impl Kernels {
         if total == 0 {
             return Ok(());
         }
+        fits(
+            "head_start",
+            "the last kv head",
+            h0.saturating_add(heads),
+            INT_MAX,
+        )?;
+        fits("end", "tokens in one gather", n, INT_MAX)?;
+        fits("key_out", "thread blocks", total.div_ceil(256), INT_MAX)?;
+        fits("max_len", "blocks per head", max_blocks, INT_MAX)?;
+        fits("block_size", "tokens per block", block_size, INT_MAX)?;
         let (mb, bs) = (max_blocks as i32, block_size as i32);
         let (hh0, hh) = (h0 as i32, heads as i32);
         let aa = a as i64;

@@ -71,6 +71,19 @@ impl PyKvStore {
     }
 }
 
+/// A zeroed host buffer of `n` elements; `OutOfHostMemory` instead of an abort when the
+/// allocation fails.
+fn host_vec<E: crate::tensor::Element>(n: usize) -> crate::Result<Vec<E>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::OutOfHostMemory {
+        what: "a buffer for reading the KV cache".into(),
+        needed: n.saturating_mul(std::mem::size_of::<E>()),
+        available: crate::cpu::memory::available_bytes().unwrap_or(0),
+    })?;
+    v.resize(n, E::default());
+    Ok(v)
+}
+
 #[pymethods]
 impl PyKvStore {
     #[new]
@@ -90,17 +103,30 @@ impl PyKvStore {
         max_len: Option<usize>,
         cpu_heads: usize,
     ) -> PyResult<Self> {
-        let cfg = StoreConfig {
+        let cuda = match device {
+            None => None,
+            Some(ordinal) => Some(CudaConfig {
+                ordinal,
+                device_budget,
+                max_len: max_len
+                    .ok_or_else(|| Error::value("max_len", "is required with a device"))
+                    .py_err(py)?,
+            }),
+        };
+        let mut cfg = StoreConfig {
             num_layers,
             num_kv_heads,
             head_dim,
             dtype: DType::parse("dtype", dtype).py_err(py)?,
             block_size,
-            windows: windows.unwrap_or_else(|| vec![None; num_layers]),
+            windows: Vec::new(),
             host_memory_limit,
         };
+        // Sizes first: the default windows below are one entry per layer.
+        cfg.check_sizes(cuda.as_ref()).py_err(py)?;
+        cfg.windows = windows.unwrap_or_else(|| vec![None; num_layers]);
         SharePolicy::check(cpu_heads, num_kv_heads).py_err(py)?;
-        let inner = match device {
+        let inner = match cuda {
             None => {
                 if cpu_heads > 0 {
                     return Err(Error::value(
@@ -111,16 +137,7 @@ impl PyKvStore {
                 }
                 Inner::Cpu(Box::new(CpuStore::new(cfg).py_err(py)?))
             }
-            Some(ordinal) => {
-                let cuda = CudaConfig {
-                    ordinal,
-                    device_budget,
-                    max_len: max_len
-                        .ok_or_else(|| Error::value("max_len", "is required with a device"))
-                        .py_err(py)?,
-                };
-                Inner::Cuda(Box::new(CudaStore::new(cfg, cuda).py_err(py)?))
-            }
+            Some(cuda) => Inner::Cuda(Box::new(CudaStore::new(cfg, cuda).py_err(py)?)),
         };
         Ok(PyKvStore {
             inner,
@@ -287,8 +304,9 @@ impl PyKvStore {
         with_element!(cfg.dtype, E => {
             let d = cfg.head_dim;
             let (heads, n) = (cfg.num_kv_heads, end.saturating_sub(start));
-            let mut kbuf = vec![E::default(); heads * n * d];
-            let mut vbuf = vec![E::default(); heads * n * d];
+            // Sized like the validated outputs, so no overflow; the allocation may still fail.
+            let mut kbuf = host_vec::<E>(heads * n * d).py_err(py)?;
+            let mut vbuf = host_vec::<E>(heads * n * d).py_err(py)?;
             store
                 .read::<E>(layer, start, end, |h, i, k, v| {
                     kbuf[(h * n + i) * d..][..d].copy_from_slice(k);

@@ -1,5 +1,6 @@
 //! Tensor arguments from Python: imported through DLPack and validated once.
 
+use super::errors::HeadInferError;
 use super::errors::IntoPyResult;
 use crate::cuda::Stream;
 use crate::tensor::Tensor3;
@@ -7,13 +8,19 @@ use cudarc::driver::{result as cu, sys};
 use dlpark::ffi::{DLDevice, DLDeviceType};
 use dlpark::python::consumer::stream::{self as dlstream, DlpackStream, StreamArg};
 use dlpark::python::consumer::{from_dlpack, ImportedDlpack};
+use dlpark::DlpackFlags;
 use pyo3::exceptions::PyTypeError;
+use pyo3::intern;
 use pyo3::prelude::*;
 
-/// A validated 3-d tensor argument and the DLPack capsule that keeps its memory alive.
+/// A validated 3-d tensor argument, the DLPack capsule it came from and, for a torch tensor,
+/// its storage: held until the call returns, so that another thread's `set_` (or anything
+/// else that swaps the tensor's storage) while the GIL is released cannot free the memory
+/// under the op. (torch's DLPack export references the tensor, not its storage.)
 pub struct TensorArg {
     pub t: Tensor3,
     _owner: ImportedDlpack,
+    _storage: Option<Py<PyAny>>,
 }
 
 /// The consumer stream we hand to `__dlpack__`: CUDA tensors are then ordered on it (torch
@@ -80,6 +87,7 @@ impl TensorArg {
         stream: Stream,
     ) -> PyResult<Self> {
         let py = obj.py();
+        let storage = torch_checks(obj, arg)?;
         let consumer = ConsumerStream(stream);
         let owner = from_dlpack(obj.as_borrowed(), Some(&consumer), None).map_err(|e| {
             PyTypeError::new_err(format!(
@@ -94,8 +102,47 @@ impl TensorArg {
             .validate()
             .map_err(|e| PyTypeError::new_err(format!("{arg}: invalid DLPack tensor: {e}")))?;
         let t = Tensor3::from_dlpack(arg, &view, writable).py_err(py)?;
-        Ok(TensorArg { t, _owner: owner })
+        if writable {
+            t.check_writable(arg, owner.flags().contains(DlpackFlags::READ_ONLY))
+                .py_err(py)?;
+        }
+        Ok(TensorArg {
+            t,
+            _owner: owner,
+            _storage: storage,
+        })
     }
+}
+
+/// What torch's own `Tensor.__dlpack__` refuses, and the C exchange path (which dlpark takes,
+/// bypassing `__dlpack__`) does not check: a tensor that requires grad (the op is not
+/// differentiable: its gradient would silently be missing) and a lazily negated view (its
+/// negation would be dropped). Returns the tensor's storage, to hold for the call; `None`
+/// for objects that are not torch tensors.
+fn torch_checks(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Option<Py<PyAny>>> {
+    let py = obj.py();
+    let Ok(requires_grad) = obj.getattr(intern!(py, "requires_grad")) else {
+        return Ok(None);
+    };
+    if requires_grad.is_truthy()? {
+        return Err(HeadInferError::new_err(format!(
+            "{arg}: the tensor requires grad, but headinfer's attention is not differentiable \
+             (training is not supported): run the model under torch.no_grad() or \
+             torch.inference_mode(), or pass {arg}.detach()"
+        )));
+    }
+    if let Ok(is_neg) = obj.call_method0(intern!(py, "is_neg")) {
+        if is_neg.is_truthy()? {
+            return Err(PyTypeError::new_err(format!(
+                "{arg}: the tensor is a lazily negated view (is_neg() is True); call \
+                 .resolve_neg() first"
+            )));
+        }
+    }
+    Ok(obj
+        .call_method0(intern!(py, "untyped_storage"))
+        .ok()
+        .map(Bound::unbind))
 }
 
 /// The stream argument of a call: torch's `cuda_stream` handle, or the default stream.

@@ -1,7 +1,10 @@
 //! The shape and policy of a store.
 
+use super::pool::Block;
+use crate::cpu::memory;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
+use std::collections::VecDeque;
 
 /// The shape of a store and its host memory limit.
 #[derive(Clone, Debug)]
@@ -29,7 +32,11 @@ pub struct CudaConfig {
 }
 
 impl StoreConfig {
-    pub(super) fn validate(&self) -> Result<()> {
+    /// Checks that the sizes are non-zero and that everything derived from them fits: a
+    /// block's bytes (one allocation), a block for every (layer, kv head), the per-head
+    /// bookkeeping (against the host's memory), and with `cuda` the block table and the
+    /// kernels' `int` arguments. Errors name the argument; nothing later can overflow.
+    pub fn check_sizes(&self, cuda: Option<&CudaConfig>) -> Result<()> {
         for (name, v) in [
             ("num_layers", self.num_layers),
             ("num_kv_heads", self.num_kv_heads),
@@ -40,20 +47,79 @@ impl StoreConfig {
                 return Err(Error::value(name, "must be at least 1"));
             }
         }
-        let block = self
-            .block_size
+        let (layers, heads, bs) = (self.num_layers, self.num_kv_heads, self.block_size);
+        // Keys and values of a block, both, as one `Layout` may hold.
+        let pair = bs
             .checked_mul(self.head_dim)
             .and_then(|n| n.checked_mul(2 * self.dtype.size()))
-            .filter(|&b| b <= isize::MAX as usize);
-        if block.is_none() {
-            return Err(Error::value(
-                "block_size",
-                format!(
-                    "{} tokens of head_dim {} make a block too large to allocate",
-                    self.block_size, self.head_dim
-                ),
-            ));
+            .filter(|&b| b <= isize::MAX as usize)
+            .ok_or_else(|| {
+                Error::value(
+                    "block_size",
+                    format!(
+                        "{bs} tokens of head_dim {} make a block too large to allocate",
+                        self.head_dim
+                    ),
+                )
+            })?;
+        let per_head = std::mem::size_of::<VecDeque<Block>>();
+        let bookkeeping = layers
+            .checked_mul(heads)
+            .filter(|n| n.checked_mul(pair).is_some())
+            .and_then(|n| n.checked_mul(per_head))
+            .ok_or_else(|| {
+                Error::value(
+                    "num_kv_heads",
+                    format!("{layers} layers x {heads} kv heads overflow the store's sizes"),
+                )
+            })?;
+        let available = memory::available_bytes().unwrap_or(usize::MAX);
+        if bookkeeping > available {
+            return Err(Error::OutOfHostMemory {
+                what: format!("the block lists of {layers} layers x {heads} kv heads"),
+                needed: bookkeeping,
+                available,
+            });
         }
+        if let Some(c) = cuda {
+            if c.max_len == 0 {
+                return Err(Error::value("max_len", "must be at least 1"));
+            }
+            let max_blocks = c.max_len.div_ceil(bs);
+            if i32::try_from(bs).is_err() || i32::try_from(max_blocks).is_err() {
+                return Err(Error::value(
+                    "max_len",
+                    format!(
+                        "{} (blocks of {bs} tokens) exceeds the GPU kernels' limit of {} \
+                         blocks of at most {} tokens",
+                        c.max_len,
+                        i32::MAX,
+                        i32::MAX
+                    ),
+                ));
+            }
+            layers
+                .checked_mul(heads)
+                .and_then(|n| n.checked_mul(max_blocks))
+                .and_then(|n| n.checked_mul(16))
+                .filter(|&b| b <= isize::MAX as usize)
+                .ok_or_else(|| {
+                    Error::value(
+                        "max_len",
+                        format!(
+                            "{}: the block table for {layers} layers x {heads} kv heads would \
+                             be too large",
+                            c.max_len
+                        ),
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    /// `check_sizes`, then the windows: one per layer, none of zero tokens.
+    pub(super) fn validate(&self, cuda: Option<&CudaConfig>) -> Result<()> {
+        self.check_sizes(cuda)?;
         if self.windows.len() != self.num_layers {
             return Err(Error::value(
                 "windows",

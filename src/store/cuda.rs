@@ -51,10 +51,7 @@ impl CudaStore {
     /// An empty CUDA store on device `cuda.ordinal`; takes no block memory until the first
     /// append (the block table is pinned at once).
     pub fn new(cfg: StoreConfig, cuda: CudaConfig) -> Result<Self> {
-        cfg.validate()?;
-        if cuda.max_len == 0 {
-            return Err(Error::value("max_len", "must be at least 1"));
-        }
+        cfg.validate(Some(&cuda))?;
         let gpu = crate::cuda::gpu(cuda.ordinal)?;
         let kernels = gpu.kernels(cfg.dtype, cfg.head_dim)?;
         let max_blocks = cuda.max_len.div_ceil(cfg.block_size);

@@ -76,7 +76,7 @@ pub type CudaStore = KvStore<Cuda>;
 impl CpuStore {
     /// An empty CPU store; takes no memory until the first append.
     pub fn new(cfg: StoreConfig) -> Result<Self> {
-        cfg.validate()?;
+        cfg.validate(None)?;
         let n = cfg.block_bytes();
         KvStore::assemble(
             cfg,
