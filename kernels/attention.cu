@@ -246,22 +246,26 @@ attend_partial(const T* __restrict__ q, long long q_s0, long long q_s1, int q_le
 //   extra_o [extra_rows, HEAD_DIM] f32, extra_lse [extra_rows] f32 (rows = q head * q_len + i),
 //   in mapped pinned memory the CPU wrote just before the stream was let through: volatile
 //   loads, so no cached copy of an earlier step's rows is ever used.
+//   sinks [num_q_heads] f32 or 0: a learned logit per q head (gpt-oss) with no value, which
+//   joins the denominator of every row of that head; here, once per row, whatever the splits.
 // grid (num_q_heads * q_len), block HEAD_DIM (at most 1024).
 extern "C" __global__ void merge_partials(const float* __restrict__ o_part,
                                           const float* __restrict__ ml_part, int splits,
                                           int q_len, T* out, long long o_s0, long long o_s1,
                                           const volatile float* extra_o,
-                                          const volatile float* extra_lse, int extra_rows) {
+                                          const volatile float* extra_lse, int extra_rows,
+                                          const float* __restrict__ sinks) {
     const long long row = blockIdx.x;
     const int d = threadIdx.x;
     const bool extra = row < extra_rows;
     const float e_lse = extra ? extra_lse[row] : NEG_INF;
-    float M = e_lse;
+    const float sink = sinks ? sinks[row / q_len] : NEG_INF;
+    float M = fmaxf(e_lse, sink);
     for (int s = 0; s < splits; s++) M = fmaxf(M, ml_part[(row * splits + s) * 2]);
-    float L = 0.f, O = 0.f;
+    float L = sink != NEG_INF ? __expf(sink - M) : 0.f, O = 0.f;
     if (extra && e_lse != NEG_INF) {
         float w = __expf(e_lse - M);
-        L = w;
+        L += w;
         O = extra_o[row * HEAD_DIM + d] * w;
     }
     for (int s = 0; s < splits; s++) {

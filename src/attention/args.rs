@@ -74,7 +74,24 @@ pub fn check_shapes(
     Ok(())
 }
 
-/// Validates one GPU launch and works out the first key any query reads.
+/// Checks the sink logits of a call against its `num_q_heads` query heads.
+pub fn check_sinks(sinks: Option<&[f32]>, num_q_heads: usize) -> Result<()> {
+    match sinks {
+        Some(s) if s.len() != num_q_heads => Err(Error::value(
+            "sinks",
+            format!(
+                "expected one sink logit per query head ({num_q_heads}), got {}",
+                s.len()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Validates one GPU launch and works out the first key any query reads. `sinks` is the
+/// device address of the learned sink logits (`[num_q_heads]` f32, gpt-oss), if any: one
+/// extra logit per row that joins each softmax's denominator, folded in once, by the final
+/// merge.
 pub fn launch(
     num_q_heads: usize,
     q_len: usize,
@@ -82,6 +99,7 @@ pub fn launch(
     len: usize,
     start: usize,
     params: &Params,
+    sinks: Option<u64>,
 ) -> Result<AttendLaunch> {
     check_shapes(num_q_heads, q_len, num_kv_heads, len, start, params)?;
     let first = len - q_len;
@@ -98,5 +116,6 @@ pub fn launch(
         scale: params.scale,
         softcap: params.softcap,
         window: params.window,
+        sinks: sinks.unwrap_or(0),
     })
 }

@@ -8,7 +8,7 @@
 //! that leaves cores idle (decode), over key ranges whose partial results merge by
 //! log-sum-exp. The caller releases the GIL around `attend`.
 
-use super::args::{check_shapes, Params};
+use super::args::{check_shapes, check_sinks, Params};
 use crate::cpu::math::{exp_tile, softcap_tile, TK};
 use crate::error::{Error, Result};
 use crate::store::view::{KvSource, Segment};
@@ -68,24 +68,32 @@ impl<E: Element> KvSource<E> for DenseKv<'_, E> {
 
 /// Attention of `query` (`[num_q_heads, q_len, head_dim]`) over every key of `kv`.
 ///
-/// Query `i` sits at position `kv.len() - q_len + i`. Returns the output as row-major
-/// `[num_q_heads, q_len, head_dim]` f32.
+/// Query `i` sits at position `kv.len() - q_len + i`. `sinks` (`[num_q_heads]`, gpt-oss's
+/// learned sink logits) adds `exp(sinks[h])` to every softmax denominator of query head `h`
+/// (a logit with no value). Returns the output as row-major `[num_q_heads, q_len, head_dim]`
+/// f32.
 pub fn attend<E: Element, S: KvSource<E>>(
     query: View3<'_, E>,
     kv: &S,
     params: &Params,
+    sinks: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
     check(query.shape[0], query.shape[1], query.shape[2], kv, params)?;
-    Ok(attend_lse(query, kv, params)?.0)
+    check_sinks(sinks, query.shape[0])?;
+    Ok(attend_lse(query, kv, params, sinks)?.0)
 }
 
 /// As `attend`, without the argument checks (the caller made them), also returning each row's
-/// log-sum-exp (`[num_q_heads, q_len]`), so that partial results over disjoint key sets merge
-/// exactly. A row that sees no key of `kv` gets zeros and a log-sum-exp of minus infinity.
+/// log-sum-exp (`[num_q_heads, q_len]`, the sink included), so that partial results over
+/// disjoint key sets merge exactly. A row that sees no key of `kv` gets zeros and a log-sum-exp
+/// of minus infinity (of its sink, with `sinks`). The sink enters once per row, in the final
+/// merge of the row's key ranges: a caller merging partial results of its own passes `None`
+/// and folds the sink in once itself.
 pub fn attend_lse<E: Element, S: KvSource<E>>(
     query: View3<'_, E>,
     kv: &S,
     params: &Params,
+    sinks: Option<&[f32]>,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let [hq, lq, d] = query.shape;
     let hkv = kv.num_kv_heads();
@@ -148,13 +156,16 @@ pub fn attend_lse<E: Element, S: KvSource<E>>(
         }
         let rows = (q1 - q0) * g;
         for r in 0..rows {
-            let m = partials[i..j]
-                .iter()
-                .map(|p| p.m[r])
-                .fold(f32::NEG_INFINITY, f32::max);
             let (qi, gh) = (q0 + r / g, r % g);
+            // The sink: one more logit of this row, with no value (once, here).
+            let sink = sinks.map_or(f32::NEG_INFINITY, |s| s[kvh * g + gh]);
+            let m = partials[i..j].iter().map(|p| p.m[r]).fold(sink, f32::max);
             let dst = &mut out[((kvh * g + gh) * lq + qi) * d..][..d];
-            let mut l = 0f32;
+            let mut l = if sink == f32::NEG_INFINITY {
+                0f32
+            } else {
+                (sink - m).exp()
+            };
             for p in &partials[i..j] {
                 if p.m[r] == f32::NEG_INFINITY {
                     continue;
@@ -165,7 +176,7 @@ pub fn attend_lse<E: Element, S: KvSource<E>>(
                     *o += x * w;
                 }
             }
-            // l == 0 only where a share of the keys holds none this row sees.
+            // l == 0 only where a share of the keys holds none this row sees (and no sink).
             if l > 0.0 {
                 let inv = 1.0 / l;
                 dst.iter_mut().for_each(|o| *o *= inv);

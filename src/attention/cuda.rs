@@ -9,11 +9,11 @@ use crate::store::CudaStore;
 use crate::tensor::{DType, DevTensor};
 
 /// Attention of device `query` (`[num_q_heads, q_len, head_dim]`) over every key of `layer`,
-/// into `out` (same shape).
+/// into `out` (same shape); `sinks` is the device address of `[num_q_heads]` f32 sink logits.
 ///
 /// # Safety
-/// `query` and `out` must be valid device tensors of those shapes, alive until `stream` has
-/// run this work.
+/// `query` and `out` must be valid device tensors of those shapes, and `sinks` of its, alive
+/// until `stream` has run this work.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn attend(
     store: &CudaStore,
@@ -22,6 +22,7 @@ pub unsafe fn attend(
     num_q_heads: usize,
     q_len: usize,
     params: &Params,
+    sinks: Option<u64>,
     out: DevTensor,
     stream: Stream,
 ) -> Result<()> {
@@ -33,6 +34,7 @@ pub unsafe fn attend(
         view.len(),
         view.start(),
         params,
+        sinks,
     )?;
     if q_len == 0 {
         return Ok(());
@@ -56,7 +58,7 @@ pub struct DenseDev {
 }
 
 /// Attention of `query` (`[num_q_heads, q_len, head_dim]`) over dense `kv`, into `out`, on
-/// device `ordinal`.
+/// device `ordinal`; `sinks` is the device address of `[num_q_heads]` f32 sink logits.
 ///
 /// # Safety
 /// Every tensor must be valid device memory of the shapes described, alive until `stream` has
@@ -69,6 +71,7 @@ pub unsafe fn attend_dense(
     q_shape: [usize; 3],
     kv: &DenseDev,
     params: &Params,
+    sinks: Option<u64>,
     out: DevTensor,
     stream: Stream,
 ) -> Result<()> {
@@ -76,7 +79,7 @@ pub unsafe fn attend_dense(
         return Err(Error::value("value", "must have key's strides"));
     }
     let [hq, lq, d] = q_shape;
-    let launch = args::launch(hq, lq, kv.num_kv_heads, kv.kv_len, 0, params)?;
+    let launch = args::launch(hq, lq, kv.num_kv_heads, kv.kv_len, 0, params, sinks)?;
     let gpu = crate::cuda::gpu(ordinal)?;
     let kernels = gpu.kernels(dtype, d)?;
     let src = KvSrc {

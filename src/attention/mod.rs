@@ -19,11 +19,12 @@ use policy::SharePolicy;
 
 /// Attention of device `query` (`[num_q_heads, q_len, head_dim]`; `contiguous` when its rows
 /// are packed) over every key of `layer`, into `out`; `policy` decides whether the CPU takes a
-/// share of the host-resident keys.
+/// share of the host-resident keys. `sinks`: the device address of `[num_q_heads]` f32 learned
+/// sink logits (gpt-oss), folded into each row's softmax once, by the final merge.
 ///
 /// # Safety
-/// `query` and `out` must be valid device tensors of those shapes, alive until `stream` has
-/// run this work.
+/// `query` and `out` must be valid device tensors of those shapes, and `sinks` of its, alive
+/// until `stream` has run this work.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn attend_cuda(
     store: &mut CudaStore,
@@ -33,6 +34,7 @@ pub unsafe fn attend_cuda(
     q_shape: [usize; 3],
     contiguous: bool,
     params: &Params,
+    sinks: Option<u64>,
     out: DevTensor,
     stream: Stream,
 ) -> Result<()> {
@@ -45,9 +47,9 @@ pub unsafe fn attend_cuda(
     match split {
         Some(s) => crate::with_element!(store.config().dtype, E => {
             // SAFETY: forwarded from the caller.
-            unsafe { shared::attend::<E>(store, layer, query, hq, params, &s.from, out, stream) }
+            unsafe { shared::attend::<E>(store, layer, query, hq, params, sinks, &s.from, out, stream) }
         }),
         // SAFETY: forwarded from the caller.
-        None => unsafe { cuda::attend(store, layer, query, hq, lq, params, out, stream) },
+        None => unsafe { cuda::attend(store, layer, query, hq, lq, params, sinks, out, stream) },
     }
 }

@@ -87,11 +87,12 @@ struct Ptrs {
 
 /// Decode attention of `query` (`[num_q_heads, 1, head_dim]`, contiguous) over `layer` with
 /// the CPU taking `from[h]..len` of kv heads `0..from.len()`; the merged result goes to `out`
-/// (same shape). Returns once everything is queued.
+/// (same shape). `sinks` (device address of `[num_q_heads]` f32) enters the GPU's final merge
+/// only, so once per row whoever computed the keys. Returns once everything is queued.
 ///
 /// # Safety
-/// `query` and `out` must be valid device tensors of those shapes, alive until `stream` has
-/// run this work.
+/// `query` and `out` must be valid device tensors of those shapes, and `sinks` of its, alive
+/// until `stream` has run this work.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn attend<E: Element>(
     store: &mut CudaStore,
@@ -99,6 +100,7 @@ pub unsafe fn attend<E: Element>(
     query: DevTensor,
     num_q_heads: usize,
     params: &Params,
+    sinks: Option<u64>,
     from: &[usize],
     out: DevTensor,
     stream: Stream,
@@ -116,7 +118,7 @@ pub unsafe fn attend<E: Element>(
     }
     let kernels = store.kernels().clone();
     let (view, handoff) = store.view_and_handoff(layer)?;
-    let launch = args::launch(num_q_heads, 1, h, view.len(), view.start(), params)?;
+    let launch = args::launch(num_q_heads, 1, h, view.len(), view.start(), params, sinks)?;
     if from.is_empty() || from.len() > h.min(crate::cuda::kernels::MAX_CPU_HEADS) {
         return Err(Error::value("cpu_heads", "has more entries than kv heads"));
     }
@@ -195,7 +197,8 @@ fn compute<E: Element>(
     // SAFETY: the pinned query buffer holds `rows` rows, copied in full (the task waited).
     let q = unsafe { std::slice::from_raw_parts(p.q as *const E, rows * head_dim) };
     // Decode: one query per row, at the last position.
-    let (out, lse) = attend_lse(View3::contiguous(q, [rows, 1, head_dim]), kv, params)?;
+    // No sinks here: the GPU's merge folds them in, once per row.
+    let (out, lse) = attend_lse(View3::contiguous(q, [rows, 1, head_dim]), kv, params, None)?;
     // SAFETY: the pinned output buffers hold `rows` rows and `rows` values; the GPU reads
     // them only after this task publishes, and the next task of this layer starts only after
     // the GPU has passed this step's merge (its query copy is ordered after it).

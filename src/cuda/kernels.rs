@@ -72,6 +72,7 @@ pub struct Pending {
     splits: usize,
     q_len: usize,
     total_rows: usize,
+    sinks: u64,
 }
 
 /// Rows computed elsewhere (the CPU) for the first `rows` query rows, merged by `attend_merge`:
@@ -96,6 +97,9 @@ pub struct AttendLaunch {
     pub scale: f32,
     pub softcap: Option<f32>,
     pub window: Option<usize>,
+    /// Device address of `[num_q_heads]` f32 sink logits (gpt-oss), or 0: folded into each
+    /// row once, by `merge_partials`.
+    pub sinks: u64,
 }
 
 /// Largest `int` kernel argument, and the driver's grid limits (x; y and z).
@@ -313,6 +317,7 @@ impl Kernels {
             splits,
             q_len: a.q_len,
             total_rows,
+            sinks: a.sinks,
         })
     }
 
@@ -340,7 +345,7 @@ impl Kernels {
         let mut b = s.launch_builder(&self.merge_partials);
         b.arg(&p.o_part).arg(&p.ml_part).arg(&splits).arg(&q_len);
         b.arg(&out.ptr).arg(&out.s0).arg(&out.s1);
-        b.arg(&e.o).arg(&e.lse).arg(&erows);
+        b.arg(&e.o).arg(&e.lse).arg(&erows).arg(&p.sinks);
         let cfg = LaunchConfig {
             grid_dim: (p.total_rows as u32, 1, 1),
             block_dim: (self.head_dim as u32, 1, 1),

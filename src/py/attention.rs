@@ -2,7 +2,7 @@
 
 use super::errors::IntoPyResult;
 use super::stream::{device_of, resolve};
-use super::tensor::TensorArg;
+use super::tensor::{Sinks, TensorArg};
 use crate::attention::args::Params;
 use crate::attention::cpu::{attend, DenseKv};
 use crate::attention::cuda::{attend_dense, DenseDev};
@@ -56,9 +56,24 @@ pub fn same_device(arg: &str, t: &Tensor3, device: Device) -> crate::Result<()> 
     }
 }
 
+/// `same_device` for an argument that is not a `Tensor3` (the 1-d `sinks`).
+pub fn same_device_as(arg: &str, got: Device, want: Device) -> crate::Result<()> {
+    match (got, want) {
+        (Device::Cuda(g), Device::Cuda(w)) if g != w => Err(Error::value(
+            arg,
+            format!("is on cuda:{g}, the query on cuda:{w}"),
+        )),
+        _ if got != want => Err(Error::type_(
+            arg,
+            format!("is on {got:?}, expected {want:?} (the query's device)"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Attention over explicit key/value tensors; writes `out`. See `_core.pyi`.
 #[pyfunction]
-#[pyo3(signature = (query, key, value, out, scale, softcap=None, window=None, stream=None))]
+#[pyo3(signature = (query, key, value, out, scale, softcap=None, window=None, stream=None, sinks=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     py: Python<'_>,
@@ -70,12 +85,14 @@ pub fn attention(
     softcap: Option<f32>,
     window: Option<usize>,
     stream: Option<usize>,
+    sinks: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let s = resolve(py, stream, device_of(query))?;
     let q = TensorArg::import(query, "query", false, s)?;
     let k = TensorArg::import(key, "key", false, s)?;
     let v = TensorArg::import(value, "value", false, s)?;
     let o = TensorArg::import(out, "out", true, s)?;
+    let sinks = Sinks::import(sinks, q.t.shape[0], q.t.device, s)?;
     for (arg, t) in [("key", &k.t), ("value", &v.t)] {
         t.expect_dtype(arg, q.t.dtype).py_err(py)?;
         same_device(arg, t, q.t.device).py_err(py)?;
@@ -112,10 +129,11 @@ pub fn attention(
             qt.cuda_view("query").py_err(py)?,
             o.t.cuda_view("out").py_err(py)?,
         );
-        // SAFETY: all four tensors were validated as CUDA tensors of these shapes on one
-        // device; their capsules live until the call returns and torch keeps the memory until
-        // the stream has run the kernels (the caller holds the tensors).
-        return unsafe { attend_dense(ordinal, qt.dtype, qd, qt.shape, &kv, &params, od, s) }
+        let sk = Sinks::device(&sinks);
+        // SAFETY: all four tensors (and `sinks`) were validated as CUDA tensors of these shapes
+        // on one device; their capsules live until the call returns and torch keeps the memory
+        // until the stream has run the kernels (the caller holds the tensors).
+        return unsafe { attend_dense(ordinal, qt.dtype, qd, qt.shape, &kv, &params, sk, od, s) }
             .py_err(py);
     }
     let rows = py
@@ -124,7 +142,7 @@ pub fn attention(
                 // SAFETY: the three capsules stay alive in this frame until the call returns,
                 // and nothing writes the inputs meanwhile (`out` does not overlap them).
                 let (qv, kv, vv) = unsafe { (qt.view::<E>(), kt.view::<E>(), vt.view::<E>()) };
-                attend(qv, &DenseKv::new(kv, vv)?, &params)
+                attend(qv, &DenseKv::new(kv, vv)?, &params, Sinks::host(&sinks))
             })
         })
         .py_err(py)?;

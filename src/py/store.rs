@@ -7,7 +7,7 @@
 use super::attention::{check_out, finish_out};
 use super::errors::IntoPyResult;
 use super::stream::resolve;
-use super::tensor::{stream_arg, TensorArg};
+use super::tensor::{stream_arg, Sinks, TensorArg};
 use crate::attention::args::Params;
 use crate::attention::cpu::attend;
 use crate::attention::policy::SharePolicy;
@@ -323,7 +323,7 @@ impl PyKvStore {
         Ok(())
     }
 
-    #[pyo3(signature = (layer, query, out, scale, softcap=None, window=None, stream=None))]
+    #[pyo3(signature = (layer, query, out, scale, softcap=None, window=None, stream=None, sinks=None))]
     #[allow(clippy::too_many_arguments)]
     fn attend(
         &mut self,
@@ -335,11 +335,13 @@ impl PyKvStore {
         softcap: Option<f32>,
         window: Option<usize>,
         stream: Option<usize>,
+        sinks: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let s = resolve(py, stream, self.device())?;
         let q = TensorArg::import(query, "query", false, s)?;
         let o = TensorArg::import(out, "out", true, s)?;
         self.check_device("query", &q.t).py_err(py)?;
+        let sinks = Sinks::import(sinks, q.t.shape[0], q.t.device, s)?;
         let dtype = self.config().dtype;
         q.t.expect_dtype("query", dtype).py_err(py)?;
         check_out(py, &q.t, &[&q.t], &o.t)?;
@@ -369,7 +371,16 @@ impl PyKvStore {
                 // until the stream has run the kernels.
                 unsafe {
                     crate::attention::attend_cuda(
-                        store, &policy, layer, qd, q.t.shape, contiguous, &params, od, s,
+                        store,
+                        &policy,
+                        layer,
+                        qd,
+                        q.t.shape,
+                        contiguous,
+                        &params,
+                        Sinks::device(&sinks),
+                        od,
+                        s,
                     )
                 }
                 .py_err(py)
@@ -383,7 +394,7 @@ impl PyKvStore {
                             // SAFETY: the query's capsule stays alive in this frame until the
                             // call returns, and `out` does not overlap it.
                             let qv = unsafe { qt.view::<E>() };
-                            attend(qv, &store.view::<E>(layer)?, &params)
+                            attend(qv, &store.view::<E>(layer)?, &params, Sinks::host(&sinks))
                         })
                     })
                     .py_err(py)?;

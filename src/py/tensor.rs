@@ -3,9 +3,10 @@
 use super::errors::HeadInferError;
 use super::errors::IntoPyResult;
 use crate::cuda::Stream;
-use crate::tensor::Tensor3;
+use crate::error::Error;
+use crate::tensor::{Device, Tensor3};
 use cudarc::driver::{result as cu, sys};
-use dlpark::ffi::{DLDevice, DLDeviceType};
+use dlpark::ffi::{DLDataTypeCode, DLDevice, DLDeviceType};
 use dlpark::python::consumer::stream::{self as dlstream, DlpackStream, StreamArg};
 use dlpark::python::consumer::{from_dlpack, ImportedDlpack};
 use dlpark::DlpackFlags;
@@ -143,6 +144,129 @@ fn torch_checks(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Option<Py<PyAny>>
         .call_method0(intern!(py, "untyped_storage"))
         .ok()
         .map(Bound::unbind))
+}
+
+/// The validated `sinks` argument (gpt-oss's learned per-head sink logits): `[num_q_heads]`
+/// float32, contiguous, on the query's device. Host values are copied (a few floats); device
+/// ones are passed by address, kept alive by the caller like every other CUDA argument.
+pub enum Sinks {
+    Host(Vec<f32>),
+    Device(u64),
+}
+
+impl Sinks {
+    /// Imports the optional `sinks` argument of a call whose query has `num_q_heads` heads and
+    /// lies on `device`; CUDA tensors are ordered on `stream`.
+    pub fn import(
+        obj: Option<&Bound<'_, PyAny>>,
+        num_q_heads: usize,
+        device: Device,
+        stream: Stream,
+    ) -> PyResult<Option<Self>> {
+        let Some(obj) = obj.filter(|o| !o.is_none()) else {
+            return Ok(None);
+        };
+        let py = obj.py();
+        let consumer = ConsumerStream(stream);
+        let owner = from_dlpack(obj.as_borrowed(), Some(&consumer), None).map_err(|e| {
+            PyTypeError::new_err(format!(
+                "sinks: expected a float32 tensor that supports DLPack (a torch.Tensor), got \
+                 {} ({e})",
+                obj.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))
+        })?;
+        let t = owner
+            .validate()
+            .map_err(|e| PyTypeError::new_err(format!("sinks: invalid DLPack tensor: {e}")))?;
+        let dev = t.device();
+        let got = match dev.device_type {
+            DLDeviceType::CPU | DLDeviceType::CUDAHOST => Device::Cpu,
+            DLDeviceType::CUDA => Device::Cuda(dev.device_id as usize),
+            other => {
+                return Err(Error::type_(
+                    "sinks",
+                    format!(
+                        "tensor is on DLPack device type {}; expected {device:?}",
+                        other.0
+                    ),
+                ))
+                .py_err(py)
+            }
+        };
+        super::attention::same_device_as("sinks", got, device).py_err(py)?;
+        let dt = t.dtype();
+        if (dt.code, dt.bits, dt.lanes) != (DLDataTypeCode::FLOAT, 32, 1) {
+            return Err(Error::type_(
+                "sinks",
+                format!(
+                    "must be float32 (DLPack code {}, {} bits, {} lanes given); convert with \
+                     .float()",
+                    dt.code.0, dt.bits, dt.lanes
+                ),
+            ))
+            .py_err(py);
+        }
+        let shape = t.shape();
+        if shape != [num_q_heads as i64] {
+            return Err(Error::value(
+                "sinks",
+                format!("expected shape [num_q_heads] = [{num_q_heads}], got {shape:?}"),
+            ))
+            .py_err(py);
+        }
+        let strides = t
+            .strides_or_compact()
+            .map_err(|e| Error::value("sinks", format!("bad strides: {e}")))
+            .py_err(py)?;
+        if num_q_heads > 1 && strides[0] != 1 {
+            return Err(Error::value(
+                "sinks",
+                format!(
+                    "must be contiguous, got stride {}; call .contiguous()",
+                    strides[0]
+                ),
+            ))
+            .py_err(py);
+        }
+        // The producer's base plus its byte offset stays inside its allocation (DLPack).
+        let addr = t.data_ptr() as usize + t.byte_offset() as usize;
+        if !addr.is_multiple_of(4) {
+            return Err(Error::value("sinks", "is not 4-byte aligned")).py_err(py);
+        }
+        Ok(Some(match got {
+            Device::Cpu => {
+                let vals = if num_q_heads == 0 {
+                    Vec::new()
+                } else {
+                    // SAFETY: a CPU float32 tensor of `num_q_heads` contiguous, aligned
+                    // elements at `addr` (checked above), alive while `owner` is, which
+                    // outlives this copy.
+                    unsafe { std::slice::from_raw_parts(addr as *const f32, num_q_heads) }.to_vec()
+                };
+                Sinks::Host(vals)
+            }
+            Device::Cuda(_) => Sinks::Device(addr as u64),
+        }))
+    }
+
+    /// The host values, for the CPU op (`None` for device sinks).
+    pub fn host(sinks: &Option<Sinks>) -> Option<&[f32]> {
+        match sinks {
+            Some(Sinks::Host(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The device address, for the GPU kernels (`None` for host sinks).
+    pub fn device(sinks: &Option<Sinks>) -> Option<u64> {
+        match sinks {
+            Some(Sinks::Device(a)) => Some(*a),
+            _ => None,
+        }
+    }
 }
 
 /// The stream argument of a call: torch's `cuda_stream` handle, or the default stream.

@@ -26,7 +26,9 @@ impl Rng {
 }
 
 /// Naive attention in f64: q `[hq, lq, d]`, k and v `[hkv, lk, d]`, all row-major.
-/// Query i sits at position `lk - lq + i`.
+/// Query i sits at position `lk - lq + i`. `sinks` (`[hq]`): gpt-oss's extra logit per head
+/// in every softmax, with no value (as transformers' eager attention: concatenated to the
+/// scores, softmaxed, dropped).
 #[allow(clippy::too_many_arguments)]
 pub fn reference(
     q: &[f64],
@@ -38,6 +40,7 @@ pub fn reference(
     scale: f64,
     softcap: Option<f64>,
     window: Option<usize>,
+    sinks: Option<&[f64]>,
 ) -> Vec<f64> {
     let g = hq / hkv;
     let mut out = vec![0f64; hq * lq * d];
@@ -54,9 +57,10 @@ pub fn reference(
                     softcap.map_or(s, |c| c * (s / c).tanh())
                 })
                 .collect();
-            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sink = sinks.map_or(f64::NEG_INFINITY, |s| s[h]);
+            let m = scores.iter().cloned().fold(sink, f64::max);
             let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-            let z: f64 = w.iter().sum();
+            let z: f64 = w.iter().sum::<f64>() + (sink - m).exp();
             let o = &mut out[(h * lq + i) * d..][..d];
             for (j, wj) in (lo..=pos).zip(&w) {
                 let vj = &v[(kh * lk + j) * d..][..d];

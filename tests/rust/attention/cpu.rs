@@ -14,6 +14,7 @@ struct Case {
     past: usize,
     window: Option<usize>,
     softcap: Option<f32>,
+    sinks: bool,
 }
 
 fn run_case<E: Element>(c: &Case, seed: u64, tol: f64) {
@@ -25,6 +26,12 @@ fn run_case<E: Element>(c: &Case, seed: u64, tol: f64) {
     let v = round(rng.vec(c.hkv * lk * c.d, 1.0));
     let f64s = |x: &[E]| -> Vec<f64> { x.iter().map(|y| y.to_f32() as f64).collect() };
     let scale = 1.0 / (c.d as f32).sqrt();
+    // Sink logits of the scores' size, so that they matter (gpt-oss's are learned, O(1)).
+    let sinks: Option<Vec<f32>> = c.sinks.then(|| rng.vec(hq, 3.0));
+    let sinks64: Option<Vec<f64>> = sinks
+        .as_ref()
+        .map(|s| s.iter().map(|&x| x as f64).collect());
+    let sinks = sinks.as_deref();
     let want = reference(
         &f64s(&q),
         &f64s(&k),
@@ -35,6 +42,7 @@ fn run_case<E: Element>(c: &Case, seed: u64, tol: f64) {
         scale as f64,
         c.softcap.map(|x| x as f64),
         c.window,
+        sinks64.as_deref(),
     );
     let params = Params {
         scale,
@@ -47,7 +55,7 @@ fn run_case<E: Element>(c: &Case, seed: u64, tol: f64) {
         View3::contiguous(&v, [c.hkv, lk, c.d]),
     )
     .unwrap();
-    let got = attend(qv, &dense, &params).unwrap();
+    let got = attend(qv, &dense, &params, sinks).unwrap();
     let err = rel_err(&got, &want);
     assert!(err < tol, "dense {}: err {err}", describe(c));
 
@@ -77,15 +85,15 @@ fn run_case<E: Element>(c: &Case, seed: u64, tol: f64) {
             )
             .unwrap();
     }
-    let got = attend(qv, &store.view::<E>(0).unwrap(), &params).unwrap();
+    let got = attend(qv, &store.view::<E>(0).unwrap(), &params, sinks).unwrap();
     let err = rel_err(&got, &want);
     assert!(err < tol, "store {}: err {err}", describe(c));
 }
 
 fn describe(c: &Case) -> String {
     format!(
-        "hkv={} g={} d={} lq={} past={} window={:?} softcap={:?}",
-        c.hkv, c.g, c.d, c.lq, c.past, c.window, c.softcap
+        "hkv={} g={} d={} lq={} past={} window={:?} softcap={:?} sinks={}",
+        c.hkv, c.g, c.d, c.lq, c.past, c.window, c.softcap, c.sinks
     )
 }
 
@@ -101,6 +109,7 @@ fn cases() -> Vec<Case> {
             past: [0, 1, 37, 64, 300][rng.below(5)],
             window: [None, None, Some(1), Some(9), Some(65), Some(1000)][rng.below(6)],
             softcap: if i % 3 == 0 { Some(20.0) } else { None },
+            sinks: i % 2 == 1,
         });
     }
     out
@@ -134,6 +143,7 @@ fn decode_over_long_context_splits_and_merges() {
         past: 5000,
         window: None,
         softcap: None,
+        sinks: false,
     };
     run_case::<f32>(&c, 5, 2e-5);
     let c = Case {
@@ -158,17 +168,17 @@ fn errors_name_the_argument() {
         softcap: None,
         window: None,
     };
-    let e = attend(View3::contiguous(&q, [3, 2, 8]), &kv, &p)
+    let e = attend(View3::contiguous(&q, [3, 2, 8]), &kv, &p, None)
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("query: 3 query heads"), "{e}");
     let q = vec![0f32; 2 * 5 * 8];
-    let e = attend(View3::contiguous(&q, [2, 5, 8]), &kv, &p)
+    let e = attend(View3::contiguous(&q, [2, 5, 8]), &kv, &p, None)
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("query: 5 queries but only 4 keys"), "{e}");
     let q = vec![0f32; 2 * 4];
-    let e = attend(View3::contiguous(&q, [2, 1, 4]), &kv, &p)
+    let e = attend(View3::contiguous(&q, [2, 1, 4]), &kv, &p, None)
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("query: head_dim is 4"), "{e}");
@@ -177,10 +187,17 @@ fn errors_name_the_argument() {
         softcap: Some(-1.0),
         ..p
     };
-    let e = attend(View3::contiguous(&q, [2, 1, 8]), &kv, &bad)
+    let e = attend(View3::contiguous(&q, [2, 1, 8]), &kv, &bad, None)
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("softcap:"), "{e}");
+    let e = attend(View3::contiguous(&q, [2, 1, 8]), &kv, &p, Some(&[0.0; 3]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("sinks: expected one sink logit per query head (2)"),
+        "{e}"
+    );
     let e = DenseKv::new(
         View3::contiguous(&k, [2, 4, 8]),
         View3::contiguous(&q, [2, 1, 8]),
@@ -189,4 +206,113 @@ fn errors_name_the_argument() {
     .unwrap()
     .to_string();
     assert!(e.starts_with("value: shape"), "{e}");
+}
+
+/// Runs `f` with `n` rayon threads, so that a decode splits its keys into several ranges
+/// whatever the machine (the op splits to keep every thread busy).
+fn with_threads<T: Send>(n: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
+#[test]
+fn sinks_enter_once_per_row_across_key_splits() {
+    // Decode over 6000 keys with 8 threads: each row's keys split into about 10 ranges that
+    // merge by log-sum-exp. A sink folded into every range would count ~10 times; the
+    // reference counts it once. GQA, with window and soft-capping combined.
+    for (seed, c) in [
+        Case {
+            hkv: 2,
+            g: 4,
+            d: 64,
+            lq: 1,
+            past: 6000,
+            window: None,
+            softcap: None,
+            sinks: true,
+        },
+        Case {
+            hkv: 2,
+            g: 3,
+            d: 80,
+            lq: 1,
+            past: 6000,
+            window: Some(4500),
+            softcap: Some(30.0),
+            sinks: true,
+        },
+        Case {
+            hkv: 1,
+            g: 2,
+            d: 64,
+            lq: 5,
+            past: 3000,
+            window: Some(2000),
+            softcap: Some(20.0),
+            sinks: true,
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        with_threads(8, || {
+            run_case::<f32>(&c, 50 + seed as u64, 2e-5);
+            run_case::<bf16>(&c, 60 + seed as u64, 2e-5);
+        });
+    }
+}
+
+#[test]
+fn a_sink_is_one_more_logit_folded_into_the_final_merge() {
+    // The merge rule the GPU's merge and the prefill path use: with `lse` the log-sum-exp of
+    // the keys alone, out_sink = out * sigmoid(lse - sink) and lse_sink = logaddexp(lse, sink).
+    let mut rng = Rng::new(11);
+    let (hkv, g, d, lk) = (2, 4, 32, 3000);
+    let hq = hkv * g;
+    let q = rng.vec(hq * d, 2.0);
+    let k = rng.vec(hkv * lk * d, 2.0);
+    let v = rng.vec(hkv * lk * d, 1.0);
+    // Some sinks far above and far below the scores: the fold must stay finite.
+    let mut sinks = rng.vec(hq, 3.0);
+    sinks[0] = 80.0;
+    sinks[1] = -80.0;
+    let kv = DenseKv::new(
+        View3::contiguous(&k, [hkv, lk, d]),
+        View3::contiguous(&v, [hkv, lk, d]),
+    )
+    .unwrap();
+    let p = Params {
+        scale: 1.0 / (d as f32).sqrt(),
+        softcap: None,
+        window: None,
+    };
+    let qv = View3::contiguous(&q, [hq, 1, d]);
+    let (plain, lse) = with_threads(8, || attend_lse(qv, &kv, &p, None).unwrap());
+    let (with, lse_s) = with_threads(8, || attend_lse(qv, &kv, &p, Some(&sinks)).unwrap());
+    for h in 0..hq {
+        let (l, s) = (lse[h] as f64, sinks[h] as f64);
+        let m = l.max(s);
+        let want_lse = m + ((l - m).exp() + (s - m).exp()).ln();
+        assert!(
+            (lse_s[h] as f64 - want_lse).abs() < 1e-5 * want_lse.abs().max(1.0),
+            "head {h}: lse {} want {want_lse}",
+            lse_s[h]
+        );
+        let w = 1.0 / (1.0 + (s - l).exp());
+        for i in 0..d {
+            let want = plain[h * d + i] as f64 * w;
+            let got = with[h * d + i] as f64;
+            assert!(
+                (got - want).abs() < 2e-6,
+                "head {h} [{i}]: {got} want {want}"
+            );
+        }
+    }
+    // A sink far above every score takes the whole softmax: the output vanishes.
+    assert!(with[..d].iter().all(|x| x.abs() < 1e-20));
+    // One far below changes nothing.
+    assert_eq!(&with[d..2 * d], &plain[d..2 * d]);
 }
