@@ -34,12 +34,14 @@ def _watchdog() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("budget", [None, 1])  # everything on the GPU; everything streamed
-def test_pipeline_exact_on_cuda(family: str, budget: int | None) -> None:
+@pytest.mark.parametrize("budget", ["resident", "streamed"])
+def test_pipeline_exact_on_cuda(family: str, budget: str, request: pytest.FixtureRequest) -> None:
+    if budget == "streamed":
+        request.getfixturevalue("kv_on_host")
     model = tiny_model(family).to("cuda")
     reference = twin(model)
     tok = char_tokenizer(chat=True)
-    headinfer.patch(model, chunk_size=64, block_size=16, gpu_budget=budget)
+    headinfer.patch(model, chunk_size=64, block_size=16)
     pipe = pipeline("headinfer-qa", model=model, tokenizer=tok)
     out = pipe(context(), questions=QUESTIONS, max_new_tokens=6)
     for question, answer in zip(QUESTIONS, out["answers"]):
@@ -53,12 +55,12 @@ def test_pipeline_exact_on_cuda(family: str, budget: int | None) -> None:
     headinfer.unpatch(model)
 
 
-def test_with_patch_on_cuda_restores() -> None:
+def test_with_patch_on_cuda_restores(kv_on_host: None) -> None:
     model = tiny_model("llama").to("cuda")
     ids = prompt(200).cuda()
     with torch.no_grad():
         before = model(ids).logits
-        with headinfer.patch(model, chunk_size=64, gpu_budget=1):
+        with headinfer.patch(model, chunk_size=64):
             inside = model(ids).logits
         after = model(ids).logits
     assert not headinfer.is_patched(model)
