@@ -19,7 +19,25 @@ imported). CUDA tensors must be on the store's device: another CUDA device raise
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, final
+
+__all__ = [
+    "__version__",
+    "HeadInferError",
+    "OutOfHostMemoryError",
+    "KVStore",
+    "attention",
+    "ModelShape",
+    "Plan",
+    "plan",
+    "default_cpu_heads",
+    "_inject_failure",
+    "cuda_status",
+    "pinned_bytes",
+    "pinned_pool_bytes",
+    "release_pinned_pool",
+    "device_block_bytes",
+]
 
 __version__: str
 
@@ -35,6 +53,7 @@ class OutOfHostMemoryError(HeadInferError, MemoryError):
     needed: int
     available: int
 
+@final
 class KVStore:
     """Head-wise KV cache store in host memory.
 
@@ -63,8 +82,8 @@ class KVStore:
             ``cpu_split``).
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         num_layers: int,
         num_kv_heads: int,
         head_dim: int,
@@ -76,7 +95,7 @@ class KVStore:
         device_budget: int = 0,
         max_len: int | None = None,
         cpu_heads: int = 0,
-    ) -> None: ...
+    ) -> KVStore: ...
     @property
     def num_layers(self) -> int: ...
     @property
@@ -147,6 +166,7 @@ class KVStore:
         softcap: float | None = None,
         window: int | None = None,
         stream: int | None = None,
+        sinks: Any | None = None,
     ) -> None:
         """Attention of ``query`` over every key stored for ``layer``; writes ``out``.
 
@@ -221,6 +241,7 @@ def attention(
     softcap: float | None = None,
     window: int | None = None,
     stream: int | None = None,
+    sinks: Any | None = None,
 ) -> None:
     """Attention over explicit key/value tensors (no store); writes ``out``.
 
@@ -232,8 +253,11 @@ def attention(
         value: ``[num_kv_heads, kv_len, head_dim]``, same device and dtype as ``query``
             (on CUDA, also the same strides as ``key``).
         out: ``[num_q_heads, q_len, head_dim]``, same device and dtype; overwritten.
+        sinks: ``[num_q_heads]`` float32 on the query's device, or ``None``: per query head a
+            learned logit that joins each softmax's denominator once (gpt-oss's sinks).
     """
 
+@final
 class ModelShape:
     """The shape of a model as far as memory goes: the planner's input.
 
@@ -245,8 +269,8 @@ class ModelShape:
         windows: per layer, the sliding window (``None``: full attention).
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         num_layers: int,
         num_q_heads: int,
@@ -258,7 +282,7 @@ class ModelShape:
         elem_bytes: int,
         weight_bytes: int,
         windows: Sequence[int | None],
-    ) -> None: ...
+    ) -> ModelShape: ...
     @property
     def num_layers(self) -> int: ...
     @property
@@ -267,6 +291,7 @@ class ModelShape:
     def kv_bytes_per_token_layer(self) -> int:
         """KV bytes of one token of one layer (keys and values of every kv head)."""
 
+@final
 class Plan:
     """Where every byte of a GPU budget goes (all figures in bytes but ``heads_per_group``)."""
 
