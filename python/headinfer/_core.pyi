@@ -142,6 +142,7 @@ class KVStore:
         softcap: float | None = None,
         window: int | None = None,
         stream: int | None = None,
+        sinks: Any | None = None,
     ) -> None:
         """Attention of ``query`` over every key stored for ``layer``; writes ``out``.
 
@@ -149,6 +150,8 @@ class KVStore:
         it sees keys ``j <= position``, and with ``window`` only ``position - j < window``.
         Scores are ``scale * q.k``, then ``softcap * tanh(score / softcap)`` when given.
         GQA: query head ``h`` reads kv head ``h // (num_q_heads // num_kv_heads)``.
+        With ``sinks`` (gpt-oss), ``exp(sinks[h])`` joins every softmax denominator of query
+        head ``h``: a logit with no value, counted once per row.
 
         On a CUDA store with ``cpu_heads`` set, a decode (one contiguous query per head) may
         split: the CPU attends over the host blocks of kv heads ``0..cpu_heads`` while the GPU
@@ -159,6 +162,8 @@ class KVStore:
         Args:
             query: ``[num_q_heads, q_len, head_dim]``, the store's device and dtype.
             out: ``[num_q_heads, q_len, head_dim]``, like ``query``; overwritten.
+            sinks: ``[num_q_heads]`` float32, contiguous, on the query's device, or ``None``.
+                On CUDA it is read by the kernels on ``stream``: keep it alive until they ran.
         """
     def gather(
         self,
@@ -216,10 +221,12 @@ def attention(
     softcap: float | None = None,
     window: int | None = None,
     stream: int | None = None,
+    sinks: Any | None = None,
 ) -> None:
     """Attention over explicit key/value tensors (no store); writes ``out``.
 
-    The same op as ``KVStore.attend``: query ``i`` sits at position ``kv_len - q_len + i``.
+    The same op as ``KVStore.attend``: query ``i`` sits at position ``kv_len - q_len + i``,
+    with ``sinks`` (gpt-oss) a per-head logit with no value in every softmax denominator.
 
     Args:
         query: ``[num_q_heads, q_len, head_dim]``, CPU or CUDA, float32/bfloat16/float16.
@@ -227,6 +234,7 @@ def attention(
         value: ``[num_kv_heads, kv_len, head_dim]``, same device and dtype as ``query``
             (on CUDA, also the same strides as ``key``).
         out: ``[num_q_heads, q_len, head_dim]``, same device and dtype; overwritten.
+        sinks: ``[num_q_heads]`` float32, contiguous, on the query's device, or ``None``.
     """
 
 class ModelShape:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .attention import ATTN_IMPLEMENTATION, register
+from .attention import ATTN_IMPLEMENTATION, drop_sink_caches, register
 from .cache import HeadInferCache, store_dtype
 from .device import check_device
 from .planner import release_torch_caps
@@ -228,6 +228,7 @@ def unpatch(model: M) -> M:
         else:
             model.__dict__.pop(name, None)
     model.config._attn_implementation = settings.saved["attn_implementation"]
+    drop_sink_caches(model)
     release_torch_caps()
     logger.info("headinfer: unpatched %s", type(model).__name__)
     return model

@@ -10,7 +10,9 @@ from .errors import UnsupportedModelError
 
 __all__ = ["SUPPORTED_FAMILIES", "ModelSpec", "model_spec"]
 
-SUPPORTED_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gemma2")
+# gpt_oss: its per-layer windows come from layer_types; its learned sinks (module.sinks) reach
+# the op through the attention glue (attention.py).
+SUPPORTED_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gemma2", "gpt_oss")
 
 
 @dataclass(frozen=True)
