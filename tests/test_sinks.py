@@ -12,57 +12,15 @@ from functools import cache
 
 import pytest
 import torch
-from _tiny import PROMPT_LEN, VOCAB, prompt, rel_err
-from transformers import DynamicCache, GptOssConfig, GptOssForCausalLM
+from _tiny import PROMPT_LEN, prompt, rel_err
+from _tiny_gpt_oss import tiny_gpt_oss
+from transformers import DynamicCache
 
 import headinfer
 from headinfer.prefill import cache_kwarg_name
 
 TOL = 1e-4
 NEW_TOKENS = 12
-
-
-def tiny_gpt_oss(dtype: torch.dtype = torch.float32, seed: int = 0) -> GptOssForCausalLM:
-    """A 3-layer gpt-oss (sliding, full, sliding; 4 q heads over 2 kv heads; 4 experts)."""
-    config = GptOssConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        sliding_window=40,
-        max_position_embeddings=512,
-        # gpt-oss's YaRN, its original length scaled down with the model (512 / 32).
-        rope_parameters={
-            "rope_type": "yarn",
-            "factor": 32.0,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-            "truncate": False,
-            "original_max_position_embeddings": 16,
-            "rope_theta": 150000.0,
-        },
-        attn_implementation="eager",
-        # Plain loops over the experts: they also run in float64 (the reference below).
-        experts_implementation="eager",
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = GptOssForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            # Peaked attention (windows matter) and sinks of the scores' size (they matter).
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(4.0)
-            if name.endswith("self_attn.sinks"):
-                p.copy_(torch.randn(p.shape) * 2.0)
-    return model.to(dtype).eval()
 
 
 def _twin(model: torch.nn.Module) -> torch.nn.Module:
@@ -185,3 +143,36 @@ def test_bfloat16_error_within_torch_own() -> None:
         ours = rel_err(model(ids).logits, ref)
         theirs = rel_err(eager(ids).logits, ref)
     assert ours <= 2 * theirs + 1e-6
+
+
+@pytest.mark.parametrize("past", [0, 300])
+def test_prefill_two_part_merge_adds_the_sink_once(past: int, monkeypatch) -> None:
+    # The GPU prefill's merge (prefill_attention._two_part) on the CPU: its fused kernels (cuDNN,
+    # efficient; CUDA only) stand in as exact float64 attention returning (out, lse), so only
+    # the merge is under test: chunk-over-itself and chunk-over-past by log-sum-exp, the sink
+    # one more term of the final denominator (also with no past).
+    import headinfer.prefill_attention as pa
+
+    def fused(q, k, v, causal, scale):
+        s = (q.double() @ k.double().transpose(-1, -2)) * scale
+        if causal:
+            keep = torch.ones(s.shape[-2:], dtype=torch.bool).tril(s.shape[-1] - s.shape[-2])
+            s = s.masked_fill(~keep, float("-inf"))
+        return (s.softmax(-1) @ v.double()).to(q.dtype), torch.logsumexp(s, -1).float()
+
+    monkeypatch.setattr(pa, "_fused", fused)
+    g = torch.Generator().manual_seed(past)
+    n, grp, c, d = 2, 3, 50, 16
+    q = torch.randn(1, n * grp, c, d, generator=g) * 2
+    k = torch.randn(n, past + c, d, generator=g) * 2
+    v = torch.randn(n, past + c, d, generator=g)
+    sinks = torch.randn(n * grp, generator=g) * 3
+    kp, vp = (None, None) if past == 0 else (k[:, :past], v[:, :past])
+    got = pa._two_part(q, kp, vp, k[:, past:], v[:, past:], d**-0.5, sinks)[0]
+    s = q[0].double() @ k.double().repeat_interleave(grp, 0).transpose(1, 2) * d**-0.5
+    keep = torch.ones(c, past + c, dtype=torch.bool).tril(past)
+    s = torch.cat(
+        [s.masked_fill(~keep, float("-inf")), sinks.double()[:, None, None].expand(-1, c, 1)], -1
+    )
+    want = s.softmax(-1)[..., :-1] @ v.double().repeat_interleave(grp, 0)
+    assert rel_err(got, want) < 1e-5
