@@ -209,6 +209,8 @@ def prefill_attention(
             vv = vn if v_past is None else torch.cat([v_past, vn], 1)
             if softcap is not None or sg is not None:
                 # Our kernel: soft-capping, and sinks with the window (SDPA gives no LSE here).
+                if kk.stride() != vv.stride():  # it reads both with one set of strides
+                    kk, vv = kk.contiguous(), vv.contiguous()
                 o = torch.empty_like(qg[0])
                 _core.attention(qg[0], kk, vv, o, scale, softcap, window, stream=stream, sinks=sg)
                 o = o[None]
