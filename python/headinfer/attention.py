@@ -52,8 +52,9 @@ def _sinks(module: torch.nn.Module, query: torch.Tensor, kwargs: dict[str, Any])
     counter and identity), so the decode hot path does no conversion.
     """
     sinks = getattr(module, "sinks", None)
-    if sinks is None:
-        sinks = kwargs.get("s_aux")  # transformers' keyword for them (gpt-oss passes both)
+    for name in ("s_aux", "sinks"):  # the keywords attention functions get them by
+        if sinks is None:
+            sinks = kwargs.get(name)
     if sinks is None:
         return None
     if not isinstance(sinks, torch.Tensor):
@@ -112,7 +113,8 @@ def headinfer_attention(
         sliding_window: query at position ``p`` sees keys ``j`` with ``p - j < sliding_window``.
         softcap: scores become ``softcap * tanh(score / softcap)`` (Gemma-2).
         kwargs: ``headinfer_cache``; gpt-oss's ``s_aux`` (its sinks, also ``module.sinks``:
-            ``[num_q_heads]``, one logit per head in every softmax's denominator) is honoured.
+            ``[num_q_heads]``, one logit per head in every softmax's denominator) and
+            ``sinks`` are honoured.
 
     Returns:
         ``(out, None)``: ``out`` is ``[1, q_len, num_q_heads, head_dim]``, the layout the model

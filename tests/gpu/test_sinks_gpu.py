@@ -235,8 +235,42 @@ def test_prefill_two_part_merge_folds_the_sink(dtype, past):
         assert err <= 2 * torch_error(q[0], k, v, d**-0.5, ref, sinks) + 1e-6, err
 
 
-BUDGETS = {"resident": None, "streamed": 1, "shared": 1}
+#: Resident KV block pairs the planner may give, per residency (None: what it gives). With 0
+#: every KV byte is read from pinned host memory ("shared": the CPU attending over one kv
+#: head's host blocks in decode); "mixed" also stages one kv head at a time in prefill.
+RESIDENT_BLOCKS = {"resident": None, "streamed": 0, "mixed": 5, "shared": 0}
 STEPS = 8
+
+
+def _residency(monkeypatch, residency):
+    """Caps the planner's resident KV as ``RESIDENT_BLOCKS`` says (a tiny ``gpu_budget`` is
+    refused before prefill, so the plan is capped instead)."""
+    import headinfer.cache as cache_mod
+
+    if residency == "shared":
+        ensure = cache_mod.HeadInferCache._ensure_store
+
+        def short_shares_too(self, dtype, device):
+            store = ensure(self, dtype, device)
+            store.cpu_share_min_tokens = 0  # shares however short the host part
+            return store
+
+        monkeypatch.setattr(cache_mod.HeadInferCache, "_ensure_store", short_shares_too)
+    blocks = RESIDENT_BLOCKS[residency]
+    if blocks is None:
+        return
+    original = cache_mod.plan_memory
+
+    def capped(*args, **kwargs):
+        plan = original(*args, **kwargs)
+        spec = args[1]
+        block = 2 * 16 * spec.head_dim * torch.empty((), dtype=kwargs["dtype"]).element_size()
+        plan.kv_device_bytes = min(plan.kv_device_bytes, blocks * block)
+        if residency == "mixed":
+            plan.heads_per_group = 1
+        return plan
+
+    monkeypatch.setattr(cache_mod, "plan_memory", capped)
 
 
 def _logits(model, ids):
@@ -255,41 +289,27 @@ def _logits(model, ids):
     return torch.cat([prefill, *steps], 1)
 
 
-def _patched(model, budget):
+def _patched(model, residency):
     return headinfer.patch(
-        model,
-        chunk_size=97,
-        block_size=16,
-        gpu_budget=BUDGETS[budget],
-        cpu_heads=1 if budget == "shared" else None,
+        model, chunk_size=97, block_size=16, cpu_heads=1 if residency == "shared" else None
     )
 
 
-@pytest.mark.parametrize("budget", list(BUDGETS))
-def test_tiny_gpt_oss_float32_matches_eager(budget, monkeypatch):
-    if budget == "shared":
-        # Shares however short the host part: every decode step runs the shared path.
-        import headinfer.cache as cache_mod
-
-        ensure = cache_mod.HeadInferCache._ensure_store
-
-        def short_shares_too(self, dtype, device):
-            store = ensure(self, dtype, device)
-            store.cpu_share_min_tokens = 0
-            return store
-
-        monkeypatch.setattr(cache_mod.HeadInferCache, "_ensure_store", short_shares_too)
+@pytest.mark.parametrize("residency", list(RESIDENT_BLOCKS))
+def test_tiny_gpt_oss_float32_matches_eager(residency, monkeypatch):
+    _residency(monkeypatch, residency)
     ref = tiny_gpt_oss().to(DEV)
-    model = _patched(tiny_gpt_oss().to(DEV), budget)
+    model = _patched(tiny_gpt_oss().to(DEV), residency)
     ids = prompt().to(DEV)
     assert rel_err(_logits(model, ids), _logits(ref, ids)) < 1e-4
 
 
-def test_tiny_gpt_oss_bfloat16_within_twice_torch_error():
+@pytest.mark.parametrize("residency", ["resident", "streamed"])
+def test_tiny_gpt_oss_bfloat16_within_twice_torch_error(residency, monkeypatch):
+    _residency(monkeypatch, residency)
     exact = tiny_gpt_oss().to(DEV, torch.float64)
     std = tiny_gpt_oss().to(DEV, torch.bfloat16)
-    model = tiny_gpt_oss().to(DEV, torch.bfloat16)
-    _patched(model, "streamed")
+    model = _patched(tiny_gpt_oss().to(DEV, torch.bfloat16), residency)
     ids = prompt().to(DEV)
     want = _logits(exact, ids)
     torch_err = (_logits(std, ids).double() - want).abs().max().item()
