@@ -281,7 +281,10 @@ def test_plan_exit_status_and_longest_context(
     config.save_pretrained(tmp_path)
     _fixed_ram(monkeypatch, 64 << 20)
     base = ["--model", str(tmp_path), "--force", "--chunk-size", "64"]
-    budget = ["--gpu-budget", "1400MiB"]  # weights + working set + margin, and a little KV
+    # Weights, working set, margin and the CUDA context's estimate, and 128 MiB for KV and staging.
+    fixed = make_plan(config, context=300, gpu_budget=1 << 40, chunk_size=64, dtype="bfloat16")
+    budget_bytes = fixed["prefill"]["gpu_bytes"] - fixed["prefill"]["kv_device_bytes"] + (128 << 20)
+    budget = ["--gpu-budget", str(budget_bytes)]
 
     plan = plan_json(capsys, [*base, *budget, "--context", "300"])
     assert plan["fits"] is True
@@ -292,7 +295,7 @@ def test_plan_exit_status_and_longest_context(
 
     def host(context: int) -> int:
         figures = make_plan(
-            config, context=context, gpu_budget=1400 << 20, chunk_size=64, dtype="bfloat16"
+            config, context=context, gpu_budget=budget_bytes, chunk_size=64, dtype="bfloat16"
         )
         return figures["host_kv_bytes"]
 

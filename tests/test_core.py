@@ -22,9 +22,12 @@ def naive(
     softcap: float | None = None,
     window: int | None = None,
     first_pos: int = 0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference in float64. q ``[Hq, Lq, D]``, k/v ``[Hk, Lk, D]`` holding positions
-    ``first_pos..first_pos+Lk``; query ``i`` sits at ``first_pos + Lk - Lq + i``."""
+    ``first_pos..first_pos+Lk``; query ``i`` sits at ``first_pos + Lk - Lq + i``. ``sinks``
+    ``[Hq]``: as transformers' gpt-oss eager attention, one more logit per row, dropped after
+    the softmax."""
     hq, lq, _ = q.shape
     hk, lk, _ = k.shape
     g = hq // hk
@@ -39,6 +42,9 @@ def naive(
     if window is not None:
         keep &= qpos[:, None] - kpos[None, :] < window
     s = s.masked_fill(~keep, -math.inf)
+    if sinks is not None:
+        col = sinks.double()[:, None, None].expand(hq, lq, 1)
+        return torch.softmax(torch.cat([s, col], -1), -1)[..., :-1] @ vv
     return torch.softmax(s, -1) @ vv
 
 
@@ -142,6 +148,88 @@ def test_attention_rejects_non_tensor() -> None:
     args[0] = [[1.0]]
     with pytest.raises(TypeError, match="query"):
         _core.attention(*args, 0.25)
+
+
+# --- sinks (gpt-oss) ---------------------------------------------------------------------------
+
+SINK_CASES = [
+    # hq, hk, lq, lk, d, softcap, window
+    (4, 4, 1, 1, 16, None, None),  # the sink beside a single key
+    (8, 2, 7, 90, 16, None, None),  # GQA, a chunk of queries
+    # One decode row over 5000 keys: the op splits them into ranges merged by log-sum-exp, so
+    # a sink counted per range instead of per row would show.
+    (8, 1, 1, 5000, 64, None, None),
+    (6, 2, 1, 5000, 32, 30.0, 3000),  # ... with softcap and window combined
+    (8, 2, 33, 400, 64, 5.0, 50),  # prefill-shaped, softcap and window
+    (2, 2, 64, 64, 8, None, 1),  # window 1: each row's own key and the sink
+]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("hq,hk,lq,lk,d,softcap,window", SINK_CASES)
+def test_attention_with_sinks_matches_naive(
+    dtype: torch.dtype,
+    hq: int,
+    hk: int,
+    lq: int,
+    lk: int,
+    d: int,
+    softcap: float | None,
+    window: int | None,
+) -> None:
+    g = torch.Generator().manual_seed(hq * 1000 + lk + 7)
+    q = (torch.randn(hq, lq, d, generator=g) * 2).to(dtype)
+    k = (torch.randn(hk, lk, d, generator=g) * 2).to(dtype)
+    v = torch.randn(hk, lk, d, generator=g).to(dtype)
+    # Sinks around the scores' size (some far above and below), so that they matter.
+    sinks = torch.randn(hq, generator=g) * 3
+    sinks[0] = 40.0
+    sinks[-1] = -40.0
+    out = torch.full((hq, lq, d), float("nan"), dtype=dtype)
+    scale = d**-0.5
+    _core.attention(q, k, v, out, scale, softcap, window, sinks=sinks)
+    ref = naive(q, k, v, scale, softcap, window, sinks=sinks)
+    assert rel(out, ref) < TOL[dtype]
+    # The sinks are not ignored: without them the result is another one.
+    assert rel(naive(q, k, v, scale, softcap, window), ref) > 10 * TOL[dtype]
+
+
+def test_attention_sinks_argument_is_checked() -> None:
+    q, k, v, out = _qkvo()  # 4 query heads
+    for bad, err, match in [
+        (torch.zeros(3), ValueError, r"sinks: expected shape \[num_q_heads\] = \[4\]"),
+        (torch.zeros(1, 4), ValueError, "sinks: expected shape"),
+        (torch.zeros(4, dtype=torch.float64), TypeError, "sinks: must be float32"),
+        (torch.zeros(4, dtype=torch.bfloat16), TypeError, "sinks: must be float32"),
+        (torch.zeros(8)[::2], ValueError, "sinks: must be contiguous"),
+        ([0.0] * 4, TypeError, "sinks: expected a float32 tensor"),
+    ]:
+        with pytest.raises(err, match=match):
+            _core.attention(q, k, v, out, 0.25, sinks=bad)
+    store = _store()
+    store.append(0, k, v)
+    with pytest.raises(ValueError, match="sinks: expected shape"):
+        store.attend(0, q, out, 0.25, sinks=torch.zeros(2))
+    # None is no sinks, and a correct call still works after the errors.
+    store.attend(0, q, out, 0.25, sinks=None)
+    assert rel(out, naive(q, k, v, 0.25)) < 1e-5
+
+
+@pytest.mark.parametrize("softcap,window", [(None, None), (10.0, None), (None, 20), (3.0, 33)])
+def test_store_attend_with_sinks_matches_naive(softcap: float | None, window: int | None) -> None:
+    # Keys appended in chunks across blocks of 16 (several segments per head); GQA 4:2.
+    s = _store(windows=[window, None])
+    g = torch.Generator().manual_seed(5)
+    ks = torch.randn(2, 1500, 16, generator=g) * 2
+    vs = torch.randn(2, 1500, 16, generator=g)
+    sinks = torch.randn(4, generator=g) * 3
+    for start, end in [(0, 37), (37, 38), (38, 1499), (1499, 1500)]:
+        q = torch.randn(4, end - start, 16, generator=g) * 2
+        s.append(0, ks[:, start:end], vs[:, start:end])
+        out = torch.empty(4, end - start, 16)
+        s.attend(0, q, out, 0.25, softcap, window, sinks=sinks)
+        ref = naive(q, ks[:, :end], vs[:, :end], 0.25, softcap, window, sinks=sinks)
+        assert rel(out, ref) < 1e-5
 
 
 # --- KVStore ---------------------------------------------------------------------------------

@@ -239,23 +239,10 @@ def test_multimodal_image_input_raises_clearly() -> None:
     assert cache.get_seq_length() == 0
 
 
-def test_gpt_oss_is_recognised_but_refused_until_the_op_takes_sinks() -> None:
+def test_gpt_oss_matches_eager() -> None:
     model = tiny_model("gpt_oss")
     spec = headinfer.spec.model_spec(model)
     assert spec.sinks and spec.windows == (32, None, 32)
-    with pytest.raises(headinfer.UnsupportedModelError, match="sinks"):
-        headinfer.patch(model)
-    assert not headinfer.is_patched(model)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=headinfer.UnsupportedModelError,
-    reason="gpt-oss's sink logits are not in the Rust op yet (CPU op, decode kernel, prefill, "
-    "LSE merge); remove this mark, and the refusal in spec.runnable_spec, when they are",
-)
-def test_gpt_oss_matches_eager() -> None:
-    model = tiny_model("gpt_oss")
     reference = twin(model)
     headinfer.patch(model, chunk_size=61, block_size=16)
     with torch.no_grad():

@@ -33,7 +33,7 @@ def test_every_supported_family_has_an_exactness_test() -> None:
     tested = {model_spec(tiny_config(c)).family for c in FAMILIES if have(c)}
     assert set(headinfer.SUPPORTED_FAMILIES) == tested | {"qwen2_vl"}
     assert "qwen2_vl" in MULTIMODAL
-    assert "gpt_oss" not in headinfer.SUPPORTED_FAMILIES  # until the op takes sinks
+    assert "gpt_oss" in headinfer.SUPPORTED_FAMILIES
 
 
 @pytest.mark.parametrize(
@@ -118,14 +118,11 @@ def test_family_info_names() -> None:
         family_info("bert")
 
 
-def test_attention_refuses_sinks_it_would_ignore() -> None:
-    # A model forced onto the "headinfer" attention by hand still cannot drop gpt-oss's sinks.
+def test_attention_refuses_non_causal_calls() -> None:
     model = tiny_model("gpt_oss")
     module = attention_modules(model)[0]
     q = torch.randn(1, 4, 5, 16)
     k = v = torch.randn(1, 2, 5, 16)
-    with pytest.raises(headinfer.HeadInferError, match="sinks"):
-        headinfer_attention(module, q, k, v, None, s_aux=module.sinks)
     with pytest.raises(headinfer.HeadInferError, match="causal"):
         headinfer_attention(module, q, k, v, None, is_causal=False)
 
@@ -148,4 +145,4 @@ def test_readme_table_lists_every_supported_family() -> None:
     table = readme.split("## Supported models", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     named = {line.split("`")[1] for line in rows}
-    assert named == set(headinfer.SUPPORTED_FAMILIES) | {"gpt_oss"}
+    assert named == set(headinfer.SUPPORTED_FAMILIES)

@@ -9,6 +9,10 @@ cache and two models or two caches in one process never meet. Without one (a ``D
 
 No q x kv mask is ever built: causality, the chunk's offset and the sliding window are arguments
 of the op, and ``headinfer_mask`` returns ``None`` for transformers' mask factory.
+
+gpt-oss's learned per-head sink logits (``module.sinks``) go to the op as its ``sinks`` argument,
+converted to float32 once per layer and kept on the module (``_SINKS_CACHE``) until the
+parameter changes; ``unpatch`` drops them.
 """
 
 from __future__ import annotations
@@ -36,12 +40,46 @@ __all__ = [
 ATTN_IMPLEMENTATION = "headinfer"
 #: The keyword that carries the cache from the patched forward to the attention function.
 CACHE_KWARG = "headinfer_cache"
+#: The module attribute holding ``(parameter, its version, float32 copy)`` of its sinks.
+_SINKS_CACHE = "_headinfer_sinks"
+
+
+def _sinks(module: torch.nn.Module, query: torch.Tensor, kwargs: dict[str, Any]):
+    """The module's sink logits as the op takes them: ``[num_q_heads]`` float32, contiguous,
+    on the query's device; ``None`` for a model without sinks.
+
+    Converted once per layer and reused while the parameter is unchanged (its in-place version
+    counter and identity), so the decode hot path does no conversion.
+    """
+    sinks = getattr(module, "sinks", None)
+    for name in ("s_aux", "sinks"):  # the keywords attention functions get them by
+        if sinks is None:
+            sinks = kwargs.get(name)
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks: expected a tensor, got {type(sinks).__name__}")
+    cached = module.__dict__.get(_SINKS_CACHE)
+    if (
+        cached is not None
+        and cached[0] is sinks
+        and cached[1] == sinks._version
+        and cached[2].device == query.device
+    ):
+        return cached[2]
+    f32 = sinks.detach().to(device=query.device, dtype=torch.float32).contiguous()
+    module.__dict__[_SINKS_CACHE] = (sinks, sinks._version, f32)
+    return f32
+
+
+def drop_sink_caches(model: torch.nn.Module) -> None:
+    """Forget the float32 sinks ``headinfer_attention`` kept on the model's modules."""
+    for m in model.modules():
+        m.__dict__.pop(_SINKS_CACHE, None)
 
 
 #: Keywords some attention modules pass that change the result; never silently ignored.
 _UNSUPPORTED_KWARGS = {
-    "s_aux": "learned attention sinks",
-    "sinks": "learned attention sinks",
     "indices": "sparse attention over selected keys",
     "block_indices": "sparse attention over selected blocks",
     "position_bias": "a position bias added to the scores",
@@ -82,6 +120,9 @@ def headinfer_attention(
         dropout: must be 0 (inference only).
         sliding_window: query at position ``p`` sees keys ``j`` with ``p - j < sliding_window``.
         softcap: scores become ``softcap * tanh(score / softcap)`` (Gemma-2).
+        kwargs: ``headinfer_cache``; gpt-oss's ``s_aux`` (its sinks, also ``module.sinks``:
+            ``[num_q_heads]``, one logit per head in every softmax's denominator) and
+            ``sinks`` are honoured.
 
     Returns:
         ``(out, None)``: ``out`` is ``[1, q_len, num_q_heads, head_dim]``, the layout the model
@@ -108,12 +149,15 @@ def headinfer_attention(
     softcap = float(softcap) if softcap else None
     # Written through a [H, L, D] view of the [B, L, H, D] result: no transpose copy afterwards.
     out = query.new_empty((batch, q_len, num_q_heads, head_dim))
+    sinks = _sinks(module, query, kwargs)
     cache = kwargs.get(CACHE_KWARG)
     if cache is not None:
         if not isinstance(cache, HeadInferCache):
             raise TypeError(f"{CACHE_KWARG}: expected a HeadInferCache, got {type(cache).__name__}")
         _head_view(query, "query")  # batch check
-        cache.attend(module.layer_idx, query, key, value, out, scale, softcap, sliding_window)
+        cache.attend(
+            module.layer_idx, query, key, value, out, scale, softcap, sliding_window, sinks
+        )
         return out, None
     q = _head_view(query, "query")
     k = _head_view(key, "key")
@@ -122,7 +166,9 @@ def headinfer_attention(
     if q.is_cuda and v.stride() != k.stride():
         # The GPU op reads keys and values with one set of strides.
         k, v = k.contiguous(), v.contiguous()
-    _core.attention(q, k, v, out[0].transpose(0, 1), scale, softcap, sliding_window, stream=stream)
+    _core.attention(
+        q, k, v, out[0].transpose(0, 1), scale, softcap, sliding_window, stream=stream, sinks=sinks
+    )
     return out, None
 
 

@@ -544,6 +544,7 @@ class HeadInferCache(Cache):
         scale: float,
         softcap: float | None,
         window: int | None,
+        sinks: torch.Tensor | None = None,
     ) -> None:
         """Attention of the chunk just appended to ``layer_idx`` over all its stored keys.
 
@@ -551,6 +552,7 @@ class HeadInferCache(Cache):
             query: ``[1, num_q_heads, q_len, head_dim]``.
             key, value: ``[1, num_kv_heads, q_len, head_dim]``, the chunk just appended.
             out: ``[1, q_len, num_q_heads, head_dim]``, written.
+            sinks: ``[num_q_heads]`` float32 on the query's device (gpt-oss), or ``None``.
         """
         store = self.store
         # The spec's window, not the store's: a croppable cache keeps every token of a window
@@ -570,12 +572,25 @@ class HeadInferCache(Cache):
         if not store.is_cuda or q_len * group <= DIRECT_ROWS:
             out_view = out[0].transpose(0, 1)
             # One call per layer: the store decides whether the CPU takes a share (cpu_heads).
-            store.attend(layer_idx, q, out_view, scale, softcap, window, current_stream(query))
+            store.attend(
+                layer_idx, q, out_view, scale, softcap, window, current_stream(query), sinks
+            )
             return
         assert self._prefill is not None
         heads = self._plan.heads_per_group if self._plan is not None else store.num_kv_heads
         prefill_attention(
-            store, self._prefill, heads, layer_idx, query, key, value, out, scale, softcap, window
+            store,
+            self._prefill,
+            heads,
+            layer_idx,
+            query,
+            key,
+            value,
+            out,
+            scale,
+            softcap,
+            window,
+            sinks,
         )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

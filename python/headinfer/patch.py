@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .attention import ATTN_IMPLEMENTATION, register
+from .attention import ATTN_IMPLEMENTATION, drop_sink_caches, register
 from .cache import HeadInferCache, store_dtype
 from .callsite import user_stacklevel
 from .checks import (
@@ -354,6 +354,7 @@ def unpatch(model: M) -> M:
         else:
             model.__dict__.pop(name, None)
     model.config._attn_implementation = settings.saved["attn_implementation"]
+    drop_sink_caches(model)
     release_torch_caps()
     logger.info("unpatched %s", type(model).__name__)
     return model

@@ -6,7 +6,8 @@ A prefill chunk is compute-bound, so it runs the fastest exact fused attention t
 log-sum-exp. The past of the next (layer, head group) is copied out of the store on a side
 stream while this one computes, into one of two staging buffers. Gemma-2's soft-capping (which
 fused kernels lack) runs headinfer's kernel over the staged keys; sliding windows run SDPA with
-a band mask.
+a band mask. gpt-oss's sink logits join the two-part merge as one more logit with no value
+(once per row); its windowed layers run headinfer's kernel, which takes them.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def _two_part(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     scale: float,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of a chunk: over its own keys and over the whole past, merged.
 
@@ -60,6 +62,8 @@ def _two_part(
         q: ``[1, n * g, C, D]``, contiguous (the group's query heads).
         k_past, v_past: ``[n, P, D]`` or ``None`` when the chunk starts the sequence.
         k_new, v_new: ``[n, C, D]``, the chunk's own keys and values.
+        sinks: ``[n * g]`` float32 sink logits (gpt-oss), or ``None``: each joins its head's
+            softmax denominators once, in the final merge.
 
     Returns:
         ``[1, n * g, C, D]``.
@@ -69,17 +73,26 @@ def _two_part(
     kc = k_new.repeat_interleave(g, 0)[None]
     vc = v_new.repeat_interleave(g, 0)[None]
     out_c, lse_c = _fused(q, kc, vc, True, scale)
+    sink = None if sinks is None else sinks[None, :, None]  # [1, n * g, 1]
     if k_past is None or k_past.shape[1] == 0:
-        return out_c
+        if sink is None:
+            return out_c
+        # exp(lse) / (exp(lse) + exp(sink)): the keys' share of the softmax.
+        return out_c.float().mul_(torch.sigmoid(lse_c - sink).unsqueeze(-1)).to(q.dtype)
     # Every chunk query sees every past key: fold the group into the query axis (no GQA copy).
     qf = q.reshape(1, n, g * c, d)
     out_p, lse_p = _fused(qf, k_past[None], v_past[None], False, scale)
     out_p = out_p.reshape(1, n * g, c, d)
     lse_p = lse_p.reshape(1, n * g, c)
     m = torch.maximum(lse_p, lse_c)
+    if sink is not None:
+        m = torch.maximum(m, sink)
     wp = torch.exp(lse_p - m).unsqueeze(-1)
     wc = torch.exp(lse_c - m).unsqueeze(-1)
-    merged = out_p.float().mul_(wp).add_(out_c.float().mul_(wc)).div_(wp + wc)
+    den = wp + wc
+    if sink is not None:
+        den = den + torch.exp(sink - m).unsqueeze(-1)
+    merged = out_p.float().mul_(wp).add_(out_c.float().mul_(wc)).div_(den)
     return merged.to(q.dtype)
 
 
@@ -151,6 +164,7 @@ def prefill_attention(
     scale: float,
     softcap: float | None,
     window: int | None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     """Attention of a prefill chunk of ``layer`` whose keys were just appended to ``store``.
 
@@ -158,6 +172,7 @@ def prefill_attention(
         query: ``[1, num_q_heads, C, D]``.
         key, value: ``[1, num_kv_heads, C, D]``, the chunk's own keys and values.
         out: ``[1, C, num_q_heads, D]``, written.
+        sinks: ``[num_q_heads]`` float32 on the query's device (gpt-oss), or ``None``.
     """
     c = query.shape[2]
     hkv = store.num_kv_heads
@@ -188,12 +203,16 @@ def prefill_attention(
         qg = q[:, h0 * g : (h0 + n) * g]
         kn = key[0, h0 : h0 + n]
         vn = value[0, h0 : h0 + n]
+        sg = None if sinks is None else sinks[h0 * g : (h0 + n) * g]
         if softcap is not None or window is not None:
             kk = kn if k_past is None else torch.cat([k_past, kn], 1)
             vv = vn if v_past is None else torch.cat([v_past, vn], 1)
-            if softcap is not None:
+            if softcap is not None or sg is not None:
+                # Our kernel: soft-capping, and sinks with the window (SDPA gives no LSE here).
+                if kk.stride() != vv.stride():  # it reads both with one set of strides
+                    kk, vv = kk.contiguous(), vv.contiguous()
                 o = torch.empty_like(qg[0])
-                _core.attention(qg[0], kk, vv, o, scale, softcap, window, stream=stream)
+                _core.attention(qg[0], kk, vv, o, scale, softcap, window, stream=stream, sinks=sg)
                 o = o[None]
             else:
                 s = kk.shape[1]
@@ -204,5 +223,5 @@ def prefill_attention(
                     qg, kk[None], vv[None], attn_mask=band, scale=scale, enable_gqa=True
                 )
         else:
-            o = _two_part(qg, k_past, v_past, kn, vn, scale)
+            o = _two_part(qg, k_past, v_past, kn, vn, scale, sg)
         out[0, :, h0 * g : (h0 + n) * g] = o[0].transpose(0, 1)

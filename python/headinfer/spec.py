@@ -116,9 +116,7 @@ _FAMILIES: dict[str, FamilyInfo] = {
 _NAMES = {"gemma3_text": "gemma3", "qwen2_vl_text": "qwen2_vl"}
 
 #: Families that ``patch()`` runs, each tested against eager attention (tests/test_families.py).
-SUPPORTED_FAMILIES: tuple[str, ...] = tuple(
-    _NAMES.get(t, t) for t, f in _FAMILIES.items() if not f.sinks
-)
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(_NAMES.get(t, t) for t in _FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -336,8 +334,8 @@ def model_spec(model_or_config: torch.nn.Module | PretrainedConfig) -> ModelSpec
 
     Raises:
         UnsupportedModelError: the model's attention is one headinfer cannot run (the message
-            says why), its family is not among ``SUPPORTED_FAMILIES`` (nor gpt_oss, which
-            ``runnable_spec`` refuses), or its attention modules disagree with its config.
+            says why), its family is not among ``SUPPORTED_FAMILIES``, or its attention modules
+            disagree with its config.
     """
     model = model_or_config if isinstance(model_or_config, torch.nn.Module) else None
     config = model.config if model is not None else model_or_config
@@ -355,12 +353,5 @@ def model_spec(model_or_config: torch.nn.Module | PretrainedConfig) -> ModelSpec
 
 
 def runnable_spec(model: torch.nn.Module) -> ModelSpec:
-    """``model_spec(model)``, refusing what the op cannot compute yet (gpt-oss's sinks)."""
-    spec = model_spec(model)
-    if spec.sinks:
-        raise _refuse(
-            spec.family,
-            "learned attention sinks (module.sinks) join each softmax's denominator; the "
-            "headinfer op does not take sinks yet",
-        )
-    return spec
+    """``model_spec(model)`` of a model ``patch()`` runs (every supported family runs)."""
+    return model_spec(model)

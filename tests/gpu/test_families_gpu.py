@@ -1,7 +1,7 @@
 """Every family on the GPU, patched, against standard attention: prefill and decode, with the
 KV fully resident on the GPU, fully streamed from pinned host memory, mixed, and shared with the
 CPU, across block, chunk and window boundaries (each case of tests/_tiny.py, incl. the text
-towers of two image-text models; gpt-oss xfails until the op takes sinks). float32 within 1e-4
+towers of two image-text models, and gpt-oss with its sink logits). float32 within 1e-4
 of eager; bfloat16 within twice PyTorch's own error against a float64 reference (as
 flash-attention's tests judge it)."""
 
@@ -192,11 +192,6 @@ def test_multimodal_text_prompt_float32_matches_eager(name, budget):
     assert rel_err(_logits(model, ids), _logits(ref, ids)) < 1e-4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=headinfer.UnsupportedModelError,
-    reason="gpt-oss's sink logits are not in the op yet (decode kernel, prefill, LSE merge)",
-)
 @pytest.mark.parametrize("budget", list(BUDGETS))
 def test_gpt_oss_float32_matches_eager(budget):
     model = tiny_model("gpt_oss").to(DEV)
