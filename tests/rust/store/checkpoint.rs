@@ -137,7 +137,10 @@ fn rollback_restores_what_a_window_let_go_of() {
         }
     }
     m.check();
-    assert!(m.s.retained_start(0).unwrap() >= 12, "the window moved past the checkpoint");
+    assert!(
+        m.s.retained_start(0).unwrap() >= 12,
+        "the window moved past the checkpoint"
+    );
     assert!(m.s.retained_start(2).unwrap() >= 12);
     let reserved = m.s.bytes_reserved();
     m.s.rollback().unwrap();
@@ -145,8 +148,16 @@ fn rollback_restores_what_a_window_let_go_of() {
     m.salts = salts;
     assert_eq!(m.shape(), before);
     m.check();
-    assert_eq!(m.attention(), reads, "attention reads exactly as before the step");
-    assert_eq!(m.s.bytes_reserved(), reserved, "the step's blocks stay reserved for reuse");
+    assert_eq!(
+        m.attention(),
+        reads,
+        "attention reads exactly as before the step"
+    );
+    assert_eq!(
+        m.s.bytes_reserved(),
+        reserved,
+        "the step's blocks stay reserved for reuse"
+    );
     // The store goes on from the restored state, reusing the blocks.
     for n in [3, 5, 7, 1, 9] {
         for l in 0..3 {
