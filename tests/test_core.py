@@ -361,6 +361,78 @@ def test_store_crop_refuses_dropped_window_and_keeps_state() -> None:
     assert s.seq_len(0) == 127
 
 
+def test_store_rollback_restores_what_a_window_let_go_of() -> None:
+    s = _store(windows=[20, None])
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(2, 200, 16, generator=g), torch.randn(2, 200, 16, generator=g)
+    q = torch.randn(4, 1, 16, generator=g)
+
+    def state() -> list:
+        got = []
+        for layer in range(2):
+            a, n = s.retained_start(layer), s.seq_len(layer)
+            kv = torch.empty(2, n - a, 16), torch.empty(2, n - a, 16)
+            s.read(layer, a, n, *kv)
+            out = torch.empty(4, 1, 16)
+            s.attend(layer, q, out, 0.25, None, s.windows[layer])
+            got.append((a, n, kv, out))
+        return got
+
+    def same(x: list, y: list) -> bool:
+        return all(
+            a == b
+            and torch.equal(t[2][0], u[2][0])
+            and torch.equal(t[2][1], u[2][1])
+            and torch.equal(t[3], u[3])
+            for t, u in zip(x, y)
+            for a, b in zip(t[:2], u[:2])
+        )
+
+    for layer in range(2):
+        s.append(layer, k[:, :40], v[:, :40])
+    before, reserved_before = state(), s.bytes_reserved()
+    assert not s.in_step
+    s.checkpoint()
+    assert s.in_step
+    for a, b in [(40, 57), (57, 90), (90, 150)]:  # the window crosses many blocks
+        for layer in range(2):
+            s.append(layer, torch.randn(2, b - a, 16), torch.randn(2, b - a, 16))
+    assert s.retained_start(0) > 40
+    reserved = s.bytes_reserved()
+    assert reserved > reserved_before
+    s.rollback()
+    assert not s.in_step
+    assert same(state(), before)
+    assert s.bytes_reserved() == reserved  # kept for reuse
+    # Committed: the state is what the step made.
+    s.checkpoint()
+    for layer in range(2):
+        s.append(layer, k[:, 40:150], v[:, 40:150])
+    s.commit()
+    assert s.seq_len(0) == 150 and not s.in_step
+    for layer in range(2):
+        s.append(layer, k[:, 150:], v[:, 150:])
+    a = s.retained_start(0)
+    out = torch.empty(2, 200 - a, 16), torch.empty(2, 200 - a, 16)
+    s.read(0, a, 200, *out)
+    assert torch.equal(out[0], k[:, a:]) and torch.equal(out[1], v[:, a:])
+
+
+def test_store_rollback_without_a_step_raises_and_commit_does_nothing() -> None:
+    s = _store(windows=[20, None])
+    s.append(0, torch.randn(2, 30, 16), torch.randn(2, 30, 16))
+    s.commit()
+    with pytest.raises(ValueError, match="^checkpoint: no step is open"):
+        s.rollback()
+    s.checkpoint()
+    s.append(0, torch.randn(2, 30, 16), torch.randn(2, 30, 16))
+    s.clear()  # ends the step
+    assert not s.in_step
+    with pytest.raises(ValueError, match="checkpoint"):
+        s.rollback()
+    assert s.seq_len(0) == 0
+
+
 def test_store_out_of_host_memory_leaves_store_unchanged() -> None:
     block_bytes = 2 * 2 * 16 * 16 * 4  # k and v, 2 heads, 16 tokens, 16 dims, f32
     s = _store(num_layers=1, host_memory_limit=4 * block_bytes)

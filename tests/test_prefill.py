@@ -165,7 +165,7 @@ def test_error_in_chunked_prefill_propagates_unchanged(family: str, exc_type: ty
     assert raised is exc  # the very exception, not a HeadInferError made of it
     # Whatever the cache holds now, every layer holds it, and it continues exactly.
     held = cache.get_seq_length()
-    assert PREFIX <= held < PREFIX + NEW
+    assert held == PREFIX  # exact, sliding windows included
     assert all(cache.store.seq_len(i) == held for i in range(cache.spec.num_layers))
     with torch.no_grad():
         got = model(ids[:, held : held + 8], **kw).logits
@@ -173,8 +173,12 @@ def test_error_in_chunked_prefill_propagates_unchanged(family: str, exc_type: ty
     assert rel_err(got, want) < TOL
 
 
-def test_incomplete_rollback_warns_and_notes(caplog: pytest.LogCaptureFixture) -> None:
-    # Mistral's window (64) has let go of blocks that position PREFIX needs by chunk 2.
+def test_rollback_without_a_store_checkpoint_crops_warns_and_notes(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Without the store's checkpoint the cache can only crop, and Mistral's window (64) has
+    # let go of blocks that position PREFIX needs by chunk 2: the fallback says what is left.
+    monkeypatch.setattr(headinfer.HeadInferCache, "_checkpoint", lambda self: False)
     with caplog.at_level(logging.WARNING, logger="headinfer"):
         _, _, cache, _, raised = _interrupted("mistral", 2, Boom("injected"))
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -183,11 +187,32 @@ def test_incomplete_rollback_warns_and_notes(caplog: pytest.LogCaptureFixture) -
         assert any(f"holds the first {cache.get_seq_length()}" in n for n in raised.__notes__)
 
 
-_NEEDS_STORE_CHECKPOINT = pytest.mark.xfail(
-    strict=True,
-    reason="a sliding window drops blocks that the rollback needs; exact once the store keeps "
-    "them until the step commits (KVStore.checkpoint/rollback/commit, issue 7 B4 Rust part)",
-)
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_error_in_the_first_chunked_prefill_leaves_an_empty_cache_quietly(
+    family: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first forward creates the store, so there is no checkpoint yet: the rollback crops
+    # to 0, which works whatever the window let go of (chunk 4 starts at 128, past the window).
+    model = headinfer.patch(tiny_model(family), chunk_size=CHUNK, block_size=16)
+    ids = prompt(PREFIX + NEW + 8)
+    cache = headinfer.HeadInferCache(model)
+    kw = {cache_kwarg_name(model): cache}
+    handle = _fail_on_call(model.model.layers[1], 4, Boom("injected"))
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="headinfer"),
+            torch.no_grad(),
+            pytest.raises(Boom),
+        ):
+            model(ids[:, : PREFIX + NEW], **kw)
+    finally:
+        handle.remove()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert all(cache.store.seq_len(i) == 0 for i in range(cache.spec.num_layers))
+    with torch.no_grad():
+        got = model(ids[:, :PREFIX], **kw).logits
+        want = twin(model)(ids[:, :PREFIX]).logits
+    assert rel_err(got, want) < TOL
 
 
 @pytest.mark.parametrize(
@@ -195,10 +220,10 @@ _NEEDS_STORE_CHECKPOINT = pytest.mark.xfail(
     [
         ("llama", 0),
         ("llama", 2),
-        ("mistral", 0),  # nothing dropped yet: crop() restores it exactly today
-        pytest.param("mistral", 2, marks=_NEEDS_STORE_CHECKPOINT),
-        pytest.param("gemma2", 2, marks=_NEEDS_STORE_CHECKPOINT),
-        pytest.param("qwen2", 2, marks=_NEEDS_STORE_CHECKPOINT),
+        ("mistral", 0),  # nothing dropped yet
+        ("mistral", 2),  # the window let go of blocks the rollback needs: the store kept them
+        ("gemma2", 2),
+        ("qwen2", 2),
     ],
 )
 @pytest.mark.parametrize("exc_type", [Boom, KeyboardInterrupt])

@@ -217,10 +217,41 @@ class KVStore:
         """Drop every position ``>= length`` in every layer.
 
         Raises ``ValueError`` if a sliding-window layer already dropped tokens that positions
-        from ``length`` on would need; the store is then unchanged.
+        from ``length`` on would need; the store is then unchanged. ``crop(0)`` always works.
+        Within a step, see ``checkpoint``.
         """
     def clear(self) -> None:
-        """Drop every token; reserved blocks are kept for reuse."""
+        """Drop every token; reserved blocks are kept for reuse. Ends an open step (as
+        ``commit``)."""
+    def checkpoint(self) -> None:
+        """Begin a step that ``rollback`` can undo exactly.
+
+        Remembers every layer's length and retained start. Until ``commit`` or ``rollback``,
+        the blocks a sliding window lets go of that hold positions from before the step are
+        kept aside instead of being reused (still counted in ``bytes_reserved``; at most the
+        blocks each layer held at the checkpoint). A step already open is committed first.
+        Takes no memory and waits for nothing.
+
+        Within a step, ``rebalance`` moves only the blocks the layers hold; a ``crop`` of the
+        step's own tokens keeps the step open, a ``crop`` below a layer's checkpoint length (or
+        one that empties a layer) ends it as ``commit`` would, and so does ``clear``.
+        """
+    def commit(self) -> None:
+        """End the open step, keeping what it appended; the kept-aside blocks are released for
+        reuse, as the window would have. No step open: does nothing. Waits for nothing."""
+    def rollback(self) -> None:
+        """End the open step, undoing it: every layer holds exactly the positions, blocks and
+        retained start it held at ``checkpoint``, so reads and attention are as before the
+        step. Blocks the step added stay reserved for reuse.
+
+        Waits for work in flight on the device first (as ``crop``). Raises ``ValueError`` if
+        no step is open (none was begun, or ``commit``, ``clear`` or a ``crop`` below its
+        length ended it); if waiting fails (a CUDA error) it raises and changes nothing, and
+        the step stays open.
+        """
+    @property
+    def in_step(self) -> bool:
+        """Whether a step is open (``checkpoint`` called, not yet committed or rolled back)."""
     def bytes_used(self) -> int:
         """Bytes of keys and values held (retained tokens only)."""
     def bytes_reserved(self) -> int:

@@ -360,10 +360,10 @@ class HeadInferCache(Cache):
         If the block raises (``OutOfHostMemoryError`` in some layer, an error in the model, a
         ``KeyboardInterrupt``), the tokens it appended are dropped so that the cache is as it
         was before the block and stays usable, and the original exception propagates
-        unchanged. Where that rollback cannot be exact (a sliding-window layer already let go
-        of keys the old positions need, until the store keeps them: issue 7 B4), the cache
-        falls back to the longest state every layer holds, a warning is logged and a note on
-        the exception says what is left.
+        unchanged. The rollback is exact for sliding-window layers too: the store keeps the
+        blocks a window lets go of until the block ends (``KVStore.checkpoint``). Where the
+        rollback still cannot be exact (it fails itself, e.g. a CUDA error), a warning is
+        logged and a note on the exception says what is left.
         """
         outermost = self._bound == 0
         start = self.get_seq_length() if outermost else 0
@@ -399,16 +399,15 @@ class HeadInferCache(Cache):
             self._roll_back(start, checkpoint, error)
             raise error
         if checkpoint:
-            self.store.commit()  # type: ignore[attr-defined]
+            self.store.commit()
 
     def _checkpoint(self) -> bool:
         # The store's checkpoint keeps the blocks a window lets go of until commit(), so that
-        # rollback() restores the state exactly (issue 7 B4, Rust part). Until the store has
-        # it, _roll_back crops, which is exact except where a window dropped blocks.
-        begin = getattr(self._store, "checkpoint", None)
-        if begin is None:
+        # rollback() restores the state exactly. Before the store exists (the first forward
+        # creates it), _roll_back crops to 0, which is always exact.
+        if self._store is None:
             return False
-        begin()
+        self._store.checkpoint()
         return True
 
     def _roll_back(self, length: int, checkpoint: bool, exc: BaseException) -> None:
@@ -420,7 +419,7 @@ class HeadInferCache(Cache):
             self._prefill.clear()  # staged copies of positions that may now hold other tokens
         try:
             if checkpoint:
-                store.rollback()  # type: ignore[attr-defined]
+                store.rollback()
                 return
             held = [store.seq_len(i) for i in range(store.num_layers)]
             if max(held) <= length:

@@ -471,6 +471,23 @@ impl PyKvStore {
         each!(&mut self.inner, s => py.detach(|| s.clear())).py_err(py)
     }
 
+    fn checkpoint(&mut self) {
+        each!(&mut self.inner, s => s.checkpoint())
+    }
+
+    fn commit(&mut self) {
+        each!(&mut self.inner, s => s.commit())
+    }
+
+    fn rollback(&mut self, py: Python<'_>) -> PyResult<()> {
+        each!(&mut self.inner, s => py.detach(|| s.rollback())).py_err(py)
+    }
+
+    #[getter]
+    fn in_step(&self) -> bool {
+        each!(&self.inner, s => s.in_step())
+    }
+
     fn device_bytes_reserved(&self) -> usize {
         each!(&self.inner, s => s.device_bytes_reserved())
     }

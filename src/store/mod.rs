@@ -13,9 +13,12 @@
 //!
 //! Positions are absolute: layer `l` holds positions `start..len`, where `start` is a
 //! multiple of the block size and only moves past 0 on sliding-window layers, which drop
-//! whole blocks their window no longer reaches. Freed blocks go back to their pool.
+//! whole blocks their window no longer reaches. Freed blocks go back to their pool, except
+//! within a step (`checkpoint`), which keeps them until `commit` or puts them back on
+//! `rollback`.
 
 mod accounting;
+mod checkpoint;
 pub mod config;
 mod cuda;
 pub mod pool;
@@ -66,6 +69,8 @@ pub struct KvStore<B: Backend> {
     host: BlockPool,
     device: BlockPool,
     backend: B,
+    /// The open step, if any: what `rollback` restores.
+    step: Option<checkpoint::Checkpoint>,
 }
 
 /// A store of CPU tensors, in heap memory.
@@ -98,6 +103,7 @@ impl<B: Backend> KvStore<B> {
             host,
             device,
             backend,
+            step: None,
         })
     }
 
@@ -203,13 +209,21 @@ impl<B: Backend> KvStore<B> {
         }
         let new_start = self.window_start(layer, len);
         let dropped = ((new_start - start) / bs).min(have);
+        // Within a step, the dropped blocks that hold positions from before it are kept aside
+        // for a rollback (the first `kept`; they are not reused).
+        let kept = self.step.as_ref().map_or(0, |s| {
+            s.len(layer)
+                .div_ceil(bs)
+                .saturating_sub(start / bs)
+                .min(dropped)
+        });
         let need = (end - new_start).div_ceil(bs);
         let grow = need - (have - dropped);
         let (_, host_wanted) = residency::place_new(grow * h, self.device.room());
         let dropped_host = self.layers[layer]
             .heads
             .iter()
-            .flat_map(|b| b.iter().take(dropped))
+            .flat_map(|b| b.iter().take(dropped).skip(kept))
             .filter(|b| b.placement() == Placement::Host)
             .count();
         let fresh_host = host_wanted.saturating_sub(self.host.free_len() + dropped_host);
@@ -218,11 +232,14 @@ impl<B: Backend> KvStore<B> {
         // Blocks the window no longer needs go back to their pools first, so they are reused.
         // Dropping them is right whatever follows: no later query reaches them.
         for hi in 0..h {
-            for _ in 0..dropped {
+            for i in 0..dropped {
                 let b = self.layers[layer].heads[hi]
                     .pop_front()
                     .expect("counted above");
-                self.pool(b.placement()).give(b);
+                match &mut self.step {
+                    Some(step) if i < kept => step.keep(layer, hi, b),
+                    _ => self.pool(b.placement()).give(b),
+                }
             }
         }
         self.layers[layer].start += dropped * bs;
@@ -259,7 +276,11 @@ impl<B: Backend> KvStore<B> {
     /// Drops every position `>= length` in every layer (a no-op where a layer is shorter).
     ///
     /// Fails, changing nothing, if a sliding-window layer already dropped tokens that
-    /// queries from `length` on would need.
+    /// queries from `length` on would need (`crop(0)` always works: nothing is needed).
+    ///
+    /// Within a step (`checkpoint`), a crop that cuts a layer below its length at the
+    /// checkpoint, or empties a layer that held tokens then, ends the step as `commit` would
+    /// (a later `rollback` raises); a crop of what the step appended keeps it open.
     pub fn crop(&mut self, length: usize) -> Result<()> {
         for (i, l) in self.layers.iter().enumerate() {
             if length >= l.len {
@@ -269,7 +290,7 @@ impl<B: Backend> KvStore<B> {
                 Some(w) => (length + 1).saturating_sub(w),
                 None => 0,
             };
-            if l.start > need {
+            if l.start > need && length > 0 {
                 return Err(Error::value(
                     "length",
                     format!(
@@ -284,12 +305,22 @@ impl<B: Backend> KvStore<B> {
         // Freed blocks get new table entries on reuse: no reader may still use the old.
         self.backend.quiesce()?;
         let bs = self.cfg.block_size;
+        // Blocks the layer keeps; 0 also when `length` is below a window's retained start.
+        let keep = |l: &Layer| length.saturating_sub(l.start).div_ceil(bs);
+        let ends_step = self.step.as_ref().is_some_and(|step| {
+            self.layers.iter().enumerate().any(|(li, l)| {
+                length < l.len && (length < step.len(li) || (keep(l) == 0 && step.len(li) > 0))
+            })
+        });
+        if ends_step {
+            self.commit();
+        }
         for li in 0..self.layers.len() {
             let l = &mut self.layers[li];
             if length >= l.len {
                 continue;
             }
-            let keep = (length - l.start).div_ceil(bs);
+            let keep = keep(l);
             let mut freed = Vec::new();
             for blocks in &mut l.heads {
                 while blocks.len() > keep {
@@ -307,9 +338,10 @@ impl<B: Backend> KvStore<B> {
         Ok(())
     }
 
-    /// Drops every token; blocks stay reserved for reuse.
+    /// Drops every token; blocks stay reserved for reuse. Ends an open step as `commit` would.
     pub fn clear(&mut self) -> Result<()> {
         self.backend.quiesce()?;
+        self.commit();
         for li in 0..self.layers.len() {
             let l = &mut self.layers[li];
             let freed: Vec<Block> = l.heads.iter_mut().flat_map(|b| b.drain(..)).collect();
@@ -424,6 +456,7 @@ impl<B: Backend> Drop for KvStore<B> {
         // Kernels and host tasks in flight may still read blocks: let them finish before
         // anything goes back to a pool.
         let _ = self.backend.quiesce();
+        self.commit();
         for li in 0..self.layers.len() {
             let blocks: Vec<Block> = self.layers[li]
                 .heads

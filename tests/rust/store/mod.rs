@@ -124,6 +124,27 @@ fn crop_refuses_what_a_window_dropped_and_changes_nothing() {
 }
 
 #[test]
+fn crop_to_zero_works_after_a_window_dropped_blocks() {
+    // Nothing before position 0 is needed: crop(0) is a clear, whatever the windows dropped.
+    let mut s = CpuStore::new(cfg(4, vec![Some(6), None])).unwrap();
+    for l in 0..2 {
+        append_positions(&mut s, l, 0, 20).unwrap();
+        append_positions(&mut s, l, 20, 3).unwrap();
+    }
+    assert!(s.retained_start(0).unwrap() > 0);
+    let reserved = s.bytes_reserved();
+    s.crop(0).unwrap();
+    for l in 0..2 {
+        assert_eq!(s.seq_len(l).unwrap(), 0);
+        assert_eq!(s.retained_start(l).unwrap(), 0);
+        append_positions(&mut s, l, 0, 13).unwrap();
+    }
+    check_positions(&s, 0, s.retained_start(0).unwrap(), 13);
+    check_positions(&s, 1, 0, 13);
+    assert_eq!(s.bytes_reserved(), reserved, "the blocks are reused");
+}
+
+#[test]
 fn memory_limit_is_checked_before_anything_changes() {
     let mut c = cfg(4, vec![None]);
     // Room for exactly two blocks per head (k and v of 2 heads).
