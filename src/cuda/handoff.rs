@@ -1,21 +1,28 @@
-//! Handing part of a stream's work to a host thread and back, with no host function.
+//! Handing part of a stream's work to a host thread and back, with no host function and no
+//! driver call on the host thread.
 //!
 //! A CUDA host function runs on the driver's callback thread; one that blocks (waiting for a
 //! worker that itself waits on GPU work) can stall every stream of the process, and did: the
-//! first shared decode hung at 128K tokens. Here nothing on the driver's side ever blocks:
+//! first shared decode hung at 128K tokens. A worker that calls the driver at all (to wait for
+//! an event, or to destroy one) can also block behind the calling thread: a launch that finds
+//! the stream's queue full waits inside the driver until the GPU drains it, and the GPU waits
+//! for the worker. So the driver is called from the calling thread only:
 //!
-//! 1. the caller's stream records an event; a side stream waits on it and copies the query to
-//!    pinned host memory, then records `copied`;
-//! 2. the worker thread (a plain host thread) waits on `copied`, computes its rows into pinned
-//!    buffers, and publishes a sequence number into a pinned, device-mapped word;
-//! 3. the caller's stream waits for that word (`cuStreamWaitValue32`, a stream memory
-//!    operation) and only then runs the merge, which reads the rows through their mapped
-//!    addresses. Python keeps queueing later layers meanwhile.
+//! 1. the caller's stream records an event; a side stream waits on it, copies the query to
+//!    pinned host memory, then writes a sequence number into a pinned, device-mapped word
+//!    (`ready`; a stream memory operation, fenced behind the copy);
+//! 2. the worker thread (a plain host thread) polls `ready`, computes its rows into pinned
+//!    buffers, and publishes the same number into a second mapped word (`done`);
+//! 3. the caller's stream waits for `done` (`cuStreamWaitValue32`) and only then runs the
+//!    merge, which reads the rows through their mapped addresses. Python keeps queueing later
+//!    layers meanwhile.
 //!
 //! Every wait points backwards in submission order (a task needs only work queued before its
-//! own wait), so no interleaving of the queues can deadlock. The word is published on every
-//! path (success, error, panic, a task dropped unrun) by a drop guard, so the stream can never
-//! wait forever; the error itself is kept and raised by `finish` (the end of the step).
+//! own wait), so no interleaving of the queues can deadlock. `done` is published on every path
+//! (success, error, panic, a task dropped unrun) by a drop guard, so the stream can never wait
+//! forever; the error itself is kept and raised by `finish` (the end of the step). Should the
+//! GPU fail before it signals `ready`, the caller's `drain` sees the stream's error and tells
+//! the worker to give up, so nothing polls forever.
 //!
 //! Where the device refuses stream memory operations, tasks run synchronously on the calling
 //! thread instead (it waits for the query copy, computes, then queues the merge): slower, never
@@ -26,9 +33,10 @@ use super::stream::{self, Event, Stream};
 use super::{driver_err, Gpu};
 use crate::error::{Error, Result};
 use cudarc::driver::result as cu;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 /// What a task computes; its error is raised at the end of the step.
 pub type Task = Box<dyn FnOnce() -> Result<()> + Send>;
@@ -127,13 +135,12 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts the thread; `init` runs on it first (binding the CUDA context).
-    pub fn start(init: impl FnOnce() + Send + 'static) -> Result<Self> {
+    /// Starts the thread.
+    pub fn start() -> Result<Self> {
         let (tx, rx) = channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("headinfer-cpu-share".into())
             .spawn(move || {
-                init();
                 for job in rx {
                     job.run();
                 }
@@ -172,10 +179,24 @@ impl Worker {
 
     /// Waits until every task submitted so far has finished (run, failed, or dropped).
     pub fn drain(&self) {
+        self.drain_checking(|| {});
+    }
+
+    /// As `drain`, calling `check` every few milliseconds while tasks are outstanding (the
+    /// caller's chance to notice that what the tasks wait for will never come).
+    pub fn drain_checking(&self, mut check: impl FnMut()) {
         let (lock, cv) = &*self.progress;
         let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
         while p.finished < p.submitted {
-            p = cv.wait(p).unwrap_or_else(|e| e.into_inner());
+            let (guard, timeout) = cv
+                .wait_timeout(p, CHECK_EVERY)
+                .unwrap_or_else(|e| e.into_inner());
+            p = guard;
+            if timeout.timed_out() && p.finished < p.submitted {
+                drop(p);
+                check();
+                p = lock.lock().unwrap_or_else(|e| e.into_inner());
+            }
         }
     }
 
@@ -202,10 +223,14 @@ impl Drop for Worker {
     }
 }
 
+/// How often a draining caller checks that the GPU has not failed under the worker.
+const CHECK_EVERY: Duration = Duration::from_millis(20);
+
 /// How the caller's stream waits for a task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// `cuStreamWaitValue32` on a mapped word: the calling thread never waits.
+    /// Mapped words both ways (`cuStreamWriteValue32`, `cuStreamWaitValue32`): the calling
+    /// thread never waits and the worker never calls the driver.
     StreamWait,
     /// The device has no stream memory operations: the task runs on the calling thread.
     Synchronous,
@@ -222,13 +247,65 @@ pub struct Slot {
 /// Bytes between two layers' words: one cache line each.
 const WORD_STRIDE: usize = 64;
 
+/// That a layer's query has reached the host, or will: what `stage_query` gives `submit`.
+pub struct Ready {
+    layer: usize,
+    seq: u32,
+    /// Only where the device has no stream memory operations (the caller waits on it).
+    event: Option<Event>,
+}
+
+/// A mapped word the GPU writes, as the worker polls it.
+struct ReadyWord {
+    word: *const AtomicU32,
+    seq: u32,
+    abort: Arc<AtomicBool>,
+}
+
+// SAFETY: the word lies in pinned memory that outlives every task (`Handoff::drop` drains the
+// worker before freeing it); it is only read atomically.
+unsafe impl Send for ReadyWord {}
+
+impl ReadyWord {
+    /// Polls until the GPU has written `seq` (or more), spinning briefly, then yielding, then
+    /// sleeping; gives up once the caller saw the GPU fail (`abort`).
+    fn wait(&self) -> Result<()> {
+        let mut polls = 0u32;
+        loop {
+            // Acquire: the query bytes, written before the word (fenced), are visible after.
+            // SAFETY: valid per the `Send` note above.
+            if unsafe { &*self.word }.load(Ordering::Acquire) >= self.seq {
+                return Ok(());
+            }
+            if self.abort.load(Ordering::Relaxed) {
+                return Err(Error::Panic(
+                    "the GPU failed before the CPU share's query reached the host".into(),
+                ));
+            }
+            polls = polls.saturating_add(1);
+            if polls < 256 {
+                std::hint::spin_loop();
+            } else if polls < 1024 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+    }
+}
+
 /// A store's hand-off: side stream, worker, per-layer buffers and words.
 pub struct Handoff {
     gpu: Arc<Gpu>,
     side: Stream,
     worker: Worker,
     mode: Mode,
-    words: PinnedBuf,
+    /// Per layer, at `WORD_STRIDE`: the GPU signals the query copied (`ready`), the worker
+    /// its rows written (`done`).
+    ready: PinnedBuf,
+    done: PinnedBuf,
+    /// Set by the calling thread when the GPU failed: a polling worker gives up.
+    abort: Arc<AtomicBool>,
     seq: Vec<u32>,
     slots: Vec<Option<Slot>>,
 }
@@ -244,27 +321,32 @@ impl Handoff {
         let side = cu::stream::create(cu::stream::StreamKind::NonBlocking)
             .map_err(|e| driver_err("creating the CPU share stream", e))?;
         let side = Stream(side);
-        let words = PinnedBuf::take(gpu, layers.max(1) * WORD_STRIDE)?;
-        // SAFETY: `words` is owned here and nothing reads it yet.
-        unsafe { std::ptr::write_bytes(words.host_ptr(), 0, words.len()) };
-        // Probe once: a wait that is already satisfied (the word is 0) fails only where the
-        // device refuses stream memory operations.
-        // SAFETY: the word is mapped pinned memory owned by this hand-off.
-        let mode = match unsafe { stream::wait_value_geq(side, words.dev_ptr(), 0) } {
+        let words = || -> Result<PinnedBuf> {
+            let buf = PinnedBuf::take(gpu, layers.max(1) * WORD_STRIDE)?;
+            // SAFETY: `buf` is owned here and nothing reads it yet.
+            unsafe { std::ptr::write_bytes(buf.host_ptr(), 0, buf.len()) };
+            Ok(buf)
+        };
+        let (ready, done) = (words()?, words()?);
+        // Probe once: a wait that is already satisfied (the word is 0) and a write of the
+        // value the word holds fail only where the device refuses stream memory operations.
+        // SAFETY: the words are mapped pinned memory owned by this hand-off.
+        let probe = unsafe {
+            stream::wait_value_geq(side, done.dev_ptr(), 0)
+                .and_then(|()| stream::write_value(side, ready.dev_ptr(), 0))
+        };
+        let mode = match probe.and_then(|()| stream::synchronize(side)) {
             Ok(()) => Mode::StreamWait,
             Err(_) => Mode::Synchronous,
         };
-        let worker_gpu = gpu.clone();
-        let worker = Worker::start(move || {
-            // The tasks wait on events: the primary context must be current here.
-            let _ = worker_gpu.bind();
-        })?;
         Ok(Handoff {
             gpu: gpu.clone(),
             side,
-            worker,
+            worker: Worker::start()?,
             mode,
-            words,
+            ready,
+            done,
+            abort: Arc::default(),
             seq: vec![0; layers],
             slots: (0..layers).map(|_| None).collect(),
         })
@@ -307,72 +389,114 @@ impl Handoff {
     }
 
     /// Queues the copy of `bytes` of query rows at device address `query` into `layer`'s
-    /// pinned buffer, ordered after the work queued so far on `stream`. Returns the event
-    /// that marks the copy done.
+    /// pinned buffer, ordered after the work queued so far on `stream`, and the signal that it
+    /// is there.
     ///
     /// # Safety
     /// `query` must hold `bytes` readable bytes until the copy has run; the slot exists.
     pub unsafe fn stage_query(
-        &self,
+        &mut self,
         layer: usize,
         query: u64,
         bytes: usize,
         stream: Stream,
-    ) -> Result<Event> {
+    ) -> Result<Ready> {
         let slot = self.slots[layer].as_ref().expect("slot before stage");
         self.gpu.bind()?;
         stream::order(stream, self.side)?;
         // SAFETY: the pinned buffer holds `bytes` (checked by `slot`); the caller vouches for
         // the source.
         unsafe { stream::copy_to_host_async(slot.q.host_ptr(), query, bytes, self.side)? };
-        let copied = Event::new()?;
-        copied.record(self.side)?;
-        Ok(copied)
-    }
-
-    /// Hands `task` to the worker once `copied` is done, and makes `stream` wait for it.
-    /// The task runs whatever this returns; on `Err` the stream does not wait for it.
-    pub fn submit(
-        &mut self,
-        layer: usize,
-        copied: Event,
-        task: Task,
-        stream: Stream,
-    ) -> Result<()> {
-        let task: Task = Box::new(move || {
-            copied.synchronize()?;
-            drop(copied);
-            task()
-        });
+        let seq = self.seq[layer].wrapping_add(1).max(1);
         match self.mode {
-            Mode::Synchronous => {
-                self.worker.run_here(task);
-                Ok(())
-            }
             Mode::StreamWait => {
-                let seq = self.seq[layer].wrapping_add(1).max(1);
-                self.seq[layer] = seq;
-                let off = layer * WORD_STRIDE;
-                // SAFETY: the word lies in `self.words`, which outlives the worker (`drop`
-                // drains it first).
-                let word = unsafe { self.words.host_ptr().add(off) } as *const AtomicU32;
-                // SAFETY: as above.
-                self.worker.submit(task, unsafe { Publish::new(word, seq) });
-                // SAFETY: the word is mapped pinned memory of this hand-off, and the task just
-                // queued publishes `seq` there on every path.
-                unsafe { stream::wait_value_geq(stream, self.words.dev_ptr() + off as u64, seq) }
+                let off = (layer * WORD_STRIDE) as u64;
+                // SAFETY: the word is mapped pinned memory of this hand-off.
+                unsafe { stream::write_value(self.side, self.ready.dev_ptr() + off, seq)? };
+                Ok(Ready {
+                    layer,
+                    seq,
+                    event: None,
+                })
+            }
+            Mode::Synchronous => {
+                let copied = Event::new()?;
+                copied.record(self.side)?;
+                Ok(Ready {
+                    layer,
+                    seq,
+                    event: Some(copied),
+                })
             }
         }
     }
 
-    /// Waits for every task so far (not for the GPU).
+    /// Hands `task` to the worker once the query of `ready` is on the host, and makes
+    /// `stream` wait for it. The task runs whatever this returns; on `Err` the stream does
+    /// not wait for it.
+    pub fn submit(&mut self, layer: usize, ready: Ready, task: Task, stream: Stream) -> Result<()> {
+        if ready.layer != layer {
+            return Err(Error::value(
+                "layer",
+                format!(
+                    "the query was staged for layer {}, not {layer}",
+                    ready.layer
+                ),
+            ));
+        }
+        let off = layer * WORD_STRIDE;
+        match (self.mode, ready.event) {
+            (Mode::Synchronous, Some(copied)) => {
+                let task: Task = Box::new(move || {
+                    copied.synchronize()?;
+                    task()
+                });
+                self.worker.run_here(task);
+                Ok(())
+            }
+            (Mode::StreamWait, None) => {
+                self.seq[layer] = ready.seq;
+                let polled = ReadyWord {
+                    // SAFETY: the word lies in `self.ready`, which outlives the worker.
+                    word: unsafe { self.ready.host_ptr().add(off) } as *const AtomicU32,
+                    seq: ready.seq,
+                    abort: self.abort.clone(),
+                };
+                let task: Task = Box::new(move || {
+                    polled.wait()?;
+                    task()
+                });
+                // SAFETY: the word lies in `self.done`, which outlives the worker (`drop`
+                // drains it first).
+                let word = unsafe { self.done.host_ptr().add(off) } as *const AtomicU32;
+                // SAFETY: as above.
+                self.worker
+                    .submit(task, unsafe { Publish::new(word, ready.seq) });
+                // SAFETY: the word is mapped pinned memory of this hand-off, and the task just
+                // queued publishes `seq` there on every path.
+                unsafe {
+                    stream::wait_value_geq(stream, self.done.dev_ptr() + off as u64, ready.seq)
+                }
+            }
+            _ => unreachable!("stage_query makes a Ready of the hand-off's mode"),
+        }
+    }
+
+    /// Waits for every task so far (not for the GPU); if the side stream fails meanwhile, the
+    /// worker stops waiting for queries that will never arrive.
     pub fn drain(&self) {
-        self.worker.drain();
+        let (side, abort) = (self.side, &self.abort);
+        self.worker.drain_checking(|| {
+            if stream::check(side).is_err() {
+                abort.store(true, Ordering::Relaxed);
+            }
+        });
     }
 
     /// Waits for every task so far and raises the first error among them.
     pub fn finish(&self) -> Result<()> {
-        self.worker.finish()
+        self.drain();
+        self.worker.take_error().map_or(Ok(()), Err)
     }
 
     /// The error of an earlier task, if one failed (without waiting).
@@ -385,7 +509,7 @@ impl Drop for Handoff {
     fn drop(&mut self) {
         // Every task publishes before it counts as finished, so after `drain` no stream can
         // still be waiting on a word that nobody will write.
-        self.worker.drain();
+        self.drain();
         let _ = self.gpu.synchronize();
         // SAFETY: created in `new`, destroyed once, after the device finished its work.
         let _ = unsafe { cu::stream::destroy(self.side.0) };

@@ -129,3 +129,44 @@ pub unsafe fn wait_value_geq(stream: Stream, word: u64, value: u32) -> Result<()
     .result()
     .map_err(|e| driver_err("queueing a wait on the CPU share", e))
 }
+
+/// Queues a write of `value` into the 32-bit word at device address `word` on `stream`, after
+/// the work queued before it (with a system-wide fence: what that work wrote, a copy to host
+/// memory included, is visible before the word is).
+///
+/// # Safety
+/// `word` must be device memory or mapped pinned memory that outlives the write.
+pub unsafe fn write_value(stream: Stream, word: u64, value: u32) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        sys::cuStreamWriteValue32_v2(
+            stream.0,
+            word,
+            value,
+            sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
+        )
+    }
+    .result()
+    .map_err(|e| driver_err("queueing the CPU share's query signal", e))
+}
+
+/// Blocks the calling thread until `stream` has run everything queued on it.
+pub fn synchronize(stream: Stream) -> Result<()> {
+    // SAFETY: a stream handle of the bound context.
+    unsafe { sys::cuStreamSynchronize(stream.0) }
+        .result()
+        .map_err(|e| driver_err("waiting for a stream", e))
+}
+
+/// Whether `stream` has failed: `Err` with the driver's error once the context has one (a
+/// fault is sticky), `Ok` while its work runs or is done. Never blocks.
+pub fn check(stream: Stream) -> Result<()> {
+    // SAFETY: a stream handle of the bound context; the query only reads its state.
+    match unsafe { sys::cuStreamQuery(stream.0) } {
+        sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_NOT_READY => Ok(()),
+        e => Err(driver_err(
+            "running the CPU share's stream",
+            e.result().unwrap_err(),
+        )),
+    }
+}

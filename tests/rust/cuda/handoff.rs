@@ -1,6 +1,7 @@
 //! Unit tests of `src/cuda/handoff.rs` that need no GPU: the worker publishes its word on
 //! every path (success, error, panic, a task dropped unrun), and `finish` raises the first
-//! failure of the step and then clears it.
+//! failure of the step and then clears it; a task polls its `ready` word (no driver call) and
+//! gives up when a draining caller saw the GPU fail.
 
 use super::*;
 use std::sync::atomic::AtomicU32;
@@ -16,7 +17,7 @@ fn publish(w: &AtomicU32, v: u32) -> Publish {
 
 #[test]
 fn every_task_publishes_and_the_first_error_raises_once() {
-    let worker = Worker::start(|| {}).unwrap();
+    let worker = Worker::start().unwrap();
     let words: Vec<Box<AtomicU32>> = (0..4).map(|_| word()).collect();
     worker.submit(Box::new(|| Ok(())), publish(&words[0], 1));
     worker.submit(
@@ -43,7 +44,7 @@ fn every_task_publishes_and_the_first_error_raises_once() {
 
 #[test]
 fn a_panic_is_caught_and_reported() {
-    let worker = Worker::start(|| {}).unwrap();
+    let worker = Worker::start().unwrap();
     let w = word();
     worker.submit(
         Box::new(|| panic!("the worker panicked here")),
@@ -60,7 +61,7 @@ fn a_panic_is_caught_and_reported() {
 
 #[test]
 fn a_task_dropped_unrun_still_publishes_and_counts() {
-    let worker = Worker::start(|| {}).unwrap();
+    let worker = Worker::start().unwrap();
     let w = word();
     let job = worker.job(Box::new(|| Ok(())), Some(publish(&w, 9)));
     drop(job);
@@ -71,7 +72,7 @@ fn a_task_dropped_unrun_still_publishes_and_counts() {
 
 #[test]
 fn drain_waits_for_slow_tasks_and_run_here_is_synchronous() {
-    let worker = Worker::start(|| {}).unwrap();
+    let worker = Worker::start().unwrap();
     let w = word();
     let done = Arc::new(AtomicU32::new(0));
     let d = done.clone();
@@ -98,7 +99,7 @@ fn drain_waits_for_slow_tasks_and_run_here_is_synchronous() {
 fn dropping_the_worker_runs_what_was_queued() {
     let w = word();
     {
-        let worker = Worker::start(|| {}).unwrap();
+        let worker = Worker::start().unwrap();
         worker.submit(
             Box::new(|| {
                 std::thread::sleep(std::time::Duration::from_millis(20));
@@ -108,4 +109,61 @@ fn dropping_the_worker_runs_what_was_queued() {
         );
     }
     assert_eq!(w.load(Ordering::Acquire), 5);
+}
+
+#[test]
+fn a_task_polls_its_ready_word_without_the_driver() {
+    // The GPU's write of `ready` stands in as another thread's store.
+    let (ready, done) = (Arc::new(AtomicU32::new(0)), word());
+    let worker = Worker::start().unwrap();
+    let polled = ReadyWord {
+        word: Arc::as_ptr(&ready),
+        seq: 3,
+        abort: Arc::default(),
+    };
+    let ran = Arc::new(AtomicBool::new(false));
+    let seen = ran.clone();
+    worker.submit(
+        Box::new(move || {
+            polled.wait()?;
+            seen.store(true, Ordering::Release);
+            Ok(())
+        }),
+        publish(&done, 3),
+    );
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(
+        !ran.load(Ordering::Acquire),
+        "ran before its query was ready"
+    );
+    assert_eq!(done.load(Ordering::Acquire), 0);
+    ready.store(3, Ordering::Release);
+    worker.finish().unwrap();
+    assert!(ran.load(Ordering::Acquire));
+    assert_eq!(done.load(Ordering::Acquire), 3);
+}
+
+#[test]
+fn a_draining_caller_that_sees_the_gpu_fail_stops_the_poll() {
+    let (ready, done) = (Arc::new(AtomicU32::new(0)), word());
+    let abort = Arc::new(AtomicBool::new(false));
+    let worker = Worker::start().unwrap();
+    let polled = ReadyWord {
+        word: Arc::as_ptr(&ready),
+        seq: 1,
+        abort: abort.clone(),
+    };
+    worker.submit(Box::new(move || polled.wait()), publish(&done, 1));
+    let mut checks = 0;
+    worker.drain_checking(|| {
+        checks += 1;
+        if checks == 2 {
+            abort.store(true, Ordering::Relaxed);
+        }
+    });
+    assert!(checks >= 2);
+    // The stream waiting on `done` is released, and the step raises.
+    assert_eq!(done.load(Ordering::Acquire), 1);
+    let err = worker.finish().unwrap_err().to_string();
+    assert!(err.contains("query reached the host"), "{err}");
 }
