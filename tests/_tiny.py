@@ -273,3 +273,15 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     """max |got - ref| / max |ref|, in float64."""
     got, ref = got.double(), ref.double()
     return float((got - ref).abs().max() / ref.abs().max())
+
+
+def generate_scores(model: PreTrainedModel, new_tokens: int, **kw: object) -> Any:
+    """Greedy ``generate`` from ``prompt()`` with the scores of every step."""
+    return model.generate(
+        prompt(),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **kw,
+    )

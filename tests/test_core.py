@@ -2,50 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from _reference import reference
 
 from headinfer import _core
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Error against the float64 reference, relative to max |ref|: f32 accumulation either way.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-
-
-def naive(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    softcap: float | None = None,
-    window: int | None = None,
-    first_pos: int = 0,
-    sinks: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Reference in float64. q ``[Hq, Lq, D]``, k/v ``[Hk, Lk, D]`` holding positions
-    ``first_pos..first_pos+Lk``; query ``i`` sits at ``first_pos + Lk - Lq + i``. ``sinks``
-    ``[Hq]``: as transformers' gpt-oss eager attention, one more logit per row, dropped after
-    the softmax."""
-    hq, lq, _ = q.shape
-    hk, lk, _ = k.shape
-    g = hq // hk
-    kk = k.double().repeat_interleave(g, 0)
-    vv = v.double().repeat_interleave(g, 0)
-    s = q.double() @ kk.transpose(1, 2) * scale
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    qpos = torch.arange(lq) + first_pos + lk - lq
-    kpos = torch.arange(lk) + first_pos
-    keep = kpos[None, :] <= qpos[:, None]
-    if window is not None:
-        keep &= qpos[:, None] - kpos[None, :] < window
-    s = s.masked_fill(~keep, -math.inf)
-    if sinks is not None:
-        col = sinks.double()[:, None, None].expand(hq, lq, 1)
-        return torch.softmax(torch.cat([s, col], -1), -1)[..., :-1] @ vv
-    return torch.softmax(s, -1) @ vv
 
 
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -83,7 +48,7 @@ def test_attention_matches_naive(
     out = torch.full((hq, lq, d), float("nan"), dtype=dtype)
     scale = d**-0.5
     _core.attention(q, k, v, out, scale, softcap, window)
-    assert rel(out, naive(q, k, v, scale, softcap, window)) < TOL[dtype]
+    assert rel(out, reference(q, k, v, scale, softcap=softcap, window=window)) < TOL[dtype]
 
 
 def test_attention_takes_strided_views() -> None:
@@ -95,7 +60,7 @@ def test_attention_takes_strided_views() -> None:
     out4 = torch.zeros(1, 5, 4, 16)
     q, k, v = (t[0].transpose(0, 1) for t in (q4, k4, v4))
     _core.attention(q, k, v, out4[0].transpose(0, 1), 0.25)
-    ref = naive(q, k, v, 0.25)
+    ref = reference(q, k, v, 0.25)
     assert rel(out4[0].transpose(0, 1), ref) < 1e-5
 
 
@@ -188,10 +153,10 @@ def test_attention_with_sinks_matches_naive(
     out = torch.full((hq, lq, d), float("nan"), dtype=dtype)
     scale = d**-0.5
     _core.attention(q, k, v, out, scale, softcap, window, sinks=sinks)
-    ref = naive(q, k, v, scale, softcap, window, sinks=sinks)
+    ref = reference(q, k, v, scale, softcap=softcap, window=window, sinks=sinks)
     assert rel(out, ref) < TOL[dtype]
     # The sinks are not ignored: without them the result is another one.
-    assert rel(naive(q, k, v, scale, softcap, window), ref) > 10 * TOL[dtype]
+    assert rel(reference(q, k, v, scale, softcap=softcap, window=window), ref) > 10 * TOL[dtype]
 
 
 def test_attention_sinks_argument_is_checked() -> None:
@@ -212,7 +177,7 @@ def test_attention_sinks_argument_is_checked() -> None:
         store.attend(0, q, out, 0.25, sinks=torch.zeros(2))
     # None is no sinks, and a correct call still works after the errors.
     store.attend(0, q, out, 0.25, sinks=None)
-    assert rel(out, naive(q, k, v, 0.25)) < 1e-5
+    assert rel(out, reference(q, k, v, 0.25)) < 1e-5
 
 
 @pytest.mark.parametrize("softcap,window", [(None, None), (10.0, None), (None, 20), (3.0, 33)])
@@ -228,7 +193,8 @@ def test_store_attend_with_sinks_matches_naive(softcap: float | None, window: in
         s.append(0, ks[:, start:end], vs[:, start:end])
         out = torch.empty(4, end - start, 16)
         s.attend(0, q, out, 0.25, softcap, window, sinks=sinks)
-        ref = naive(q, ks[:, :end], vs[:, :end], 0.25, softcap, window, sinks=sinks)
+        seen_k, seen_v = ks[:, :end], vs[:, :end]
+        ref = reference(q, seen_k, seen_v, 0.25, softcap=softcap, window=window, sinks=sinks)
         assert rel(out, ref) < 1e-5
 
 
@@ -304,7 +270,7 @@ def test_store_attend_matches_naive(softcap: float | None, window: int | None) -
         s.append(0, ks[:, start:end], vs[:, start:end])
         out = torch.empty(4, end - start, 16)
         s.attend(0, q, out, 0.25, softcap, window)
-        ref = naive(q, ks[:, :end], vs[:, :end], 0.25, softcap, window)
+        ref = reference(q, ks[:, :end], vs[:, :end], 0.25, softcap=softcap, window=window)
         assert rel(out, ref) < 1e-5
 
 

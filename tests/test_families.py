@@ -16,6 +16,7 @@ from _tiny import (
     IMAGE_TOKEN,
     MULTIMODAL,
     PROMPT_LEN,
+    generate_scores,
     prompt,
     rel_err,
     tiny_model,
@@ -62,25 +63,12 @@ def _eager_logits(family: str) -> torch.Tensor:
 
 @cache
 def _eager_generate(family: str) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    out = _pair(family)[1].generate(
-        prompt(),
-        max_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
+    out = generate_scores(_pair(family)[1], NEW_TOKENS)
     return out.sequences, out.scores
 
 
 def _generate(model: torch.nn.Module, **kw: object):
-    return model.generate(
-        prompt(),
-        max_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        output_scores=True,
-        return_dict_in_generate=True,
-        **kw,
-    )
+    return generate_scores(model, NEW_TOKENS, **kw)
 
 
 def _returned_cache(out: dict) -> object:

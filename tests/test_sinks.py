@@ -12,7 +12,7 @@ from functools import cache
 
 import pytest
 import torch
-from _tiny import PROMPT_LEN, prompt, rel_err
+from _tiny import PROMPT_LEN, generate_scores, prompt, rel_err
 from _tiny_gpt_oss import tiny_gpt_oss
 from transformers import DynamicCache
 
@@ -42,25 +42,12 @@ def _eager_logits() -> torch.Tensor:
 
 @cache
 def _eager_generate() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    out = _pair()[1].generate(
-        prompt(),
-        max_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
+    out = generate_scores(_pair()[1], NEW_TOKENS)
     return out.sequences, out.scores
 
 
 def _generate(model: torch.nn.Module, **kw: object):
-    return model.generate(
-        prompt(),
-        max_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        output_scores=True,
-        return_dict_in_generate=True,
-        **kw,
-    )
+    return generate_scores(model, NEW_TOKENS, **kw)
 
 
 def test_the_tiny_model_is_what_the_tests_need() -> None:

@@ -12,6 +12,7 @@ import faulthandler
 
 import pytest
 import torch
+from _reference import reference
 
 from headinfer import _core
 
@@ -28,21 +29,6 @@ def _watchdog():
     faulthandler.dump_traceback_later(180, exit=True)
     yield
     faulthandler.cancel_dump_traceback_later()
-
-
-def reference(q, k, v, scale, window):
-    """q [hq, lq, d]; k, v [hkv, lk, d]; query i at position lk - lq + i. float64."""
-    g = q.shape[0] // k.shape[0]
-    lq, lk = q.shape[1], k.shape[1]
-    kk = k.double().repeat_interleave(g, 0)
-    vv = v.double().repeat_interleave(g, 0)
-    s = q.double() @ kk.transpose(1, 2) * scale
-    i = torch.arange(lk - lq, lk, device=q.device)[:, None]
-    j = torch.arange(lk, device=q.device)[None]
-    mask = j > i
-    if window:
-        mask |= i - j >= window
-    return s.masked_fill(mask, float("-inf")).softmax(-1) @ vv
 
 
 def _store(dtype, budget_pairs, cpu_heads=0):
@@ -129,7 +115,7 @@ def test_rollback_restores_attention_exactly(dtype, budget_pairs, cpu_heads):
     after = _read(store, q)
     assert _same(after, before)
     for layer, window in ((0, WINDOW), (1, None)):
-        ref = reference(q, k[:, :n0], v[:, :n0], D**-0.5, window)
+        ref = reference(q, k[:, :n0], v[:, :n0], D**-0.5, window=window)
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         assert (after[layer][2].double() - ref).abs().max().item() < tol
     # The store continues from there exactly as one that never took the step.
@@ -189,6 +175,6 @@ def test_rebalance_inside_a_step_then_rollback():
     assert _same(_read(store, q), before)
     # Growth still works after the moves.
     _append(store, k[:, 100:300], v[:, 100:300])
-    ref = reference(q, k[:, :300], v[:, :300], D**-0.5, None)
+    ref = reference(q, k[:, :300], v[:, :300], D**-0.5)
     out = _read(store, q)[1][2]
     assert (out.double() - ref).abs().max().item() < 2e-2

@@ -10,6 +10,7 @@ import gc
 
 import pytest
 import torch
+from _reference import reference
 
 from headinfer import _core
 
@@ -18,25 +19,6 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 DEV = "cuda"
-
-
-def reference(q, k, v, scale, softcap=None, window=None):
-    """q [hq, lq, d]; k, v [hkv, lk, d]; query i at position lk - lq + i. float64."""
-    hq, lq, d = q.shape
-    hkv, lk, _ = k.shape
-    g = hq // hkv
-    kk = k.double().repeat_interleave(g, 0)
-    vv = v.double().repeat_interleave(g, 0)
-    s = q.double() @ kk.transpose(1, 2) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    i = torch.arange(lk - lq, lk, device=q.device)[:, None]
-    j = torch.arange(lk, device=q.device)[None]
-    mask = j > i
-    if window:
-        mask |= i - j >= window
-    s = s.masked_fill(mask, float("-inf"))
-    return s.softmax(-1) @ vv
 
 
 def torch_error(q, k, v, scale, ref):
@@ -133,7 +115,7 @@ def test_softcap_and_window(softcap, window):
         window=window,
         stream=torch.cuda.current_stream().cuda_stream,
     )
-    assert rel(out, reference(q, k, v, 0.1, softcap, window)) < 1e-4
+    assert rel(out, reference(q, k, v, 0.1, softcap=softcap, window=window)) < 1e-4
 
 
 def test_dense_op_and_gather_match():
@@ -287,7 +269,7 @@ def test_shared_decode_cpu_and_gpu_match_reference(dtype, cpu_heads, softcap, wi
     out = torch.full_like(q, float("nan"))
     store.attend(0, q, out, d**-0.5, softcap, window, stream)
     store.finish_step()
-    ref = reference(q, k, v, d**-0.5, softcap, window)
+    ref = reference(q, k, v, d**-0.5, softcap=softcap, window=window)
     if dtype == torch.float32:
         assert rel(out, ref) < 1e-4
     else:

@@ -12,6 +12,7 @@ import faulthandler
 
 import pytest
 import torch
+from _reference import reference
 from _tiny import prompt, tiny_model, twin
 
 import headinfer
@@ -32,14 +33,6 @@ def _watchdog():
     yield
     faulthandler.cancel_dump_traceback_later()
     _core._inject_failure(None)
-
-
-def reference(q, k, v, scale):
-    """q [hq, 1, d] at the last position; k, v [hkv, lk, d]. float64, no mask needed."""
-    g = q.shape[0] // k.shape[0]
-    kk = k.double().repeat_interleave(g, 0)
-    vv = v.double().repeat_interleave(g, 0)
-    return (q.double() @ kk.transpose(1, 2) * scale).softmax(-1) @ vv
 
 
 def host_store(layers, hkv, d, n, *, block=256, cpu_heads=1, dtype=torch.float32):

@@ -14,6 +14,7 @@ import faulthandler
 
 import pytest
 import torch
+from _reference import reference
 from _tiny import prompt, rel_err
 from _tiny_gpt_oss import tiny_gpt_oss
 
@@ -39,29 +40,6 @@ def _watchdog():
 
 def stream() -> int:
     return torch.cuda.current_stream().cuda_stream
-
-
-def reference(q, k, v, scale, sinks=None, softcap=None, window=None):
-    """q [hq, lq, d]; k, v [hkv, lk, d]; query i at position lk - lq + i; sinks [hq]. float64,
-    the sink concatenated to the scores and dropped after the softmax (transformers' eager)."""
-    hq, lq, _ = q.shape
-    hkv, lk, _ = k.shape
-    g = hq // hkv
-    kk = k.double().repeat_interleave(g, 0)
-    vv = v.double().repeat_interleave(g, 0)
-    s = q.double() @ kk.transpose(1, 2) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    i = torch.arange(lk - lq, lk, device=q.device)[:, None]
-    j = torch.arange(lk, device=q.device)[None]
-    mask = j > i
-    if window:
-        mask |= i - j >= window
-    s = s.masked_fill(mask, float("-inf"))
-    if sinks is None:
-        return s.softmax(-1) @ vv
-    col = sinks.double()[:, None, None].expand(hq, lq, 1)
-    return torch.cat([s, col], -1).softmax(-1)[..., :-1] @ vv
 
 
 def torch_error(q, k, v, scale, ref, sinks):
@@ -135,7 +113,7 @@ def test_decode_kernel_folds_the_sink_once_per_row(dtype, budget_blocks, hkv, g,
         q = torch.randn(hkv * g, lq, d, device=DEV, dtype=dtype)
         out = torch.full_like(q, float("nan"))
         store.attend(0, q, out, scale, stream=stream(), sinks=sinks)
-        ref = reference(q, k, v, scale, sinks)
+        ref = reference(q, k, v, scale, sinks=sinks)
         if dtype == torch.float32:
             assert rel(out, ref) < 1e-4, lq
         else:
@@ -157,7 +135,7 @@ def test_decode_kernel_sinks_with_softcap_and_window(softcap, window):
     q = torch.randn(hkv * g, 1, d, device=DEV)
     out = torch.empty_like(q)
     store.attend(0, q, out, 0.1, softcap, window, stream=stream(), sinks=sinks)
-    assert rel(out, reference(q, k, v, 0.1, sinks, softcap, window)) < 1e-4
+    assert rel(out, reference(q, k, v, 0.1, sinks=sinks, softcap=softcap, window=window)) < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -178,7 +156,7 @@ def test_shared_decode_adds_the_sink_once(dtype):
         out = torch.full_like(q, float("nan"))
         store.attend(0, q, out, scale, stream=stream(), sinks=sinks)
         store.finish_step()
-        ref = reference(q, k, v, scale, sinks)
+        ref = reference(q, k, v, scale, sinks=sinks)
         if dtype == torch.float32:
             assert rel(out, ref) < 1e-4
         else:
@@ -197,7 +175,7 @@ def test_dense_op_with_sinks_and_its_checks():
             q = torch.randn(hkv * g, lq, d, device=DEV, dtype=dtype)
             out = torch.empty_like(q)
             _core.attention(q, k, v, out, d**-0.5, softcap, window, stream=stream(), sinks=sinks)
-            ref = reference(q, k, v, d**-0.5, sinks, softcap, window)
+            ref = reference(q, k, v, d**-0.5, sinks=sinks, softcap=softcap, window=window)
             tol = 1e-4 if dtype == torch.float32 else 3e-2
             assert rel(out, ref) < tol, (dtype, lq)
     q = torch.randn(hkv * g, 1, d, device=DEV)
@@ -227,7 +205,7 @@ def test_prefill_two_part_merge_folds_the_sink(dtype, past):
     # As the store's gather and the model hand them over: contiguous past, strided chunk.
     kp, vp = (None, None) if past == 0 else (k[:, :past].contiguous(), v[:, :past].contiguous())
     out = _two_part(q, kp, vp, k[:, past:], v[:, past:], d**-0.5, sinks)
-    ref = reference(q[0], k, v, d**-0.5, sinks)
+    ref = reference(q[0], k, v, d**-0.5, sinks=sinks)
     if dtype == torch.float32:
         assert rel(out[0], ref) < 1e-4
     else:
