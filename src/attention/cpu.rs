@@ -134,8 +134,8 @@ pub fn attend_lse_into<E: Element, S: KvSource<E>>(
     Ok(())
 }
 
-/// `attend_lse` on the instruction set `isa` (tests and benchmarks compare them through
-/// `testing`); an error if this CPU lacks it.
+/// `attend_lse` on the instruction set `isa`, with `attend`'s checks (tests and benchmarks
+/// compare the sets through `testing`); an error if this CPU lacks it.
 pub(crate) fn attend_lse_on<E: Element, S: KvSource<E>>(
     isa: Isa,
     query: View3<'_, E>,
@@ -143,6 +143,8 @@ pub(crate) fn attend_lse_on<E: Element, S: KvSource<E>>(
     params: &Params,
     sinks: Option<&[f32]>,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    check(query.shape[0], query.shape[1], query.shape[2], kv, params)?;
+    check_sinks(sinks, query.shape[0])?;
     if !isa.supported() {
         return Err(Error::value(
             "isa",

@@ -107,7 +107,11 @@ fn check_lengths<E>(
     b: &[f32],
     b_width: usize,
 ) {
-    assert!(n <= TK && n <= kv.len, "{n} keys of a tile of {TK}");
+    assert!(
+        n <= TK && n <= kv.len,
+        "{n} keys of a tile of {} rows",
+        kv.len
+    );
     assert!(kv.stride >= kv.width);
     assert!(n == 0 || (n - 1) * kv.stride + kv.width <= kv.data.len());
     assert!(a.len() >= rows * a_width && b.len() >= rows * b_width);
@@ -862,3 +866,7 @@ mod x86 {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "../../tests/rust/cpu/simd.rs"]
+mod tests;
