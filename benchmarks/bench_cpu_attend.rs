@@ -3,7 +3,7 @@
 //! head_dim 128), in bf16 and f16, with rayon's default pool (one thread per core). The rate
 //! is the KV bytes read (keys + values) per second of the whole call, merge included.
 //!
-//!     cargo bench --bench bench_cpu_attend -- [tokens=131072] [iters=10]
+//!     cargo bench --bench bench_cpu_attend -- [tokens=131072] [iters=10] [scalar,avx2,avx512]
 //!
 //! Prints one line per (dtype, instruction set): median and best seconds per call, GB/s.
 
@@ -33,7 +33,7 @@ fn fill<E: Element>(n: usize, seed: u64) -> Vec<E> {
         .collect()
 }
 
-fn run<E: Element>(tokens: usize, iters: usize) {
+fn run<E: Element>(tokens: usize, iters: usize, isas: &[Isa]) {
     let k = fill::<E>(KV_HEADS * tokens * HEAD_DIM, 1);
     let v = fill::<E>(KV_HEADS * tokens * HEAD_DIM, 2);
     let q = fill::<E>(KV_HEADS * GROUP * HEAD_DIM, 3);
@@ -50,7 +50,7 @@ fn run<E: Element>(tokens: usize, iters: usize) {
     };
     let bytes = 2.0 * (k.len() * std::mem::size_of::<E>()) as f64;
     let mut first: Option<Vec<f32>> = None;
-    for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+    for &isa in isas {
         let mut times = Vec::with_capacity(iters);
         for i in 0..iters + 2 {
             let t0 = Instant::now();
@@ -93,6 +93,16 @@ fn main() {
         .filter_map(|a| a.parse().ok())
         .collect();
     let tokens = nums.first().copied().unwrap_or(131_072);
+    // The sets to run (default: every one this CPU supports).
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a.chars().next().is_some_and(|c| c.is_ascii_alphabetic()))
+        .flat_map(|a| a.split(',').map(str::to_owned).collect::<Vec<_>>())
+        .collect();
+    let isas: Vec<Isa> = Isa::ALL
+        .into_iter()
+        .filter(|i| i.supported() && (named.is_empty() || named.iter().any(|n| n == i.name())))
+        .collect();
     let iters = nums.get(1).copied().unwrap_or(10).max(1);
     println!(
         "CPU decode attend: {KV_HEADS} kv heads x {GROUP} q per kv x head_dim {HEAD_DIM}, \
@@ -100,6 +110,6 @@ fn main() {
         rayon::current_num_threads(),
         Isa::best()
     );
-    run::<bf16>(tokens, iters);
-    run::<f16>(tokens, iters);
+    run::<bf16>(tokens, iters, &isas);
+    run::<f16>(tokens, iters, &isas);
 }
