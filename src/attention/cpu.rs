@@ -7,13 +7,21 @@
 //! tiles of `TK`, accumulation in f32. Work is split over (kv head, query tile) and, when
 //! that leaves cores idle (decode), over key ranges whose partial results merge by
 //! log-sum-exp. The caller releases the GIL around `attend`.
+//!
+//! The hot loops (scores, `p . V`) are `cpu::simd`'s, for the instruction set detected at run
+//! time; each task's scratch is the worker thread's, and a decode's partial results the
+//! calling thread's, reused from step to step: a decode step allocates only its result.
 
 use super::args::{check_shapes, check_sinks, Params};
 use crate::cpu::math::{exp_tile, softcap_tile, TK};
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::simd::{Avx2, Avx512};
+use crate::cpu::simd::{Isa, Kernels, Scalar};
 use crate::error::{Error, Result};
 use crate::store::view::{KvSource, Segment};
-use crate::tensor::{Element, View3};
+use crate::tensor::{Element, Rows, View3};
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// Rows (queries x heads of a GQA group) processed together in one task.
 const ROWS_PER_TASK: usize = 48;
@@ -54,15 +62,15 @@ impl<E: Element> KvSource<E> for DenseKv<'_, E> {
         0
     }
     fn segments(&self, head: usize, a: usize, b: usize) -> Vec<Segment<'_, E>> {
+        self.next_segment(head, a, b).into_iter().collect()
+    }
+    fn next_segment(&self, head: usize, a: usize, b: usize) -> Option<Segment<'_, E>> {
         let b = b.min(self.len());
-        if a >= b {
-            return Vec::new();
-        }
-        vec![Segment {
+        (a < b).then(|| Segment {
             pos: a,
             k: self.k.rows(head).slice(a, b),
             v: self.v.rows(head).slice(a, b),
-        }]
+        })
     }
 }
 
@@ -95,11 +103,182 @@ pub fn attend_lse<E: Element, S: KvSource<E>>(
     params: &Params,
     sinks: Option<&[f32]>,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    attend_lse_on(Isa::best(), query, kv, params, sinks)
+}
+
+/// As `attend_lse`, into the caller's `out` (`[num_q_heads, q_len, head_dim]`) and `lse`
+/// (`[num_q_heads, q_len]`): with buffers kept from step to step, a decode step allocates
+/// nothing at all.
+pub fn attend_lse_into<E: Element, S: KvSource<E>>(
+    query: View3<'_, E>,
+    kv: &S,
+    params: &Params,
+    sinks: Option<&[f32]>,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    let [hq, lq, d] = query.shape;
+    if out.len() != hq * lq * d {
+        return Err(Error::value(
+            "out",
+            format!("holds {} values, the output has {}", out.len(), hq * lq * d),
+        ));
+    }
+    if lse.len() != hq * lq {
+        return Err(Error::value(
+            "lse",
+            format!("holds {} values, one per row is {}", lse.len(), hq * lq),
+        ));
+    }
+    run(Isa::best(), query, kv, params, sinks, out, lse);
+    Ok(())
+}
+
+/// `attend_lse` on the instruction set `isa`, with `attend`'s checks (tests and benchmarks
+/// compare the sets through `testing`); an error if this CPU lacks it.
+pub(crate) fn attend_lse_on<E: Element, S: KvSource<E>>(
+    isa: Isa,
+    query: View3<'_, E>,
+    kv: &S,
+    params: &Params,
+    sinks: Option<&[f32]>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    check(query.shape[0], query.shape[1], query.shape[2], kv, params)?;
+    check_sinks(sinks, query.shape[0])?;
+    if !isa.supported() {
+        return Err(Error::value(
+            "isa",
+            format!("this CPU does not support {}", isa.name()),
+        ));
+    }
+    let [hq, lq, d] = query.shape;
+    let mut out = vec![0f32; hq * lq * d];
+    let mut lse = vec![f32::NEG_INFINITY; hq * lq];
+    run(isa, query, kv, params, sinks, &mut out, &mut lse);
+    Ok((out, lse))
+}
+
+fn check<E: Element, S: KvSource<E>>(
+    hq: usize,
+    lq: usize,
+    d: usize,
+    kv: &S,
+    params: &Params,
+) -> Result<()> {
+    if d != kv.head_dim() {
+        return Err(Error::value(
+            "query",
+            format!("head_dim is {d}, the keys have {}", kv.head_dim()),
+        ));
+    }
+    check_shapes(hq, lq, kv.num_kv_heads(), kv.len(), kv.start(), params)
+}
+
+struct TaskSpec {
+    kvh: usize,
+    q0: usize,
+    q1: usize,
+    /// Key positions `a..b`.
+    a: usize,
+    b: usize,
+}
+
+/// One call's tasks and their partial results (per task, `rows` slots of: the unnormalised
+/// output `[rows, head_dim]`, the running max and the running sum), kept by the calling thread.
+#[derive(Default)]
+struct CallScratch {
+    tasks: Vec<TaskSpec>,
+    o: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+}
+
+impl CallScratch {
+    fn bytes(&self) -> usize {
+        (self.o.capacity() + self.m.capacity() + self.l.capacity()) * 4
+            + self.tasks.capacity() * std::mem::size_of::<TaskSpec>()
+    }
+}
+
+/// One task's working memory, kept by the worker thread.
+#[derive(Default)]
+struct TaskScratch {
+    /// The task's query rows, scaled, as f32: `[rows, head_dim]`.
+    qf: Vec<f32>,
+    /// Per row, the key positions it sees.
+    bounds: Vec<(usize, usize)>,
+    /// Per row, a tile's scores, then probabilities: `[rows, TK]`.
+    s: Vec<f32>,
+    /// Many rows: a key tile as f32, transposed (`[head_dim, TK]`) ...
+    kt: Vec<f32>,
+    /// ... and a value tile as f32 (`[TK, head_dim]`).
+    vf: Vec<f32>,
+}
+
+fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+}
+
+/// A calling thread keeps its partial results' buffers up to this size between calls (a
+/// decode's are far smaller); a larger call (a long CPU prefill) frees them when it ends.
+const KEEP_CALL_BYTES: usize = 16 << 20;
+
+thread_local! {
+    static CALL: RefCell<CallScratch> = RefCell::new(CallScratch::default());
+    static TASK: RefCell<TaskScratch> = RefCell::new(TaskScratch::default());
+}
+
+/// `attend_lse`'s work into `out` and `lse` (of the right lengths), on a supported `isa`.
+fn run<E: Element, S: KvSource<E>>(
+    isa: Isa,
+    query: View3<'_, E>,
+    kv: &S,
+    params: &Params,
+    sinks: Option<&[f32]>,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    CALL.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut c) => {
+            run_with(&mut c, isa, query, kv, params, sinks, out, lse);
+            if c.bytes() > KEEP_CALL_BYTES {
+                *c = CallScratch::default();
+            }
+        }
+        // This thread is inside a call already (a rayon worker that took another call's work
+        // while it waits): this call gets buffers of its own.
+        Err(_) => run_with(
+            &mut CallScratch::default(),
+            isa,
+            query,
+            kv,
+            params,
+            sinks,
+            out,
+            lse,
+        ),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_with<E: Element, S: KvSource<E>>(
+    c: &mut CallScratch,
+    isa: Isa,
+    query: View3<'_, E>,
+    kv: &S,
+    params: &Params,
+    sinks: Option<&[f32]>,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    out.fill(0.0);
+    lse.fill(f32::NEG_INFINITY);
     let [hq, lq, d] = query.shape;
     let hkv = kv.num_kv_heads();
-    let out_len = hq * lq * d;
-    if out_len == 0 {
-        return Ok((Vec::new(), Vec::new()));
+    if out.is_empty() {
+        return;
     }
     let g = hq / hkv;
     let tq = (ROWS_PER_TASK / g).clamp(1, lq);
@@ -108,7 +287,8 @@ pub fn attend_lse<E: Element, S: KvSource<E>>(
     let threads = rayon::current_num_threads();
 
     // Tasks: (kv head, query tile, key range), the key ranges of one tile adjacent.
-    let mut tasks = Vec::new();
+    let CallScratch { tasks, o, m, l } = c;
+    tasks.clear();
     for kvh in 0..hkv {
         for t in 0..ntiles {
             let (q0, q1) = (t * tq, ((t + 1) * tq).min(lq));
@@ -139,19 +319,33 @@ pub fn attend_lse<E: Element, S: KvSource<E>>(
         }
     }
 
-    let partials: Vec<Partial> = tasks
+    // Every task has `slots` rows of partial results; the last query tile may use fewer.
+    let slots = tq * g;
+    let n = tasks.len();
+    grow(o, n * slots * d);
+    grow(m, n * slots);
+    grow(l, n * slots);
+    let (o, m, l) = (
+        &mut o[..n * slots * d],
+        &mut m[..n * slots],
+        &mut l[..n * slots],
+    );
+    tasks
         .par_iter()
-        .map(|t| run_task(&query, kv, params, g, first_pos, t))
-        .collect();
+        .zip(o.par_chunks_mut(slots * d))
+        .zip(m.par_chunks_mut(slots))
+        .zip(l.par_chunks_mut(slots))
+        .for_each(|(((t, o), m), l)| {
+            let part = Part { o, m, l };
+            run_task(isa, &query, kv, params, g, first_pos, t, part)
+        });
 
     // Merge the key ranges of each (kv head, query tile) and normalise.
-    let mut out = vec![0f32; out_len];
-    let mut lse = vec![f32::NEG_INFINITY; hq * lq];
     let mut i = 0;
-    while i < tasks.len() {
+    while i < n {
         let (kvh, q0, q1) = (tasks[i].kvh, tasks[i].q0, tasks[i].q1);
         let mut j = i + 1;
-        while j < tasks.len() && tasks[j].kvh == kvh && tasks[j].q0 == q0 {
+        while j < n && tasks[j].kvh == kvh && tasks[j].q0 == q0 {
             j += 1;
         }
         let rows = (q1 - q0) * g;
@@ -159,293 +353,325 @@ pub fn attend_lse<E: Element, S: KvSource<E>>(
             let (qi, gh) = (q0 + r / g, r % g);
             // The sink: one more logit of this row, with no value (once, here).
             let sink = sinks.map_or(f32::NEG_INFINITY, |s| s[kvh * g + gh]);
-            let m = partials[i..j].iter().map(|p| p.m[r]).fold(sink, f32::max);
+            let mx = (i..j).map(|p| m[p * slots + r]).fold(sink, f32::max);
             let dst = &mut out[((kvh * g + gh) * lq + qi) * d..][..d];
-            let mut l = if sink == f32::NEG_INFINITY {
+            let mut sum = if sink == f32::NEG_INFINITY {
                 0f32
             } else {
-                (sink - m).exp()
+                (sink - mx).exp()
             };
-            for p in &partials[i..j] {
-                if p.m[r] == f32::NEG_INFINITY {
+            for p in i..j {
+                let pm = m[p * slots + r];
+                if pm == f32::NEG_INFINITY {
                     continue;
                 }
-                let w = (p.m[r] - m).exp();
-                l += p.l[r] * w;
-                for (o, &x) in dst.iter_mut().zip(&p.o[r * d..(r + 1) * d]) {
+                let w = (pm - mx).exp();
+                sum += l[p * slots + r] * w;
+                let src = &o[(p * slots + r) * d..][..d];
+                for (o, &x) in dst.iter_mut().zip(src) {
                     *o += x * w;
                 }
             }
-            // l == 0 only where a share of the keys holds none this row sees (and no sink).
-            if l > 0.0 {
-                let inv = 1.0 / l;
+            // sum == 0 only where a share of the keys holds none this row sees (and no sink).
+            if sum > 0.0 {
+                let inv = 1.0 / sum;
                 dst.iter_mut().for_each(|o| *o *= inv);
-                lse[(kvh * g + gh) * lq + qi] = m + l.ln();
+                lse[(kvh * g + gh) * lq + qi] = mx + sum.ln();
             }
         }
         i = j;
     }
-    Ok((out, lse))
 }
 
-fn check<E: Element, S: KvSource<E>>(
-    hq: usize,
-    lq: usize,
-    d: usize,
-    kv: &S,
-    params: &Params,
-) -> Result<()> {
-    if d != kv.head_dim() {
-        return Err(Error::value(
-            "query",
-            format!("head_dim is {d}, the keys have {}", kv.head_dim()),
-        ));
-    }
-    check_shapes(hq, lq, kv.num_kv_heads(), kv.len(), kv.start(), params)
+/// A task's partial results: `o` `[rows, head_dim]`, `m` and `l` `[rows]` (at least).
+struct Part<'a> {
+    o: &'a mut [f32],
+    m: &'a mut [f32],
+    l: &'a mut [f32],
 }
 
-struct TaskSpec {
-    kvh: usize,
-    q0: usize,
-    q1: usize,
-    /// Key positions `a..b`.
-    a: usize,
-    b: usize,
-}
-
-/// Rows' unnormalised output `[rows, head_dim]`, running max and running sum.
-struct Partial {
-    o: Vec<f32>,
-    m: Vec<f32>,
-    l: Vec<f32>,
-}
-
+#[allow(clippy::too_many_arguments)]
 fn run_task<E: Element, S: KvSource<E>>(
+    isa: Isa,
     q: &View3<'_, E>,
     kv: &S,
     params: &Params,
     g: usize,
     first_pos: usize,
     t: &TaskSpec,
-) -> Partial {
-    let segs = kv.segments(t.kvh, t.a, t.b);
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return unsafe { task_avx2(q, &segs, params, g, first_pos, t) };
-        }
-    }
-    task_impl::<E, false>(q, &segs, params, g, first_pos, t)
+    part: Part<'_>,
+) {
+    TASK.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut sc) => dispatch(isa, q, kv, params, g, first_pos, t, part, &mut sc),
+        Err(_) => dispatch(
+            isa,
+            q,
+            kv,
+            params,
+            g,
+            first_pos,
+            t,
+            part,
+            &mut TaskScratch::default(),
+        ),
+    })
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn task_avx2<E: Element>(
+/// Runs the task with `isa`'s kernels, compiled for its instruction set.
+#[allow(clippy::too_many_arguments)]
+fn dispatch<E: Element, S: KvSource<E>>(
+    isa: Isa,
     q: &View3<'_, E>,
-    segs: &[Segment<'_, E>],
+    kv: &S,
     params: &Params,
     g: usize,
     first_pos: usize,
     t: &TaskSpec,
-) -> Partial {
-    task_impl::<E, true>(q, segs, params, g, first_pos, t)
+    part: Part<'_>,
+    sc: &mut TaskScratch,
+) {
+    // Callers pass only a supported `isa`; checked again here (a cached flag test per task)
+    // so that the unsafe calls below rest on this function alone.
+    assert!(isa.supported(), "{} is not supported", isa.name());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512 F/BW/VL, AVX2, FMA and F16C (asserted above).
+        Isa::Avx512 => unsafe { task_avx512(q, kv, params, g, first_pos, t, part, sc) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2, FMA and F16C (asserted above).
+        Isa::Avx2 => unsafe { task_avx2(q, kv, params, g, first_pos, t, part, sc) },
+        _ => task_impl::<E, S, Scalar>(q, kv, params, g, first_pos, t, part, sc),
+    }
 }
 
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn task_avx2<E: Element, S: KvSource<E>>(
+    q: &View3<'_, E>,
+    kv: &S,
+    params: &Params,
+    g: usize,
+    first_pos: usize,
+    t: &TaskSpec,
+    part: Part<'_>,
+    sc: &mut TaskScratch,
+) {
+    task_impl::<E, S, Avx2>(q, kv, params, g, first_pos, t, part, sc)
+}
+
+/// # Safety
+/// The CPU supports AVX-512 F/BW/VL, AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn task_avx512<E: Element, S: KvSource<E>>(
+    q: &View3<'_, E>,
+    kv: &S,
+    params: &Params,
+    g: usize,
+    first_pos: usize,
+    t: &TaskSpec,
+    part: Part<'_>,
+    sc: &mut TaskScratch,
+) {
+    task_impl::<E, S, Avx512>(q, kv, params, g, first_pos, t, part, sc)
+}
+
+/// `a * b + c`, fused where `fma` (a constant of the instruction set) says so.
 #[inline(always)]
-fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
+fn fmadd(fma: bool, a: f32, b: f32, c: f32) -> f32 {
+    if fma {
         a.mul_add(b, c)
     } else {
         a * b + c
     }
 }
 
+/// One task: rows `(q1 - q0) * g` over keys `a..b` of kv head `kvh`, into `part`. `K`'s
+/// instruction set must be the CPU's (its callers run it inside a wrapper compiled for it).
 #[inline(always)]
-fn task_impl<E: Element, const FMA: bool>(
+#[allow(clippy::too_many_arguments)]
+fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
     q: &View3<'_, E>,
-    segs: &[Segment<'_, E>],
+    kv: &S,
     params: &Params,
     g: usize,
     first_pos: usize,
     t: &TaskSpec,
-) -> Partial {
+    part: Part<'_>,
+    sc: &mut TaskScratch,
+) {
     let d = q.shape[2];
     let rows = (t.q1 - t.q0) * g;
+    // Few rows (decode): read K and V where they lie. Many rows (prefill): convert each
+    // tile once, K transposed, so every row's scores are contiguous FMAs.
+    let direct = rows < DIRECT_BELOW_ROWS;
+    grow(&mut sc.qf, rows * d);
+    grow(&mut sc.bounds, rows);
+    grow(&mut sc.s, rows * TK);
+    if !direct {
+        grow(&mut sc.kt, d * TK);
+        grow(&mut sc.vf, TK * d);
+    }
+    let qf = &mut sc.qf[..rows * d];
+    let bounds = &mut sc.bounds[..rows];
+    let s = &mut sc.s[..rows * TK];
+    let (kt, vf) = (&mut sc.kt, &mut sc.vf);
     // Row r is query q0 + r / g of q head kvh * g + r % g.
-    let mut qf = vec![0f32; rows * d];
     for r in 0..rows {
         let src = q.row(t.kvh * g + r % g, t.q0 + r / g);
         for (x, &y) in qf[r * d..(r + 1) * d].iter_mut().zip(src) {
             *x = y.to_f32() * params.scale;
         }
+        let pos = first_pos + t.q0 + r / g;
+        let lo = params.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        bounds[r] = (lo, pos + 1);
     }
-    let bounds: Vec<(usize, usize)> = (0..rows)
-        .map(|r| {
-            let pos = first_pos + t.q0 + r / g;
-            let lo = params.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            (lo, pos + 1)
-        })
-        .collect();
-    let mut o = vec![0f32; rows * d];
-    let mut m = vec![f32::NEG_INFINITY; rows];
-    let mut l = vec![0f32; rows];
-    // Few rows (decode): read K and V where they lie. Many rows (prefill): convert each
-    // tile once, K transposed, so every row's scores are contiguous FMAs.
-    let direct = rows < DIRECT_BELOW_ROWS;
-    let (mut kt, mut vf) = if direct {
-        (Vec::new(), Vec::new())
-    } else {
-        (vec![0f32; d * TK], vec![0f32; TK * d])
-    };
+    let (o, m, l) = (
+        &mut part.o[..rows * d],
+        &mut part.m[..rows],
+        &mut part.l[..rows],
+    );
+    o.fill(0.0);
+    m.fill(f32::NEG_INFINITY);
+    l.fill(0.0);
 
-    for seg in segs {
+    let mut at = t.a;
+    while let Some(seg) = kv.next_segment(t.kvh, at, t.b) {
+        if seg.k.len == 0 {
+            break;
+        }
+        at = seg.pos + seg.k.len;
         let mut off = 0;
         while off < seg.k.len {
             let n = TK.min(seg.k.len - off);
             let c0 = seg.pos + off;
-            if !direct {
+            let sees = |&(lo, hi): &(usize, usize)| c0 < hi && c0 + n > lo;
+            // The rows that see a key of this tile: one run, as both bounds grow with r.
+            let Some(r0) = bounds.iter().position(sees) else {
+                off += n;
+                continue;
+            };
+            let r1 = r0 + bounds[r0..].iter().take_while(|b| sees(b)).count();
+            let (kr, vr) = (seg.k.slice(off, off + n), seg.v.slice(off, off + n));
+            if direct {
+                // SAFETY: K's instruction set is the CPU's (this function's contract).
+                unsafe { K::scores(&qf[r0 * d..r1 * d], r1 - r0, &kr, n, &mut s[r0 * TK..]) };
+            } else {
                 for j in 0..n {
-                    for (dd, &x) in seg.k.row(off + j).iter().enumerate() {
+                    for (dd, &x) in kr.row(j).iter().enumerate() {
                         kt[dd * TK + j] = x.to_f32();
                     }
-                    for (y, &x) in vf[j * d..(j + 1) * d].iter_mut().zip(seg.v.row(off + j)) {
+                    for (y, &x) in vf[j * d..(j + 1) * d].iter_mut().zip(vr.row(j)) {
                         *y = x.to_f32();
                     }
                 }
-            }
-            for (r, &(lo, hi)) in bounds.iter().enumerate() {
-                if c0 >= hi || c0 + n <= lo {
-                    continue;
-                }
-                let full = n == TK && c0 >= lo && c0 + n <= hi;
-                let mut s = [0f32; TK];
-                let qrow = &qf[r * d..(r + 1) * d];
-                if direct {
-                    for (j, x) in s.iter_mut().enumerate().take(n) {
-                        *x = dot::<E, FMA>(qrow, seg.k.row(off + j));
-                    }
-                } else {
-                    for (dd, &qd) in qrow.iter().enumerate() {
+                for r in r0..r1 {
+                    let sr: &mut [f32; TK] = (&mut s[r * TK..(r + 1) * TK]).try_into().expect("TK");
+                    *sr = [0f32; TK];
+                    for (dd, &qd) in qf[r * d..(r + 1) * d].iter().enumerate() {
                         let ktr: &[f32; TK] = kt[dd * TK..(dd + 1) * TK].try_into().expect("TK");
                         for j in 0..TK {
-                            s[j] = fmadd::<FMA>(qd, ktr[j], s[j]);
+                            sr[j] = fmadd(K::FMA, qd, ktr[j], sr[j]);
                         }
                     }
                 }
-                if let Some(cap) = params.softcap {
-                    softcap_tile(&mut s, cap);
-                }
-                let visible = |j: usize| j < n && c0 + j >= lo && c0 + j < hi;
-                if !full {
-                    for (j, x) in s.iter_mut().enumerate() {
-                        if !visible(j) {
-                            *x = f32::NEG_INFINITY;
-                        }
-                    }
-                }
-                let mut m8 = [f32::NEG_INFINITY; 8];
-                for (j, &x) in s.iter().enumerate() {
-                    m8[j % 8] = m8[j % 8].max(x);
-                }
-                let m_new = m8.iter().fold(m[r], |a, &b| a.max(b));
-                let alpha = if m[r] == f32::NEG_INFINITY {
-                    0.0
-                } else {
-                    (m[r] - m_new).exp()
-                };
-                for x in s.iter_mut() {
-                    *x -= m_new;
-                }
-                exp_tile(&mut s);
-                if !full {
-                    for (j, x) in s.iter_mut().enumerate() {
-                        if !visible(j) {
-                            *x = 0.0;
-                        }
-                    }
-                }
-                let mut sum8 = [0f32; 8];
-                for (j, &x) in s.iter().enumerate() {
-                    sum8[j % 8] += x;
-                }
-                l[r] = l[r] * alpha + sum8.iter().sum::<f32>();
-                m[r] = m_new;
-                let orow = &mut o[r * d..(r + 1) * d];
-                if alpha != 1.0 {
-                    orow.iter_mut().for_each(|x| *x *= alpha);
-                }
+            }
+            for r in r0..r1 {
+                let (lo, hi) = bounds[r];
+                let sr: &mut [f32; TK] = (&mut s[r * TK..(r + 1) * TK]).try_into().expect("TK");
+                softmax_tile(
+                    sr,
+                    n,
+                    c0,
+                    lo,
+                    hi,
+                    params.softcap,
+                    &mut m[r],
+                    &mut l[r],
+                    &mut o[r * d..(r + 1) * d],
+                );
+            }
+            // SAFETY: K's instruction set is the CPU's (this function's contract).
+            unsafe {
                 if direct {
-                    pv_accumulate::<E, FMA>(orow, &s, n, |j| seg.v.row(off + j));
+                    K::pv(&s[r0 * TK..], r1 - r0, &vr, n, &mut o[r0 * d..r1 * d]);
                 } else {
-                    pv_accumulate::<f32, FMA>(orow, &s, n, |j| &vf[j * d..(j + 1) * d]);
+                    let vt = Rows {
+                        data: &vf[..n * d],
+                        stride: d,
+                        len: n,
+                        width: d,
+                    };
+                    K::pv(&s[r0 * TK..], r1 - r0, &vt, n, &mut o[r0 * d..r1 * d]);
                 }
             }
             off += n;
         }
     }
-    Partial { o, m, l }
 }
 
-/// `q . k` with eight independent accumulators (a plain sum would not vectorise).
+/// One row's online-softmax step over a tile of scores `s` (keys `c0..c0 + n`, of which
+/// it sees `lo..hi`): turns `s` into the tile's probabilities against the new running max
+/// `m`, updates the running sum `l` and rescales the output row `o` to the new max.
 #[inline(always)]
-fn dot<E: Element, const FMA: bool>(q: &[f32], k: &[E]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (qc, kc) = (q.chunks_exact(8), k.chunks_exact(8));
-    let (qr, kr) = (qc.remainder(), kc.remainder());
-    for (a, b) in qc.zip(kc) {
-        for l in 0..8 {
-            acc[l] = fmadd::<FMA>(a[l], b[l].to_f32(), acc[l]);
+#[allow(clippy::too_many_arguments)]
+fn softmax_tile(
+    s: &mut [f32; TK],
+    n: usize,
+    c0: usize,
+    lo: usize,
+    hi: usize,
+    softcap: Option<f32>,
+    m: &mut f32,
+    l: &mut f32,
+    o: &mut [f32],
+) {
+    let full = n == TK && c0 >= lo && c0 + n <= hi;
+    if let Some(cap) = softcap {
+        softcap_tile(s, cap);
+    }
+    let visible = |j: usize| j < n && c0 + j >= lo && c0 + j < hi;
+    if !full {
+        for (j, x) in s.iter_mut().enumerate() {
+            if !visible(j) {
+                *x = f32::NEG_INFINITY;
+            }
         }
     }
-    let mut s = acc.iter().sum::<f32>();
-    for (a, b) in qr.iter().zip(kr) {
-        s = fmadd::<FMA>(*a, b.to_f32(), s);
+    let mut m8 = [f32::NEG_INFINITY; 8];
+    for (j, &x) in s.iter().enumerate() {
+        m8[j % 8] = m8[j % 8].max(x);
     }
-    s
-}
-
-/// `orow += sum_j p[j] * v(j)` over the first `n` keys, with the output held in registers a
-/// block of `W` at a time so the FMA chains stay independent.
-#[inline(always)]
-fn pv_accumulate<'v, T: Element, const FMA: bool>(
-    orow: &mut [f32],
-    p: &[f32; TK],
-    n: usize,
-    v: impl Fn(usize) -> &'v [T],
-) {
-    let d = orow.len();
-    let mut dc = 0;
-    while dc + 64 <= d {
-        pv_block::<T, FMA, 64>(orow, p, n, &v, dc);
-        dc += 64;
+    let m_new = m8.iter().fold(*m, |a, &b| a.max(b));
+    let alpha = if *m == f32::NEG_INFINITY {
+        0.0
+    } else {
+        (*m - m_new).exp()
+    };
+    for x in s.iter_mut() {
+        *x -= m_new;
     }
-    while dc + 8 <= d {
-        pv_block::<T, FMA, 8>(orow, p, n, &v, dc);
-        dc += 8;
-    }
-    while dc < d {
-        pv_block::<T, FMA, 1>(orow, p, n, &v, dc);
-        dc += 1;
-    }
-}
-
-#[inline(always)]
-fn pv_block<'v, T: Element, const FMA: bool, const W: usize>(
-    orow: &mut [f32],
-    p: &[f32; TK],
-    n: usize,
-    v: &impl Fn(usize) -> &'v [T],
-    dc: usize,
-) {
-    let mut acc: [f32; W] = orow[dc..dc + W].try_into().expect("W");
-    for (j, &pj) in p.iter().enumerate().take(n) {
-        let vr: &[T; W] = v(j)[dc..dc + W].try_into().expect("W");
-        for w in 0..W {
-            acc[w] = fmadd::<FMA>(pj, vr[w].to_f32(), acc[w]);
+    exp_tile(s);
+    if !full {
+        for (j, x) in s.iter_mut().enumerate() {
+            if !visible(j) {
+                *x = 0.0;
+            }
         }
     }
-    orow[dc..dc + W].copy_from_slice(&acc);
+    let mut sum8 = [0f32; 8];
+    for (j, &x) in s.iter().enumerate() {
+        sum8[j % 8] += x;
+    }
+    *l = *l * alpha + sum8.iter().sum::<f32>();
+    *m = m_new;
+    if alpha != 1.0 {
+        o.iter_mut().for_each(|x| *x *= alpha);
+    }
 }
 
 #[cfg(test)]

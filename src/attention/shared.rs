@@ -52,29 +52,38 @@ impl<E: Element> KvSource<E> for RawKv<E> {
         self.from[head]
     }
     fn segments(&self, head: usize, a: usize, b: usize) -> Vec<Segment<'_, E>> {
-        let d = self.head_dim;
         let mut out = Vec::new();
-        for &(pos, k, v, n) in &self.heads[head] {
-            let (lo, hi) = (a.max(pos), b.min(pos + n));
-            if lo >= hi {
-                continue;
-            }
-            let rows = |p: *const u8| Rows {
-                // SAFETY: `p` addresses `n` rows of `d` elements of a live pinned block.
-                data: unsafe {
-                    std::slice::from_raw_parts((p as *const E).add((lo - pos) * d), (hi - lo) * d)
-                },
-                stride: d,
-                len: hi - lo,
-                width: d,
-            };
-            out.push(Segment {
-                pos: lo,
-                k: rows(k),
-                v: rows(v),
-            });
+        let mut pos = a;
+        while let Some(seg) = self.next_segment(head, pos, b) {
+            pos = seg.pos + seg.k.len;
+            out.push(seg);
         }
         out
+    }
+    fn next_segment(&self, head: usize, a: usize, b: usize) -> Option<Segment<'_, E>> {
+        let d = self.head_dim;
+        let runs = &self.heads[head];
+        // Runs are in position order: the first that ends after `a`.
+        let i = runs.partition_point(|&(pos, _, _, n)| pos + n <= a);
+        let &(pos, k, v, n) = runs.get(i)?;
+        let (lo, hi) = (a.max(pos), b.min(pos + n));
+        if lo >= hi {
+            return None;
+        }
+        let rows = |p: *const u8| Rows {
+            // SAFETY: `p` addresses `n` rows of `d` elements of a live pinned block.
+            data: unsafe {
+                std::slice::from_raw_parts((p as *const E).add((lo - pos) * d), (hi - lo) * d)
+            },
+            stride: d,
+            len: hi - lo,
+            width: d,
+        };
+        Some(Segment {
+            pos: lo,
+            k: rows(k),
+            v: rows(v),
+        })
     }
 }
 

@@ -37,6 +37,12 @@ pub trait KvSource<E: Element>: Sync {
     }
     /// The keys and values of `head` at positions `a..b` (clamped to what is held).
     fn segments(&self, head: usize, a: usize, b: usize) -> Vec<Segment<'_, E>>;
+    /// The first of `segments(head, a, b)`, if any (never an empty one): the attention
+    /// kernel walks a range with it, so that a decode step allocates nothing. Sources
+    /// override this default, which allocates.
+    fn next_segment(&self, head: usize, a: usize, b: usize) -> Option<Segment<'_, E>> {
+        self.segments(head, a, b).into_iter().find(|s| s.k.len > 0)
+    }
 }
 
 /// A CPU store's layer (every block in heap memory).
@@ -61,34 +67,40 @@ impl<'a, E: Element> KvSource<E> for HostLayer<'a, E> {
         self.layer.start
     }
     fn segments(&self, head: usize, a: usize, b: usize) -> Vec<Segment<'_, E>> {
-        let layer: &'a Layer = self.layer;
-        let (bs, d) = (self.block_size, self.head_dim);
-        let a = a.max(layer.start);
-        let b = b.min(layer.len);
         let mut out = Vec::new();
         let mut pos = a;
-        while pos < b {
-            let rel = pos - layer.start;
-            let (bi, off) = (rel / bs, rel % bs);
-            let n = (bs - off).min(b - pos);
-            let blk = &layer.heads[head][bi];
-            let rows = |m: &'a Mem| Rows {
-                data: &m
-                    .heap()
-                    .expect("a CPU store's blocks are heap memory")
-                    .as_slice::<E>()[off * d..(off + n) * d],
-                stride: d,
-                len: n,
-                width: d,
-            };
-            out.push(Segment {
-                pos,
-                k: rows(&blk.k),
-                v: rows(&blk.v),
-            });
-            pos += n;
+        while let Some(seg) = self.next_segment(head, pos, b) {
+            pos = seg.pos + seg.k.len;
+            out.push(seg);
         }
         out
+    }
+    fn next_segment(&self, head: usize, a: usize, b: usize) -> Option<Segment<'_, E>> {
+        let layer: &'a Layer = self.layer;
+        let (bs, d) = (self.block_size, self.head_dim);
+        let pos = a.max(layer.start);
+        let b = b.min(layer.len);
+        if pos >= b {
+            return None;
+        }
+        let rel = pos - layer.start;
+        let (bi, off) = (rel / bs, rel % bs);
+        let n = (bs - off).min(b - pos);
+        let blk = &layer.heads[head][bi];
+        let rows = |m: &'a Mem| Rows {
+            data: &m
+                .heap()
+                .expect("a CPU store's blocks are heap memory")
+                .as_slice::<E>()[off * d..(off + n) * d],
+            stride: d,
+            len: n,
+            width: d,
+        };
+        Some(Segment {
+            pos,
+            k: rows(&blk.k),
+            v: rows(&blk.v),
+        })
     }
 }
 

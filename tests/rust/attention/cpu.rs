@@ -316,3 +316,213 @@ fn a_sink_is_one_more_logit_folded_into_the_final_merge() {
     // One far below changes nothing.
     assert_eq!(&with[d..2 * d], &plain[d..2 * d]);
 }
+
+/// Every SIMD path this CPU runs against the portable path, on the same inputs, through a
+/// dense source and through the store's blocks. Both accumulate in f32 and differ only in
+/// summation order (lanes of partial sums, fused multiply-adds, the key splits are the same),
+/// so outputs agree to 1e-5 of the largest output and the log-sum-exps to 1e-5 of their size;
+/// each also stays within 2e-5 of the f64 reference (as `run_case` checks).
+fn compare_paths<E: Element>(c: &Case, seed: u64) {
+    use crate::cpu::simd::Isa;
+    use crate::testing::cpu_attend_lse_on;
+    let mut rng = Rng::new(seed);
+    let (hq, lk) = (c.hkv * c.g, c.past + c.lq);
+    let round = |x: Vec<f32>| -> Vec<E> { x.into_iter().map(E::from_f32).collect() };
+    let q = round(rng.vec(hq * c.lq * c.d, 2.0));
+    let k = round(rng.vec(c.hkv * lk * c.d, 2.0));
+    let v = round(rng.vec(c.hkv * lk * c.d, 1.0));
+    let sinks: Option<Vec<f32>> = c.sinks.then(|| rng.vec(hq, 3.0));
+    let sinks = sinks.as_deref();
+    let params = Params {
+        scale: 1.0 / (c.d as f32).sqrt(),
+        softcap: c.softcap,
+        window: c.window,
+    };
+    let qv = View3::contiguous(&q, [hq, c.lq, c.d]);
+    let dense = DenseKv::new(
+        View3::contiguous(&k, [c.hkv, lk, c.d]),
+        View3::contiguous(&v, [c.hkv, lk, c.d]),
+    )
+    .unwrap();
+    let mut store = CpuStore::new(StoreConfig {
+        num_layers: 1,
+        num_kv_heads: c.hkv,
+        head_dim: c.d,
+        dtype: E::DTYPE,
+        block_size: 48,
+        windows: vec![c.window],
+        host_memory_limit: None,
+    })
+    .unwrap();
+    store
+        .append(
+            0,
+            View3::contiguous(&k, [c.hkv, lk, c.d]),
+            View3::contiguous(&v, [c.hkv, lk, c.d]),
+        )
+        .unwrap();
+    let layer = store.view::<E>(0).unwrap();
+    let (want, want_lse) = cpu_attend_lse_on(Isa::Scalar, qv, &dense, &params, sinks).unwrap();
+    let want64: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+    for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+        for (src, (got, lse)) in [
+            (
+                "dense",
+                cpu_attend_lse_on(isa, qv, &dense, &params, sinks).unwrap(),
+            ),
+            (
+                "store",
+                cpu_attend_lse_on(isa, qv, &layer, &params, sinks).unwrap(),
+            ),
+        ] {
+            let what = format!("{isa:?} {src} {:?} {}", E::DTYPE, describe(c));
+            let err = rel_err(&got, &want64);
+            assert!(err < 1e-5, "{what}: err {err}");
+            for (a, b) in lse.iter().zip(&want_lse) {
+                assert!(
+                    a == b || (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "{what}: lse {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_paths_match_the_scalar_path() {
+    // Head dims of the families and odd ones (tails of 8 and 16 lanes), GQA groups that
+    // leave row blocks of 1 to 3 (and 8 rows: the converted-tile path), key counts off the
+    // tile size, windows, soft-capping, sinks; decode and short prefill.
+    let mut rng = Rng::new(17);
+    let mut cases = Vec::new();
+    for (i, d) in [64, 128, 80, 96, 72, 100, 8].into_iter().enumerate() {
+        for g in [1, 2, 3, 4, 5, 7, 8] {
+            cases.push(Case {
+                hkv: 1 + rng.below(2),
+                g,
+                d,
+                lq: [1, 1, 1, 3, 17][rng.below(5)],
+                past: [37, 1000, 1337, 2100][rng.below(4)],
+                window: [None, None, Some(1), Some(100), Some(700)][rng.below(5)],
+                softcap: ((i + g) % 3 == 0).then_some(30.0),
+                sinks: (i + g) % 2 == 1,
+            });
+        }
+    }
+    with_threads(3, || {
+        for (i, c) in cases.iter().enumerate() {
+            compare_paths::<f32>(c, 300 + i as u64);
+            compare_paths::<bf16>(c, 400 + i as u64);
+            compare_paths::<f16>(c, 500 + i as u64);
+        }
+    });
+}
+
+#[test]
+fn every_path_matches_the_reference() {
+    // The instruction set chosen at run time is what `attend` uses; this checks the others
+    // against the f64 reference too, on a decode that splits its keys.
+    use crate::cpu::simd::Isa;
+    use crate::testing::cpu_attend_lse_on;
+    let (hkv, g, d, lk) = (2, 4, 128, 3001);
+    let hq = hkv * g;
+    let mut rng = Rng::new(23);
+    let round = |x: Vec<f32>| -> Vec<bf16> { x.into_iter().map(bf16::from_f32).collect() };
+    let (q, k, v) = (
+        round(rng.vec(hq * d, 2.0)),
+        round(rng.vec(hkv * lk * d, 2.0)),
+        round(rng.vec(hkv * lk * d, 1.0)),
+    );
+    let f64s = |x: &[bf16]| -> Vec<f64> { x.iter().map(|y| y.to_f32() as f64).collect() };
+    let scale = 1.0 / (d as f32).sqrt();
+    let want = reference(
+        &f64s(&q),
+        &f64s(&k),
+        &f64s(&v),
+        [hq, 1, d],
+        hkv,
+        lk,
+        scale as f64,
+        None,
+        None,
+        None,
+    );
+    let kv = DenseKv::new(
+        View3::contiguous(&k, [hkv, lk, d]),
+        View3::contiguous(&v, [hkv, lk, d]),
+    )
+    .unwrap();
+    let p = Params {
+        scale,
+        softcap: None,
+        window: None,
+    };
+    let qv = View3::contiguous(&q, [hq, 1, d]);
+    for isa in Isa::ALL {
+        let got = with_threads(4, || cpu_attend_lse_on(isa, qv, &kv, &p, None));
+        if !isa.supported() {
+            let e = got.unwrap_err().to_string();
+            assert!(e.starts_with("isa: this CPU does not support"), "{e}");
+            continue;
+        }
+        let err = rel_err(&got.unwrap().0, &want);
+        assert!(err < 2e-5, "{isa:?}: err {err}");
+    }
+}
+
+#[test]
+fn into_buffers_matches_and_reused_scratch_leaves_no_trace() {
+    // Calls of different shapes on the same threads reuse their scratch; each result must be
+    // what a fresh call gives, bit for bit, and the `_into` form the same as the allocating.
+    let mut rng = Rng::new(29);
+    let mk = |rng: &mut Rng, hkv: usize, g: usize, lq: usize, lk: usize, d: usize| {
+        (
+            rng.vec(hkv * g * lq * d, 2.0),
+            rng.vec(hkv * lk * d, 2.0),
+            rng.vec(hkv * lk * d, 1.0),
+        )
+    };
+    let shapes = [
+        (2, 4, 1, 2000, 128),
+        (1, 8, 40, 300, 64),
+        (3, 2, 1, 777, 80),
+    ];
+    let data: Vec<_> = shapes
+        .iter()
+        .map(|&(hkv, g, lq, lk, d)| mk(&mut rng, hkv, g, lq, lk, d))
+        .collect();
+    let p = Params {
+        scale: 0.1,
+        softcap: Some(25.0),
+        window: Some(500),
+    };
+    let call = |i: usize| {
+        let (hkv, g, lq, lk, d) = shapes[i];
+        let (q, k, v) = &data[i];
+        let kv = DenseKv::new(
+            View3::contiguous(k, [hkv, lk, d]),
+            View3::contiguous(v, [hkv, lk, d]),
+        )
+        .unwrap();
+        let qv = View3::contiguous(q, [hkv * g, lq, d]);
+        let (o, l) = attend_lse(qv, &kv, &p, None).unwrap();
+        let (mut o2, mut l2) = (vec![7f32; o.len()], vec![7f32; l.len()]);
+        attend_lse_into(qv, &kv, &p, None, &mut o2, &mut l2).unwrap();
+        assert_eq!((&o, &l), (&o2, &l2));
+        let e = attend_lse_into(qv, &kv, &p, None, &mut o2[1..], &mut l2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("out: holds"), "{e}");
+        let e = attend_lse_into(qv, &kv, &p, None, &mut o2, &mut l2[1..])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("lse: holds"), "{e}");
+        (o, l)
+    };
+    with_threads(2, || {
+        let first: Vec<_> = (0..shapes.len()).map(call).collect();
+        for i in [2, 0, 1, 0, 2, 1] {
+            assert!(call(i) == first[i], "call {i} differs after other calls");
+        }
+    });
+}
