@@ -14,7 +14,7 @@ use pyo3::types::PyDict;
 
 /// `(bytes_per_s, fixed_s)` of the CPU share's kernel on `threads` threads. See `_core.pyi`.
 #[pyfunction]
-#[pyo3(signature = (dtype, head_dim, group, threads=0, bytes=256 << 20, seconds=0.25))]
+#[pyo3(signature = (dtype, head_dim, group, threads=0, bytes=268435456, seconds=0.25))]
 pub fn measure_cpu_rate(
     py: Python<'_>,
     dtype: &str,
@@ -60,7 +60,7 @@ pub fn measure_gpu_rates(
 
 /// The balanced split of one layer, or `None` where splitting does not pay. See `_core.pyi`.
 #[pyfunction]
-#[pyo3(signature = (rates, *, len, block_size, token_bytes, heads, start=0, lo=None, max_heads=MAX_CPU_HEADS))]
+#[pyo3(signature = (rates, *, len, block_size, token_bytes, heads, start=0, lo=None, max_heads=16))]
 #[allow(clippy::too_many_arguments)]
 pub fn share_split<'py>(
     py: Python<'py>,
