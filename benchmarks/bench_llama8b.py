@@ -27,7 +27,6 @@ from _common import cuda_time, h2d_gbs, llama8b
 from transformers import DynamicCache
 
 import headinfer
-from headinfer._core import default_cpu_heads
 
 GIB = 1 << 30
 CHUNK = 8192
@@ -177,11 +176,11 @@ def main() -> None:
                 if r.get("oom"):
                     break
     if "headinfer" in plan:
-        # The GPU alone reading the host KV over PCIe (the default), then with the CPU
-        # sharing it (cpu_heads, experimental).
+        # The GPU alone reading the host KV over PCIe (cpu_heads=0), then the default: the
+        # planner's CPU share from measured rates (on where the host has the cores).
         variants = [
-            ("headinfer", None, [1024, 8192, 16384, 32768, 131072, 131072]),
-            ("headinfer, CPU share", default_cpu_heads(cfg.num_key_value_heads), [131072]),
+            ("headinfer GPU-only", 0, [1024, 8192, 16384, 32768, 131072, 131072]),
+            ("headinfer, CPU share", "auto", [1024, 131072]),
         ]
         for label, cpu_heads, lens in variants:
             headinfer.patch(

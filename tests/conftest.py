@@ -57,3 +57,18 @@ def smollm2_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(smollm2_folder()))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _rates_file(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The CPU share's rates go to a file of this test session, never the user's cache (on a
+    host with the cores, the first CUDA cache measures them once per session)."""
+    from headinfer.share import RATES_FILE_ENV
+
+    old = os.environ.get(RATES_FILE_ENV)
+    os.environ[RATES_FILE_ENV] = str(tmp_path_factory.mktemp("rates") / "rates.json")
+    yield
+    if old is None:
+        os.environ.pop(RATES_FILE_ENV, None)
+    else:
+        os.environ[RATES_FILE_ENV] = old

@@ -496,8 +496,15 @@ def test_cpu_heads_belongs_to_cuda_stores_and_is_checked() -> None:
     with pytest.raises(ValueError, match="^layer:"):
         s.cpu_split(5)
     s.finish_step()  # a CPU store has no CPU share: nothing to wait for
-    assert 0 <= _core.default_cpu_heads(8) <= 8
-    assert _core.default_cpu_heads(0) == 0
+    # Rates belong to CUDA stores too; the share's thread pool is anyone's.
+    assert s.share_rates is None
+    with pytest.raises(ValueError, match="^share_rates:"):
+        s.share_rates = (51e9, 40e9, 2.5e12, 1e-4)
+    s.share_rates = None
+    s.share_threads = 2
+    assert s.share_threads == 2
+    s.share_threads = 0
+    assert s.share_threads == 0
 
 
 def test_injected_allocation_failure_raises_and_leaves_the_store_usable() -> None:

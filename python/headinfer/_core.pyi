@@ -30,7 +30,9 @@ __all__ = [
     "ModelShape",
     "Plan",
     "plan",
-    "default_cpu_heads",
+    "measure_cpu_rate",
+    "measure_gpu_rates",
+    "share_split",
     "_inject_failure",
     "cuda_status",
     "pinned_bytes",
@@ -118,7 +120,8 @@ class KVStore:
     def device_budget(self, bytes: int) -> None: ...
     @property
     def cpu_heads(self) -> int:
-        """Kv heads whose host blocks the CPU may take in decode (0: never); settable."""
+        """Kv heads whose host blocks the CPU may take in decode (0: see ``share_rates``);
+        settable. An override: it wins over ``share_rates``."""
     @cpu_heads.setter
     def cpu_heads(self, heads: int) -> None: ...
     @property
@@ -126,9 +129,23 @@ class KVStore:
         """Fewest host tokens (of the longest share) for which a decode splits; settable."""
     @cpu_share_min_tokens.setter
     def cpu_share_min_tokens(self, tokens: int) -> None: ...
+    @property
+    def share_rates(self) -> tuple[float, float, float, float] | None:
+        """Measured ``(pcie, cpu, device, handoff)`` rates (bytes per second; seconds) from
+        which, with ``cpu_heads`` 0, each decode step's CPU share is balanced (``share_split``);
+        ``None``: no rate-based share. Settable (CUDA stores only; ``ValueError`` naming
+        ``rates`` for a figure that is negative, not finite, or a GPU rate of 0)."""
+    @share_rates.setter
+    def share_rates(self, rates: tuple[float, float, float, float] | None) -> None: ...
+    @property
+    def share_threads(self) -> int:
+        """Threads of the CPU share's own pool (0: rayon's global pool); settable."""
+    @share_threads.setter
+    def share_threads(self, threads: int) -> None: ...
     def cpu_split(self, layer: int) -> list[int] | None:
         """What the store would do for a decode of ``layer`` now: per kv head ``0..c``, the
-        first position the CPU takes; ``None``: the GPU alone (CPU stores: always ``None``)."""
+        first position the CPU takes (the layer's length: none of that head); ``None``: the
+        GPU alone (CPU stores: always ``None``)."""
     def finish_step(self) -> None:
         """Wait for this step's CPU share on the host and raise its first failure.
 
@@ -370,9 +387,42 @@ def plan(
     KV on the host. ``prefill=False`` plans decode: one token's working set and no staging, the
     rest to the KV. Errors name the argument that cannot work."""
 
-def default_cpu_heads(num_kv_heads: int) -> int:
-    """Kv heads whose host blocks the CPU should take on this host (an estimate from its
-    threads and the measured per-core and PCIe rates of BENCHMARKS.md)."""
+def measure_cpu_rate(
+    dtype: str,
+    head_dim: int,
+    group: int,
+    threads: int = 0,
+    bytes: int = 268435456,
+    seconds: float = 0.25,
+) -> tuple[float, float]:
+    """Time the CPU share's kernel: decode attention of ``group`` query heads per kv head over
+    ``bytes`` of keys and values (8 kv heads of ``head_dim``, ``dtype``) in host memory, on a
+    pool of ``threads`` threads (0: rayon's global pool), for about ``seconds`` (3 to 16 runs).
+    Returns ``(bytes_per_s, fixed_s)``: the median run's rate, and the seconds of a step over
+    one block per head plus the hand-off's latency (the share's fixed cost)."""
+
+def measure_gpu_rates(device: int, dtype: str, head_dim: int, group: int) -> tuple[float, float]:
+    """Time the decode kernel on GPU ``device`` over 64 MiB of mapped pinned memory and four
+    L2 caches' worth (64-256 MiB) of device memory, both allocated for the probe and freed
+    before it returns. Returns ``(pcie, device)`` in bytes read per second."""
+
+def share_split(
+    rates: tuple[float, float, float, float],
+    *,
+    len: int,
+    block_size: int,
+    token_bytes: int,
+    heads: Sequence[tuple[int, int, int | None]],
+    start: int = 0,
+    lo: int | None = None,
+    max_heads: int = 16,
+) -> dict[str, Any] | None:
+    """The split a store with ``share_rates`` = ``rates`` makes of one layer's decode step:
+    ``heads`` is per kv head ``(device_tokens, host_tokens, tail)`` (visible tokens; where its
+    host blocks start, or ``None`` when a device block follows a host one). Returns ``None``
+    where splitting does not pay, else ``{"from": [...], "cpu_bytes", "gpu_seconds",
+    "cpu_seconds", "alone_seconds"}``: per kv head ``0..min(heads, max_heads)`` the first key
+    the CPU takes (a block start; ``len``: none), and the times expected."""
 
 def _inject_failure(point: str | None, after: int = 0) -> None:
     """TEST-ONLY: make the pass through ``point`` after ``after`` more passes fail once.

@@ -26,7 +26,7 @@ from .checks import check_cpu_heads, check_optional_positive_int, check_size
 from .device import check_device, current_stream
 from .errors import HeadInferError
 from .host_memory import check_host_memory, pair_bytes
-from .planner import DIRECT_ROWS, GpuPlan, cap_torch, plan_memory
+from .planner import DIRECT_ROWS, GpuPlan, SharePlan, cap_torch, plan_memory, plan_share
 from .prefill_attention import PrefillState, prefill_attention
 from .spec import model_spec
 
@@ -213,10 +213,14 @@ class HeadInferCache(Cache):
             working set and resident KV); an int or a size like ``"20GiB"``. Default: all the
             free memory less a margin. KV blocks fill what is left on the GPU; the rest sit in
             pinned host memory and are read over PCIe.
-        cpu_heads: on CUDA, for how many kv heads the CPU attends over the host-resident KV
-            during decode, at the same time as the GPU reads the rest. Default 0 (the GPU reads
-            all); ``headinfer._core.default_cpu_heads(num_kv_heads)`` estimates a split from
-            the cores. Experimental: see BENCHMARKS.md.
+        cpu_heads: on CUDA, whether the CPU attends over part of the host-resident KV during
+            decode while the GPU reads the rest (merged exactly, by log-sum-exp). Default
+            ``None`` or ``"auto"``: the planner decides from measured rates (once per machine,
+            cached; ``planner.plan_share``): on where the host has at least 8 physical cores,
+            and then each layer's step is split by (head, block range) so that both sides
+            finish together, only where that is predicted faster. An int overrides: the CPU
+            takes kv heads ``0..cpu_heads`` from their first host block on; 0 turns the share
+            off. ``share_plan()`` says what was chosen and why.
         croppable: keep every token on sliding-window layers too (by default they drop what
             their window no longer reaches), so that ``crop()`` can always go back: prefix
             reuse on models with sliding windows (Mistral, Qwen2, Gemma-2). Those layers then
@@ -236,7 +240,7 @@ class HeadInferCache(Cache):
         host_memory_limit: int | str | None = None,
         dtype: torch.dtype | None = None,
         gpu_budget: int | str | None = None,
-        cpu_heads: int | None = None,
+        cpu_heads: int | str | None = None,
         croppable: bool = False,
     ) -> None:
         device = None
@@ -265,7 +269,9 @@ class HeadInferCache(Cache):
         self._block_size = check_optional_positive_int(block_size, "block_size")
         self.host_memory_limit = check_size(host_memory_limit, "host_memory_limit")
         self.gpu_budget = check_size(gpu_budget, "gpu_budget")
+        #: The ``cpu_heads`` override (``None``: the planner decides, see ``share_plan``).
         self.cpu_heads = check_cpu_heads(cpu_heads, self.spec.num_kv_heads)
+        self._share: SharePlan | None = None
         #: The store's element type when given (else the first keys' dtype).
         self._dtype = dtype
         #: Longest sequence the store holds (CUDA stores size their block table for it).
@@ -319,6 +325,14 @@ class HeadInferCache(Cache):
                     "max_len": self.max_len,
                     "cpu_heads": self.cpu_heads or 0,
                 }
+                self._share = plan_share(
+                    self.cpu_heads,
+                    device_index=index,
+                    gpu_name=torch.cuda.get_device_name(index),
+                    dtype=store_dtype(dtype),
+                    head_dim=spec.head_dim,
+                    group=spec.num_q_heads // spec.num_kv_heads,
+                )
                 self._prefill = PrefillState(torch.device("cuda", index))
             self._store = _core.KVStore(
                 spec.num_layers,
@@ -340,7 +354,37 @@ class HeadInferCache(Cache):
                 self.block_size,
                 spec.windows,
             )
+            if self._share is not None:
+                self._store.share_threads = self._share.threads
+                if self._share.mode == "rates" and self._share.rates is not None:
+                    self._store.share_rates = self._share.rates.as_tuple()
         return self._store
+
+    def share_plan(self) -> dict[str, Any]:
+        """What the CPU share does on this cache, and why (JSON-ready).
+
+        ``mode`` (``"off"``, ``"heads"``: the ``cpu_heads`` override, ``"rates"``: balanced
+        from measured rates), ``reason``, ``threads`` (the share's own thread pool),
+        ``cores``, ``torch_threads``, ``rates`` (bytes per second: ``pcie``, ``cpu``,
+        ``device``; ``handoff`` in seconds) and where they came from; once the store holds
+        keys, ``split``: per layer, the first key the CPU would take in each kv head now
+        (``null``: the GPU alone).
+        """
+        if self._share is None:
+            on_cpu = self._store is not None and not self._store.is_cuda
+            plan = SharePlan(
+                "off",
+                "a CPU cache attends on the CPU already"
+                if on_cpu
+                else "decided when the store is created on a CUDA device",
+            )
+        else:
+            plan = self._share
+        d = plan.to_dict()
+        store = self._store
+        if store is not None and store.is_cuda:
+            d["split"] = [store.cpu_split(i) for i in range(store.num_layers)]
+        return d
 
     @property
     def store(self) -> _core.KVStore:

@@ -37,11 +37,17 @@ def check_size(value: Any, name: str) -> int | None:
 
 
 def check_cpu_heads(value: Any, num_kv_heads: int) -> int | None:
-    """``None`` or an int in ``0..=min(16, num_kv_heads)``."""
-    if value is None:
+    """``None`` or ``"auto"`` (the planner decides from measured rates: returns ``None``), or
+    an int in ``0..=min(16, num_kv_heads)`` (an override: that many kv heads; 0 turns the CPU
+    share off)."""
+    if value is None or value == "auto":
         return None
+    if isinstance(value, str):
+        raise ValueError(f"cpu_heads: expected an int or 'auto', got {value!r}")
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"cpu_heads: expected an int, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"cpu_heads: expected an int or 'auto', got {type(value).__name__} {value!r}"
+        )
     most = min(MAX_CPU_HEADS, num_kv_heads)
     if not 0 <= int(value) <= most:
         raise ValueError(f"cpu_heads: must be between 0 and {most}, got {value}")

@@ -199,7 +199,7 @@ def patch(
     block_size: int | None = None,
     *,
     gpu_budget: int | str | None = None,
-    cpu_heads: int | None = None,
+    cpu_heads: int | str | None = None,
     host_memory_limit: int | str | None = None,
     progress: bool = True,
     progress_delay: float = 2.0,
@@ -221,9 +221,11 @@ def patch(
         gpu_budget: on CUDA, bytes of GPU memory the process may use in all (an int or a size
             like ``"20GiB"``); KV blocks fill what weights and working set leave, the rest
             stays in pinned host memory. Default: the free memory less a margin.
-        cpu_heads: on CUDA, for how many kv heads the CPU attends over host-resident KV during
-            decode while the GPU reads the rest (default 0: off; experimental, see
-            ``HeadInferCache``).
+        cpu_heads: on CUDA, whether the CPU attends over part of the host-resident KV during
+            decode while the GPU reads the rest. Default ``None`` or ``"auto"``: the planner
+            decides from measured rates (on with 8 or more physical cores, each step split
+            only where predicted faster); an int forces kv heads ``0..cpu_heads``; 0 turns it
+            off (see ``HeadInferCache`` and its ``share_plan()``).
         host_memory_limit: bytes each cache may reserve (an int or a size like ``"64GiB"``;
             default: what the host has).
         progress: show a progress bar over prefill chunks when prefill takes a while

@@ -16,8 +16,22 @@ import torch
 
 from . import _core
 from .errors import OutOfDeviceMemoryError
+from .share import (
+    REPROBE_ENV,
+    ShareRates,
+    load_rates,
+    machine_key,
+    measure_rates,
+    physical_cores,
+    rates_path,
+    save_rates,
+    share_threads,
+)
 
 __all__ = [
+    "MIN_SHARE_CORES",
+    "SharePlan",
+    "plan_share",
     "DEFAULT_MARGIN",
     "DEFAULT_STAGING_CAP",
     "DIRECT_ROWS",
@@ -269,3 +283,119 @@ def release_torch_caps() -> None:
 
 #: Per device, torch's memory fraction before headinfer capped it.
 _TORCH_FRACTION: dict[int, float] = {}
+
+
+#: Fewer physical cores than this and the CPU share stays off by default: on a few cores the
+#: host reads slower than PCIe, and the cores are busy driving the GPU (16 threads read
+#: 100 GB/s on the H200 host, 4 only 45; FACTS.md).
+MIN_SHARE_CORES = 8
+
+
+@dataclass
+class SharePlan:
+    """Whether and how the CPU shares decode attention over host-resident KV, and why.
+
+    ``mode``: ``"off"``; ``"heads"`` (the ``cpu_heads`` override: kv heads ``0..cpu_heads``
+    from their first host block on); ``"rates"`` (each layer's step split by (head, block
+    range) so that both sides finish together, from ``rates``, and only where that is
+    predicted faster than the GPU alone).
+    """
+
+    mode: str
+    reason: str
+    cpu_heads: int = 0
+    threads: int = 0
+    cores: int = 0
+    torch_threads: int = 0
+    rates: ShareRates | None = None
+    rates_source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready figures (rates in bytes per second and seconds)."""
+        d = {k: v for k, v in self.__dict__.items() if k != "rates"}
+        d["rates"] = None if self.rates is None else self.rates.__dict__.copy()
+        return d
+
+
+def plan_share(
+    cpu_heads: int | None,
+    *,
+    device_index: int,
+    gpu_name: str,
+    dtype: str,
+    head_dim: int,
+    group: int,
+    cores: int | None = None,
+    reprobe: bool | None = None,
+    path: Any = None,
+) -> SharePlan:
+    """The CPU share's plan for a CUDA store (the planner owns the decision).
+
+    ``cpu_heads`` (checked by ``checks.check_cpu_heads``): an int is an override (0: off);
+    ``None`` ("auto") turns the share on with measured rates where the host has at least
+    ``MIN_SHARE_CORES`` physical cores. The rates come from the rates file (``share``), or are
+    measured now (well under a second) and saved there; ``reprobe`` (default: the
+    ``HEADINFER_REPROBE`` variable) measures again.
+    """
+    cores = physical_cores() if cores is None else cores
+    threads = share_threads(cores)
+    torch_threads = torch.get_num_threads()
+    common = {"cores": cores, "torch_threads": torch_threads}
+    if cpu_heads == 0:
+        return SharePlan("off", "cpu_heads=0 turns the CPU share off", **common)
+    if cpu_heads is not None:
+        return SharePlan(
+            "heads",
+            f"cpu_heads={cpu_heads}: the override",
+            cpu_heads=cpu_heads,
+            threads=max(threads, 1),
+            **common,
+        )
+    if cores < MIN_SHARE_CORES:
+        return SharePlan(
+            "off",
+            f"{cores} physical cores available; the CPU share needs at least "
+            f"{MIN_SHARE_CORES} to be faster than the GPU alone",
+            **common,
+        )
+    if reprobe is None:
+        reprobe = os.environ.get(REPROBE_ENV, "") not in ("", "0")
+    key = machine_key(
+        gpu_name, dtype=dtype, head_dim=head_dim, group=group, threads=threads, cores=cores
+    )
+    where = rates_path() if path is None else path
+    rates = None if reprobe else load_rates(key, where)
+    source = f"cached in {where}"
+    if rates is None:
+        try:
+            rates = measure_rates(
+                device_index, dtype=dtype, head_dim=head_dim, group=group, threads=threads
+            )
+        except Exception as exc:  # a probe that fails costs speed, never results
+            logger.warning("the CPU share stays off: measuring its rates failed: %s", exc)
+            return SharePlan("off", f"measuring the rates failed: {exc}", **common)
+        source = "measured now"
+        try:
+            source += f", saved to {save_rates(key, rates, where)}"
+        except OSError as exc:
+            logger.warning("could not save the CPU share's rates to %s: %s", where, exc)
+    if rates.cpu <= 0:
+        return SharePlan("off", "the CPU's measured rate is 0", rates=rates, **common)
+    logger.info(
+        "CPU share on %d threads, rates %s: GPU over PCIe %.1f GB/s, CPU %.1f GB/s, "
+        "resident %.0f GB/s, hand-off %.0f us",
+        threads,
+        source,
+        rates.pcie / 1e9,
+        rates.cpu / 1e9,
+        rates.device / 1e9,
+        rates.handoff * 1e6,
+    )
+    return SharePlan(
+        "rates",
+        "measured rates: each layer's step is split where that is predicted faster",
+        threads=threads,
+        rates=rates,
+        rates_source=source,
+        **common,
+    )

@@ -8,6 +8,7 @@ pub mod args;
 pub mod cpu;
 pub mod cuda;
 pub mod policy;
+pub mod rates;
 pub mod shared;
 
 use crate::cuda::Stream;
@@ -43,11 +44,19 @@ pub unsafe fn attend_cuda(
         return Err(e);
     }
     let [hq, lq, _] = q_shape;
-    let split = policy.split(lq, contiguous, &store.device_view(layer)?);
+    let cfg = store.config();
+    let token_bytes = 2 * cfg.head_dim * cfg.dtype.size();
+    let view = store.device_view(layer)?;
+    let split = policy.split(lq, contiguous, &view, params.window, token_bytes);
+    let pool = policy.pool.clone();
     match split {
         Some(s) => crate::with_element!(store.config().dtype, E => {
             // SAFETY: forwarded from the caller.
-            unsafe { shared::attend::<E>(store, layer, query, hq, params, sinks, &s.from, out, stream) }
+            unsafe {
+                shared::attend::<E>(
+                    store, layer, query, hq, params, sinks, &s.from, pool, out, stream,
+                )
+            }
         }),
         // SAFETY: forwarded from the caller.
         None => unsafe { cuda::attend(store, layer, query, hq, lq, params, sinks, out, stream) },

@@ -3,43 +3,205 @@
 //!
 //! The GPU kernel reads host-resident blocks over PCIe; the host's cores can read the same
 //! pinned memory at the same time. The policy picks, per layer and step, which keys the CPU
-//! takes: today kv heads `0..cpu_heads` from their first host block on (0: never), once the
-//! host part is long enough to repay the hand-off. Its output (`Split`) is per head a range,
-//! so a later policy can choose heads and ranges from measured rates instead.
+//! takes. Two ways:
+//! - `cpu_heads = n` (an override): kv heads `0..n` from their first host block on, once the
+//!   host part is long enough to repay the hand-off;
+//! - measured `Rates` (the default where the planner turns the share on): per head a range of
+//!   host blocks cut so that the CPU and the GPU finish together (`balance`).
+//!
+//! Either way the output (`Split`) is per kv head `0..k` the first key the CPU takes (`len`:
+//! none), so the GPU kernel reads everything before it and the CPU everything after.
 
 use crate::cuda::kernels::MAX_CPU_HEADS;
 use crate::error::{Error, Result};
 use crate::store::DeviceLayer;
+use std::sync::Arc;
 
-/// Below this many host tokens in a head, the hand-off costs more than the CPU saves.
+/// Below this many host tokens in a head, the hand-off costs more than the CPU saves (the
+/// `cpu_heads` override only; measured rates decide for themselves).
 pub const MIN_HOST_TOKENS: usize = 8192;
 
-/// Bytes per second one core of the CPU kernel reads from pinned memory while the GPU streams
-/// the rest (38 GB/s on 16 threads of the H200 host), and what the GPU kernel reads over PCIe
-/// (51 GB/s); see BENCHMARKS.md.
-const CORE_GBS: f64 = 2.4;
-const PCIE_GBS: f64 = 51.0;
-
-/// The CPU's part of one decode step: for kv heads `0..from.len()`, the keys `from[h]..len`.
+/// The CPU's part of one decode step: for kv heads `0..from.len()`, the keys `from[h]..len`
+/// (`from[h] == len`: none of that head).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Split {
     pub from: Vec<usize>,
 }
 
-/// How a store splits decode attention between the CPU and the GPU.
+/// Measured rates of one machine (for one dtype and head size), all in bytes of keys and
+/// values read per second, and the fixed cost of a shared step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rates {
+    /// The GPU kernel reading host blocks (mapped pinned memory, over PCIe).
+    pub pcie: f64,
+    /// The CPU share's workers reading and attending over pinned blocks (0: no CPU share).
+    pub cpu: f64,
+    /// The GPU kernel reading device-resident blocks.
+    pub device: f64,
+    /// Seconds a shared step adds whatever its size: the query's copy to the host, waking the
+    /// worker and its threads, the stream's wait for the rows.
+    pub handoff: f64,
+}
+
+impl Rates {
+    /// Checks the figures: finite, the GPU's positive, the CPU's and the hand-off at least 0.
+    pub fn check(&self) -> Result<()> {
+        let ok = |x: f64| x.is_finite() && x >= 0.0;
+        for (name, v, positive) in [
+            ("pcie", self.pcie, true),
+            ("cpu", self.cpu, false),
+            ("device", self.device, true),
+            ("handoff", self.handoff, false),
+        ] {
+            if !ok(v) || (positive && v <= 0.0) {
+                return Err(Error::value(
+                    "rates",
+                    format!(
+                        "{name} must be a finite number {} 0, got {v}",
+                        if positive { ">" } else { ">=" }
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One kv head of a layer as the balance sees it: visible tokens in device and in host
+/// blocks, and where its host blocks start (`None`: a device block follows a host block, so
+/// the kernel cannot leave it a tail; it stays on the GPU).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadPlacement {
+    pub device_tokens: usize,
+    pub host_tokens: usize,
+    pub tail: Option<usize>,
+}
+
+/// One layer's placement at one step, what `balance` decides on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerPlacement {
+    /// One past the last position.
+    pub len: usize,
+    /// The layer's first position (blocks start at `start + k * block_size`).
+    pub start: usize,
+    /// The first position the query sees (a sliding window's start, else `start`).
+    pub lo: usize,
+    pub block_size: usize,
+    /// Bytes of one token of one head: keys and values (`2 * head_dim * element size`).
+    pub token_bytes: usize,
+    pub heads: Vec<HeadPlacement>,
+}
+
+/// What `balance` chose, and the times it expects (seconds).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShareEstimate {
+    pub split: Split,
+    /// Bytes of keys and values the CPU reads.
+    pub cpu_bytes: f64,
+    /// The GPU's part with the split, the CPU's (hand-off included), and the GPU alone.
+    pub gpu_seconds: f64,
+    pub cpu_seconds: f64,
+    pub alone_seconds: f64,
+}
+
+/// The split of one layer's decode step that makes the CPU and the GPU finish together, from
+/// measured `rates`; `None` where splitting does not pay (no CPU rate, too few host bytes to
+/// repay the hand-off, no head with a host tail among the first `max_heads`).
+///
+/// The GPU alone takes `device_bytes / device + host_bytes / pcie`; moving `x` host bytes to
+/// the CPU makes that `- x / pcie` and gives the CPU `handoff + x / cpu`; both equal at
+/// `x* = (alone - handoff) / (1/pcie + 1/cpu)`. The CPU's bytes are taken in whole blocks
+/// from the end of each head's host part, round-robin over the heads (the k-th block from the
+/// end of every head before any (k+1)-th), so each head's share is a suffix and the heads'
+/// shares stay even; the total lands within half a block of `x*` (unless every shareable
+/// block is taken). `from.len()` is always `min(heads, max_heads)` so that the hand-off's
+/// buffers keep one size for the store.
+pub fn balance(rates: &Rates, layer: &LayerPlacement, max_heads: usize) -> Option<ShareEstimate> {
+    if rates.cpu <= 0.0 || rates.pcie <= 0.0 || rates.device <= 0.0 || layer.block_size == 0 {
+        return None;
+    }
+    let tb = layer.token_bytes as f64;
+    let (dev, host): (usize, usize) = layer
+        .heads
+        .iter()
+        .fold((0, 0), |(d, h), p| (d + p.device_tokens, h + p.host_tokens));
+    let alone = dev as f64 * tb / rates.device + host as f64 * tb / rates.pcie;
+    let target = (alone - rates.handoff) / (1.0 / rates.pcie + 1.0 / rates.cpu);
+    if target <= 0.0 {
+        return None;
+    }
+    let n = layer.heads.len().min(max_heads);
+    let (len, lo, bs) = (layer.len, layer.lo, layer.block_size);
+    // Per shareable head, its block boundaries from the tail on (visible part only).
+    let bounds = |h: usize| -> Vec<usize> {
+        match layer.heads[h].tail {
+            Some(t) if t < len && t >= layer.start && (t - layer.start).is_multiple_of(bs) => {
+                // The first block that holds a visible key: blocks wholly below `lo` cost
+                // nobody anything.
+                let first = if lo > t { t + (lo - t) / bs * bs } else { t };
+                (first..len).step_by(bs).collect()
+            }
+            _ => Vec::new(),
+        }
+    };
+    let starts: Vec<Vec<usize>> = (0..n).map(bounds).collect();
+    let mut from = vec![len; n];
+    let mut taken = 0usize; // visible tokens given to the CPU
+    let deepest = starts.iter().map(Vec::len).max().unwrap_or(0);
+    'fill: for k in 0..deepest {
+        for (h, s) in starts.iter().enumerate() {
+            if k >= s.len() {
+                continue;
+            }
+            let a = s[s.len() - 1 - k];
+            let tokens = from[h].saturating_sub(a.max(lo));
+            // Take the block if that lands nearer the target than stopping before it.
+            if (taken as f64 + tokens as f64 / 2.0) * tb > target {
+                break 'fill;
+            }
+            taken += tokens;
+            from[h] = a;
+        }
+    }
+    if taken == 0 {
+        return None;
+    }
+    let cpu_bytes = taken as f64 * tb;
+    let gpu_seconds = alone - cpu_bytes / rates.pcie;
+    let cpu_seconds = rates.handoff + cpu_bytes / rates.cpu;
+    if gpu_seconds.max(cpu_seconds) >= alone {
+        return None;
+    }
+    Some(ShareEstimate {
+        split: Split { from },
+        cpu_bytes,
+        gpu_seconds,
+        cpu_seconds,
+        alone_seconds: alone,
+    })
+}
+
+/// How a store splits decode attention between the CPU and the GPU.
+#[derive(Clone, Debug)]
 pub struct SharePolicy {
-    /// Kv heads whose host blocks the CPU takes (0: the GPU reads everything).
+    /// The override: kv heads whose host blocks the CPU takes (0: see `rates`).
     pub cpu_heads: usize,
-    /// The least host tokens (of the longest share) that make a split worth it.
+    /// Measured rates: with `cpu_heads == 0`, each step's split is balanced from these
+    /// (`None` and `cpu_heads == 0`: the GPU reads everything).
+    pub rates: Option<Rates>,
+    /// The least host tokens (of the longest share) that make a `cpu_heads` split worth it.
     pub min_host_tokens: usize,
+    /// The threads the CPU share runs on (`None`: rayon's global pool).
+    pub pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl Default for SharePolicy {
     fn default() -> Self {
         SharePolicy {
             cpu_heads: 0,
+            rates: None,
             min_host_tokens: MIN_HOST_TOKENS,
+            pool: None,
         }
     }
 }
@@ -57,21 +219,58 @@ impl SharePolicy {
         Ok(())
     }
 
-    /// The split of one attention call of `q_len` queries per head (`contiguous`: the query
-    /// is `[num_q_heads, 1, head_dim]` with packed rows) over `layer`, or `None` for the GPU
-    /// alone.
-    pub fn split(&self, q_len: usize, contiguous: bool, layer: &DeviceLayer<'_>) -> Option<Split> {
-        if self.cpu_heads == 0 || q_len != 1 || !contiguous {
-            return None;
-        }
-        let heads = self.cpu_heads.min(layer.num_kv_heads()).min(MAX_CPU_HEADS);
-        self.decide(layer.len(), &layer.host_tails(heads))
+    /// A pool of `threads` threads for the CPU share (0: rayon's global pool).
+    pub fn set_threads(&mut self, threads: usize) -> Result<()> {
+        self.pool = if threads == 0 {
+            None
+        } else {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("headinfer-share-{i}"))
+                .build()
+                .map_err(|e| Error::value("share_threads", format!("no thread pool: {e}")))?;
+            Some(Arc::new(pool))
+        };
+        Ok(())
     }
 
-    /// The decision itself, pure: `tails[h]` is where head `h`'s host blocks start (`len`:
-    /// none; `None`: a device block after a host block, which the kernel cannot skip). Every
-    /// head asked about must be splittable, some must have host tokens, and the longest share
-    /// at least `min_host_tokens`.
+    /// Threads of the CPU share's pool (rayon's global pool's where it has none).
+    pub fn threads(&self) -> usize {
+        self.pool
+            .as_ref()
+            .map_or_else(rayon::current_num_threads, |p| p.current_num_threads())
+    }
+
+    /// The split of one attention call of `q_len` queries per head (`contiguous`: the query
+    /// is `[num_q_heads, 1, head_dim]` with packed rows) over `layer` (whose queries see the
+    /// last `window` keys, if it has one; `token_bytes` per token of a head), or `None` for
+    /// the GPU alone.
+    pub fn split(
+        &self,
+        q_len: usize,
+        contiguous: bool,
+        layer: &DeviceLayer<'_>,
+        window: Option<usize>,
+        token_bytes: usize,
+    ) -> Option<Split> {
+        if q_len != 1 || !contiguous || layer.is_empty() {
+            return None;
+        }
+        if self.cpu_heads > 0 {
+            let heads = self.cpu_heads.min(layer.num_kv_heads()).min(MAX_CPU_HEADS);
+            return self.decide(layer.len(), &layer.host_tails(heads));
+        }
+        let rates = self.rates.as_ref()?;
+        let lo = window
+            .map_or(0, |w| layer.len().saturating_sub(w))
+            .max(layer.start());
+        balance(rates, &layer.placement(lo, token_bytes), MAX_CPU_HEADS).map(|e| e.split)
+    }
+
+    /// The `cpu_heads` decision, pure: `tails[h]` is where head `h`'s host blocks start
+    /// (`len`: none; `None`: a device block after a host block, which the kernel cannot
+    /// skip). Every head asked about must be splittable, some must have host tokens, and the
+    /// longest share at least `min_host_tokens`.
     pub fn decide(&self, len: usize, tails: &[Option<usize>]) -> Option<Split> {
         if tails.is_empty() {
             return None;
@@ -83,14 +282,6 @@ impl SharePolicy {
         }
         Some(Split { from })
     }
-}
-
-/// Kv heads whose host blocks the CPU should take on this host: its share of host plus PCIe
-/// bandwidth, from `cores` threads (an estimate until the rates are measured per machine).
-pub fn estimate_cpu_heads(num_kv_heads: usize, cores: usize) -> usize {
-    let cpu = CORE_GBS * cores.max(1) as f64;
-    let heads = (num_kv_heads as f64 * cpu / (cpu + PCIE_GBS)).round() as usize;
-    heads.min(num_kv_heads).min(MAX_CPU_HEADS)
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! Decode with the CPU sharing the host-resident KV, to go below the PCIe-only floor: the
 //! mechanism (`policy` decides when).
 //!
-//! For kv heads `0..c` the CPU takes the keys from their first host block on, the GPU kernel
-//! the rest, and the GPU merges the CPU's rows by their log-sum-exp. The query reaches the host
+//! For kv heads `0..c` the CPU takes the keys `from[h]..len` (a suffix of each head's host
+//! blocks, cut at a block boundary; `len` for a head it does not take), the GPU kernel the
+//! rest, and the GPU merges the CPU's rows by their log-sum-exp. The query reaches the host
 //! and the rows come back through `cuda::handoff`: no host function, and nothing waits on the
 //! calling thread; only the merge on the stream waits for the worker.
 
@@ -15,6 +16,7 @@ use crate::store::view::{HostRun, KvSource, Segment};
 use crate::store::CudaStore;
 use crate::tensor::{DevTensor, Element, Rows, View3};
 use crate::testing::{self, FailPoint};
+use std::sync::Arc;
 
 /// Keys and values of some heads, by raw address into pinned blocks, from position `from[h]`
 /// on: what the worker reads, without borrowing the store (blocks outlive the task because
@@ -96,7 +98,7 @@ struct Ptrs {
 
 /// Decode attention of `query` (`[num_q_heads, 1, head_dim]`, contiguous) over `layer` with
 /// the CPU taking `from[h]..len` of kv heads `0..from.len()`; the merged result goes to `out`
-/// (same shape). `sinks` (device address of `[num_q_heads]` f32) enters the GPU's final merge
+/// (same shape), on the threads of `pool` (rayon's global pool where `None`). `sinks` (device address of `[num_q_heads]` f32) enters the GPU's final merge
 /// only, so once per row whoever computed the keys. Returns once everything is queued.
 ///
 /// # Safety
@@ -111,6 +113,7 @@ pub unsafe fn attend<E: Element>(
     params: &Params,
     sinks: Option<u64>,
     from: &[usize],
+    pool: Option<Arc<rayon::ThreadPool>>,
     out: DevTensor,
     stream: Stream,
 ) -> Result<()> {
@@ -176,7 +179,10 @@ pub unsafe fn attend<E: Element>(
         // SAFETY: the query rows of the CPU heads come first and are contiguous (checked),
         // `q_bytes` of them.
         let copied = unsafe { handoff.stage_query(layer, query.ptr, q_bytes, stream)? };
-        let task = Box::new(move || compute::<E>(&ptrs, rows, d, &kv, &params));
+        let task = Box::new(move || match &pool {
+            Some(p) => p.install(|| compute::<E>(&ptrs, rows, d, &kv, &params)),
+            None => compute::<E>(&ptrs, rows, d, &kv, &params),
+        });
         handoff.submit(layer, copied, task, stream)
     })();
     match queued {

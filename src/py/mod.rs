@@ -25,7 +25,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plan::PyModelShape>()?;
     m.add_class::<plan::PyPlan>()?;
     m.add_function(wrap_pyfunction!(plan::plan, m)?)?;
-    m.add_function(wrap_pyfunction!(policy::default_cpu_heads, m)?)?;
+    m.add_function(wrap_pyfunction!(policy::measure_cpu_rate, m)?)?;
+    m.add_function(wrap_pyfunction!(policy::measure_gpu_rates, m)?)?;
+    m.add_function(wrap_pyfunction!(policy::share_split, m)?)?;
     m.add_function(wrap_pyfunction!(testing::_inject_failure, m)?)?;
     m.add_function(wrap_pyfunction!(memory::cuda_status, m)?)?;
     m.add_function(wrap_pyfunction!(memory::pinned_bytes, m)?)?;

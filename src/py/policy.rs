@@ -1,10 +1,112 @@
-//! `default_cpu_heads`: the CPU-share policy's estimate, for users choosing `cpu_heads`.
+//! The CPU share's policy for Python: the rate probes (`measure_cpu_rate`,
+//! `measure_gpu_rates`) and the balance itself (`share_split`), so the planner can show
+//! what it would choose and why.
 
-use crate::attention::policy::estimate_cpu_heads;
+use super::errors::IntoPyResult;
+use crate::attention::policy::{balance, HeadPlacement, LayerPlacement, Rates, SharePolicy};
+use crate::attention::rates::{measure_cpu, measure_gpu};
+use crate::cuda::kernels::MAX_CPU_HEADS;
+use crate::error::Error;
+use crate::tensor::DType;
+use crate::with_element;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
-/// Kv heads whose host blocks the CPU should take on this host, from the threads it has.
+/// `(bytes_per_s, fixed_s)` of the CPU share's kernel on `threads` threads. See `_core.pyi`.
 #[pyfunction]
-pub fn default_cpu_heads(num_kv_heads: usize) -> usize {
-    estimate_cpu_heads(num_kv_heads, rayon::current_num_threads())
+#[pyo3(signature = (dtype, head_dim, group, threads=0, bytes=268435456, seconds=0.25))]
+pub fn measure_cpu_rate(
+    py: Python<'_>,
+    dtype: &str,
+    head_dim: usize,
+    group: usize,
+    threads: usize,
+    bytes: usize,
+    seconds: f64,
+) -> PyResult<(f64, f64)> {
+    let dtype = DType::parse("dtype", dtype).py_err(py)?;
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(Error::value(
+            "seconds",
+            format!("must be >= 0, got {seconds}"),
+        ))
+        .py_err(py);
+    }
+    let mut policy = SharePolicy::default();
+    policy.set_threads(threads).py_err(py)?;
+    py.detach(|| {
+        with_element!(dtype, E => {
+            measure_cpu::<E>(head_dim, group, bytes, seconds, policy.pool.as_deref())
+        })
+    })
+    .map(|r| (r.bytes_per_s, r.fixed_s))
+    .py_err(py)
+}
+
+/// `(pcie, device)` bytes per second of the decode kernel on GPU `device`. See `_core.pyi`.
+#[pyfunction]
+pub fn measure_gpu_rates(
+    py: Python<'_>,
+    device: usize,
+    dtype: &str,
+    head_dim: usize,
+    group: usize,
+) -> PyResult<(f64, f64)> {
+    let dtype = DType::parse("dtype", dtype).py_err(py)?;
+    py.detach(|| measure_gpu(device, dtype, head_dim, group))
+        .map(|r| (r.pcie, r.device))
+        .py_err(py)
+}
+
+/// The balanced split of one layer, or `None` where splitting does not pay. See `_core.pyi`.
+#[pyfunction]
+#[pyo3(signature = (rates, *, len, block_size, token_bytes, heads, start=0, lo=None, max_heads=16))]
+#[allow(clippy::too_many_arguments)]
+pub fn share_split<'py>(
+    py: Python<'py>,
+    rates: (f64, f64, f64, f64),
+    len: usize,
+    block_size: usize,
+    token_bytes: usize,
+    heads: Vec<(usize, usize, Option<usize>)>,
+    start: usize,
+    lo: Option<usize>,
+    max_heads: usize,
+) -> PyResult<Option<Bound<'py, PyDict>>> {
+    let (pcie, cpu, device, handoff) = rates;
+    let rates = Rates {
+        pcie,
+        cpu,
+        device,
+        handoff,
+    };
+    rates.check().py_err(py)?;
+    if block_size == 0 {
+        return Err(Error::value("block_size", "must be positive")).py_err(py);
+    }
+    let layer = LayerPlacement {
+        len,
+        start,
+        lo: lo.unwrap_or(start),
+        block_size,
+        token_bytes,
+        heads: heads
+            .into_iter()
+            .map(|(device_tokens, host_tokens, tail)| HeadPlacement {
+                device_tokens,
+                host_tokens,
+                tail,
+            })
+            .collect(),
+    };
+    let Some(e) = balance(&rates, &layer, max_heads.min(MAX_CPU_HEADS)) else {
+        return Ok(None);
+    };
+    let d = PyDict::new(py);
+    d.set_item("from", e.split.from)?;
+    d.set_item("cpu_bytes", e.cpu_bytes)?;
+    d.set_item("gpu_seconds", e.gpu_seconds)?;
+    d.set_item("cpu_seconds", e.cpu_seconds)?;
+    d.set_item("alone_seconds", e.alone_seconds)?;
+    Ok(Some(d))
 }

@@ -10,7 +10,7 @@ use super::stream::resolve;
 use super::tensor::{stream_arg, Sinks, TensorArg};
 use crate::attention::args::Params;
 use crate::attention::cpu::attend;
-use crate::attention::policy::SharePolicy;
+use crate::attention::policy::{Rates, SharePolicy};
 use crate::error::Error;
 use crate::store::{CpuStore, CudaConfig, CudaStore, StoreConfig};
 use crate::tensor::{DType, Device, Tensor3};
@@ -202,12 +202,64 @@ impl PyKvStore {
         self.policy.min_host_tokens = tokens;
     }
 
+    #[getter]
+    fn share_rates(&self) -> Option<(f64, f64, f64, f64)> {
+        self.policy
+            .rates
+            .map(|r| (r.pcie, r.cpu, r.device, r.handoff))
+    }
+
+    #[setter]
+    fn set_share_rates(
+        &mut self,
+        py: Python<'_>,
+        rates: Option<(f64, f64, f64, f64)>,
+    ) -> PyResult<()> {
+        let rates = rates.map(|(pcie, cpu, device, handoff)| Rates {
+            pcie,
+            cpu,
+            device,
+            handoff,
+        });
+        if let Some(r) = &rates {
+            r.check().py_err(py)?;
+            if matches!(self.inner, Inner::Cpu(_)) {
+                return Err(Error::value(
+                    "share_rates",
+                    "a CPU store attends on the CPU already; a CPU share needs a device",
+                ))
+                .py_err(py);
+            }
+        }
+        self.policy.rates = rates;
+        Ok(())
+    }
+
+    #[getter]
+    fn share_threads(&self) -> usize {
+        self.policy
+            .pool
+            .as_ref()
+            .map_or(0, |p| p.current_num_threads())
+    }
+
+    #[setter]
+    fn set_share_threads(&mut self, py: Python<'_>, threads: usize) -> PyResult<()> {
+        self.policy.set_threads(threads).py_err(py)
+    }
+
     fn cpu_split(&self, py: Python<'_>, layer: usize) -> PyResult<Option<Vec<usize>>> {
         match &self.inner {
             Inner::Cpu(s) => s.seq_len(layer).map(|_| None).py_err(py),
             Inner::Cuda(s) => {
+                let cfg = s.config();
+                let token_bytes = 2 * cfg.head_dim * cfg.dtype.size();
+                let window = cfg.windows.get(layer).copied().flatten();
                 let view = s.device_view(layer).py_err(py)?;
-                Ok(self.policy.split(1, true, &view).map(|s| s.from))
+                Ok(self
+                    .policy
+                    .split(1, true, &view, window, token_bytes)
+                    .map(|s| s.from))
             }
         }
     }
@@ -350,7 +402,7 @@ impl PyKvStore {
             softcap,
             window,
         };
-        let policy = self.policy;
+        let policy = self.policy.clone();
         match &mut self.inner {
             Inner::Cuda(store) => {
                 let head_dim = store.config().head_dim;

@@ -7,6 +7,7 @@
 use super::pool::{Mem, Placement};
 use super::residency;
 use super::table::Layer;
+use crate::attention::policy::{HeadPlacement, LayerPlacement};
 use crate::cuda::kernels::KvSrc;
 use crate::tensor::{Element, Rows};
 
@@ -156,6 +157,44 @@ impl<'a> DeviceLayer<'a> {
             self.layer.len,
             self.block_size,
         )
+    }
+
+    /// Per kv head, its visible tokens (from `lo` on) in device and in host blocks, and where
+    /// its host blocks start (see `host_tails`): what `policy::balance` decides on.
+    pub fn placement(&self, lo: usize, token_bytes: usize) -> LayerPlacement {
+        let l = self.layer;
+        let bs = self.block_size;
+        let tails = self.host_tails(l.heads.len());
+        let heads = l
+            .placements()
+            .iter()
+            .zip(tails)
+            .map(|(blocks, tail)| {
+                let (mut device_tokens, mut host_tokens) = (0, 0);
+                for (bi, p) in blocks.iter().enumerate() {
+                    let a = (l.start + bi * bs).max(lo);
+                    let b = (l.start + (bi + 1) * bs).min(l.len);
+                    let n = b.saturating_sub(a);
+                    match p {
+                        Placement::Host => host_tokens += n,
+                        _ => device_tokens += n,
+                    }
+                }
+                HeadPlacement {
+                    device_tokens,
+                    host_tokens,
+                    tail,
+                }
+            })
+            .collect();
+        LayerPlacement {
+            len: l.len,
+            start: l.start,
+            lo: lo.max(l.start),
+            block_size: bs,
+            token_bytes,
+            heads,
+        }
     }
 
     /// The host runs of `head` from position `from` (a block start) on; `None` if a block

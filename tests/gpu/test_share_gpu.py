@@ -271,3 +271,212 @@ def test_a_tensor_on_another_gpu_is_refused_by_name():
     k0 = torch.randn(2, 10, 64, device="cuda:0")
     with pytest.raises(ValueError, match="^key: is on cuda:0"):
         _core.attention(q, k0, k0, torch.empty_like(q), 0.1)
+
+
+# --- the split from measured rates (planner.plan_share, policy::balance) ----------------------
+
+#: CPU rate as a fraction of the PCIe rate: the CPU's share of the host bytes is about
+#: ratio / (1 + ratio) (with a free hand-off and a fast HBM): thin, about half, most.
+RATIOS = [0.1, 1.0, 4.0]
+
+
+def _uneven(store, layer):
+    """The store's split of `layer` now: it cuts heads unevenly (some heads' shares differ)
+    or leaves some heads to the GPU, and every cut is a block start."""
+    split = store.cpu_split(layer)
+    assert split is not None
+    n = store.seq_len(layer)
+    start = store.retained_start(layer)
+    assert all(f == n or (f - start) % store.block_size == 0 for f in split), split
+    return split
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_rate_split_cuts_heads_and_blocks_unevenly_and_is_exact(ratio, dtype):
+    """A store with some device blocks before the host ones (uneven per head: 3 kv heads, a
+    partial last block), the CPU taking a balanced share of (head, block range)s on a pool of
+    its own, against a float64 reference (bf16: within twice torch's own error)."""
+    torch.manual_seed(2)
+    hkv, g, d, n, block = 3, 4, 128, 5000, 256
+    es = torch.empty((), dtype=dtype).element_size()
+    store = _core.KVStore(
+        1,
+        hkv,
+        d,
+        str(dtype).removeprefix("torch."),
+        block_size=block,
+        device=0,
+        # Four block pairs on the device, the rest (and the partial last block) on the host.
+        device_budget=4 * 2 * block * d * es,
+        max_len=n + 4 * block,
+    )
+    k = torch.randn(hkv, n, d, device=DEV, dtype=dtype)
+    v = torch.randn(hkv, n, d, device=DEV, dtype=dtype)
+    store.append(0, k, v)
+    store.share_threads = 2
+    store.share_rates = (1e9, ratio * 1e9, 1e15, 0.0)
+    split = _uneven(store, 0)
+    assert any(f < n for f in split)
+    scale = d**-0.5
+    q = torch.randn(hkv * g, 1, d, device=DEV, dtype=dtype)
+    out = torch.empty_like(q)
+    store.attend(0, q, out, scale)
+    store.finish_step()
+    torch.cuda.synchronize()
+    want = reference(q, k, v, scale)
+    ours = (out.double() - want).abs().max().item()
+    if dtype == torch.float32:
+        assert ours < 1e-4
+    else:
+        kk = k.repeat_interleave(g, 0)
+        vv = v.repeat_interleave(g, 0)
+        std = ((q @ kk.transpose(1, 2)) * scale).softmax(-1) @ vv
+        torch_err = (std.double() - want).abs().max().item()
+        assert ours <= 2 * torch_err + 1e-3, (ours, torch_err)
+
+
+def test_the_gpu_probe_measures_plausible_rates_quickly():
+    """The real probe: bounded in time, its buffers freed (device and pinned figures back
+    where they were), rates in a plausible range for a PCIe link and HBM."""
+    import time
+
+    torch.cuda.synchronize()
+    before = (_core.device_block_bytes(), _core.pinned_bytes(), torch.cuda.mem_get_info()[0])
+    t = time.perf_counter()
+    pcie, device = _core.measure_gpu_rates(0, "bfloat16", 128, 4)
+    took = time.perf_counter() - t
+    after = (_core.device_block_bytes(), _core.pinned_bytes(), torch.cuda.mem_get_info()[0])
+    assert took < 5.0, took  # the kernels' first compile included
+    assert 1e9 < pcie < 200e9, pcie
+    assert pcie < device < 20e12, device
+    assert before[0] == after[0] and after[1] <= before[1]
+    assert abs(before[2] - after[2]) < 64 << 20  # the probe's buffers were freed
+    t = time.perf_counter()
+    _core.measure_gpu_rates(0, "bfloat16", 128, 4)
+    assert time.perf_counter() - t < 1.0  # compiled once: the probe itself is short
+
+
+def test_the_default_plan_on_this_machine_is_visible_and_exact(monkeypatch, tmp_path):
+    """cpu_heads="auto" on the GPU machine: the planner measures (once), saves the rates, and
+    the cache says what it chose; decode stays exact whatever it chose."""
+    monkeypatch.setenv("HEADINFER_RATES_FILE", str(tmp_path / "rates.json"))
+    model = tiny_model("llama").to(DEV)
+    ref = twin(model)
+    headinfer.patch(model, chunk_size=97, block_size=16, cpu_heads="auto")
+    cache = headinfer.HeadInferCache(model)
+    ids = prompt().to(DEV)
+    name = cache_kwarg_name(model)
+    with torch.no_grad():
+        got = model(ids, use_cache=True, **{name: cache}).logits
+        want = ref(ids, use_cache=True).logits
+    assert (got - want).abs().max().item() < 1e-4
+    plan = cache.share_plan()
+    assert plan["mode"] in ("off", "rates"), plan
+    assert len(plan["split"]) == model.config.num_hidden_layers
+    if plan["mode"] == "rates":
+        assert (tmp_path / "rates.json").exists()
+        assert plan["rates"]["pcie"] > 0 and plan["threads"] >= 7
+
+
+def _forced_rates(monkeypatch, ratio):
+    """Every new cache shares by rates giving the CPU about ratio / (1 + ratio) of the host
+    bytes (free hand-off), on 2 threads, whatever this host's cores and measured rates."""
+    import headinfer.cache as cache_mod
+    from headinfer.planner import SharePlan
+    from headinfer.share import ShareRates
+
+    def plan(cpu_heads, **kw):
+        rates = ShareRates(pcie=1e9, cpu=ratio * 1e9, device=1e15, handoff=0.0)
+        return SharePlan("rates", "forced by the test", threads=2, rates=rates)
+
+    monkeypatch.setattr(cache_mod, "plan_share", plan)
+
+
+def _cap_resident(monkeypatch, blocks):
+    """Cap the planner's resident KV at `blocks` block pairs of 16 tokens (0: all on the
+    host), as tests/gpu/test_families_gpu.py does: device blocks first, host ones after."""
+    import headinfer.cache as cache_mod
+
+    original = cache_mod.plan_memory
+
+    def capped(*args, **kwargs):
+        plan = original(*args, **kwargs)
+        spec = args[1]
+        block = 2 * 16 * spec.head_dim * torch.empty((), dtype=kwargs["dtype"]).element_size()
+        plan.kv_device_bytes = min(plan.kv_device_bytes, blocks * block)
+        return plan
+
+    monkeypatch.setattr(cache_mod, "plan_memory", capped)
+
+
+STEPS = 8
+
+
+@pytest.mark.parametrize("device_blocks", [0, 5])
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2"])
+def test_every_family_float32_matches_eager_with_the_rate_split(
+    family, ratio, device_blocks, monkeypatch
+):
+    """Patched decode with the rate-based split (all KV on the host, or the first blocks on
+    the GPU), float32 within 1e-4 of eager; the split really cuts."""
+    from _tiny import rel_err
+
+    _forced_rates(monkeypatch, ratio)
+    _cap_resident(monkeypatch, device_blocks)
+    model = tiny_model(family).to(DEV)
+    ref = twin(model)
+    headinfer.patch(model, chunk_size=97, block_size=16)
+    ids = prompt().to(DEV)
+    name = cache_kwarg_name(model)
+    cache = headinfer.HeadInferCache(model)
+    n = ids.shape[1] - STEPS
+    with torch.no_grad():
+        out = model(ids[:, :n], use_cache=True, **{name: cache})
+        got = [out.logits[:, -1]]
+        for i in range(n, ids.shape[1] - 1):
+            got.append(model(ids[:, i : i + 1], use_cache=True, **{name: cache}).logits[:, -1])
+        want = ref(ids, use_cache=True).logits[:, n - 1 : ids.shape[1] - 1]
+    assert any(s is not None for s in cache.share_plan()["split"]), "the split never cut"
+    assert rel_err(torch.stack(got, 1), want) < 1e-4
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2"])
+def test_every_family_bfloat16_within_twice_torch_error_with_the_rate_split(
+    family, ratio, monkeypatch
+):
+    """As above in bfloat16, all KV on the host: within twice torch's own error against
+    float64."""
+    _forced_rates(monkeypatch, ratio)
+    _cap_resident(monkeypatch, 0)
+    base = tiny_model(family)
+    exact = twin(base).to(torch.float64)
+    std = twin(base).to(DEV, torch.bfloat16)
+    model = twin(base).to(DEV, torch.bfloat16)
+    headinfer.patch(model, chunk_size=97, block_size=16)
+    ids = prompt().to(DEV)
+    name = cache_kwarg_name(model)
+    n = ids.shape[1] - STEPS
+
+    def decode(m, ids, cache=None):
+        with torch.no_grad():
+            kw = {} if cache is None else {name: cache}
+            out = m(ids[:, :n], use_cache=True, **kw)
+            c = out.get(name)
+            got = [out.logits[:, -1]]
+            for i in range(n, ids.shape[1] - 1):
+                out = m(ids[:, i : i + 1], use_cache=True, **{name: c})
+                c = out.get(name)
+                got.append(out.logits[:, -1])
+        return torch.stack(got, 1), c
+
+    want, _ = decode(exact, ids.cpu())
+    want = want.to(DEV)
+    torch_err = (decode(std, ids)[0].double() - want).abs().max().item()
+    cache = headinfer.HeadInferCache(model)
+    got, cache = decode(model, ids, cache)
+    assert any(s is not None for s in cache.share_plan()["split"]), "the split never cut"
+    ours = (got.double() - want).abs().max().item()
+    assert ours <= 2 * torch_err + 1e-3, (ours, torch_err)

@@ -1,0 +1,274 @@
+//! Measuring the rates the CPU share's policy balances (`policy::Rates`): short, bounded
+//! probes, run once per machine (the Python side caches their results in a file).
+//!
+//! - The CPU: the share's own kernel (`cpu::attend_lse`) over keys and values in host memory
+//!   larger than any last-level cache, on the share's thread pool, timed for a fraction of a
+//!   second; and the same over one block per head, for the fixed cost of a step.
+//! - The GPU: the decode kernel over keys and values in mapped pinned memory (read over PCIe,
+//!   as host blocks are) and in device memory (as resident blocks are), timed with CUDA events
+//!   on a stream of its own. Its buffers are transient and small: 64 MiB of pinned memory and
+//!   four times the GPU's L2 cache of device memory (at least 64 MiB, at most 256 MiB, so the
+//!   reads reach HBM), both freed before it returns; the caller runs it before the store
+//!   claims its device blocks, inside the planner's margin.
+
+use super::args::{self, Params};
+use super::cpu::{attend_lse, DenseKv};
+use crate::cuda::kernels::KvSrc;
+use crate::cuda::memory::{DeviceBuf, PinnedBuf};
+use crate::cuda::{driver_err, gpu, Stream};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, DevTensor, Element, View3};
+use cudarc::driver::result as cu;
+use cudarc::driver::sys;
+use rayon::prelude::*;
+use std::time::{Duration, Instant};
+
+/// Kv heads of the probes' keys and values (a Llama-3-8B layer's).
+const PROBE_HEADS: usize = 8;
+/// Seconds a shared step costs beyond the CPU's own work, measured on an H200 host: the
+/// query's copy to the host, the worker's wake-up, the stream's wait on the published word.
+pub const HANDOFF_LATENCY: f64 = 50e-6;
+/// Pinned bytes the PCIe probe reads (both keys and values).
+const HOST_PROBE_BYTES: usize = 64 << 20;
+/// Device bytes the HBM probe reads: four L2 caches, within these bounds.
+const DEVICE_PROBE_MIN: usize = 64 << 20;
+const DEVICE_PROBE_MAX: usize = 256 << 20;
+
+/// What the CPU probe measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CpuRate {
+    /// Bytes of keys and values read per second (the median run).
+    pub bytes_per_s: f64,
+    /// Seconds of a step over one block per head (the share's fixed cost), plus
+    /// `HANDOFF_LATENCY`.
+    pub fixed_s: f64,
+}
+
+/// A zeroed-ish host vector of `n` elements (a small pattern, so no NaN or overflow), filled
+/// in parallel; `OutOfHostMemory` where the allocation fails.
+fn filled<E: Element>(n: usize) -> Result<Vec<E>> {
+    let mut v: Vec<E> = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::OutOfHostMemory {
+        what: "the CPU share's rate probe".into(),
+        needed: n.saturating_mul(std::mem::size_of::<E>()),
+        available: crate::cpu::memory::available_bytes().unwrap_or(0),
+    })?;
+    v.resize(n, E::default());
+    v.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (i, x) in chunk.iter_mut().enumerate() {
+                *x = E::from_f32((((c + i) % 17) as f32 - 8.0) / 64.0);
+            }
+        });
+    Ok(v)
+}
+
+/// Times decode attention of `group` query heads per kv head over `bytes` of keys and values
+/// (`head_dim` wide, `E`) on the CPU, on `pool` (rayon's global pool where `None`), for about
+/// `seconds` (at least 3 runs after a warm-up, at most 16).
+pub fn measure_cpu<E: Element>(
+    head_dim: usize,
+    group: usize,
+    bytes: usize,
+    seconds: f64,
+    pool: Option<&rayon::ThreadPool>,
+) -> Result<CpuRate> {
+    if head_dim == 0 || group == 0 {
+        return Err(Error::value(
+            "head_dim",
+            "head_dim and group must be positive",
+        ));
+    }
+    let row = 2 * head_dim * std::mem::size_of::<E>();
+    let tokens = (bytes / (PROBE_HEADS * row)).max(1);
+    let run = || -> Result<CpuRate> {
+        let k = filled::<E>(PROBE_HEADS * tokens * head_dim)?;
+        let v = filled::<E>(PROBE_HEADS * tokens * head_dim)?;
+        let q = filled::<E>(PROBE_HEADS * group * head_dim)?;
+        let params = Params {
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            softcap: None,
+            window: None,
+        };
+        let shape = [PROBE_HEADS * group, 1, head_dim];
+        let time = |n: usize| -> Result<f64> {
+            let kv = DenseKv::new(
+                View3::contiguous(&k[..PROBE_HEADS * n * head_dim], [PROBE_HEADS, n, head_dim]),
+                View3::contiguous(&v[..PROBE_HEADS * n * head_dim], [PROBE_HEADS, n, head_dim]),
+            )?;
+            let t = Instant::now();
+            attend_lse(View3::contiguous(&q, shape), &kv, &params, None)?;
+            Ok(t.elapsed().as_secs_f64())
+        };
+        // The fixed cost: the same over one block's worth of keys per head.
+        let small = tokens.min(256);
+        time(tokens)?; // warm-up: page faults, the pool's threads
+        let budget = Duration::from_secs_f64(seconds.max(0.0));
+        let start = Instant::now();
+        let mut runs = Vec::new();
+        while runs.len() < 16 && (runs.len() < 3 || start.elapsed() < budget) {
+            runs.push(time(tokens)?);
+        }
+        runs.sort_by(f64::total_cmp);
+        let median = runs[runs.len() / 2];
+        let mut fixed: Vec<f64> = (0..5).map(|_| time(small)).collect::<Result<_>>()?;
+        fixed.sort_by(f64::total_cmp);
+        Ok(CpuRate {
+            bytes_per_s: (PROBE_HEADS * tokens * row) as f64 / median,
+            fixed_s: fixed[2] + HANDOFF_LATENCY,
+        })
+    };
+    match pool {
+        Some(p) => p.install(run),
+        None => run(),
+    }
+}
+
+/// A CUDA event with timing, destroyed on drop.
+struct TimingEvent(sys::CUevent);
+
+impl TimingEvent {
+    fn new() -> Result<Self> {
+        cu::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map(TimingEvent)
+            .map_err(|e| driver_err("creating a timing event", e))
+    }
+}
+
+impl Drop for TimingEvent {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once; the probe synchronized on it first.
+        let _ = unsafe { cu::event::destroy(self.0) };
+    }
+}
+
+/// A stream of the probe's own, destroyed on drop (after the work on it finished).
+struct OwnStream(Stream);
+
+impl Drop for OwnStream {
+    fn drop(&mut self) {
+        // SAFETY: created by the probe, destroyed once; the driver lets queued work finish.
+        let _ = unsafe { cu::stream::destroy(self.0 .0) };
+    }
+}
+
+/// What the GPU probe measured, in bytes of keys and values per second.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GpuRates {
+    /// The decode kernel reading mapped pinned memory (over PCIe).
+    pub pcie: f64,
+    /// The decode kernel reading device memory.
+    pub device: f64,
+}
+
+/// Times the decode kernel (`dtype`, `head_dim`, `group` query heads per kv head) on GPU
+/// `ordinal` over host (mapped pinned) and device memory; see the module's note on its
+/// buffers. Blocks the calling thread until its own stream is done (a few milliseconds).
+pub fn measure_gpu(
+    ordinal: usize,
+    dtype: DType,
+    head_dim: usize,
+    group: usize,
+) -> Result<GpuRates> {
+    if group == 0 {
+        return Err(Error::value("group", "must be positive"));
+    }
+    let g = gpu(ordinal)?;
+    g.bind()?;
+    let kernels = g.kernels(dtype, head_dim)?;
+    let l2 = g
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .map_err(|e| driver_err("reading the L2 cache size", e))? as usize;
+    let device_bytes = (4 * l2).clamp(DEVICE_PROBE_MIN, DEVICE_PROBE_MAX);
+    let raw = cu::stream::create(cu::stream::StreamKind::NonBlocking)
+        .map_err(|e| driver_err("creating the probe's stream", e))?;
+    let stream = OwnStream(Stream(raw));
+    let s = stream.0;
+    let es = dtype.size();
+    let hq = PROBE_HEADS * group;
+    let q = DeviceBuf::new(&g, hq * head_dim * es)?;
+    let out = DeviceBuf::new(&g, hq * head_dim * es)?;
+    // SAFETY: both buffers were just allocated with these sizes; zeros are valid elements.
+    unsafe {
+        cu::memset_d8_async(q.ptr(), 0, q.len(), s.0).map_err(|e| driver_err("memset", e))?;
+    }
+    let params = Params {
+        scale: 1.0 / (head_dim as f32).sqrt(),
+        softcap: None,
+        window: None,
+    };
+    let row = head_dim * es;
+    // Times `reps` launches over keys at `k` and values at `v`, `tokens` rows per head.
+    let time = |k: u64, v: u64, tokens: usize, reps: usize| -> Result<f64> {
+        let launch = args::launch(hq, 1, PROBE_HEADS, tokens, 0, &params, None)?;
+        let src = KvSrc {
+            table: 0,
+            max_blocks: 0,
+            block_size: 0,
+            k,
+            v,
+            s0: (tokens * head_dim) as i64,
+            s1: head_dim as i64,
+        };
+        let qt = DevTensor {
+            ptr: q.ptr(),
+            s0: head_dim as i64,
+            s1: head_dim as i64,
+        };
+        let ot = DevTensor {
+            ptr: out.ptr(),
+            s0: head_dim as i64,
+            s1: head_dim as i64,
+        };
+        let (a, b) = (TimingEvent::new()?, TimingEvent::new()?);
+        // SAFETY: every address is a live buffer of the probe with the shapes described
+        // (`[heads, tokens, head_dim]` keys and values, `[hq, 1, head_dim]` query and out);
+        // the stream is synchronized below, before any of them is freed.
+        unsafe {
+            kernels.attend(s, qt, src, &launch, ot)?; // warm-up
+            cu::event::record(a.0, s.0).map_err(|e| driver_err("recording an event", e))?;
+            for _ in 0..reps {
+                kernels.attend(s, qt, src, &launch, ot)?;
+            }
+            cu::event::record(b.0, s.0).map_err(|e| driver_err("recording an event", e))?;
+            cu::event::synchronize(b.0).map_err(|e| driver_err("waiting for the probe", e))?;
+            let ms = cu::event::elapsed(a.0, b.0).map_err(|e| driver_err("timing", e))?;
+            Ok(f64::from(ms) / 1e3 / reps as f64)
+        }
+    };
+    let host = PinnedBuf::take(&g, HOST_PROBE_BYTES)?;
+    // SAFETY: the buffer is owned here and nothing reads it yet.
+    unsafe { std::ptr::write_bytes(host.host_ptr(), 0, host.len()) };
+    let half = HOST_PROBE_BYTES / 2;
+    let tokens = half / (PROBE_HEADS * row);
+    let t_host = time(host.dev_ptr(), host.dev_ptr() + half as u64, tokens, 3);
+    // Whatever happened, nothing of the probe may still run when its buffers are freed.
+    // SAFETY: the probe's own stream.
+    let synced = unsafe { cu::stream::synchronize(s.0) };
+    drop(host); // freed, not pooled: a probe's buffer is no KV block
+    let t_host = t_host?;
+    synced.map_err(|e| driver_err("waiting for the probe", e))?;
+    let dev = DeviceBuf::new(&g, device_bytes)?;
+    // SAFETY: the buffer was just allocated with this size; zeros are valid elements.
+    unsafe {
+        cu::memset_d8_async(dev.ptr(), 0, dev.len(), s.0).map_err(|e| driver_err("memset", e))?;
+    }
+    let dhalf = device_bytes / 2;
+    let dtokens = dhalf / (PROBE_HEADS * row);
+    let t_dev = time(dev.ptr(), dev.ptr() + dhalf as u64, dtokens, 20);
+    // SAFETY: the probe's own stream.
+    let synced = unsafe { cu::stream::synchronize(s.0) };
+    let t_dev = t_dev?;
+    synced.map_err(|e| driver_err("waiting for the probe", e))?;
+    let read = |tokens: usize| (2 * PROBE_HEADS * tokens * row) as f64;
+    Ok(GpuRates {
+        pcie: read(tokens) / t_host,
+        device: read(dtokens) / t_dev,
+    })
+}
+
+#[cfg(test)]
+#[path = "../../tests/rust/attention/rates.rs"]
+mod tests;

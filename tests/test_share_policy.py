@@ -1,0 +1,178 @@
+"""The planner's decision on the CPU share (``planner.plan_share``) and the ``cpu_heads``
+argument of ``patch()`` and ``HeadInferCache`` (the per-step balance is Rust's, tested in
+tests/rust/attention/policy.rs; the GPU runs in tests/gpu/test_share_gpu.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _tiny import tiny_config, tiny_model
+
+import headinfer
+from headinfer import planner
+from headinfer.checks import check_cpu_heads
+from headinfer.planner import MIN_SHARE_CORES, SharePlan, plan_share
+from headinfer.share import ShareRates, load_rates, machine_key, physical_cores, share_threads
+
+H200 = ShareRates(pcie=51e9, cpu=40e9, device=2.5e12, handoff=1e-4)
+SHAPE = {"device_index": 0, "gpu_name": "NVIDIA H200", "dtype": "bfloat16", "head_dim": 128}
+
+
+class Probe:
+    """Stands in for the GPU probe (no GPU here): counts calls, returns fixed rates or
+    raises; the real probe runs in tests/gpu/test_share_gpu.py."""
+
+    def __init__(self, rates: ShareRates | None = H200) -> None:
+        self.rates = rates
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, device_index: int, **kw: Any) -> ShareRates:
+        self.calls.append({"device_index": device_index, **kw})
+        if self.rates is None:
+            raise RuntimeError("probe failed (test)")
+        return self.rates
+
+
+@pytest.fixture
+def probe(monkeypatch: pytest.MonkeyPatch) -> Probe:
+    p = Probe()
+    monkeypatch.setattr(planner, "measure_rates", p)
+    monkeypatch.delenv("HEADINFER_REPROBE", raising=False)
+    return p
+
+
+def test_cpu_heads_accepts_auto_an_int_or_none_and_names_itself() -> None:
+    assert check_cpu_heads(None, 8) is None
+    assert check_cpu_heads("auto", 8) is None
+    assert check_cpu_heads(0, 8) == 0
+    assert check_cpu_heads(8, 8) == 8
+    with pytest.raises(ValueError, match="^cpu_heads: expected an int or 'auto', got 'all'"):
+        check_cpu_heads("all", 8)
+    for bad in (1.5, 2.0, True, [1]):
+        with pytest.raises(TypeError, match="^cpu_heads: expected an int or 'auto'"):
+            check_cpu_heads(bad, 8)
+    with pytest.raises(ValueError, match="^cpu_heads: must be between 0 and 8"):
+        check_cpu_heads(9, 8)
+    with pytest.raises(ValueError, match="^cpu_heads: must be between 0 and 16"):
+        check_cpu_heads(17, 32)
+    with pytest.raises(ValueError, match="^cpu_heads: must be between 0"):
+        check_cpu_heads(-1, 8)
+
+
+def test_patch_and_the_cache_check_cpu_heads() -> None:
+    model = tiny_model("llama")
+    for value in ("auto", None, 0, 1):
+        headinfer.patch(model, cpu_heads=value)
+        assert model._headinfer.cpu_heads == (None if value == "auto" else value)
+    headinfer.unpatch(model)
+    with pytest.raises(ValueError, match="^cpu_heads:"):
+        headinfer.patch(model, cpu_heads="fast")
+    with pytest.raises(TypeError, match="^cpu_heads:"):
+        headinfer.HeadInferCache(tiny_config("llama"), cpu_heads=1.0)
+    assert headinfer.HeadInferCache(tiny_config("llama"), cpu_heads="auto").cpu_heads is None
+
+
+def test_zero_turns_the_share_off_and_an_int_overrides(probe: Probe, tmp_path: Path) -> None:
+    off = plan_share(0, group=4, cores=64, path=tmp_path / "r.json", **SHAPE)
+    assert off.mode == "off" and "cpu_heads=0" in off.reason
+    heads = plan_share(3, group=4, cores=64, path=tmp_path / "r.json", **SHAPE)
+    assert heads.mode == "heads" and heads.cpu_heads == 3 and heads.threads == 63
+    # An override runs even on a small host (the user asked), on at least one thread.
+    assert plan_share(2, group=4, cores=1, path=tmp_path / "r.json", **SHAPE).threads == 1
+    assert probe.calls == []  # neither measures
+
+
+def test_the_default_is_off_with_few_cores_and_measures_nothing(
+    probe: Probe, tmp_path: Path
+) -> None:
+    for cores in (1, 2, MIN_SHARE_CORES - 1):
+        p = plan_share(None, group=4, cores=cores, path=tmp_path / "r.json", **SHAPE)
+        assert p.mode == "off" and f"{cores} physical cores" in p.reason
+    assert probe.calls == []
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_this_two_core_machine_keeps_the_default_off(probe: Probe, tmp_path: Path) -> None:
+    if physical_cores() >= MIN_SHARE_CORES:
+        pytest.skip("this host has the cores for the CPU share")
+    p = plan_share(None, group=4, path=tmp_path / "r.json", **SHAPE)
+    assert p.mode == "off" and p.cores == physical_cores()
+    assert probe.calls == []
+
+
+def test_the_default_measures_once_then_reads_the_file(probe: Probe, tmp_path: Path) -> None:
+    path = tmp_path / "rates.json"
+    first = plan_share(None, group=4, cores=16, path=path, **SHAPE)
+    assert first.mode == "rates" and first.rates == H200 and first.threads == 15
+    assert first.rates_source is not None and first.rates_source.startswith("measured now")
+    assert probe.calls == [
+        {"device_index": 0, "dtype": "bfloat16", "head_dim": 128, "group": 4, "threads": 15}
+    ]
+    key = machine_key("NVIDIA H200", dtype="bfloat16", head_dim=128, group=4, threads=15, cores=16)
+    assert load_rates(key, path) == H200
+    second = plan_share(None, group=4, cores=16, path=path, **SHAPE)
+    assert second.mode == "rates" and second.rates == H200
+    assert second.rates_source == f"cached in {path}"
+    assert len(probe.calls) == 1
+    # Another shape is another entry: measured.
+    plan_share(None, group=2, cores=16, path=path, **SHAPE)
+    assert len(probe.calls) == 2
+    # A re-probe, by argument or by the environment, measures again and rewrites the entry.
+    probe.rates = ShareRates(pcie=50e9, cpu=60e9, device=2e12, handoff=2e-4)
+    assert plan_share(None, group=4, cores=16, path=path, reprobe=True, **SHAPE).rates == (
+        probe.rates
+    )
+    assert load_rates(key, path) == probe.rates
+    assert len(probe.calls) == 3
+
+
+def test_reprobe_from_the_environment(
+    probe: Probe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "rates.json"
+    plan_share(None, group=4, cores=16, path=path, **SHAPE)
+    monkeypatch.setenv("HEADINFER_REPROBE", "1")
+    plan_share(None, group=4, cores=16, path=path, **SHAPE)
+    assert len(probe.calls) == 2
+    monkeypatch.setenv("HEADINFER_REPROBE", "0")
+    plan_share(None, group=4, cores=16, path=path, **SHAPE)
+    assert len(probe.calls) == 2
+
+
+def test_a_failed_probe_leaves_the_share_off_and_says_why(
+    probe: Probe, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    probe.rates = None
+    with caplog.at_level(logging.WARNING, logger="headinfer"):
+        p = plan_share(None, group=4, cores=16, path=tmp_path / "r.json", **SHAPE)
+    assert p.mode == "off" and "probe failed (test)" in p.reason
+    assert "measuring its rates failed" in caplog.text
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_cpu_rate_of_zero_keeps_the_share_off(probe: Probe, tmp_path: Path) -> None:
+    probe.rates = ShareRates(pcie=51e9, cpu=0.0, device=2.5e12, handoff=0.0)
+    p = plan_share(None, group=4, cores=16, path=tmp_path / "r.json", **SHAPE)
+    assert p.mode == "off" and p.rates == probe.rates
+
+
+def test_the_plan_is_json(probe: Probe, tmp_path: Path) -> None:
+    p = plan_share(None, group=4, cores=16, path=tmp_path / "r.json", **SHAPE)
+    d = json.loads(json.dumps(p.to_dict()))
+    assert d["mode"] == "rates" and d["rates"]["pcie"] == 51e9 and d["threads"] == 15
+    assert d["torch_threads"] >= 1 and d["cores"] == 16
+    assert SharePlan("off", "why").to_dict()["rates"] is None
+
+
+def test_a_cpu_cache_says_it_shares_nothing() -> None:
+    model = tiny_model("llama")
+    cache = headinfer.HeadInferCache(model, block_size=16)
+    d = cache.share_plan()
+    assert d["mode"] == "off" and "CPU" in d["reason"] and "split" not in d
+    unmade = headinfer.HeadInferCache(tiny_config("llama"), block_size=16)
+    assert unmade.share_plan()["mode"] == "off"
+    assert share_threads() == max(physical_cores() - 1, 0)
