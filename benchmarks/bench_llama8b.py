@@ -176,7 +176,7 @@ def main() -> None:
                 if r.get("oom"):
                     break
     if "headinfer" in plan:
-        # The GPU alone reading the host KV over PCIe (cpu_heads=0), then the default: the
+        # The GPU alone reading the host KV over PCIe (cpu_heads=0), then cpu_heads="auto": the
         # planner's CPU share from measured rates (on where the host has the cores).
         variants = [
             ("headinfer GPU-only", 0, [1024, 8192, 16384, 32768, 131072, 131072]),

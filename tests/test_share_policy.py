@@ -47,7 +47,7 @@ def probe(monkeypatch: pytest.MonkeyPatch) -> Probe:
 
 def test_cpu_heads_accepts_auto_an_int_or_none_and_names_itself() -> None:
     assert check_cpu_heads(None, 8) is None
-    assert check_cpu_heads("auto", 8) is None
+    assert check_cpu_heads("auto", 8) == "auto"
     assert check_cpu_heads(0, 8) == 0
     assert check_cpu_heads(8, 8) == 8
     with pytest.raises(ValueError, match="^cpu_heads: expected an int or 'auto', got 'all'"):
@@ -67,13 +67,19 @@ def test_patch_and_the_cache_check_cpu_heads() -> None:
     model = tiny_model("llama")
     for value in ("auto", None, 0, 1):
         headinfer.patch(model, cpu_heads=value)
-        assert model._headinfer.cpu_heads == (None if value == "auto" else value)
+        assert model._headinfer.cpu_heads == value
     headinfer.unpatch(model)
     with pytest.raises(ValueError, match="^cpu_heads:"):
         headinfer.patch(model, cpu_heads="fast")
     with pytest.raises(TypeError, match="^cpu_heads:"):
         headinfer.HeadInferCache(tiny_config("llama"), cpu_heads=1.0)
-    assert headinfer.HeadInferCache(tiny_config("llama"), cpu_heads="auto").cpu_heads is None
+    assert headinfer.HeadInferCache(tiny_config("llama"), cpu_heads="auto").cpu_heads == "auto"
+
+
+def test_the_default_is_the_gpu_alone_and_measures_nothing(probe: Probe, tmp_path: Path) -> None:
+    p = plan_share(None, group=4, cores=64, path=tmp_path / "r.json", **SHAPE)
+    assert p.mode == "off" and "cpu_heads='auto'" in p.reason
+    assert probe.calls == []
 
 
 def test_zero_turns_the_share_off_and_an_int_overrides(probe: Probe, tmp_path: Path) -> None:
@@ -86,27 +92,25 @@ def test_zero_turns_the_share_off_and_an_int_overrides(probe: Probe, tmp_path: P
     assert probe.calls == []  # neither measures
 
 
-def test_the_default_is_off_with_few_cores_and_measures_nothing(
-    probe: Probe, tmp_path: Path
-) -> None:
+def test_auto_is_off_with_few_cores_and_measures_nothing(probe: Probe, tmp_path: Path) -> None:
     for cores in (1, 2, MIN_SHARE_CORES - 1):
-        p = plan_share(None, group=4, cores=cores, path=tmp_path / "r.json", **SHAPE)
+        p = plan_share("auto", group=4, cores=cores, path=tmp_path / "r.json", **SHAPE)
         assert p.mode == "off" and f"{cores} physical cores" in p.reason
     assert probe.calls == []
     assert not (tmp_path / "r.json").exists()
 
 
-def test_this_two_core_machine_keeps_the_default_off(probe: Probe, tmp_path: Path) -> None:
+def test_this_two_core_machine_keeps_auto_off(probe: Probe, tmp_path: Path) -> None:
     if physical_cores() >= MIN_SHARE_CORES:
         pytest.skip("this host has the cores for the CPU share")
-    p = plan_share(None, group=4, path=tmp_path / "r.json", **SHAPE)
+    p = plan_share("auto", group=4, path=tmp_path / "r.json", **SHAPE)
     assert p.mode == "off" and p.cores == physical_cores()
     assert probe.calls == []
 
 
-def test_the_default_measures_once_then_reads_the_file(probe: Probe, tmp_path: Path) -> None:
+def test_auto_measures_once_then_reads_the_file(probe: Probe, tmp_path: Path) -> None:
     path = tmp_path / "rates.json"
-    first = plan_share(None, group=4, cores=16, path=path, **SHAPE)
+    first = plan_share("auto", group=4, cores=16, path=path, **SHAPE)
     assert first.mode == "rates" and first.rates == H200 and first.threads == 15
     assert first.rates_source is not None and first.rates_source.startswith("measured now")
     assert probe.calls == [
@@ -114,16 +118,16 @@ def test_the_default_measures_once_then_reads_the_file(probe: Probe, tmp_path: P
     ]
     key = machine_key("NVIDIA H200", dtype="bfloat16", head_dim=128, group=4, threads=15, cores=16)
     assert load_rates(key, path) == H200
-    second = plan_share(None, group=4, cores=16, path=path, **SHAPE)
+    second = plan_share("auto", group=4, cores=16, path=path, **SHAPE)
     assert second.mode == "rates" and second.rates == H200
     assert second.rates_source == f"cached in {path}"
     assert len(probe.calls) == 1
     # Another shape is another entry: measured.
-    plan_share(None, group=2, cores=16, path=path, **SHAPE)
+    plan_share("auto", group=2, cores=16, path=path, **SHAPE)
     assert len(probe.calls) == 2
     # A re-probe, by argument or by the environment, measures again and rewrites the entry.
     probe.rates = ShareRates(pcie=50e9, cpu=60e9, device=2e12, handoff=2e-4)
-    assert plan_share(None, group=4, cores=16, path=path, reprobe=True, **SHAPE).rates == (
+    assert plan_share("auto", group=4, cores=16, path=path, reprobe=True, **SHAPE).rates == (
         probe.rates
     )
     assert load_rates(key, path) == probe.rates
@@ -134,12 +138,12 @@ def test_reprobe_from_the_environment(
     probe: Probe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "rates.json"
-    plan_share(None, group=4, cores=16, path=path, **SHAPE)
+    plan_share("auto", group=4, cores=16, path=path, **SHAPE)
     monkeypatch.setenv("HEADINFER_REPROBE", "1")
-    plan_share(None, group=4, cores=16, path=path, **SHAPE)
+    plan_share("auto", group=4, cores=16, path=path, **SHAPE)
     assert len(probe.calls) == 2
     monkeypatch.setenv("HEADINFER_REPROBE", "0")
-    plan_share(None, group=4, cores=16, path=path, **SHAPE)
+    plan_share("auto", group=4, cores=16, path=path, **SHAPE)
     assert len(probe.calls) == 2
 
 
@@ -148,7 +152,7 @@ def test_a_failed_probe_leaves_the_share_off_and_says_why(
 ) -> None:
     probe.rates = None
     with caplog.at_level(logging.WARNING, logger="headinfer"):
-        p = plan_share(None, group=4, cores=16, path=tmp_path / "r.json", **SHAPE)
+        p = plan_share("auto", group=4, cores=16, path=tmp_path / "r.json", **SHAPE)
     assert p.mode == "off" and "probe failed (test)" in p.reason
     assert "measuring its rates failed" in caplog.text
     assert not (tmp_path / "r.json").exists()
@@ -156,12 +160,12 @@ def test_a_failed_probe_leaves_the_share_off_and_says_why(
 
 def test_a_cpu_rate_of_zero_keeps_the_share_off(probe: Probe, tmp_path: Path) -> None:
     probe.rates = ShareRates(pcie=51e9, cpu=0.0, device=2.5e12, handoff=0.0)
-    p = plan_share(None, group=4, cores=16, path=tmp_path / "r.json", **SHAPE)
+    p = plan_share("auto", group=4, cores=16, path=tmp_path / "r.json", **SHAPE)
     assert p.mode == "off" and p.rates == probe.rates
 
 
 def test_the_plan_is_json(probe: Probe, tmp_path: Path) -> None:
-    p = plan_share(None, group=4, cores=16, path=tmp_path / "r.json", **SHAPE)
+    p = plan_share("auto", group=4, cores=16, path=tmp_path / "r.json", **SHAPE)
     d = json.loads(json.dumps(p.to_dict()))
     assert d["mode"] == "rates" and d["rates"]["pcie"] == 51e9 and d["threads"] == 15
     assert d["torch_threads"] >= 1 and d["cores"] == 16

@@ -215,12 +215,13 @@ class HeadInferCache(Cache):
             pinned host memory and are read over PCIe.
         cpu_heads: on CUDA, whether the CPU attends over part of the host-resident KV during
             decode while the GPU reads the rest (merged exactly, by log-sum-exp). Default
-            ``None`` or ``"auto"``: the planner decides from measured rates (once per machine,
-            cached; ``planner.plan_share``): on where the host has at least 8 physical cores,
-            and then each layer's step is split by (head, block range) so that both sides
-            finish together, only where that is predicted faster. An int overrides: the CPU
-            takes kv heads ``0..cpu_heads`` from their first host block on; 0 turns the share
-            off. ``share_plan()`` says what was chosen and why.
+            ``None``: what ``patch()`` was given, else the GPU alone. ``"auto"``: the planner
+            decides from measured rates (once per machine, cached; ``planner.plan_share``): on
+            where the host has at least 8 physical cores, and then each layer's step is split
+            by (head, block range) so that both sides finish together, only where that is
+            predicted faster. An int overrides: the CPU takes kv heads ``0..cpu_heads`` from
+            their first host block on; 0 turns the share off. ``share_plan()`` says what was
+            chosen and why.
         croppable: keep every token on sliding-window layers too (by default they drop what
             their window no longer reaches), so that ``crop()`` can always go back: prefix
             reuse on models with sliding windows (Mistral, Qwen2, Gemma-2). Those layers then
@@ -269,7 +270,8 @@ class HeadInferCache(Cache):
         self._block_size = check_optional_positive_int(block_size, "block_size")
         self.host_memory_limit = check_size(host_memory_limit, "host_memory_limit")
         self.gpu_budget = check_size(gpu_budget, "gpu_budget")
-        #: The ``cpu_heads`` override (``None``: the planner decides, see ``share_plan``).
+        #: ``cpu_heads`` as checked (``None``: the GPU alone; ``"auto"``: the planner decides
+        #: from measured rates; an int: the override), see ``share_plan``.
         self.cpu_heads = check_cpu_heads(cpu_heads, self.spec.num_kv_heads)
         self._share: SharePlan | None = None
         #: The store's element type when given (else the first keys' dtype).
@@ -323,7 +325,7 @@ class HeadInferCache(Cache):
                     "device_budget": 0,
                     # Past max_position_embeddings too, as transformers runs RoPE models there.
                     "max_len": self.max_len,
-                    "cpu_heads": self.cpu_heads or 0,
+                    "cpu_heads": self.cpu_heads if isinstance(self.cpu_heads, int) else 0,
                 }
                 self._share = plan_share(
                     self.cpu_heads,

@@ -36,12 +36,12 @@ def check_size(value: Any, name: str) -> int | None:
     return None if value is None else parse_bytes(value, name)
 
 
-def check_cpu_heads(value: Any, num_kv_heads: int) -> int | None:
-    """``None`` or ``"auto"`` (the planner decides from measured rates: returns ``None``), or
-    an int in ``0..=min(16, num_kv_heads)`` (an override: that many kv heads; 0 turns the CPU
-    share off)."""
+def check_cpu_heads(value: Any, num_kv_heads: int) -> int | str | None:
+    """``None`` (the default: no CPU share), ``"auto"`` (the planner decides from measured
+    rates), or an int in ``0..=min(16, num_kv_heads)`` (an override: that many kv heads; 0
+    turns the CPU share off)."""
     if value is None or value == "auto":
-        return None
+        return value
     if isinstance(value, str):
         raise ValueError(f"cpu_heads: expected an int or 'auto', got {value!r}")
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -60,7 +60,7 @@ class PatchSettings:
     block_size: int | None
     host_memory_limit: int | None
     gpu_budget: int | None
-    cpu_heads: int | None
+    cpu_heads: int | str | None
     progress: bool
     progress_delay: float
     #: The model forward's keyword for the cache: "cache" (>= 5.24) or "past_key_values".
@@ -222,10 +222,10 @@ def patch(
             like ``"20GiB"``); KV blocks fill what weights and working set leave, the rest
             stays in pinned host memory. Default: the free memory less a margin.
         cpu_heads: on CUDA, whether the CPU attends over part of the host-resident KV during
-            decode while the GPU reads the rest. Default ``None`` or ``"auto"``: the planner
-            decides from measured rates (on with 8 or more physical cores, each step split
-            only where predicted faster); an int forces kv heads ``0..cpu_heads``; 0 turns it
-            off (see ``HeadInferCache`` and its ``share_plan()``).
+            decode while the GPU reads the rest. Default ``None``: the GPU alone. ``"auto"``:
+            the planner decides from measured rates (on with 8 or more physical cores, each
+            step split only where predicted faster); an int forces kv heads ``0..cpu_heads``;
+            0 turns it off (see ``HeadInferCache`` and its ``share_plan()``).
         host_memory_limit: bytes each cache may reserve (an int or a size like ``"64GiB"``;
             default: what the host has).
         progress: show a progress bar over prefill chunks when prefill takes a while

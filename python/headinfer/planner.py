@@ -318,7 +318,7 @@ class SharePlan:
 
 
 def plan_share(
-    cpu_heads: int | None,
+    cpu_heads: int | str | None,
     *,
     device_index: int,
     gpu_name: str,
@@ -331,19 +331,23 @@ def plan_share(
 ) -> SharePlan:
     """The CPU share's plan for a CUDA store (the planner owns the decision).
 
-    ``cpu_heads`` (checked by ``checks.check_cpu_heads``): an int is an override (0: off);
-    ``None`` ("auto") turns the share on with measured rates where the host has at least
-    ``MIN_SHARE_CORES`` physical cores. The rates come from the rates file (``share``), or are
-    measured now (well under a second) and saved there; ``reprobe`` (default: the
-    ``HEADINFER_REPROBE`` variable) measures again.
+    ``cpu_heads`` (checked by ``checks.check_cpu_heads``): ``None``, the default, keeps the
+    GPU alone (the rate-based split is opt-in until it has been measured on a GPU at scale);
+    an int is an override (0: off); ``"auto"`` turns the share on with measured rates where the
+    host has at least ``MIN_SHARE_CORES`` physical cores. The rates come from the rates file
+    (``share``), or are measured now (well under a second) and saved there; ``reprobe``
+    (default: the ``HEADINFER_REPROBE`` variable) measures again.
     """
     cores = physical_cores() if cores is None else cores
     threads = share_threads(cores)
     torch_threads = torch.get_num_threads()
     common = {"cores": cores, "torch_threads": torch_threads}
+    if cpu_heads is None:
+        why = "the default: the GPU alone (cpu_heads='auto' splits by measured rates)"
+        return SharePlan("off", why, **common)
     if cpu_heads == 0:
         return SharePlan("off", "cpu_heads=0 turns the CPU share off", **common)
-    if cpu_heads is not None:
+    if cpu_heads != "auto":
         return SharePlan(
             "heads",
             f"cpu_heads={cpu_heads}: the override",
