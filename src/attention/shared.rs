@@ -8,7 +8,7 @@
 //! calling thread; only the merge on the stream waits for the worker.
 
 use super::args::{self, Params};
-use super::cpu::attend_lse;
+use super::cpu::attend_lse_into;
 use crate::cuda::kernels::{CpuShare, Extra};
 use crate::cuda::Stream;
 use crate::error::{Error, Result};
@@ -213,13 +213,22 @@ fn compute<E: Element>(
     let q = unsafe { std::slice::from_raw_parts(p.q as *const E, rows * head_dim) };
     // Decode: one query per row, at the last position.
     // No sinks here: the GPU's merge folds them in, once per row.
-    let (out, lse) = attend_lse(View3::contiguous(q, [rows, 1, head_dim]), kv, params, None)?;
+    // Straight into the pinned buffers: nothing is allocated per step.
     // SAFETY: the pinned output buffers hold `rows` rows and `rows` values; the GPU reads
     // them only after this task publishes, and the next task of this layer starts only after
     // the GPU has passed this step's merge (its query copy is ordered after it).
-    unsafe {
-        std::slice::from_raw_parts_mut(p.o as *mut f32, rows * head_dim).copy_from_slice(&out);
-        std::slice::from_raw_parts_mut(p.lse as *mut f32, rows).copy_from_slice(&lse);
-    }
-    Ok(())
+    let (out, lse) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(p.o as *mut f32, rows * head_dim),
+            std::slice::from_raw_parts_mut(p.lse as *mut f32, rows),
+        )
+    };
+    attend_lse_into(
+        View3::contiguous(q, [rows, 1, head_dim]),
+        kv,
+        params,
+        None,
+        out,
+        lse,
+    )
 }
