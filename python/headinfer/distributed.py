@@ -31,9 +31,12 @@ __all__ = [
     "budget_for",
     "check_gpu_budget",
     "group_layers",
+    "is_main_rank",
     "layer_devices",
     "local_world_size",
+    "placement",
     "rank_threads",
+    "torchrun_world",
     "tp_split",
 ]
 
@@ -228,3 +231,65 @@ def budget_for(budget: int | dict[int, int] | None, device: torch.device) -> int
             f"for {', '.join(f'cuda:{i}' for i in sorted(budget))})"
         )
     return budget[index]
+
+
+def torchrun_world() -> int:
+    """Processes of a ``torchrun`` launch (its ``WORLD_SIZE``); 1 outside one."""
+    env = os.environ.get("WORLD_SIZE", "1")
+    return int(env) if env.isdigit() and int(env) > 0 else 1
+
+
+def is_main_rank() -> bool:
+    """Whether this process prints and writes results: rank 0 of a launch, or no launch."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _init_process_group() -> torch.device:
+    dist = torch.distributed
+    cuda = torch.cuda.is_available()
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def placement(gpus: int | None) -> tuple[dict[str, Any], str | None]:
+    """``from_pretrained`` keywords that spread a model over GPUs, and what they do.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``): tensor parallelism over its processes, one GPU
+    each (``tp_plan="auto"``; the process group is started here, nccl on GPUs, gloo on the
+    CPU). Else, ``gpus > 1``: accelerate's ``device_map="auto"`` over GPUs ``0..gpus-1``, layers
+    balanced between them. Else ``({}, None)``: the caller places the model on one device.
+
+    Raises:
+        ValueError: ``gpus`` disagrees with the torchrun launch, or this machine has fewer
+            GPUs (the message says what to do instead).
+    """
+    world = torchrun_world()
+    if world > 1:
+        if gpus is not None and gpus != world:
+            raise ValueError(
+                f"gpus: {gpus} asked for under torchrun with {world} processes: tensor "
+                f"parallelism runs one GPU per process; leave out --gpus, or launch with "
+                f"--nproc-per-node {gpus}"
+            )
+        device = _init_process_group()
+        try:
+            from transformers.distributed import DistributedConfig
+        except ImportError:  # transformers before DistributedConfig took the plan directly
+            spread: dict[str, Any] = {"tp_plan": "auto"}
+        else:
+            spread = {"distributed_config": DistributedConfig(tp_plan="auto")}
+        return spread, f"tensor parallelism over {world} processes (this one: {device})"
+    if gpus is None or gpus == 1:
+        return {}, None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < gpus:
+        raise ValueError(
+            f"gpus: {gpus} asked for, but torch sees {count} CUDA GPU(s) on this machine"
+        )
+    memory: dict[Any, int] = {i: torch.cuda.mem_get_info(i)[0] for i in range(gpus)}
+    return {"device_map": "auto", "max_memory": memory}, f"layers over {gpus} GPUs (device_map)"
