@@ -12,12 +12,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _multi import check_tensor_parallel
 from _tiny import prompt, tiny_config, tiny_model
 
 import headinfer
@@ -34,76 +33,12 @@ from headinfer.distributed import (
 from headinfer.errors import UnsupportedModelError
 from headinfer.spec import attention_modules, model_spec, rank_spec
 
-WORKER = Path(__file__).with_name("_tp_worker.py")
 #: The families of the two-process test: full attention, and sliding windows with biases.
 TP_CASES = ("llama", "qwen2")
 
 
-def run_torchrun(nproc: int, out: Path, models: list[Path], env: dict[str, str], timeout: float):
-    """Run ``_tp_worker.py`` on ``nproc`` ranks; fail with each rank's output when it fails."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # a free port, chosen by the rendezvous
-        f"--nproc-per-node={nproc}",
-        "--tee=3",
-        f"--log-dir={out / 'logs'}",
-        str(WORKER),
-        str(out),
-        *map(str, models),
-    ]
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"torchrun did not finish in {timeout} s\n{_rank_logs(out)}\n{exc.stderr}")
-    if done.returncode != 0:
-        pytest.fail(
-            f"torchrun failed (exit {done.returncode})\n{_rank_logs(out)}\n"
-            f"--- torchrun stderr ---\n{done.stderr[-4000:]}"
-        )
-
-
-def _rank_logs(out: Path) -> str:
-    parts = []
-    for log in sorted((out / "logs").rglob("*.log")):
-        parts.append(f"--- {log.relative_to(out)} ---\n{log.read_text()[-4000:]}")
-    return "\n".join(parts) or "(no rank logs)"
-
-
-def _reference(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    from _tp_worker import NEW_TOKENS, PROMPT_LEN
-    from _tp_worker import prompt as tp_prompt
-
-    ids = tp_prompt(model.config.vocab_size)
-    with torch.no_grad():
-        logits = model(ids).logits
-        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-    return logits, out[0, PROMPT_LEN:]
-
-
 def test_tensor_parallel_two_ranks_exact(tmp_path: Path) -> None:
-    sys.path.insert(0, str(WORKER.parent))
-    models, refs = [], {}
-    for case in TP_CASES:
-        model = tiny_model(case)
-        path = tmp_path / case
-        model.save_pretrained(path)
-        models.append(path)
-        refs[str(path)] = _reference(model)
-    env = dict(os.environ, HEADINFER_TP_CPU="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(WORKER.parent), env.get("PYTHONPATH", "")])
-    run_torchrun(2, tmp_path, models, env, timeout=240)
-    for rank in (0, 1):
-        results = torch.load(tmp_path / f"rank{rank}.pt")
-        for path, (logits, tokens) in refs.items():
-            got = results[path]
-            # 4 query heads over 2 kv heads, split over 2 ranks: one kv head each.
-            assert (got["q_heads"], got["kv_heads"], got["tp_size"]) == (2, 1, 2), path
-            assert got["stores"] == [("cpu", 1, 3)], path
-            err = (got["logits"] - logits).abs().max().item()
-            assert err < 1e-4, (path, rank, err)
-            assert torch.equal(got["tokens"], tokens), (path, rank, got["tokens"], tokens)
+    check_tensor_parallel(tmp_path, TP_CASES, nproc=2, cpu=True)
 
 
 def _two_stores(devices):
