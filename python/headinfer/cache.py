@@ -391,14 +391,18 @@ class HeadInferCache(Cache):
             raise HeadInferError("the cache has no store yet: it is created by the first update")
         return self._where[layer_idx]
 
-    def _ensure_store(self, dtype: torch.dtype, device: torch.device) -> None:
+    def _ensure_store(self, dtype: torch.dtype, device: torch.device) -> _core.KVStore:
         """Create the device stores on first use: one per device of ``layer_devices`` (when
-        the model was given), else one on ``device`` for every layer."""
+        the model was given), else one on ``device`` for every layer. Returns the store on
+        ``device`` (the first one if none is there)."""
         # `dtype` is what the caller has at hand (the keys', the model's); the cache's own wins.
         if self._dtype is not None:
             dtype = self._dtype
-        if self._parts:
-            return
+        if not self._parts:
+            self._make_stores(dtype, device)
+        return next((p.store for p in self._parts if p.device == device), self._parts[0].store)
+
+    def _make_stores(self, dtype: torch.dtype, device: torch.device) -> None:
         devices = self.layer_devices or [device] * self.spec.num_layers
         groups = group_layers(devices)
         limits = self._host_limits([layers for _, layers in groups])
