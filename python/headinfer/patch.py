@@ -215,7 +215,9 @@ def patch(
     Args:
         model: a transformers model of a family in ``headinfer.SUPPORTED_FAMILIES`` (e.g.
             ``*ForCausalLM``, or a multimodal wrapper around one, for text prompts),
-            float32, bfloat16 or float16, on the CPU or one CUDA device.
+            float32, bfloat16 or float16, on the CPU or CUDA: one device, layers over
+            several (``device_map``: one store per GPU), or one rank of transformers' tensor
+            parallelism (its cache holds that rank's kv heads).
         chunk_size: longest prefill chunk, in tokens.
         block_size: tokens per store block (default: 256 on the CPU, 1 MiB of one head on
             the GPU).

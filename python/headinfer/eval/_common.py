@@ -94,11 +94,11 @@ def load_model(
             raise ValueError("gpus: SmolLM2-135M runs on one device; give --model a folder")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(
+        spread_model = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, attn_implementation="sdpa", **spread
         ).eval()
         logger.info("loaded %s: %s", name, how)
-        return model, AutoTokenizer.from_pretrained(name)
+        return spread_model, AutoTokenizer.from_pretrained(name)
     if name.lower() == SMOLLM2:
         from ..smollm2 import load_smollm2
 
