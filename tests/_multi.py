@@ -75,6 +75,9 @@ def check_tensor_parallel(tmp_path: Path, cases: tuple[str, ...], nproc: int, cp
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if cpu:
         env["HEADINFER_TP_CPU"] = "1"
+    # No NVLink multicast: on shared hosts it can take the GPUs out of service.
+    for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        env.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
     env["PYTHONPATH"] = os.pathsep.join([str(WORKER.parent), env.get("PYTHONPATH", "")])
     run_torchrun(nproc, tmp_path, models, env, timeout=240)
     heads = 2 // nproc

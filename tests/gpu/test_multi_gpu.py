@@ -33,12 +33,11 @@ def watchdog() -> Iterator[None]:
 
 
 def _split_map(model: torch.nn.Module) -> dict[str, int]:
-    # Layers 0-1 (and the embeddings) on cuda:0; layer 2, the norm and the head on cuda:1.
-    names = [n for n, _ in model.named_children()]
-    inner = model.model if "model" in names else model
-    device_map = {f"model.{n}": 0 for n, _ in inner.named_children() if n != "layers"}
+    # Layers 0-1, the embeddings and the head (tied to them in Gemma-2) on cuda:0; layer 2
+    # and the final norm on cuda:1.
+    device_map = {f"model.{n}": 0 for n, _ in model.model.named_children() if n != "layers"}
     device_map.update({"model.layers.0": 0, "model.layers.1": 0, "model.layers.2": 1})
-    device_map.update({"model.norm": 1, "lm_head": 1})
+    device_map.update({"model.norm": 1, "lm_head": 0})
     return device_map
 
 
