@@ -228,10 +228,11 @@ def test_deleted_cache_frees_its_store_without_gc(no_gc: None) -> None:
     with torch.no_grad():
         out = model(prompt(200), **_kw(model, cache))
     store = cache.store
-    # Only the cache holds the store, so the store goes when the cache goes.
+    # Only the cache's device store holds the store, so the store goes when the cache goes.
     (holder,) = gc.get_referrers(store)
-    assert holder is cache or holder is vars(cache)
-    del store, holder
+    (part,) = cache.stores
+    assert holder is part or holder is vars(part)
+    del store, holder, part
     gone = weakref.ref(cache)
     layer = cache.layers[0]
     del cache, out

@@ -440,3 +440,105 @@ def test_eval_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
     assert run(["--help"]) == 0
     assert "eval" in capsys.readouterr().out
+
+
+# --- plan --gpus: the per-GPU split ------------------------------------------------------------
+
+
+def test_plan_gpus_split_heads_and_layers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("the verdict also depends on these GPUs' free memory")
+    config = tiny_model("llama").config  # 3 layers, 4 q / 2 kv heads
+    config.save_pretrained(tmp_path)
+    _fixed_ram(monkeypatch, 64 << 20)
+    base = ["--model", str(tmp_path), "--force", "--chunk-size", "64", "--context", "5000"]
+    base += ["--gpu-budget", "8GiB"]
+    one = plan_json(capsys, base)
+    assert "per_gpu" not in one
+    heads = plan_json(capsys, [*base, "--gpus", "2", "--split", "heads"])
+    layers = plan_json(capsys, [*base, "--gpus", "2"])
+    assert heads["gpus"] == layers["gpus"] == 2
+    assert heads["split"] == "heads" and layers["split"] == "layers"
+    # Tensor parallelism: every GPU runs every layer for one of the two kv heads.
+    assert [(g["num_kv_heads"], g["num_q_heads"]) for g in heads["per_gpu"]] == [(1, 2)] * 2
+    assert [g["layers"] for g in heads["per_gpu"]] == [[0, 1, 2]] * 2
+    # device_map: contiguous layers, the first GPU one more.
+    assert [g["layers"] for g in layers["per_gpu"]] == [[0, 1], [2]]
+    assert [g["num_kv_heads"] for g in layers["per_gpu"]] == [2, 2]
+    for plan in (heads, layers):
+        per_gpu = [g["prefill"]["kv_total_bytes"] for g in plan["per_gpu"]]
+        # Every KV byte on exactly one GPU: the GPUs' shares add up to the one-GPU total.
+        assert sum(per_gpu) == one["kv_total_bytes"] == plan["kv_total_bytes"]
+        assert plan["prefill"]["kv_total_bytes"] == one["kv_total_bytes"]
+        assert sum(g["weight_bytes"] for g in plan["per_gpu"]) == pytest.approx(
+            one["weight_bytes"], rel=1e-3
+        )
+        assert plan["fits"] is True and plan["longest_context"]["with_host"] is not None
+    assert heads["per_gpu"][0]["prefill"]["kv_total_bytes"] == one["kv_total_bytes"] // 2
+    assert heads["floors"]["prefill_s"] == pytest.approx(one["floors"]["prefill_s"] / 2)
+    assert layers["floors"]["prefill_s"] == pytest.approx(one["floors"]["prefill_s"])
+
+    assert run(["plan", *base, "--gpus", "2", "--split", "heads"]) == 0
+    out = capsys.readouterr().out
+    assert "tensor parallelism (torchrun)" in out and "its 1 of 2 kv heads" in out
+    assert "cuda:0" in out and "cuda:1" in out and "1 kv / 2 q heads" in out
+    assert run(["plan", *base, "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "device_map" in out and "layers 0-1" in out and "layer 2" in out
+
+    # Heads that do not split evenly, and more GPUs than layers: refused, status 2.
+    assert run(["plan", *base, "--gpus", "4", "--split", "heads"]) == 2
+    assert "cannot be split evenly over 4" in capsys.readouterr().err
+    assert run(["plan", *base, "--gpus", "4"]) == 2
+    assert "at most one GPU per layer" in capsys.readouterr().err
+
+
+def test_plan_longest_context_grows_with_gpus(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from headinfer.plan import make_plan
+
+    if torch.cuda.is_available():
+        pytest.skip("the verdict also depends on these GPUs' free memory")
+    config = tiny_model("llama").config
+    config.save_pretrained(tmp_path)
+    _fixed_ram(monkeypatch, 64 << 20)
+    fixed = make_plan(config, context=300, gpu_budget=1 << 40, chunk_size=64, dtype="bfloat16")
+    # Each GPU's budget holds 16 MiB of KV beyond its fixed parts.
+    budget = fixed["prefill"]["gpu_bytes"] - fixed["prefill"]["kv_device_bytes"] + (16 << 20)
+    base = ["--model", str(tmp_path), "--force", "--chunk-size", "64", "--context", "300"]
+    base += ["--gpu-budget", str(budget)]
+    longest = {
+        n: plan_json(capsys, [*base, "--gpus", str(n), "--split", "heads"])["longest_context"]
+        for n in (1, 2)
+    }
+    # Two GPUs keep twice the KV resident; the host RAM is shared by both.
+    assert longest[2]["resident"] > longest[1]["resident"]
+    assert longest[2]["with_host"] > longest[1]["with_host"]
+    n = longest[2]["with_host"]
+
+    def ok(context: int) -> bool:
+        kwargs = dict(gpu_budget=budget, chunk_size=64, dtype="bfloat16", gpus=2, split="heads")
+        plan = make_plan(config, context=context, **kwargs)
+        # Every GPU's budget holds its part, and the GPUs' host KV together fits the RAM.
+        return plan["prefill"]["fits_gpu"] and plan["host_kv_bytes"] <= 64 << 20
+
+    assert ok(n) and not ok(n + 1)
+
+
+def test_generate_gpus_that_are_not_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny_model("llama").config.save_pretrained(tmp_path)
+    argv = ["generate", "--model", str(tmp_path), "--prompt", "hi", "--gpus"]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert run([*argv, str(count + 2)]) == 2
+    assert f"--gpus: {count + 2} asked for, but torch sees {count} CUDA GPU(s)" in (
+        capsys.readouterr().err
+    )
+    # Under torchrun, --gpus must be its process count (tensor parallelism, one GPU each).
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run([*argv, "3"]) == 2
+    assert "--nproc-per-node 3" in capsys.readouterr().err

@@ -59,6 +59,8 @@ def _sinks(module: torch.nn.Module, query: torch.Tensor, kwargs: dict[str, Any])
         return None
     if not isinstance(sinks, torch.Tensor):
         raise TypeError(f"sinks: expected a tensor, got {type(sinks).__name__}")
+    if hasattr(sinks, "to_local"):  # a DTensor under tensor parallelism: this rank's heads
+        sinks = sinks.to_local()
     cached = module.__dict__.get(_SINKS_CACHE)
     if (
         cached is not None

@@ -12,9 +12,11 @@ exact.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -24,13 +26,22 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import _core
 from .checks import check_cpu_heads, check_optional_positive_int, check_size
 from .device import check_device, current_stream
+from .distributed import (
+    budget_for,
+    check_gpu_budget,
+    group_layers,
+    layer_devices,
+    local_world_size,
+    rank_threads,
+)
 from .errors import HeadInferError
-from .host_memory import check_host_memory, pair_bytes
+from .host_memory import check_host_memory, mem_available, pair_bytes
 from .planner import DIRECT_ROWS, GpuPlan, SharePlan, cap_torch, plan_memory, plan_share
 from .prefill_attention import PrefillState, prefill_attention
-from .spec import model_spec
+from .share import physical_cores
+from .spec import ModelSpec, attention_modules, model_spec
 
-__all__ = ["HeadInferCache", "HeadInferLayer", "store_dtype"]
+__all__ = ["DeviceStore", "HeadInferCache", "HeadInferLayer", "store_dtype"]
 
 logger = logging.getLogger("headinfer")
 
@@ -51,6 +62,32 @@ def store_dtype(dtype: torch.dtype) -> str:
     except KeyError:
         supported = ", ".join(str(d) for d in _STORE_DTYPES)
         raise TypeError(f"dtype: headinfer stores {supported}, got {dtype}") from None
+
+
+@dataclass(eq=False)
+class DeviceStore:
+    """The store of the layers that run on one device, and what the cache plans for it.
+
+    A model on one device has one; a model whose layers ``device_map`` spreads over several
+    GPUs has one per GPU, each planned against that GPU's budget and streaming over its link.
+    """
+
+    device: torch.device
+    #: The model's layer indices this store holds, ascending; its own are ``0..len(layers)``.
+    layers: list[int]
+    store: _core.KVStore
+    #: The CUDA prefill's staging state on this device (``None`` on the CPU).
+    prefill: PrefillState | None = None
+    #: The last memory plan of this device (CUDA only).
+    plan: GpuPlan | None = None
+
+    def spec(self, spec: ModelSpec) -> ModelSpec:
+        """``spec`` restricted to this store's layers (what its planner sees)."""
+        return replace(
+            spec,
+            num_layers=len(self.layers),
+            windows=tuple(spec.windows[i] for i in self.layers),
+        )
 
 
 class HeadInferLayer(CacheLayerMixin):
@@ -87,11 +124,14 @@ class HeadInferLayer(CacheLayerMixin):
         return cache
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Create the shared store on first use, on the device of ``key_states``, with the
-        cache's ``dtype`` (when it was given) or else that of ``key_states``."""
-        store = self._cache._ensure_store(key_states.dtype, key_states.device)
-        self.device = key_states.device
-        self.dtype = _DTYPES_BY_NAME[store.dtype]
+        """Create the stores on first use (on the devices of the model's layers, or else on
+        that of ``key_states``), with the cache's ``dtype`` (when it was given) or else that of
+        ``key_states``."""
+        cache = self._cache
+        cache._ensure_store(key_states.dtype, key_states.device)
+        part, _ = cache._locate(self.layer_idx)
+        self.device = part.device
+        self.dtype = _DTYPES_BY_NAME[part.store.dtype]
         self.is_initialized = True
 
     def update(
@@ -116,16 +156,22 @@ class HeadInferLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        store = self._cache.store
-        seen = store.seq_len(self.layer_idx)
+        part, layer = self._cache._locate(self.layer_idx)
+        if key_states.device != part.device:
+            raise HeadInferError(
+                f"layer {self.layer_idx}: keys on {key_states.device}, but the cache holds this "
+                f"layer's KV on {part.device} (where its attention module's weights are)"
+            )
+        store = part.store
+        seen = store.seq_len(layer)
         kv_offset = self._kv_offset(seen)
         stream = current_stream(key_states)
-        store.append(self.layer_idx, key_states[0], value_states[0], stream=stream)
+        store.append(layer, key_states[0], value_states[0], stream=stream)
         if self._cache._bound:
             self._cache._pending[self.layer_idx] = key_states.shape[2]
             return key_states, value_states
-        end = store.seq_len(self.layer_idx)
-        if kv_offset < store.retained_start(self.layer_idx):
+        end = store.seq_len(layer)
+        if kv_offset < store.retained_start(layer):
             raise HeadInferError(
                 f"layer {self.layer_idx}: the store dropped positions from {kv_offset} on, "
                 "which this step still needs"
@@ -135,9 +181,9 @@ class HeadInferLayer(CacheLayerMixin):
         values = value_states.new_empty(shape)
         if store.is_cuda:
             heads = store.num_kv_heads
-            store.gather(self.layer_idx, 0, heads, kv_offset, end, keys[0], values[0], stream)
+            store.gather(layer, 0, heads, kv_offset, end, keys[0], values[0], stream)
         else:
-            store.read(self.layer_idx, kv_offset, end, keys[0], values[0])
+            store.read(layer, kv_offset, end, keys[0], values[0])
         return keys, values
 
     def _kv_offset(self, seen: int) -> int:
@@ -155,8 +201,7 @@ class HeadInferLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         """Tokens appended to this layer so far (windowed-out ones included)."""
         cache = self._cache_ref()
-        store = None if cache is None else cache._store
-        return 0 if store is None else store.seq_len(self.layer_idx)
+        return 0 if cache is None else cache.get_seq_length(self.layer_idx)
 
     def get_max_length(self) -> int:
         """``-1`` (no bound) or, for a sliding layer, its window, as transformers does."""
@@ -205,14 +250,17 @@ class HeadInferCache(Cache):
         block_size: tokens per store block (default: the model's ``patch`` setting, else 256
             on the CPU and 1 MiB worth of one head on the GPU).
         host_memory_limit: bytes the store may reserve, an int or a size like ``"64GiB"``
-            (default: what the host has available).
+            (default: what the host has available; under tensor parallelism, this rank's share
+            of it: the host's available memory when the cache is made, divided by the ranks
+            on this host).
         dtype: element type of the stored keys/values (float32, bfloat16 or float16). The
             store holds exactly this type: keys and values of another dtype are refused with a
             ``TypeError`` (never cast, which would change the results).
         gpu_budget: on CUDA, bytes of GPU memory this process may use in all (weights,
-            working set and resident KV); an int or a size like ``"20GiB"``. Default: all the
-            free memory less a margin. KV blocks fill what is left on the GPU; the rest sit in
-            pinned host memory and are read over PCIe.
+            working set and resident KV); an int or a size like ``"20GiB"``, for each GPU the
+            model's layers run on, or a dict ``{device: bytes}`` (device ``0``, ``"cuda:0"``,
+            ...) per GPU. Default: all the free memory less a margin. KV blocks fill what is
+            left on the GPU; the rest sit in pinned host memory and are read over PCIe.
         cpu_heads: on CUDA, whether the CPU attends over part of the host-resident KV during
             decode while the GPU reads the rest (merged exactly, by log-sum-exp). Default
             ``None``: what ``patch()`` was given, else the GPU alone. ``"auto"``: the planner
@@ -221,12 +269,18 @@ class HeadInferCache(Cache):
             by (head, block range) so that both sides finish together, only where that is
             predicted faster. An int overrides: the CPU takes kv heads ``0..cpu_heads`` from
             their first host block on; 0 turns the share off. ``share_plan()`` says what was
-            chosen and why.
+            chosen and why. Under tensor parallelism, or with layers over several GPUs, each
+            store's share gets its part of the physical cores.
         croppable: keep every token on sliding-window layers too (by default they drop what
             their window no longer reaches), so that ``crop()`` can always go back: prefix
             reuse on models with sliding windows (Mistral, Qwen2, Gemma-2). Those layers then
             hold the whole context, as full-attention layers do; attention still sees only
             the window.
+
+    Several GPUs: a model whose layers ``device_map`` puts on several devices gets one store
+    per device (``stores``), each holding the KV of that device's layers, planned and streamed
+    there. Under tensor parallelism each rank's cache holds only its own kv heads
+    (``spec.num_kv_heads`` is this rank's share); see README's "Several GPUs".
 
     Raises:
         UnsupportedModelError: the model is not of a supported family (``SUPPORTED_FAMILIES``).
@@ -240,11 +294,12 @@ class HeadInferCache(Cache):
         block_size: int | None = None,
         host_memory_limit: int | str | None = None,
         dtype: torch.dtype | None = None,
-        gpu_budget: int | str | None = None,
+        gpu_budget: int | str | dict[Any, int | str] | None = None,
         cpu_heads: int | str | None = None,
         croppable: bool = False,
     ) -> None:
         device = None
+        devices = None
         self.chunk_size = 4096
         if dtype is not None:
             store_dtype(dtype)  # TypeError for a dtype the store does not hold
@@ -265,15 +320,24 @@ class HeadInferCache(Cache):
             if dtype is None:
                 dtype = getattr(model_or_config, "dtype", None)
             device = getattr(model_or_config, "device", None)
+            devices = layer_devices(attention_modules(model_or_config))
         self.config = config
         self.spec = model_spec(model_or_config)
         self._block_size = check_optional_positive_int(block_size, "block_size")
         self.host_memory_limit = check_size(host_memory_limit, "host_memory_limit")
-        self.gpu_budget = check_size(gpu_budget, "gpu_budget")
+        self.gpu_budget = check_gpu_budget(gpu_budget)
         #: ``cpu_heads`` as checked (``None``: the GPU alone; ``"auto"``: the planner decides
         #: from measured rates; an int: the override), see ``share_plan``.
         self.cpu_heads = check_cpu_heads(cpu_heads, self.spec.num_kv_heads)
+        #: The CPU share's plan, made with the first CUDA store (``None`` until then).
         self._share: SharePlan | None = None
+        #: The device each layer runs on (``None``: a config was given; the first keys' device).
+        self.layer_devices = devices
+        # The host memory the stores may take together: the user's limit, or under tensor
+        # parallelism this rank's share of the host (the ranks' caches grow at once).
+        self._host_limit = self.host_memory_limit
+        if self.spec.tp_size > 1:
+            self._share_host()
         #: The store's element type when given (else the first keys' dtype).
         self._dtype = dtype
         #: Longest sequence the store holds (CUDA stores size their block table for it).
@@ -285,9 +349,11 @@ class HeadInferCache(Cache):
         self.expected_new_tokens = 0
         # The longest context a forward so far announced (prompt + generate()'s new tokens).
         self._horizon = 0
-        self._plan: GpuPlan | None = None
-        self._prefill: PrefillState | None = None
-        self._store: _core.KVStore | None = None
+        # The (context, prefill) the device stores were last planned for.
+        self._planned: tuple[int, bool] | None = None
+        self._parts: list[DeviceStore] = []
+        # Per model layer, its device store and its index there.
+        self._where: list[tuple[DeviceStore, int]] = []
         # How many patched forwards are driving this cache right now (see `bound`).
         self._bound = 0
         # Per layer, tokens appended by `update` that the headinfer attention has not consumed.
@@ -302,65 +368,151 @@ class HeadInferCache(Cache):
         """Tokens per store block."""
         if self._block_size is not None:
             return self._block_size
-        if self._store is not None:
-            return self._store.block_size
+        if self._parts:
+            return self._parts[0].store.block_size
         return DEFAULT_BLOCK_SIZE
 
+    def _share_host(self) -> None:
+        ranks = local_world_size()
+        if ranks > 1 and self._host_limit is None:
+            available = mem_available()
+            if available is not None:
+                self._host_limit = available // ranks
+                logger.info(
+                    "tensor parallelism: this rank's caches may take %.2f GiB of host memory "
+                    "(1/%d of the available %.2f GiB; host_memory_limit sets it)",
+                    self._host_limit / 2**30,
+                    ranks,
+                    available / 2**30,
+                )
+        # The Rust pool sizes itself when first used: give this rank its share of the cores.
+        if ranks > 1 and "RAYON_NUM_THREADS" not in os.environ:
+            os.environ["RAYON_NUM_THREADS"] = str(rank_threads())
+            logger.info("tensor parallelism: %s CPU threads per rank", rank_threads())
+
+    @property
+    def stores(self) -> list[DeviceStore]:
+        """One ``DeviceStore`` per device the model's layers run on (empty before the first
+        update, when no dtype was known up front)."""
+        return list(self._parts)
+
+    def _locate(self, layer_idx: int) -> tuple[DeviceStore, int]:
+        """The device store of a model layer and the layer's index in it."""
+        if not self._where:
+            raise HeadInferError("the cache has no store yet: it is created by the first update")
+        return self._where[layer_idx]
+
     def _ensure_store(self, dtype: torch.dtype, device: torch.device) -> _core.KVStore:
+        """Create the device stores on first use: one per device of ``layer_devices`` (when
+        the model was given), else one on ``device`` for every layer. Returns the store on
+        ``device`` (the first one if none is there)."""
         # `dtype` is what the caller has at hand (the keys', the model's); the cache's own wins.
         if self._dtype is not None:
             dtype = self._dtype
-        if self._store is None:
-            spec = self.spec
-            cuda: dict[str, Any] = {}
-            block_size = self._block_size
-            if device.type == "cuda":
-                check_device(torch.empty(0, device=device), "the cache's device")
-                elem = torch.empty((), dtype=dtype).element_size()
-                if block_size is None:
-                    block_size = max(DEFAULT_BLOCK_SIZE, GPU_BLOCK_BYTES // (spec.head_dim * elem))
-                index = device.index if device.index is not None else torch.cuda.current_device()
-                cuda = {
-                    "device": index,
-                    "device_budget": 0,
-                    # Past max_position_embeddings too, as transformers runs RoPE models there.
-                    "max_len": self.max_len,
-                    "cpu_heads": self.cpu_heads if isinstance(self.cpu_heads, int) else 0,
-                }
-                self._share = plan_share(
-                    self.cpu_heads,
-                    device_index=index,
-                    gpu_name=torch.cuda.get_device_name(index),
-                    dtype=store_dtype(dtype),
-                    head_dim=spec.head_dim,
-                    group=spec.num_q_heads // spec.num_kv_heads,
-                )
-                self._prefill = PrefillState(torch.device("cuda", index))
-            self._store = _core.KVStore(
-                spec.num_layers,
-                spec.num_kv_heads,
-                spec.head_dim,
-                store_dtype(dtype),
-                block_size=block_size or DEFAULT_BLOCK_SIZE,
-                # croppable: window layers keep every token, so crop() can always go back.
-                windows=[None] * spec.num_layers if self.croppable else list(spec.windows),
-                host_memory_limit=self.host_memory_limit,
-                **cuda,
+        if not self._parts:
+            self._make_stores(dtype, device)
+        return next((p.store for p in self._parts if p.device == device), self._parts[0].store)
+
+    def _make_stores(self, dtype: torch.dtype, device: torch.device) -> None:
+        devices = self.layer_devices or [device] * self.spec.num_layers
+        groups = group_layers(devices)
+        limits = self._host_limits([layers for _, layers in groups])
+        # The CPU share of each CUDA store gets its part of this process's cores (and a rank
+        # of tensor parallelism, its part of the host's).
+        gpus = sum(1 for d, _ in groups if d.type == "cuda")
+        cores = max(physical_cores() // (local_world_size() * max(gpus, 1)), 1)
+        parts = [
+            self._make_store(dtype, d, layers, limit, cores)
+            for (d, layers), limit in zip(groups, limits)
+        ]
+        self._parts = parts
+        self._where = [(p, 0) for p in parts for _ in p.layers]
+        for part in parts:
+            for local, layer in enumerate(part.layers):
+                self._where[layer] = (part, local)
+        if len(parts) > 1:
+            logger.info(
+                "layers over %d devices: %s",
+                len(parts),
+                ", ".join(f"{p.device}: {len(p.layers)}" for p in parts),
             )
-            logger.debug(
-                "KVStore: %d layers x %d kv heads x %d, %s, blocks of %d, windows %s",
-                spec.num_layers,
-                spec.num_kv_heads,
-                spec.head_dim,
-                dtype,
-                self.block_size,
-                spec.windows,
+
+    def _host_limits(self, groups: list[list[int]]) -> list[int | None]:
+        # Split the cache's host limit between the device stores by the tokens their layers
+        # hold at max_len (a window layer keeps its window only); the check before a forward
+        # (`_check_room`) counts them together.
+        limit = self._host_limit
+        if limit is None or len(groups) == 1:
+            return [limit] * len(groups)
+        windows = self.spec.windows
+        weight = [sum(min(windows[i] or self.max_len, self.max_len) for i in g) for g in groups]
+        return [limit * w // sum(weight) for w in weight]
+
+    def _make_store(
+        self,
+        dtype: torch.dtype,
+        device: torch.device,
+        layers: list[int],
+        limit: int | None,
+        cores: int,
+    ) -> DeviceStore:
+        spec = self.spec
+        windows = [spec.windows[i] for i in layers]
+        cuda: dict[str, Any] = {}
+        prefill = None
+        block_size = self._block_size
+        if device.type == "cuda":
+            check_device(torch.empty(0, device=device), "the cache's device")
+            elem = torch.empty((), dtype=dtype).element_size()
+            if block_size is None:
+                block_size = max(DEFAULT_BLOCK_SIZE, GPU_BLOCK_BYTES // (spec.head_dim * elem))
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            cuda = {
+                "device": index,
+                "device_budget": 0,
+                # Past max_position_embeddings too, as transformers runs RoPE models there.
+                "max_len": self.max_len,
+                "cpu_heads": self.cpu_heads if isinstance(self.cpu_heads, int) else 0,
+            }
+            device = torch.device("cuda", index)
+            prefill = PrefillState(device)
+            share = plan_share(
+                self.cpu_heads,
+                device_index=index,
+                gpu_name=torch.cuda.get_device_name(index),
+                dtype=store_dtype(dtype),
+                head_dim=spec.head_dim,
+                group=spec.num_q_heads // spec.num_kv_heads,
+                cores=cores,
             )
-            if self._share is not None:
-                self._store.share_threads = self._share.threads
-                if self._share.mode == "rates" and self._share.rates is not None:
-                    self._store.share_rates = self._share.rates.as_tuple()
-        return self._store
+            if self._share is None:
+                self._share = share
+        store = _core.KVStore(
+            len(layers),
+            spec.num_kv_heads,
+            spec.head_dim,
+            store_dtype(dtype),
+            block_size=block_size or DEFAULT_BLOCK_SIZE,
+            # croppable: window layers keep every token, so crop() can always go back.
+            windows=[None] * len(layers) if self.croppable else windows,
+            host_memory_limit=limit,
+            **cuda,
+        )
+        logger.debug(
+            "KVStore on %s: layers %s x %d kv heads x %d, %s, blocks of %d, windows %s",
+            device,
+            layers,
+            spec.num_kv_heads,
+            spec.head_dim,
+            dtype,
+            store.block_size,
+            windows,
+        )
+        if device.type == "cuda":
+            store.share_threads = share.threads
+            if share.mode == "rates" and share.rates is not None:
+                store.share_rates = share.rates.as_tuple()
+        return DeviceStore(device, layers, store, prefill)
 
     def share_plan(self) -> dict[str, Any]:
         """What the CPU share does on this cache, and why (JSON-ready).
@@ -368,32 +520,43 @@ class HeadInferCache(Cache):
         ``mode`` (``"off"``, ``"heads"``: the ``cpu_heads`` override, ``"rates"``: balanced
         from measured rates), ``reason``, ``threads`` (the share's own thread pool),
         ``cores``, ``torch_threads``, ``rates`` (bytes per second: ``pcie``, ``cpu``,
-        ``device``; ``handoff`` in seconds) and where they came from; once the store holds
+        ``device``; ``handoff`` in seconds) and where they came from; once the stores hold
         keys, ``split``: per layer, the first key the CPU would take in each kv head now
         (``null``: the GPU alone).
         """
         if self._share is None:
-            on_cpu = self._store is not None and not self._store.is_cuda
             plan = SharePlan(
                 "off",
                 "a CPU cache attends on the CPU already"
-                if on_cpu
+                if self._parts
                 else "decided when the store is created on a CUDA device",
             )
         else:
             plan = self._share
         d = plan.to_dict()
-        store = self._store
-        if store is not None and store.is_cuda:
-            d["split"] = [store.cpu_split(i) for i in range(store.num_layers)]
+        if any(p.store.is_cuda for p in self._parts):
+            d["split"] = [
+                part.store.cpu_split(local) if part.store.is_cuda else None
+                for part, local in self._where
+            ]
         return d
 
     @property
     def store(self) -> _core.KVStore:
-        """The Rust store; created by the first ``update`` when no dtype was known up front."""
-        if self._store is None:
+        """The Rust store of a cache on one device; created by the first ``update`` when no
+        dtype was known up front. A cache over several devices has one each: ``stores``."""
+        if not self._parts:
             raise HeadInferError("the cache has no store yet: it is created by the first update")
-        return self._store
+        if len(self._parts) > 1:
+            devices = ", ".join(str(p.device) for p in self._parts)
+            raise HeadInferError(f"the cache has one store per device ({devices}): use stores")
+        return self._parts[0].store
+
+    @property
+    def has_store(self) -> bool:
+        """Whether the stores exist (the first ``update`` creates them when no dtype was
+        known up front)."""
+        return bool(self._parts)
 
     @contextmanager
     def bound(self) -> Iterator[None]:
@@ -426,11 +589,12 @@ class HeadInferCache(Cache):
         self._bound -= 1
         if not outermost:
             return
-        if self._store is not None:
+        if self._parts:
             # A failure inside the step (the CPU share of any layer) raises in this step; the
             # cache then continues from the last complete token.
             try:
-                self._store.finish_step()
+                for part in self._parts:
+                    part.store.finish_step()
             except BaseException as exc:
                 self._pending.clear()
                 self._roll_back(start, checkpoint, exc)
@@ -445,29 +609,33 @@ class HeadInferCache(Cache):
             self._roll_back(start, checkpoint, error)
             raise error
         if checkpoint:
-            self.store.commit()
+            for part in self._parts:
+                part.store.commit()
 
     def _checkpoint(self) -> bool:
         # The store's checkpoint keeps the blocks a window lets go of until commit(), so that
         # rollback() restores the state exactly. Before the store exists (the first forward
         # creates it), _roll_back crops to 0, which is always exact.
-        if self._store is None:
+        if not self._parts:
             return False
-        self._store.checkpoint()
+        for part in self._parts:
+            part.store.checkpoint()
         return True
 
     def _roll_back(self, length: int, checkpoint: bool, exc: BaseException) -> None:
         """Back to ``length`` tokens after ``exc``; never raises, never replaces ``exc``."""
-        store = self._store
-        if store is None:
+        if not self._parts:
             return
-        if self._prefill is not None:
-            self._prefill.clear()  # staged copies of positions that may now hold other tokens
+        for part in self._parts:
+            if part.prefill is not None:
+                part.prefill.clear()  # staged copies of positions that may now hold other tokens
+        stores = [part.store for part in self._parts]
         try:
             if checkpoint:
-                store.rollback()
+                for store in stores:
+                    store.rollback()
                 return
-            held = [store.seq_len(i) for i in range(store.num_layers)]
+            held = [s.seq_len(i) for s in stores for i in range(s.num_layers)]
             if max(held) <= length:
                 return
             # The exact state first; then the longest one every layer holds (the chunks that
@@ -475,7 +643,7 @@ class HeadInferCache(Cache):
             reasons = []
             for target in dict.fromkeys((length, min(held))):
                 try:
-                    store.crop(target)
+                    _crop_all(stores, target)
                 except ValueError as crop_exc:
                     reasons.append(str(crop_exc))
                     continue
@@ -484,7 +652,8 @@ class HeadInferCache(Cache):
                 left = f"holds the first {target} tokens"
                 break
             else:
-                store.clear()
+                for store in stores:
+                    store.clear()
                 left = "was emptied"
             why = "; ".join(reasons)
         except Exception as rollback_exc:  # e.g. a CUDA error while synchronizing
@@ -509,13 +678,13 @@ class HeadInferCache(Cache):
         decode gives that room to the KV, and blocks move between GPU and host to match (once
         per phase change: a few copies and one stream synchronization).
         """
-        store = self._store
-        if store is None:
+        if not self._parts:
             return
         # generate()'s new tokens count from its prompt on; each decode step is one of them.
         end = context + (self.expected_new_tokens if new_tokens > 1 else 0)
-        if not store.is_cuda:
-            self._check_room(store, end, 0)
+        cuda = [part for part in self._parts if part.store.is_cuda]
+        if not cuda:
+            self._check_room(end)
             return
         if end > self.max_len:
             raise ValueError(
@@ -527,56 +696,77 @@ class HeadInferCache(Cache):
         self._horizon = max(self._horizon, end)
         context = max(context, self._horizon)
         prefill = new_tokens * self.spec.num_q_heads // self.spec.num_kv_heads > DIRECT_ROWS
-        plan = self._plan
-        if plan is not None and context <= plan.context and prefill == plan.prefill:
-            self._check_room(store, end, plan.kv_device_bytes)
+        planned = self._planned
+        if planned is not None and context <= planned[0] and prefill == planned[1]:
+            self._check_room(end)
             return
-        if plan is not None and prefill == plan.prefill:
+        if planned is not None and prefill == planned[1]:
             # Growing past the plan a step at a time (a hand-written decode loop): plan ahead.
             context += max(1024, context // 16)
-        device = self._prefill.device if self._prefill is not None else torch.device("cuda")
         if not prefill:
             # The prefill's activations and staging sit in torch's cache as reserved memory;
             # hand them back so the blocks promoted below really fit the budget.
             torch.cuda.empty_cache()
-        plan = plan_memory(
+        # Every device's plan first, then the host check with all of them, then the moves: a
+        # request that does not fit changes nothing.
+        plans = [self._plan_device(part, context, prefill) for part in cuda]
+        self._check_room(end, {id(part): plan for part, plan in zip(cuda, plans)})
+        self._planned = (context, prefill)
+        for part, plan in zip(cuda, plans):
+            self._apply_plan(part, plan)
+
+    def _plan_device(self, part: DeviceStore, context: int, prefill: bool) -> GpuPlan:
+        return plan_memory(
             self.config,
-            self.spec,
-            device=device,
-            dtype=_DTYPES_BY_NAME[store.dtype],
+            part.spec(self.spec),
+            device=part.device,
+            dtype=_DTYPES_BY_NAME[part.store.dtype],
             context=context,
             chunk_size=self.chunk_size,
-            gpu_budget=self.gpu_budget,
-            held_by_store=store.device_bytes_reserved(),
+            gpu_budget=budget_for(self.gpu_budget, part.device),
+            held_by_store=part.store.device_bytes_reserved(),
             prefill=prefill,
         )
-        self._check_room(store, end, plan.kv_device_bytes)
-        self._plan = plan
-        store.device_budget = self._plan.kv_device_bytes
-        if self.gpu_budget is not None:
+
+    def _apply_plan(self, part: DeviceStore, plan: GpuPlan) -> None:
+        store, device = part.store, part.device
+        part.plan = plan
+        store.device_budget = plan.kv_device_bytes
+        budget = budget_for(self.gpu_budget, device)
+        if budget is not None:
             # torch's share of the budget; freeing its cache first keeps the process under the
             # budget while blocks are promoted.
-            cap = cap_torch(device, self.gpu_budget, self._plan, store.device_bytes_reserved())
+            cap = cap_torch(device, budget, plan, store.device_bytes_reserved())
             if torch.cuda.memory_reserved(device) > cap:
                 torch.cuda.empty_cache()
         moved = store.rebalance(torch.cuda.current_stream(device).cuda_stream)
         logger.info(
-            "%s of %d tokens planned: %.2f of %.2f GiB of KV on the GPU, head groups "
+            "%s: %s of %d tokens planned: %.2f of %.2f GiB of KV on the GPU, head groups "
             "of %d; blocks promoted/demoted: %s",
-            "prefill" if prefill else "decode",
-            context,
-            self._plan.kv_device_bytes / 2**30,
-            self._plan.figures["kv_total_bytes"] / 2**30,
-            self._plan.heads_per_group,
+            device,
+            "prefill" if plan.prefill else "decode",
+            plan.context,
+            plan.kv_device_bytes / 2**30,
+            plan.figures["kv_total_bytes"] / 2**30,
+            plan.heads_per_group,
             moved,
         )
 
-    def _check_room(self, store: _core.KVStore, context: int, device_bytes: int) -> None:
+    @property
+    def _plan(self) -> GpuPlan | None:
+        # The plan of a cache on one GPU (the first device's, on several).
+        return next((p.plan for p in self._parts if p.plan is not None), None)
+
+    def _check_room(self, context: int, plans: dict[int, GpuPlan] | None = None) -> None:
         # Once per new high-water mark: decode steps inside a checked generate() skip it.
         if context <= self._host_checked:
             return
-        device_blocks = device_bytes // pair_bytes(store)
-        check_host_memory(store, context, self.host_memory_limit, device_blocks)
+        parts = []
+        for part in self._parts:
+            plan = (plans or {}).get(id(part), part.plan)
+            device_bytes = 0 if plan is None else plan.kv_device_bytes
+            parts.append((part.store, device_bytes // pair_bytes(part.store)))
+        check_host_memory(parts, context, self._host_limit)
         self._host_checked = context
 
     def attend(
@@ -599,7 +789,8 @@ class HeadInferCache(Cache):
             out: ``[1, q_len, num_q_heads, head_dim]``, written.
             sinks: ``[num_q_heads]`` float32 on the query's device (gpt-oss), or ``None``.
         """
-        store = self.store
+        part, layer = self._locate(layer_idx)
+        store = part.store
         # The spec's window, not the store's: a croppable cache keeps every token of a window
         # layer and the op applies the window.
         held = self.spec.windows[layer_idx]
@@ -617,17 +808,16 @@ class HeadInferCache(Cache):
         if not store.is_cuda or q_len * group <= DIRECT_ROWS:
             out_view = out[0].transpose(0, 1)
             # One call per layer: the store decides whether the CPU takes a share (cpu_heads).
-            store.attend(
-                layer_idx, q, out_view, scale, softcap, window, current_stream(query), sinks
-            )
+            store.attend(layer, q, out_view, scale, softcap, window, current_stream(query), sinks)
             return
-        assert self._prefill is not None
-        heads = self._plan.heads_per_group if self._plan is not None else store.num_kv_heads
+        assert part.prefill is not None
+        plan = part.plan
+        heads = plan.heads_per_group if plan is not None else store.num_kv_heads
         prefill_attention(
             store,
-            self._prefill,
+            part.prefill,
             heads,
-            layer_idx,
+            layer,
             query,
             key,
             value,
@@ -640,9 +830,10 @@ class HeadInferCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens cached so far (positions ``0..n``), windowed-out ones included."""
-        if self._store is None or layer_idx >= self.spec.num_layers:
+        if not self._where or layer_idx >= self.spec.num_layers:
             return 0
-        return self._store.seq_len(layer_idx)
+        part, layer = self._where[layer_idx]
+        return part.store.seq_len(layer)
 
     def crop(self, max_length: int) -> None:
         """Drop cached tokens, e.g. back to a reused prefix.
@@ -656,22 +847,22 @@ class HeadInferCache(Cache):
             ValueError: a sliding-window layer already dropped tokens that the kept positions
                 would need; the cache is then unchanged.
         """
-        if self._store is None or max_length == 0:
+        if not self._parts or max_length == 0:
             return
         length = self.get_seq_length()
         target = max_length if max_length > 0 else max(length + max_length, 0)
         if target < length:
-            self._store.crop(target)
+            _crop_all([part.store for part in self._parts], target)
             self._horizon = 0
 
     def reset(self) -> None:
         """Drop every token; the store keeps its blocks for reuse."""
         self._pending.clear()
         self._horizon = 0
-        if self._prefill is not None:
-            self._prefill.clear()
-        if self._store is not None:
-            self._store.clear()
+        for part in self._parts:
+            if part.prefill is not None:
+                part.prefill.clear()
+            part.store.clear()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search needs batch > 1, which headinfer does not hold yet."""
@@ -679,23 +870,31 @@ class HeadInferCache(Cache):
 
     def bytes_used(self) -> int:
         """Bytes of keys and values held (host and device)."""
-        return 0 if self._store is None else self._store.bytes_used()
+        return sum(part.store.bytes_used() for part in self._parts)
 
     def bytes_reserved(self) -> int:
         """Bytes the store holds in blocks (host and device), used or kept for reuse."""
-        return 0 if self._store is None else self._store.bytes_reserved()
+        return sum(part.store.bytes_reserved() for part in self._parts)
 
     def memory(self) -> dict[str, int]:
         """Where the KV bytes sit: ``host_reserved``, ``device_reserved``, ``device_used``,
-        ``used`` (all bytes)."""
-        s = self._store
-        if s is None:
-            return {"used": 0, "host_reserved": 0, "device_reserved": 0, "device_used": 0}
+        ``used`` (all bytes, summed over the devices; ``memory_by_device`` splits them)."""
+        total = {"used": 0, "host_reserved": 0, "device_reserved": 0, "device_used": 0}
+        for figures in self.memory_by_device().values():
+            for key, value in figures.items():
+                total[key] += value
+        return total
+
+    def memory_by_device(self) -> dict[str, dict[str, int]]:
+        """``memory()`` of each device's store, keyed by device name (``"cuda:1"``)."""
         return {
-            "used": s.bytes_used(),
-            "host_reserved": s.host_bytes_reserved(),
-            "device_reserved": s.device_bytes_reserved(),
-            "device_used": s.device_bytes_used(),
+            str(part.device): {
+                "used": part.store.bytes_used(),
+                "host_reserved": part.store.host_bytes_reserved(),
+                "device_reserved": part.store.device_bytes_reserved(),
+                "device_used": part.store.device_bytes_used(),
+            }
+            for part in self._parts
         }
 
     @property
@@ -708,6 +907,19 @@ class HeadInferCache(Cache):
             f"HeadInferCache({self.spec.family}, layers={self.spec.num_layers}, "
             f"seq_len={self.get_seq_length()}, bytes_used={self.bytes_used()})"
         )
+
+
+def _crop_all(stores: Sequence[_core.KVStore], length: int) -> None:
+    """``crop(length)`` on every store, or on none: a store that would refuse (a window
+    already dropped what ``length`` needs) raises its ``ValueError`` before any is cropped."""
+    for store in stores:
+        for layer, window in enumerate(store.windows):
+            if window is None or length == 0 or store.seq_len(layer) <= length:
+                continue
+            if store.retained_start(layer) > max(length + 1 - window, 0):
+                store.crop(length)  # raises the store's own message; changes nothing
+    for store in stores:
+        store.crop(length)
 
 
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _STORE_DTYPES.items()}

@@ -31,8 +31,10 @@ from typing import Any
 from transformers import TextStreamer
 
 from .device import resolve_device
+from .distributed import is_main_rank, placement, torchrun_world
 from .plan import (
     DEFAULT_CHUNK_SIZE,
+    SPLITS,
     ModelNotFoundError,
     Rates,
     default_budget,
@@ -211,6 +213,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     gen.add_argument(
         "--device", type=_device, default="auto", help="auto (CUDA if available), cpu, cuda"
     )
+    gen.add_argument(
+        "--gpus",
+        type=_positive,
+        metavar="N",
+        help="spread the model over N GPUs: its layers over GPUs 0..N-1 (accelerate's "
+        "device_map='auto'; each GPU keeps and streams its layers' KV). Under torchrun "
+        "(torchrun --nproc-per-node N -m headinfer generate ...) it is tensor parallelism "
+        "instead: every process runs every layer for its share of the kv heads, and --gpus "
+        "may be left out (it must equal the process count)",
+    )
 
     plan = sub.add_parser(
         "plan",
@@ -263,6 +275,21 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         metavar="R",
         help=f"host-to-device copy rate, GB/s (default {defaults.h2d_gbs:g}: H200 PCIe, "
         "BENCHMARKS.md)",
+    )
+    plan.add_argument(
+        "--gpus",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="plan for N GPUs, --gpu-budget each: the per-GPU split, host KV and the longest "
+        "context for N GPUs (default 1)",
+    )
+    plan.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="layers",
+        help="with --gpus: 'layers' (device_map, what `generate --gpus N` does; default) or "
+        "'heads' (tensor parallelism, what torchrun --nproc-per-node N does)",
     )
     plan.add_argument("--json", action="store_true", help="print the figures as JSON")
     plan.add_argument(
@@ -359,9 +386,13 @@ def _plan(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
             dtype=args.dtype,
             rates=rates,
             label=label,
+            gpus=args.gpus,
+            split=args.split,
         )
     except UnsupportedModelError as exc:
-        sub.error(str(exc))
+        sub.error(f"--gpus {args.gpus} --split {args.split}: {exc}" if args.gpus > 1 else str(exc))
+    except ValueError as exc:
+        sub.error(f"--{exc}")
     if not args.force:
         limit = plan["max_position_embeddings"]
         if limit is not None and args.context > limit:
@@ -401,9 +432,16 @@ def _read_prompt(name: str, sub: argparse.ArgumentParser) -> str:
 
 
 def _load_model(
-    args: argparse.Namespace, device: str, dtype: Any, dtype_name: str
+    args: argparse.Namespace,
+    device: str,
+    dtype: Any,
+    dtype_name: str,
+    spread: tuple[dict[str, Any], str | None] = ({}, None),
 ) -> tuple[Any, Any, str]:
-    """``(model, tokenizer, label)``; checks the config first so errors come before weights."""
+    """``(model, tokenizer, label)``; checks the config first so errors come before weights.
+
+    ``spread``: ``distributed.placement``'s keywords and description (several GPUs), if any.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .smollm2 import load_smollm2
@@ -412,7 +450,10 @@ def _load_model(
     config, label = load_config(args.model, args.gguf_file)
     model_spec(config)  # UnsupportedModelError before any weight is read
     start = time.perf_counter()
-    print(f"loading {label} ({dtype_name}, {device})...", file=sys.stderr, flush=True)
+    where_to = spread[1] or device
+    print(f"loading {label} ({dtype_name}, {where_to})...", file=sys.stderr, flush=True)
+    if spread[1] is not None and args.model.strip().lower() == "smollm2":
+        raise ValueError("gpus: SmolLM2-135M runs on one device; give --model a folder or Hub id")
     if args.model.strip().lower() == "smollm2":
         model, tokenizer = load_smollm2(dtype=dtype, device=device)
     else:
@@ -423,6 +464,8 @@ def _load_model(
         elif args.gguf_file is not None:
             kwargs = {"gguf_file": args.gguf_file}
         placement = {"device_map": device} if device != "cpu" else {}
+        if spread[1] is not None:
+            placement = spread[0]
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **placement)
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
@@ -450,13 +493,19 @@ def _generate(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
     sampling = _sampling(args)
 
     try:
-        model, tokenizer, label = _load_model(args, device, dtype, dtype_name)
+        spread = placement(args.gpus)
+        model, tokenizer, label = _load_model(args, device, dtype, dtype_name, spread)
     except headinfer.UnsupportedModelError as exc:
         sub.error(str(exc))
+    except ValueError as exc:
+        sub.error(f"--{exc}")
+    if spread[1] is not None:
+        device = str(model.device)  # where the inputs go: the first layer's GPU, or this rank's
+    main_rank = is_main_rank()
     try:
         headinfer.patch(model, chunk_size=args.chunk_size, gpu_budget=args.gpu_budget)
     except headinfer.GpuNotSupportedError as exc:
-        if args.device != "auto":
+        if args.device != "auto" or spread[1] is not None:
             sub.error(str(exc))
         print(f"{exc}; running on the CPU instead", file=sys.stderr)
         device = "cpu"
@@ -487,9 +536,14 @@ def _generate(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
 
     cache = headinfer.HeadInferCache(model)
     cache.expected_new_tokens = args.max_new_tokens
+    # Under torchrun every rank generates (their attention all-reduces); rank 0 prints.
     streamer = _TimedStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if not main_rank:
+        streamer.put = lambda value: None  # type: ignore[method-assign]
+        streamer.end = lambda: None  # type: ignore[method-assign]
     print(
-        f"prefill: {prompt_len:,} tokens in chunks of {args.chunk_size:,} on {device}...",
+        f"prefill: {prompt_len:,} tokens in chunks of {args.chunk_size:,} on "
+        f"{spread[1] or device}...",
         file=sys.stderr,
         flush=True,
     )
@@ -506,6 +560,8 @@ def _generate(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
             **{cache_kwarg_name(model): cache},
         )
     end = time.perf_counter()
+    if not main_rank:
+        return 0
     sys.stdout.write("\n")
     sys.stdout.flush()
 
@@ -528,7 +584,14 @@ def _generate(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
         f"{format_bytes(mem['device_used'])} on the GPU, "
         f"{format_bytes(mem['used'] - mem['device_used'])} in host memory; blocks reserved: "
         f"{format_bytes(mem['host_reserved'])} host, {format_bytes(mem['device_reserved'])} GPU"
+        + (" (this rank's kv heads)" if torchrun_world() > 1 else "")
     )
+    if len(cache.stores) > 1:
+        for name, figures in cache.memory_by_device().items():
+            lines.append(
+                f"  {name}: {format_bytes(figures['device_used'])} on the GPU, "
+                f"{format_bytes(figures['used'] - figures['device_used'])} in host memory"
+            )
     if device.startswith("cuda"):
         lines.append(f"GPU peak: {format_bytes(torch.cuda.max_memory_allocated())} by torch")
     print("\n".join(lines), file=sys.stderr, flush=True)

@@ -52,20 +52,28 @@ def blocks_for(context: int, windows: Sequence[int | None], block_size: int) -> 
 
 
 def check_host_memory(
-    store: _core.KVStore, context: int, limit: int | None, device_blocks: int = 0
+    store: _core.KVStore | Sequence[tuple[_core.KVStore, int]],
+    context: int,
+    limit: int | None,
+    device_blocks: int = 0,
 ) -> None:
     """Raise ``OutOfHostMemoryError`` if ``context`` tokens cannot fit in host memory.
 
     Args:
-        store: the cache's store (its geometry, and the host blocks it already holds).
+        store: the cache's store (its geometry, and the host blocks it already holds), or
+            ``(store, device_blocks)`` for each store of a cache over several devices, which
+            share ``limit`` and the host.
         context: tokens the cache will hold after this call (and the generation it is part of).
         limit: the cache's ``host_memory_limit`` (``None``: what the host has).
         device_blocks: block pairs (keys and values) that sit in device memory instead.
     """
-    pair = pair_bytes(store)
-    pairs = blocks_for(context, store.windows, store.block_size) * store.num_kv_heads
-    needed = max(pairs - device_blocks, 0) * pair
-    reserved = store.host_bytes_reserved()
+    stores = [(store, device_blocks)] if isinstance(store, _core.KVStore) else list(store)
+    needed = 0
+    reserved = 0
+    for one, on_device in stores:
+        pairs = blocks_for(context, one.windows, one.block_size) * one.num_kv_heads
+        needed += max(pairs - on_device, 0) * pair_bytes(one)
+        reserved += one.host_bytes_reserved()
     fresh = needed - reserved
     if fresh <= 0:
         return

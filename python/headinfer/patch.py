@@ -33,6 +33,7 @@ from .checks import (
     check_size,
 )
 from .device import check_device
+from .distributed import check_gpu_budget
 from .planner import release_torch_caps
 from .prefill import CACHE_NAMES, cache_kwarg_name, forward_params, patched_forward
 from .spec import ModelSpec, runnable_spec
@@ -59,7 +60,7 @@ class PatchSettings:
     chunk_size: int
     block_size: int | None
     host_memory_limit: int | None
-    gpu_budget: int | None
+    gpu_budget: int | dict[int, int] | None
     cpu_heads: int | str | None
     progress: bool
     progress_delay: float
@@ -198,7 +199,7 @@ def patch(
     chunk_size: int = 4096,
     block_size: int | None = None,
     *,
-    gpu_budget: int | str | None = None,
+    gpu_budget: int | str | dict[Any, int | str] | None = None,
     cpu_heads: int | str | None = None,
     host_memory_limit: int | str | None = None,
     progress: bool = True,
@@ -214,13 +215,17 @@ def patch(
     Args:
         model: a transformers model of a family in ``headinfer.SUPPORTED_FAMILIES`` (e.g.
             ``*ForCausalLM``, or a multimodal wrapper around one, for text prompts),
-            float32, bfloat16 or float16, on the CPU or one CUDA device.
+            float32, bfloat16 or float16, on the CPU or CUDA: one device, layers over
+            several (``device_map``: one store per GPU), or one rank of transformers' tensor
+            parallelism (its cache holds that rank's kv heads).
         chunk_size: longest prefill chunk, in tokens.
         block_size: tokens per store block (default: 256 on the CPU, 1 MiB of one head on
             the GPU).
         gpu_budget: on CUDA, bytes of GPU memory the process may use in all (an int or a size
-            like ``"20GiB"``); KV blocks fill what weights and working set leave, the rest
-            stays in pinned host memory. Default: the free memory less a margin.
+            like ``"20GiB"``; per GPU, or ``{device: bytes}`` for a model whose layers
+            ``device_map`` spreads over GPUs); KV blocks fill what weights and working set
+            leave, the rest stays in pinned host memory. Default: the free memory less a
+            margin.
         cpu_heads: on CUDA, whether the CPU attends over part of the host-resident KV during
             decode while the GPU reads the rest. Default ``None``: the GPU alone. ``"auto"``:
             the planner decides from measured rates (on with 8 or more physical cores, each
@@ -245,7 +250,7 @@ def patch(
     spec = runnable_spec(model)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     block_size = check_optional_positive_int(block_size, "block_size")
-    budget = check_size(gpu_budget, "gpu_budget")
+    budget = check_gpu_budget(gpu_budget)
     host_memory_limit = check_size(host_memory_limit, "host_memory_limit")
     cpu_heads = check_cpu_heads(cpu_heads, spec.num_kv_heads)
     param = next(model.parameters(), None)

@@ -18,22 +18,24 @@ bf16 matmul 798.5 TFLOP/s, pinned host-to-device copies 55.5 GB/s), rounded down
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .planner import DEFAULT_CONTEXT_BYTES, DEFAULT_MARGIN, DEFAULT_STAGING_CAP, plan_figures
 from .sizes import format_bytes
-from .spec import ModelSpec, model_spec
+from .spec import ModelSpec, model_spec, rank_spec
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "SPLITS",
     "ModelNotFoundError",
     "Rates",
     "attention_flops",
     "default_budget",
     "fits",
     "format_bytes",
+    "gpu_shares",
     "load_config",
     "longest_context",
     "longest_figures",
@@ -45,6 +47,11 @@ __all__ = [
     "plot_plan",
     "render_plan",
 ]
+
+#: How a model spreads over several GPUs: ``layers`` (``device_map``: each GPU runs some
+#: layers, one after another) or ``heads`` (tensor parallelism under torchrun: every GPU runs
+#: every layer for its share of the heads).
+SPLITS = ("layers", "heads")
 
 #: The chunk size ``patch`` uses by default.
 DEFAULT_CHUNK_SIZE = 4096
@@ -238,33 +245,64 @@ def _smollm2_config() -> Any:
     return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
-def make_plan(
-    config: Any,
-    *,
-    context: int,
-    gpu_budget: int,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    dtype: str = "bfloat16",
-    rates: Rates | None = None,
-    label: str | None = None,
-) -> dict[str, Any]:
-    """Every figure of ``headinfer plan``, from the config alone (JSON-ready, bytes as ints).
+def gpu_shares(
+    config: Any, spec: ModelSpec, params: int, gpus: int, split: str
+) -> list[dict[str, Any]]:
+    """What each of ``gpus`` GPUs holds: ``layers`` (indices), ``spec`` (its share of the
+    attention), ``params`` (its weights' parameters).
 
-    ``prefill`` and ``decode`` are the Rust planner's splits of ``gpu_budget`` for the two
-    phases (the runtime replans when the phase changes: decode needs no staging, so more KV
-    stays on the GPU). Weights: ``parameter_count(config)`` elements of ``dtype``.
+    ``split="heads"`` (tensor parallelism): every GPU runs every layer for 1/gpus of the q and
+    kv heads, and holds 1/gpus of the weights (transformers' TP plans split the embeddings,
+    attention, feed-forward and output projection). ``split="layers"`` (``device_map``):
+    contiguous runs of layers, the first GPUs one layer more where they do not divide evenly;
+    the input embeddings on the first GPU and an untied output projection on the last.
+
+    Raises:
+        UnsupportedModelError: the heads do not split evenly over ``gpus``.
+        ValueError: more GPUs than layers, or an unknown ``split``.
     """
-    if context <= 0:
-        raise ValueError(f"context: must be positive, got {context}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size: must be positive, got {chunk_size}")
-    rates = rates or Rates()
-    dtype = parse_dtype(dtype)
-    elem = _ELEM_BYTES[dtype]
-    spec = model_spec(config)
+    if gpus < 1:
+        raise ValueError(f"gpus: must be positive, got {gpus}")
+    layers = spec.num_layers
+    if split == "heads":
+        share = rank_spec(spec, gpus)
+        return [
+            {"gpu": i, "layers": list(range(layers)), "spec": share, "params": params // gpus}
+            for i in range(gpus)
+        ]
+    if split != "layers":
+        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+    if gpus > layers:
+        raise ValueError(f"gpus: {gpus} GPUs for {layers} layers; at most one GPU per layer")
     text = _text_config(config)
-    params = parameter_count(config)
-    weight_bytes = params * elem
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    embed = int(getattr(text, "vocab_size", 0) or 0) * hidden
+    tied = bool(
+        getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
+    )
+    head = 0 if tied else embed
+    per_layer = max(params - embed - head, 0) / layers
+    shares, start = [], 0
+    for i in range(gpus):
+        n = layers // gpus + (1 if i < layers % gpus else 0)
+        mine = list(range(start, start + n))
+        start += n
+        count = round(n * per_layer) + (embed if i == 0 else 0) + (head if i == gpus - 1 else 0)
+        sub = replace(spec, num_layers=n, windows=tuple(spec.windows[j] for j in mine))
+        shares.append({"gpu": i, "layers": mine, "spec": sub, "params": count})
+    return shares
+
+
+def _phases(
+    text: Any,
+    spec: ModelSpec,
+    *,
+    elem: int,
+    weight_bytes: int,
+    context: int,
+    chunk_size: int,
+    gpu_budget: int,
+) -> dict[str, dict[str, Any]]:
     phases = {
         phase: plan_figures(
             text,
@@ -289,11 +327,89 @@ def make_plan(
             + figures["margin_bytes"]
             + figures["kv_device_bytes"]
         )
+    return phases
+
+
+def _total(per_gpu: list[dict[str, Any]], phase: str) -> dict[str, Any]:
+    # All GPUs together: bytes summed, fits when every GPU fits, the smallest head group.
+    figures = [g[phase] for g in per_gpu]
+    total = {k: sum(f[k] for f in figures) for k in figures[0] if k.endswith("_bytes")}
+    total["fits_gpu"] = all(f["fits_gpu"] for f in figures)
+    total["heads_per_group"] = min(f["heads_per_group"] for f in figures)
+    return total
+
+
+def make_plan(
+    config: Any,
+    *,
+    context: int,
+    gpu_budget: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    dtype: str = "bfloat16",
+    rates: Rates | None = None,
+    label: str | None = None,
+    gpus: int = 1,
+    split: str = "layers",
+) -> dict[str, Any]:
+    """Every figure of ``headinfer plan``, from the config alone (JSON-ready, bytes as ints).
+
+    ``prefill`` and ``decode`` are the Rust planner's splits of ``gpu_budget`` for the two
+    phases (the runtime replans when the phase changes: decode needs no staging, so more KV
+    stays on the GPU). Weights: ``parameter_count(config)`` elements of ``dtype``.
+
+    With ``gpus > 1`` the model is spread over that many GPUs (``split``: see ``gpu_shares``),
+    ``gpu_budget`` is each GPU's, and ``per_gpu`` holds each GPU's plan; ``prefill`` and
+    ``decode`` are then the sums over the GPUs (``fits_gpu``: every GPU fits). Each GPU reads
+    its own host KV over its own link, so the decode floor is the slowest GPU's; the prefill
+    floor divides by the GPUs under tensor parallelism only (``device_map`` runs the layers
+    one GPU after another).
+    """
+    if context <= 0:
+        raise ValueError(f"context: must be positive, got {context}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size: must be positive, got {chunk_size}")
+    rates = rates or Rates()
+    dtype = parse_dtype(dtype)
+    elem = _ELEM_BYTES[dtype]
+    spec = model_spec(config)
+    text = _text_config(config)
+    params = parameter_count(config)
+    weight_bytes = params * elem
+    per_gpu = []
+    for share in gpu_shares(config, spec, params, gpus, split):
+        sub = share.pop("spec")
+        phases = _phases(
+            text,
+            sub,
+            elem=elem,
+            weight_bytes=share["params"] * elem,
+            context=context,
+            chunk_size=chunk_size,
+            gpu_budget=gpu_budget,
+        )
+        share.update(
+            num_layers=sub.num_layers,
+            num_q_heads=sub.num_q_heads,
+            num_kv_heads=sub.num_kv_heads,
+            weight_bytes=share.pop("params") * elem,
+            **phases,
+        )
+        per_gpu.append(share)
+    if gpus == 1:
+        phases = {phase: per_gpu[0][phase] for phase in ("prefill", "decode")}
+    else:
+        phases = {phase: _total(per_gpu, phase) for phase in ("prefill", "decode")}
     attn = attention_flops(spec, context)
     linear = 2.0 * params * context
     prefill_s = attn / (rates.sdpa_tflops * 1e12) + linear / (rates.matmul_tflops * 1e12)
+    if split == "heads":
+        prefill_s /= gpus
     decode_host = phases["decode"]["kv_host_bytes"]
+    slowest_link = max(g["decode"]["kv_host_bytes"] for g in per_gpu)
     full = [w for w in spec.windows if w is None]
+    multi = {}
+    if gpus > 1:
+        multi = {"gpus": gpus, "split": split, "per_gpu": per_gpu}
     return {
         "model": label or getattr(config, "_name_or_path", "") or spec.family,
         "family": spec.family,
@@ -324,9 +440,10 @@ def make_plan(
             "prefill_linear_flops": linear,
             "prefill_s": prefill_s,
             "decode_host_bytes_per_token": decode_host,
-            "decode_s_per_token": decode_host / (rates.h2d_gbs * 1e9),
+            "decode_s_per_token": slowest_link / (rates.h2d_gbs * 1e9),
             **asdict(rates),
         },
+        **multi,
     }
 
 
@@ -342,20 +459,28 @@ def _mem_available() -> int | None:
 
 
 def machine_figures(plan: dict[str, Any]) -> dict[str, Any]:
-    """Whether ``plan`` fits this machine: GPU 0's free memory and the host's available RAM."""
+    """Whether ``plan`` fits this machine: each planned GPU's free memory (GPU 0's for one;
+    ``gpu_free_bytes`` is the least free of them) and the host's available RAM."""
     import torch
 
     gpu: dict[str, Any] = {"gpu": None, "gpu_free_bytes": None, "gpu_total_bytes": None}
     fits_gpu = None
     if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info(0)
+        per_gpu = plan.get("per_gpu") or [plan]
+        count = torch.cuda.device_count()
+        fits_gpu = bool(plan["prefill"]["fits_gpu"]) and len(per_gpu) <= count
+        frees = []
+        for i, share in enumerate(per_gpu[:count]):
+            free, total = torch.cuda.mem_get_info(i)
+            frees.append(free)
+            peak = max(share[phase]["gpu_bytes"] for phase in ("prefill", "decode"))
+            fits_gpu = fits_gpu and peak <= free
         gpu = {
             "gpu": torch.cuda.get_device_name(0),
-            "gpu_free_bytes": free,
+            "gpu_free_bytes": min(frees),
             "gpu_total_bytes": total,
+            "gpu_count": count,
         }
-        peak = max(plan[phase]["gpu_bytes"] for phase in ("prefill", "decode"))
-        fits_gpu = bool(plan["prefill"]["fits_gpu"]) and peak <= free
     ram = _mem_available()
     return {
         **gpu,
@@ -388,6 +513,8 @@ def longest_context(
     dtype: str = "bfloat16",
     host_bytes: int | None = None,
     resident: bool = False,
+    gpus: int = 1,
+    split: str = "layers",
 ) -> int | None:
     """The longest context, in tokens, whose plan fits ``gpu_budget`` and ``host_bytes``.
 
@@ -400,7 +527,13 @@ def longest_context(
 
     def ok(context: int) -> bool:
         plan = make_plan(
-            config, context=context, gpu_budget=gpu_budget, chunk_size=chunk_size, dtype=dtype
+            config,
+            context=context,
+            gpu_budget=gpu_budget,
+            chunk_size=chunk_size,
+            dtype=dtype,
+            gpus=gpus,
+            split=split,
         )
         if not plan["prefill"]["fits_gpu"]:
             return False
@@ -476,9 +609,15 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"prefill   chunks of {plan['chunk_size']:,} tokens, head groups of {heads} kv head"
         + ("s" if heads != 1 else ""),
         f"budget    {format_bytes(plan['gpu_budget'])} of GPU memory"
+        + (" per GPU" if "per_gpu" in plan else "")
         + (f" ({plan['gpu_budget_source']})" if plan.get("gpu_budget_source") else ""),
+    ]
+    if "per_gpu" in plan:
+        lines += _render_gpus(plan)
+    lines += [
         "",
-        f"{'where the bytes sit':<34}{'prefill':>14}{'decode':>14}",
+        f"{'where the bytes sit' + (' (all GPUs)' if 'per_gpu' in plan else ''):<34}"
+        f"{'prefill':>14}{'decode':>14}",
     ]
     rows = [
         ("GPU  CUDA context (estimate)", "context_bytes"),
@@ -501,9 +640,10 @@ def render_plan(plan: dict[str, Any]) -> str:
     )
     budget_verdict = "yes"
     if not p["fits_gpu"]:
+        need = max(g["prefill"]["gpu_bytes"] for g in plan.get("per_gpu") or [plan])
         budget_verdict = (
             f"NO: context, weights, working set, staging and margin need "
-            f"{format_bytes(p['gpu_bytes'])}; "
+            f"{format_bytes(need)}" + (" on a GPU" if "per_gpu" in plan else "") + "; "
             "every KV byte would sit in host memory (raise --gpu-budget)"
         )
     lines += ["", f"fits the budget: {budget_verdict}"]
@@ -548,6 +688,35 @@ def render_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _render_gpus(plan: dict[str, Any]) -> list[str]:
+    gpus, split = plan["gpus"], plan["split"]
+    if split == "heads":
+        how = (
+            f"gpus      {gpus}, tensor parallelism (torchrun): every GPU runs every layer for "
+            f"its {plan['per_gpu'][0]['num_kv_heads']} of {plan['num_kv_heads']} kv heads"
+        )
+    else:
+        how = f"gpus      {gpus}, device_map: each GPU runs its layers, one GPU after another"
+    lines = [
+        how,
+        "",
+        f"{'per GPU':<16}{'holds':<22}{'weights':>11}{'GPU peak':>11}{'GPU KV':>11}{'host KV':>11}",
+    ]
+    for g in plan["per_gpu"]:
+        if split == "heads":
+            holds = f"{g['num_kv_heads']} kv / {g['num_q_heads']} q heads"
+        else:
+            first, last = g["layers"][0], g["layers"][-1]
+            holds = f"layers {first}-{last}" if last != first else f"layer {first}"
+        peak = max(g[p]["gpu_bytes"] for p in ("prefill", "decode"))
+        lines.append(
+            f"  {'cuda:' + str(g['gpu']):<14}{holds:<22}{format_bytes(g['weight_bytes']):>11}"
+            f"{format_bytes(peak):>11}{format_bytes(g['decode']['kv_device_bytes']):>11}"
+            f"{format_bytes(g['decode']['kv_host_bytes']):>11}"
+        )
+    return lines
+
+
 def _tokens(n: int | None) -> str:
     return f"more than {CONTEXT_SEARCH_LIMIT:,}" if n is None else f"{n:,}"
 
@@ -579,6 +748,8 @@ def longest_figures(config: Any, plan: dict[str, Any], host_bytes: int | None) -
         "gpu_budget": plan["gpu_budget"],
         "chunk_size": plan["chunk_size"],
         "dtype": plan["dtype"],
+        "gpus": plan.get("gpus", 1),
+        "split": plan.get("split", "layers"),
     }
     return {
         "with_host": longest_context(config, host_bytes=host_bytes, **kwargs),
@@ -661,7 +832,12 @@ def plot_plan(
     low = plan["weight_bytes"] + plan["prefill"]["activation_bytes"] + plan["margin_bytes"]
     high = max(2 * plan["gpu_budget"], 80 << 30)
     budgets = [low + (high - low) * i / 40 for i in range(1, 41)]
-    kwargs = {"chunk_size": plan["chunk_size"], "dtype": plan["dtype"]}
+    kwargs = {
+        "chunk_size": plan["chunk_size"],
+        "dtype": plan["dtype"],
+        "gpus": plan.get("gpus", 1),
+        "split": plan.get("split", "layers"),
+    }
     resident = [
         longest_context(config, gpu_budget=int(b), resident=True, **kwargs) for b in budgets
     ]

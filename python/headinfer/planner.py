@@ -109,7 +109,9 @@ def plan_figures(
         num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim,
         hidden_size=hidden,
-        intermediate_size=_config_int(config, "intermediate_size", 4 * hidden),
+        # Tensor parallelism splits the feed-forward's columns too (one rank's share).
+        intermediate_size=_config_int(config, "intermediate_size", 4 * hidden)
+        // getattr(spec, "tp_size", 1),
         vocab_size=_config_int(config, "vocab_size", 0),
         elem_bytes=elem_bytes,
         weight_bytes=weight_bytes,

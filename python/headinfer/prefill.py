@@ -182,7 +182,7 @@ def patched_forward(
         return _chunked(model, original, settings, kwargs, input_name, x, cache, temporary)
 
     kwargs[CACHE_KWARG] = cache
-    if cache._store is None and isinstance(x, torch.Tensor):
+    if not cache.has_store and isinstance(x, torch.Tensor):
         dtype = x.dtype if input_name == "inputs_embeds" else next(model.parameters()).dtype
         cache._ensure_store(dtype, x.device)
     cache.prepare(cache.get_seq_length() + length, length)

@@ -17,12 +17,13 @@ state-space layers, cross-attention, encoder-decoders, bidirectional or chunked 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
 from transformers import PretrainedConfig
 
+from .distributed import tp_split
 from .errors import UnsupportedModelError
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "attention_modules",
     "family_info",
     "model_spec",
+    "rank_spec",
     "runnable_spec",
 ]
 
@@ -121,7 +123,11 @@ SUPPORTED_FAMILIES: tuple[str, ...] = tuple(_NAMES.get(t, t) for t in _FAMILIES)
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the store and the op need to know about a model's attention."""
+    """What the store and the op need to know about a model's attention.
+
+    Under tensor parallelism (``tp_size > 1``) it describes one rank's share: ``num_q_heads``
+    and ``num_kv_heads`` are the heads this rank's attention modules compute.
+    """
 
     family: str
     num_layers: int
@@ -137,6 +143,8 @@ class ModelSpec:
     softcap: float | None = None
     #: Whether each softmax has a learned per-head sink logit (gpt-oss).
     sinks: bool = False
+    #: Ranks the heads are split over by tensor parallelism (1: none).
+    tp_size: int = 1
 
 
 def family_info(family: str) -> FamilyInfo:
@@ -349,7 +357,39 @@ def model_spec(model_or_config: torch.nn.Module | PretrainedConfig) -> ModelSpec
     spec = _spec_from_config(family, info, text)
     if model is not None:
         _check_modules(model, spec)
+        spec = _rank_share(model, spec)
     return spec
+
+
+def rank_spec(spec: ModelSpec, tp_size: int) -> ModelSpec:
+    """One rank's share of ``spec`` when tensor parallelism splits its heads over ``tp_size``
+    ranks (as transformers' ``colwise`` q/k/v projections do).
+
+    Raises:
+        UnsupportedModelError: the heads do not split evenly (transformers refuses those too).
+    """
+    if tp_size == 1:
+        return spec
+    if spec.num_kv_heads % tp_size or spec.num_q_heads % tp_size:
+        raise _refuse(
+            spec.family,
+            f"{spec.num_q_heads} query and {spec.num_kv_heads} kv heads cannot be split evenly "
+            f"over {tp_size} tensor-parallel ranks",
+        )
+    return replace(
+        spec,
+        num_q_heads=spec.num_q_heads // tp_size,
+        num_kv_heads=spec.num_kv_heads // tp_size,
+        tp_size=tp_size,
+    )
+
+
+def _rank_share(model: torch.nn.Module, spec: ModelSpec) -> ModelSpec:
+    # Under tensor parallelism each rank's attention computes only its heads: the spec says so.
+    split, why = tp_split(model, attention_modules(model))
+    if why is not None:
+        raise _refuse(spec.family, why)
+    return rank_spec(spec, split)
 
 
 def runnable_spec(model: torch.nn.Module) -> ModelSpec:

@@ -72,12 +72,33 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     return DTYPES[parse_dtype(name)]
 
 
-def load_model(name: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:
+def load_model(
+    name: str, device: str = "cpu", dtype: torch.dtype | None = None, gpus: int | None = None
+) -> Any:
     """``(model, tokenizer)`` for a Hugging Face name or folder, or ``"smollm2"``.
 
-    The model uses standard attention (``sdpa``), is on ``device`` and in eval mode.
+    The model uses standard attention (``sdpa``), is on ``device`` and in eval mode. With
+    ``gpus > 1`` its layers spread over GPUs ``0..gpus-1`` (``device_map="auto"``); under
+    torchrun it is split by tensor parallelism over the processes instead
+    (``headinfer.distributed.placement``).
+
+    Raises:
+        ValueError: ``gpus`` this machine or launch cannot give (the message names it).
     """
+    from ..distributed import placement
+
     dtype = dtype if dtype is not None else torch.float32
+    spread, how = placement(gpus)
+    if how is not None:
+        if name.lower() == SMOLLM2:
+            raise ValueError("gpus: SmolLM2-135M runs on one device; give --model a folder")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        spread_model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, attn_implementation="sdpa", **spread
+        ).eval()
+        logger.info("loaded %s: %s", name, how)
+        return spread_model, AutoTokenizer.from_pretrained(name)
     if name.lower() == SMOLLM2:
         from ..smollm2 import load_smollm2
 
@@ -178,6 +199,9 @@ class Generator:
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
         self.device = device
+        if getattr(model, "hf_device_map", None) or (getattr(model, "_tp_size", None) or 1) > 1:
+            # Spread over GPUs (--gpus, torchrun): inputs go to the first layer's, or this rank's.
+            self.device = str(model.device)
         self.gpu_budget = gpu_budget
         self._was_patched = headinfer.is_patched(model)
         self._announced = False
@@ -289,6 +313,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="GPU memory the process may use in all, e.g. 20GiB (default: the free memory)",
     )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="spread the model's layers over GPUs 0..N-1 (device_map='auto'); under torchrun "
+        "(torchrun --nproc-per-node N -m headinfer eval ...) tensor parallelism over its "
+        "processes instead (leave --gpus out, or give the process count); only rank 0 writes",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -310,6 +342,7 @@ def run_config(args: argparse.Namespace, device: str, dtype: torch.dtype) -> dic
             "dtype": str(dtype).removeprefix("torch."),
             "chunk_size": args.chunk_size,
             "gpu_budget": args.gpu_budget,
+            "gpus": args.gpus,
             "max_new_tokens": args.max_new_tokens,
         },
         "versions": {
@@ -339,6 +372,10 @@ def write_results(
     scores per task and length (or group) as lm-eval's ``results`` holds them per task.
     """
     path = results_path(out)
+    from ..distributed import is_main_rank
+
+    if not is_main_rank():  # under torchrun every rank runs; rank 0 writes
+        return path
     record = {
         "benchmark": benchmark,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -366,7 +403,10 @@ def write_record(stream: IO[str], record: dict[str, Any]) -> None:
 
 
 def open_output(path: str | None, mode: str) -> IO[str] | None:
-    if path is None:
+    """The per-sample output file (``None``: no file, or not rank 0 under torchrun)."""
+    from ..distributed import is_main_rank
+
+    if path is None or not is_main_rank():
         return None
     out = Path(path)
     if out.parent != Path():

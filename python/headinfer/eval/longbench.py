@@ -357,7 +357,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     if todo:
-        model, tokenizer = load_model(args.model, device, dtype)
+        try:
+            model, tokenizer = load_model(args.model, device, dtype, args.gpus)
+        except ValueError as exc:
+            parser.error(f"--{exc}")
         positions = model_positions(model)
         max_context = args.max_context
         if max_context is None:
