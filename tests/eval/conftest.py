@@ -13,5 +13,5 @@ from headinfer.eval import longbench, ruler
 def runner_model(smollm2: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
     """``smollm2``, also what ``ruler.main`` and ``longbench.main`` load (no second copy)."""
     for runner in (ruler, longbench):
-        monkeypatch.setattr(runner, "load_model", lambda name, device, dtype: smollm2)
+        monkeypatch.setattr(runner, "load_model", lambda name, device, dtype, gpus=None: smollm2)
     return smollm2
