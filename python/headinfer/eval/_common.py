@@ -26,6 +26,8 @@ import torch
 
 import headinfer
 
+from .. import _command
+
 __all__ = [
     "DTYPES",
     "Generation",
@@ -89,28 +91,17 @@ def load_model(
 
     dtype = dtype if dtype is not None else torch.float32
     spread, how = placement(gpus)
-    if how is not None:
-        if name.lower() == SMOLLM2:
-            raise ValueError("gpus: SmolLM2-135M runs on one device; give --model a folder")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        spread_model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, attn_implementation="sdpa", **spread
-        ).eval()
-        logger.info("loaded %s: %s", name, how)
-        return spread_model, AutoTokenizer.from_pretrained(name)
-    if name.lower() == SMOLLM2:
+    if _command.is_smollm2(name, how):
         from ..smollm2 import load_smollm2
 
         return load_smollm2(dtype=dtype, device=device, attn_implementation="sdpa")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     start = time.perf_counter()
-    model: Any = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
-    model.to(device)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    logger.info("loaded %s in %.1f s", name, time.perf_counter() - start)
+    model, tokenizer = _command.load_pretrained(name, dtype, spread, attn_implementation="sdpa")
+    if how is not None:
+        logger.info("loaded %s: %s", name, how)
+    else:
+        model.to(device)
+        logger.info("loaded %s in %.1f s", name, time.perf_counter() - start)
     return model, tokenizer
 
 
@@ -256,37 +247,6 @@ class Generator:
         self.close()
 
 
-def _device_arg(text: str) -> str:
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return pick_device(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("device: ")) from None
-
-
-def _dtype_arg(text: str) -> str:
-    if text.strip().lower() == "auto":
-        return "auto"
-    from ..plan import parse_dtype
-
-    try:
-        return parse_dtype(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("dtype: ")) from None
-
-
-def _size_arg(text: str) -> int:
-    from ..sizes import parse_bytes
-
-    try:
-        return parse_bytes(text, "size")
-    except (TypeError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(
-            f"{str(exc).removeprefix('size: ')} (e.g. 24GiB, 512MiB, 2e10)"
-        ) from None
-
-
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--device``, ``--dtype``, ``--chunk-size``, ``--gpu-budget``, ``-v``."""
     parser.add_argument(
@@ -295,24 +255,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="Hugging Face name or folder, or 'smollm2' for the bundled SmolLM2-135M-Instruct "
         "(default)",
     )
-    parser.add_argument(
-        "--device", type=_device_arg, default="auto", help="auto (CUDA if available), cpu, cuda"
-    )
+    _command.add_device(parser)
     parser.add_argument(
         "--dtype",
-        type=_dtype_arg,
+        type=_command.dtype_or_auto,
         default="auto",
         help="weights' dtype: bf16, fp16, fp32 (default auto: fp32 on the CPU, bf16 on a GPU)",
     )
     parser.add_argument(
         "--chunk-size", type=int, default=4096, help="headinfer's prefill chunk (4096)"
     )
-    parser.add_argument(
-        "--gpu-budget",
-        type=_size_arg,
-        metavar="SIZE",
-        help="GPU memory the process may use in all, e.g. 20GiB (default: the free memory)",
-    )
+    _command.add_gpu_budget(parser)
     parser.add_argument(
         "--gpus",
         type=int,
