@@ -17,10 +17,10 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
@@ -33,18 +33,19 @@ __all__ = [
     "Generation",
     "Generator",
     "add_model_arguments",
+    "check_positive",
     "encode",
     "has_chat_template",
     "load_model",
     "model_positions",
-    "open_output",
     "pick_device",
     "pick_dtype",
+    "records_file",
     "render_prompt",
+    "report",
     "results_path",
     "run_config",
     "setup_logging",
-    "write_record",
     "write_results",
 ]
 
@@ -349,19 +350,52 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
-def write_record(stream: IO[str], record: dict[str, Any]) -> None:
-    """One JSON line, flushed (so a run that stops keeps what it did)."""
-    stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-    stream.flush()
-
-
-def open_output(path: str | None, mode: str) -> IO[str] | None:
-    """The per-sample output file (``None``: no file, or not rank 0 under torchrun)."""
+@contextlib.contextmanager
+def records_file(path: str | None, mode: str) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """The per-sample output file, as a function that writes one record to it as a JSON line,
+    flushed (so a run that stops keeps what it did); it writes nothing when ``path`` is
+    ``None``, or under torchrun on ranks other than 0."""
     from ..distributed import is_main_rank
 
     if path is None or not is_main_rank():
-        return None
+        yield lambda record: None
+        return
     out = Path(path)
     if out.parent != Path():
         out.parent.mkdir(parents=True, exist_ok=True)
-    return out.open(mode, encoding="utf-8")
+    with out.open(mode, encoding="utf-8") as stream:
+
+        def write(record: dict[str, Any]) -> None:
+            stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            stream.flush()
+
+        yield write
+
+
+def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """``parser.error`` for the first of the options ``names`` (dests) given as 0 or less."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')}: must be positive, got {value}")
+
+
+def report(
+    args: argparse.Namespace,
+    benchmark: str,
+    device: str,
+    dtype: torch.dtype,
+    config: dict[str, Any],
+    results: dict[str, Any],
+    start: float,
+    unit: str,
+) -> None:
+    """With ``--out``: write the results JSON beside it (``write_results``; ``config``: the
+    benchmark's own settings) and print where both files are."""
+    if not args.out:
+        return
+    header = run_config(args, device, dtype)
+    header["config"].update(config)
+    seconds = round(time.perf_counter() - start, 1)
+    summary = write_results(args.out, benchmark, header, results, seconds=seconds)
+    print(f"results: {args.out} (per {unit}), {summary} (scores)")

@@ -32,20 +32,20 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..distributed import is_main_rank
 from ._common import (
     Generator,
     add_model_arguments,
+    check_positive,
     encode,
     load_model,
     model_positions,
-    open_output,
     pick_device,
     pick_dtype,
+    records_file,
     render_prompt,
-    run_config,
+    report,
     setup_logging,
-    write_record,
-    write_results,
 )
 
 __all__ = [
@@ -321,10 +321,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run LongBench v2; print the scores table to stdout. Returns 0, or 2 for bad input."""
     parser = _parser(prog)
     args = parser.parse_args(argv)
-    for name in ("max_context", "max_new_tokens", "limit", "chunk_size"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            parser.error(f"--{name.replace('_', '-')}: must be positive, got {value}")
+    check_positive(parser, args, "max_context", "max_new_tokens", "limit", "chunk_size")
     try:
         data = load_data(args.data)
         done = read_results(args.out) if args.out else {}
@@ -370,40 +367,35 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             max_context = positions - args.max_new_tokens - overhead
             if max_context <= 0:
                 parser.error(f"--max-new-tokens: {args.max_new_tokens} leaves no room for a prompt")
-        out = open_output(args.out, "a")
-        try:
-            with Generator(model, tokenizer, args.chunk_size, device, args.gpu_budget) as generator:
-                bar = tqdm(todo, desc="LongBench v2", unit="item", file=sys.stderr)
-                for item in bar:
-                    prompt, cut = truncate_middle(tokenizer, build_prompt(item), max_context)
-                    ids = encode(tokenizer, render_prompt(tokenizer, prompt))
-                    got = generator.generate(ids, args.max_new_tokens)
-                    pred = extract_answer(got.text)
-                    record = {k: item[k] for k in FIELDS if k != "context"}
+        generator = Generator(model, tokenizer, args.chunk_size, device, args.gpu_budget)
+        with records_file(args.out, "a") as write, generator:
+            bar = tqdm(todo, desc="LongBench v2", unit="item", file=sys.stderr)
+            for item in bar:
+                prompt, cut = truncate_middle(tokenizer, build_prompt(item), max_context)
+                ids = encode(tokenizer, render_prompt(tokenizer, prompt))
+                got = generator.generate(ids, args.max_new_tokens)
+                pred = extract_answer(got.text)
+                record = {k: item[k] for k in FIELDS if k != "context"}
+                record.update(
+                    prompt_tokens=len(ids),
+                    truncated=cut,
+                    response=got.text.strip(),
+                    pred=pred,
+                    judge=pred == item["answer"],
+                    seconds=round(got.seconds, 3),
+                )
+                if compare:
+                    ref = generator.generate(ids, args.max_new_tokens, standard=True)
+                    ref_pred = extract_answer(ref.text)
                     record.update(
-                        prompt_tokens=len(ids),
-                        truncated=cut,
-                        response=got.text.strip(),
-                        pred=pred,
-                        judge=pred == item["answer"],
-                        seconds=round(got.seconds, 3),
+                        standard_response=ref.text.strip(),
+                        standard_pred=ref_pred,
+                        standard_judge=ref_pred == item["answer"],
+                        standard_seconds=round(ref.seconds, 3),
+                        identical=ref.token_ids == got.token_ids,
                     )
-                    if compare:
-                        ref = generator.generate(ids, args.max_new_tokens, standard=True)
-                        ref_pred = extract_answer(ref.text)
-                        record.update(
-                            standard_response=ref.text.strip(),
-                            standard_pred=ref_pred,
-                            standard_judge=ref_pred == item["answer"],
-                            standard_seconds=round(ref.seconds, 3),
-                            identical=ref.token_ids == got.token_ids,
-                        )
-                    results[item["_id"]] = record
-                    if out is not None:
-                        write_record(out, record)
-        finally:
-            if out is not None:
-                out.close()
+                results[item["_id"]] = record
+                write(record)
 
     records = [results[i["_id"]] for i in data if i["_id"] in results]
     title = (
@@ -413,22 +405,15 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         else f"LongBench v2: {args.model}, {len(records)} item(s), "
         f"{time.perf_counter() - start:.0f} s"
     )
+    if not is_main_rank():  # under torchrun every rank runs; rank 0 prints and writes
+        return 0
     _print_scores(records, compare, title)
-    if args.out:
-        header = run_config(args, device, dtype)
-        header["config"].update(data=str(args.data), max_context=args.max_context, limit=args.limit)
-        table = {"headinfer": scores(records)}
-        if compare:
-            table["standard"] = scores(records, "standard_judge")
-            table["identical"] = sum(bool(r["identical"]) for r in records)
-        summary = write_results(
-            args.out,
-            "longbench_v2",
-            header,
-            table,
-            seconds=round(time.perf_counter() - start, 1),
-        )
-        print(f"results: {args.out} (per item), {summary} (scores)")
+    table = {"headinfer": scores(records)}
+    if compare:
+        table["standard"] = scores(records, "standard_judge")
+        table["identical"] = sum(bool(r["identical"]) for r in records)
+    config = {"data": str(args.data), "max_context": args.max_context, "limit": args.limit}
+    report(args, "longbench_v2", device, dtype, config, table, start, "item")
     return 0
 
 
