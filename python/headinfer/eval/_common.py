@@ -45,6 +45,7 @@ __all__ = [
     "report",
     "results_path",
     "run_config",
+    "run_setup",
     "setup_logging",
     "write_results",
 ]
@@ -315,6 +316,13 @@ def results_path(out: str | Path) -> Path:
     out = Path(out)
     path = out.with_suffix(".json")
     return out.with_name(out.name + ".results.json") if path == out else path
+
+
+def run_setup(args: argparse.Namespace) -> tuple[str, torch.dtype]:
+    """Logging as ``-v`` asks, and the run's device and dtype (``--device``, ``--dtype``)."""
+    setup_logging(args.verbose)
+    device = pick_device(args.device)
+    return device, pick_dtype(args.dtype, device)
 
 
 def write_results(

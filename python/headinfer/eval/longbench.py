@@ -33,20 +33,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..distributed import is_main_rank
-from ._common import (
-    Generator,
-    add_model_arguments,
-    check_positive,
-    encode,
-    load_model,
-    model_positions,
-    pick_device,
-    pick_dtype,
-    records_file,
-    render_prompt,
-    report,
-    setup_logging,
-)
+from . import _common as common
+from ._common import Generator, load_model
 
 __all__ = [
     "FIELDS",
@@ -289,7 +277,7 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
         required=True,
         help="LongBench v2's data.json (a JSON list), or the same items as JSON lines",
     )
-    add_model_arguments(parser)
+    common.add_model_arguments(parser)
     parser.add_argument(
         "--max-context",
         type=int,
@@ -321,14 +309,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run LongBench v2; print the scores table to stdout. Returns 0, or 2 for bad input."""
     parser = _parser(prog)
     args = parser.parse_args(argv)
-    check_positive(parser, args, "max_context", "max_new_tokens", "limit", "chunk_size")
+    common.check_positive(parser, args, "max_context", "max_new_tokens", "limit", "chunk_size")
     try:
         data = load_data(args.data)
         done = read_results(args.out) if args.out else {}
     except (FileNotFoundError, LongBenchDataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(args.verbose)
+    device, dtype = common.run_setup(args)
     if args.limit is not None:
         data = data[: args.limit]
     compare = args.compare == "standard"
@@ -351,28 +339,26 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
     results = {r["_id"]: r for r in earlier}
     start = time.perf_counter()
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
     if todo:
         try:
             model, tokenizer = load_model(args.model, device, dtype, args.gpus)
         except ValueError as exc:
             parser.error(f"--{exc}")
-        positions = model_positions(model)
+        positions = common.model_positions(model)
         max_context = args.max_context
         if max_context is None:
             if positions is None:
                 parser.error("--max-context: the model does not say its length; give one")
-            overhead = len(encode(tokenizer, render_prompt(tokenizer, "")))
+            overhead = len(common.encode(tokenizer, common.render_prompt(tokenizer, "")))
             max_context = positions - args.max_new_tokens - overhead
             if max_context <= 0:
                 parser.error(f"--max-new-tokens: {args.max_new_tokens} leaves no room for a prompt")
         generator = Generator(model, tokenizer, args.chunk_size, device, args.gpu_budget)
-        with records_file(args.out, "a") as write, generator:
+        with common.records_file(args.out, "a") as write, generator:
             bar = tqdm(todo, desc="LongBench v2", unit="item", file=sys.stderr)
             for item in bar:
                 prompt, cut = truncate_middle(tokenizer, build_prompt(item), max_context)
-                ids = encode(tokenizer, render_prompt(tokenizer, prompt))
+                ids = common.encode(tokenizer, common.render_prompt(tokenizer, prompt))
                 got = generator.generate(ids, args.max_new_tokens)
                 pred = extract_answer(got.text)
                 record = {k: item[k] for k in FIELDS if k != "context"}
@@ -413,7 +399,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         table["standard"] = scores(records, "standard_judge")
         table["identical"] = sum(bool(r["identical"]) for r in records)
     config = {"data": str(args.data), "max_context": args.max_context, "limit": args.limit}
-    report(args, "longbench_v2", device, dtype, config, table, start, "item")
+    common.report(args, "longbench_v2", device, dtype, config, table, start, "item")
     return 0
 
 

@@ -55,20 +55,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..distributed import is_main_rank
-from ._common import (
-    Generator,
-    add_model_arguments,
-    check_positive,
-    encode,
-    load_model,
-    model_positions,
-    pick_device,
-    pick_dtype,
-    records_file,
-    render_prompt,
-    report,
-    setup_logging,
-)
+from . import _common as common
+from ._common import Generator, load_model
 
 __all__ = [
     "TASKS",
@@ -608,8 +596,8 @@ def make_sample(
 
     def tokens_of(built: _Built) -> tuple[str, list[int]]:
         user, prefix, _ = built
-        text = render_prompt(tokenizer, user, prefix)
-        return text, encode(tokenizer, text)
+        text = common.render_prompt(tokenizer, user, prefix)
+        return text, common.encode(tokenizer, text)
 
     build: Callable[[int], _Built]
     minimum = 1
@@ -737,7 +725,7 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
         "through headinfer; --compare standard also runs standard attention on the same "
         "samples.",
     )
-    add_model_arguments(parser)
+    common.add_model_arguments(parser)
     parser.add_argument(
         "--lengths",
         type=_int_list,
@@ -845,16 +833,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run RULER; print the scores table to stdout. Returns 0."""
     parser = _parser(prog)
     args = parser.parse_args(argv)
-    check_positive(parser, args, "samples", "max_new_tokens", "chunk_size")
-    setup_logging(args.verbose)
-
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    common.check_positive(parser, args, "samples", "max_new_tokens", "chunk_size")
+    device, dtype = common.run_setup(args)
     try:
         model, tokenizer = load_model(args.model, device, dtype, args.gpus)
     except ValueError as exc:
         parser.error(f"--{exc}")
-    positions = model_positions(model)
+    positions = common.model_positions(model)
     if positions is not None and max(args.lengths) > positions:
         parser.error(
             f"--lengths: {max(args.lengths)} is more than the model's {positions} positions"
@@ -873,7 +858,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     generator = Generator(model, tokenizer, args.chunk_size, device, args.gpu_budget)
-    with records_file(args.out, "w") as write, generator:
+    with common.records_file(args.out, "w") as write, generator:
         bar = tqdm(samples, desc="RULER", unit="sample", file=sys.stderr)
         for sample in bar:
             bar.set_postfix_str(f"{sample.task} @ {sample.length}")
@@ -916,7 +901,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         "samples": args.samples,
         "seed": args.seed,
     }
-    report(args, "ruler", device, dtype, config, scores(rows, compare), start, "sample")
+    common.report(args, "ruler", device, dtype, config, scores(rows, compare), start, "sample")
     return 0
 
 
