@@ -394,7 +394,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if not is_main_rank():  # under torchrun every rank runs; rank 0 prints and writes
         return 0
     _print_scores(records, compare, title)
-    table = {"headinfer": scores(records)}
+    table: dict[str, Any] = {"headinfer": scores(records)}
     if compare:
         table["standard"] = scores(records, "standard_judge")
         table["identical"] = sum(bool(r["identical"]) for r in records)
