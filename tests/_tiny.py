@@ -275,6 +275,20 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).abs().max() / ref.abs().max())
 
 
+def assert_error_within_torch_own(model: PreTrainedModel) -> None:
+    """As flash-attention's tests do: ``model`` (unpatched, in a low precision; patched here)
+    has an error against a float64 run of its weights at most twice eager attention's own."""
+    eager = twin(model)
+    exact = twin(model).to(torch.float64)
+    headinfer.patch(model, chunk_size=97, block_size=16)
+    ids = prompt()
+    with torch.no_grad():
+        ref = exact(ids).logits
+        ours = rel_err(model(ids).logits, ref)
+        theirs = rel_err(eager(ids).logits, ref)
+    assert ours <= 2 * theirs + 1e-6
+
+
 def generate_scores(model: PreTrainedModel, new_tokens: int, **kw: object) -> Any:
     """Greedy ``generate`` from ``prompt()`` with the scores of every step."""
     return model.generate(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from _tiny import prompt, rel_err, tiny_config, tiny_model, twin
@@ -28,6 +30,39 @@ def _greedy(model: torch.nn.Module, ids: torch.Tensor, n: int, **kw: object):
     )
 
 
+def _patched_and_eager(family: str, chunk_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A tiny model of ``family``, patched, and its unpatched twin (the reference)."""
+    model = tiny_model(family)
+    reference = twin(model)
+    headinfer.patch(model, chunk_size=chunk_size, block_size=16)
+    return model, reference
+
+
+def _prefilled(
+    model: torch.nn.Module, ids: torch.Tensor, **kwargs: Any
+) -> headinfer.HeadInferCache:
+    """A new ``HeadInferCache(model, **kwargs)`` holding ``ids``."""
+    cache = headinfer.HeadInferCache(model, **kwargs)
+    with torch.no_grad():
+        model(ids, **_kw(model, cache))
+    return cache
+
+
+def _assert_continues(
+    model: torch.nn.Module,
+    reference: torch.nn.Module,
+    cache: headinfer.HeadInferCache,
+    ids: torch.Tensor,
+    start: int,
+) -> None:
+    """``model`` run on ``ids[:, start:]`` after ``cache`` holds ``ids[:, :start]`` gives the
+    reference's logits for the whole of ``ids`` from ``start`` on."""
+    with torch.no_grad():
+        got = model(ids[:, start:], **_kw(model, cache)).logits
+        want = reference(ids).logits[:, start:]
+    assert rel_err(got, want) < TOL
+
+
 def test_cache_from_model_or_config() -> None:
     model = tiny_model("gemma2")
     a = headinfer.HeadInferCache(model, block_size=16)
@@ -45,9 +80,7 @@ def test_cache_from_model_or_config() -> None:
 
 def test_layer_api_matches_dynamic_cache_semantics() -> None:
     model = headinfer.patch(tiny_model("mistral"), chunk_size=64, block_size=16)
-    cache = headinfer.HeadInferCache(model)
-    with torch.no_grad():
-        model(prompt(100), **_kw(model, cache))
+    cache = _prefilled(model, prompt(100))
     assert cache.get_seq_length() == 100
     # Sliding window 64: a chunk of 5 queries at 100.. sees keys from 100 - 64 + 1 on.
     assert cache.get_mask_sizes(5, 0) == (100 + 5 - 37, 37)
@@ -59,16 +92,10 @@ def test_layer_api_matches_dynamic_cache_semantics() -> None:
 
 def test_explicit_cache_reuse_and_continuation() -> None:
     # Prefill, then continue from the kept cache in a second call: same as one eager run.
-    model = tiny_model("qwen2")
-    reference = twin(model)
-    headinfer.patch(model, chunk_size=50, block_size=16)
+    model, reference = _patched_and_eager("qwen2", chunk_size=50)
     ids = prompt(300)
-    cache = headinfer.HeadInferCache(model)
-    with torch.no_grad():
-        model(ids[:, :180], **_kw(model, cache))
-        got = model(ids[:, 180:], **_kw(model, cache)).logits
-        want = reference(ids).logits[:, 180:]
-    assert rel_err(got, want) < TOL
+    cache = _prefilled(model, ids[:, :180])
+    _assert_continues(model, reference, cache, ids, 180)
     assert cache.get_seq_length() == 300
 
 
@@ -77,9 +104,7 @@ def test_prefix_reuse_with_crop() -> None:
     model = tiny_model("llama")
     headinfer.patch(model, chunk_size=64, block_size=16)
     doc, q1, q2 = prompt(200, seed=5), prompt(12, seed=6), prompt(9, seed=7)
-    cache = headinfer.HeadInferCache(model)
-    with torch.no_grad():
-        model(doc, **_kw(model, cache))
+    cache = _prefilled(model, doc)
     assert cache.get_seq_length() == 200
 
     first = _greedy(model, torch.cat([doc, q1], 1), 8, **_kw(model, cache))
@@ -98,9 +123,7 @@ def test_prefix_reuse_with_crop() -> None:
 
 def test_crop_conventions() -> None:
     model = headinfer.patch(tiny_model("llama"), chunk_size=64, block_size=16)
-    cache = headinfer.HeadInferCache(model)
-    with torch.no_grad():
-        model(prompt(50), **_kw(model, cache))
+    cache = _prefilled(model, prompt(50))
     cache.crop(0)  # transformers: crop(0) removes nothing
     assert cache.get_seq_length() == 50
     cache.crop(80)  # longer than held: nothing
@@ -113,19 +136,13 @@ def test_crop_conventions() -> None:
 
 
 def test_crop_into_dropped_window_refused_and_cache_kept() -> None:
-    model = tiny_model("mistral")
-    reference = twin(model)
-    headinfer.patch(model, chunk_size=64, block_size=16)
+    model, reference = _patched_and_eager("mistral", chunk_size=64)
     ids = prompt(300)
-    cache = headinfer.HeadInferCache(model)
-    with torch.no_grad():
-        model(ids[:, :250], **_kw(model, cache))
-        with pytest.raises(ValueError):
-            cache.crop(20)
-        assert cache.get_seq_length() == 250
-        got = model(ids[:, 250:], **_kw(model, cache)).logits
-        want = reference(ids).logits[:, 250:]
-    assert rel_err(got, want) < TOL
+    cache = _prefilled(model, ids[:, :250])
+    with pytest.raises(ValueError):
+        cache.crop(20)
+    assert cache.get_seq_length() == 250
+    _assert_continues(model, reference, cache, ids, 250)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
@@ -142,13 +159,9 @@ def test_cache_in_unpatched_model_reads_back(family: str) -> None:
 
 
 def test_out_of_host_memory_leaves_cache_usable() -> None:
-    model = tiny_model("llama")
-    reference = twin(model)
-    headinfer.patch(model, chunk_size=64, block_size=16)
+    model, reference = _patched_and_eager("llama", chunk_size=64)
     ids = prompt(300)
-    probe = headinfer.HeadInferCache(model)
-    with torch.no_grad():
-        model(ids[:, :120], **_kw(model, probe))
+    probe = _prefilled(model, ids[:, :120])
     limit = probe.bytes_reserved() * 2  # room for 120 more tokens, not for 180
     cache = headinfer.HeadInferCache(model, host_memory_limit=limit)
     with torch.no_grad():
@@ -158,9 +171,7 @@ def test_out_of_host_memory_leaves_cache_usable() -> None:
         assert info.value.needed > info.value.available
         assert cache.get_seq_length() == 120
         assert all(cache.store.seq_len(i) == 120 for i in range(3))
-        got = model(ids[:, 120:200], **_kw(model, cache)).logits
-        want = reference(ids[:, :200]).logits[:, 120:]
-    assert rel_err(got, want) < TOL
+        _assert_continues(model, reference, cache, ids[:, :200], 120)
 
 
 def test_patch_host_memory_limit_reaches_generate() -> None:

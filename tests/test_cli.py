@@ -270,16 +270,23 @@ def _fixed_ram(monkeypatch: pytest.MonkeyPatch, num_bytes: int) -> None:
     monkeypatch.setattr(plan_module, "_mem_available", lambda: num_bytes)
 
 
+def _tiny_llama_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A tiny Llama's config saved in ``tmp_path``, this host's RAM fixed at 64 MiB; skipped on
+    a machine with a GPU, whose free memory would also decide the verdicts."""
+    if torch.cuda.is_available():
+        pytest.skip("the verdict also depends on the GPUs' free memory")
+    config = tiny_model("llama").config
+    config.save_pretrained(tmp_path)
+    _fixed_ram(monkeypatch, 64 << 20)
+    return config
+
+
 def test_plan_exit_status_and_longest_context(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from headinfer.plan import make_plan
 
-    if torch.cuda.is_available():
-        pytest.skip("the verdict also depends on this GPU's free memory")
-    config = tiny_model("llama").config
-    config.save_pretrained(tmp_path)
-    _fixed_ram(monkeypatch, 64 << 20)
+    config = _tiny_llama_folder(tmp_path, monkeypatch)
     base = ["--model", str(tmp_path), "--force", "--chunk-size", "64"]
     # Weights, working set, margin and the CUDA context's estimate, and 128 MiB for KV and staging.
     fixed = make_plan(config, context=300, gpu_budget=1 << 40, chunk_size=64, dtype="bfloat16")
@@ -448,11 +455,7 @@ def test_eval_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
 def test_plan_gpus_split_heads_and_layers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("the verdict also depends on these GPUs' free memory")
-    config = tiny_model("llama").config  # 3 layers, 4 q / 2 kv heads
-    config.save_pretrained(tmp_path)
-    _fixed_ram(monkeypatch, 64 << 20)
+    _tiny_llama_folder(tmp_path, monkeypatch)  # 3 layers, 4 q / 2 kv heads
     base = ["--model", str(tmp_path), "--force", "--chunk-size", "64", "--context", "5000"]
     base += ["--gpu-budget", "8GiB"]
     one = plan_json(capsys, base)
@@ -500,11 +503,7 @@ def test_plan_longest_context_grows_with_gpus(
 ) -> None:
     from headinfer.plan import make_plan
 
-    if torch.cuda.is_available():
-        pytest.skip("the verdict also depends on these GPUs' free memory")
-    config = tiny_model("llama").config
-    config.save_pretrained(tmp_path)
-    _fixed_ram(monkeypatch, 64 << 20)
+    config = _tiny_llama_folder(tmp_path, monkeypatch)
     fixed = make_plan(config, context=300, gpu_budget=1 << 40, chunk_size=64, dtype="bfloat16")
     # Each GPU's budget holds 16 MiB of KV beyond its fixed parts.
     budget = fixed["prefill"]["gpu_bytes"] - fixed["prefill"]["kv_device_bytes"] + (16 << 20)

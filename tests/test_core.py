@@ -29,6 +29,17 @@ CASES = [
 ]
 
 
+def _random_qkvo(
+    g: torch.Generator, dtype: torch.dtype, hq: int, hk: int, lq: int, lk: int, d: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q ``[hq, lq, d]``, k and v ``[hk, lk, d]`` (q and k scaled by 2 for sharper scores),
+    and an ``out`` ``[hq, lq, d]`` of NaNs that the op must overwrite."""
+    q = (torch.randn(hq, lq, d, generator=g) * 2).to(dtype)
+    k = (torch.randn(hk, lk, d, generator=g) * 2).to(dtype)
+    v = torch.randn(hk, lk, d, generator=g).to(dtype)
+    return q, k, v, torch.full((hq, lq, d), float("nan"), dtype=dtype)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("hq,hk,lq,lk,d,softcap,window", CASES)
 def test_attention_matches_naive(
@@ -42,10 +53,7 @@ def test_attention_matches_naive(
     window: int | None,
 ) -> None:
     g = torch.Generator().manual_seed(hq * 1000 + lk)
-    q = (torch.randn(hq, lq, d, generator=g) * 2).to(dtype)
-    k = (torch.randn(hk, lk, d, generator=g) * 2).to(dtype)
-    v = torch.randn(hk, lk, d, generator=g).to(dtype)
-    out = torch.full((hq, lq, d), float("nan"), dtype=dtype)
+    q, k, v, out = _random_qkvo(g, dtype, hq, hk, lq, lk, d)
     scale = d**-0.5
     _core.attention(q, k, v, out, scale, softcap, window)
     assert rel(out, reference(q, k, v, scale, softcap=softcap, window=window)) < TOL[dtype]
@@ -143,14 +151,11 @@ def test_attention_with_sinks_matches_naive(
     window: int | None,
 ) -> None:
     g = torch.Generator().manual_seed(hq * 1000 + lk + 7)
-    q = (torch.randn(hq, lq, d, generator=g) * 2).to(dtype)
-    k = (torch.randn(hk, lk, d, generator=g) * 2).to(dtype)
-    v = torch.randn(hk, lk, d, generator=g).to(dtype)
+    q, k, v, out = _random_qkvo(g, dtype, hq, hk, lq, lk, d)
     # Sinks around the scores' size (some far above and below), so that they matter.
     sinks = torch.randn(hq, generator=g) * 3
     sinks[0] = 40.0
     sinks[-1] = -40.0
-    out = torch.full((hq, lq, d), float("nan"), dtype=dtype)
     scale = d**-0.5
     _core.attention(q, k, v, out, scale, softcap, window, sinks=sinks)
     ref = reference(q, k, v, scale, softcap=softcap, window=window, sinks=sinks)

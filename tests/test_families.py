@@ -16,6 +16,7 @@ from _tiny import (
     IMAGE_TOKEN,
     MULTIMODAL,
     PROMPT_LEN,
+    assert_error_within_torch_own,
     generate_scores,
     prompt,
     rel_err,
@@ -183,17 +184,7 @@ def test_positional_arguments_and_base_model() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_error_within_torch_own(dtype: torch.dtype) -> None:
-    # As flash-attention's tests do: our error against a float64 run at most twice eager's own.
-    model = tiny_model("gemma2", dtype=dtype)
-    eager = twin(model)
-    exact = twin(model).to(torch.float64)
-    headinfer.patch(model, chunk_size=97, block_size=16)
-    ids = prompt()
-    with torch.no_grad():
-        ref = exact(ids).logits
-        ours = rel_err(model(ids).logits, ref)
-        theirs = rel_err(eager(ids).logits, ref)
-    assert ours <= 2 * theirs + 1e-6
+    assert_error_within_torch_own(tiny_model("gemma2", dtype=dtype))
 
 
 @pytest.mark.parametrize("name", MULTIMODAL)

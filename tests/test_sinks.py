@@ -12,7 +12,7 @@ from functools import cache
 
 import pytest
 import torch
-from _tiny import PROMPT_LEN, generate_scores, prompt, rel_err
+from _tiny import PROMPT_LEN, assert_error_within_torch_own, generate_scores, prompt, rel_err, twin
 from _tiny_gpt_oss import tiny_gpt_oss
 from transformers import DynamicCache
 
@@ -23,14 +23,10 @@ TOL = 1e-4
 NEW_TOKENS = 12
 
 
-def _twin(model: torch.nn.Module) -> torch.nn.Module:
-    return headinfer.unpatch(copy.deepcopy(model))
-
-
 @cache
 def _pair() -> tuple[torch.nn.Module, torch.nn.Module]:
     model = tiny_gpt_oss()
-    reference = _twin(model)
+    reference = twin(model)
     return headinfer.patch(model, chunk_size=97, block_size=16), reference
 
 
@@ -99,7 +95,7 @@ def test_generate_with_dynamic_cache_uses_dense_op() -> None:
 
 def test_sinks_are_converted_once_and_follow_the_parameter() -> None:
     model = tiny_gpt_oss(seed=3)
-    reference = _twin(model)
+    reference = twin(model)
     headinfer.patch(model, chunk_size=64, block_size=16)
     attn = model.model.layers[0].self_attn
     with torch.no_grad():
@@ -120,17 +116,7 @@ def test_sinks_are_converted_once_and_follow_the_parameter() -> None:
 
 
 def test_bfloat16_error_within_torch_own() -> None:
-    # As flash-attention's tests do: our error against a float64 run at most twice eager's own.
-    model = tiny_gpt_oss(dtype=torch.bfloat16)
-    eager = _twin(model)
-    exact = _twin(model).to(torch.float64)
-    headinfer.patch(model, chunk_size=97, block_size=16)
-    ids = prompt()
-    with torch.no_grad():
-        ref = exact(ids).logits
-        ours = rel_err(model(ids).logits, ref)
-        theirs = rel_err(eager(ids).logits, ref)
-    assert ours <= 2 * theirs + 1e-6
+    assert_error_within_torch_own(tiny_gpt_oss(dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("past", [0, 300])

@@ -30,6 +30,7 @@ from typing import Any
 
 from transformers import TextStreamer
 
+from . import _command as opt
 from .device import resolve_device
 from .distributed import is_main_rank, placement, torchrun_world
 from .plan import (
@@ -43,73 +44,16 @@ from .plan import (
     longest_figures,
     machine_figures,
     make_plan,
-    parse_context,
-    parse_dtype,
     plot_plan,
     render_plan,
 )
-from .sizes import format_bytes, parse_bytes
+from .sizes import format_bytes
 
 __all__ = ["main"]
 
 logger = logging.getLogger("headinfer")
 
 _PROG = "headinfer"
-
-
-def _size(text: str) -> int:
-    # argparse turns the ValueError's absence of a message into "invalid _size value", so raise
-    # ArgumentTypeError with parse_bytes' own words.
-    try:
-        return parse_bytes(text, "size")
-    except (TypeError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(
-            f"{str(exc).removeprefix('size: ')} (e.g. 24GiB, 512MiB, 2e10)"
-        ) from None
-
-
-def _dtype(text: str) -> str:
-    try:
-        return parse_dtype(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("dtype: ")) from None
-
-
-def _context(text: str) -> int:
-    try:
-        return parse_context(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("context: ")) from None
-
-
-def _device(text: str) -> str:
-    # Checked now, so that a machine without a GPU says so before any model is loaded.
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return resolve_device(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("device: ")) from None
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value:g}")
-    return value
 
 
 def _version() -> str:
@@ -135,16 +79,6 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text.replace("_", "").replace(",", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog=_PROG,
@@ -165,17 +99,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         p.add_argument("--gguf-file", metavar="F", help="the GGUF file inside --model's folder")
         p.add_argument(
             "--chunk-size",
-            type=_context,
+            type=opt.context,
             default=DEFAULT_CHUNK_SIZE,
             metavar="N",
             help=f"prefill chunk in tokens, e.g. 8192 or 8K (default {DEFAULT_CHUNK_SIZE})",
         )
-        p.add_argument(
-            "--gpu-budget",
-            type=_size,
-            metavar="SIZE",
-            help="GPU memory the process may use in all, e.g. 20GiB (default: the free memory)",
-        )
+        opt.add_gpu_budget(p)
         p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
 
     gen = sub.add_parser(
@@ -192,30 +121,30 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         action="store_true",
         help="wrap the prompt in the model's chat template (surrounding whitespace stripped)",
     )
-    gen.add_argument("--max-new-tokens", type=_positive, default=256, metavar="N")
+    gen.add_argument("--max-new-tokens", type=opt.positive, default=256, metavar="N")
     gen.add_argument(
         "--temperature",
-        type=_non_negative,
+        type=opt.non_negative,
         default=0.0,
         metavar="T",
         help="sample at this temperature (default 0: greedy decoding)",
     )
     gen.add_argument(
-        "--top-p", type=_fraction, metavar="P", help="sample from the top-p nucleus (0 < P <= 1)"
+        "--top-p", type=opt.fraction, metavar="P", help="sample from the top-p nucleus (0 < P <= 1)"
     )
     gen.add_argument(
-        "--top-k", type=_positive, metavar="K", help="sample from the K most likely tokens"
+        "--top-k", type=opt.positive, metavar="K", help="sample from the K most likely tokens"
     )
     gen.add_argument("--seed", type=int, metavar="N", help="seed for sampling (default: random)")
     gen.add_argument(
-        "--dtype", type=_dtype, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)"
+        "--dtype",
+        type=opt.dtype,
+        help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)",
     )
-    gen.add_argument(
-        "--device", type=_device, default="auto", help="auto (CUDA if available), cpu, cuda"
-    )
+    opt.add_device(gen)
     gen.add_argument(
         "--gpus",
-        type=_positive,
+        type=opt.positive,
         metavar="N",
         help="spread the model over N GPUs: its layers over GPUs 0..N-1 (accelerate's "
         "device_map='auto'; each GPU keeps and streams its layers' KV). Under torchrun "
@@ -236,14 +165,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     model_args(plan)
     plan.add_argument(
         "--context",
-        type=_context,
+        type=opt.context,
         required=True,
         metavar="TOKENS",
         help="tokens in the cache, e.g. 131072, 128K (= 131,072) or 1M (= 1,048,576)",
     )
     plan.add_argument(
         "--dtype",
-        type=_dtype,
+        type=opt.dtype,
         default="bfloat16",
         metavar="DTYPE",
         help="bf16 (default), fp16, fp32",
@@ -254,31 +183,22 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="plan a context longer than the model's max_position_embeddings",
     )
     defaults = Rates()
-    plan.add_argument(
-        "--sdpa-tflops",
-        type=float,
-        default=defaults.sdpa_tflops,
-        metavar="R",
-        help=f"causal attention rate (default {defaults.sdpa_tflops:g}: H200, BENCHMARKS.md)",
-    )
-    plan.add_argument(
-        "--matmul-tflops",
-        type=float,
-        default=defaults.matmul_tflops,
-        metavar="R",
-        help=f"matmul rate (default {defaults.matmul_tflops:g}: H200 bf16, BENCHMARKS.md)",
-    )
-    plan.add_argument(
-        "--h2d-gbs",
-        type=float,
-        default=defaults.h2d_gbs,
-        metavar="R",
-        help=f"host-to-device copy rate, GB/s (default {defaults.h2d_gbs:g}: H200 PCIe, "
-        "BENCHMARKS.md)",
-    )
+    for name, what, measured in (
+        ("sdpa_tflops", "causal attention rate", "H200"),
+        ("matmul_tflops", "matmul rate", "H200 bf16"),
+        ("h2d_gbs", "host-to-device copy rate, GB/s", "H200 PCIe"),
+    ):
+        default = getattr(defaults, name)
+        plan.add_argument(
+            "--" + name.replace("_", "-"),
+            type=float,
+            default=default,
+            metavar="R",
+            help=f"{what} (default {default:g}: {measured}, BENCHMARKS.md)",
+        )
     plan.add_argument(
         "--gpus",
-        type=_positive,
+        type=opt.positive,
         default=1,
         metavar="N",
         help="plan for N GPUs, --gpu-budget each: the per-GPU split, host KV and the longest "
@@ -442,8 +362,6 @@ def _load_model(
 
     ``spread``: ``distributed.placement``'s keywords and description (several GPUs), if any.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .smollm2 import load_smollm2
     from .spec import model_spec
 
@@ -452,23 +370,13 @@ def _load_model(
     start = time.perf_counter()
     where_to = spread[1] or device
     print(f"loading {label} ({dtype_name}, {where_to})...", file=sys.stderr, flush=True)
-    if spread[1] is not None and args.model.strip().lower() == "smollm2":
-        raise ValueError("gpus: SmolLM2-135M runs on one device; give --model a folder or Hub id")
-    if args.model.strip().lower() == "smollm2":
+    if opt.is_smollm2(args.model, spread[1]):
         model, tokenizer = load_smollm2(dtype=dtype, device=device)
     else:
-        path = Path(args.model).expanduser()
-        where, kwargs = args.model, {}
-        if path.is_file() and path.suffix == ".gguf":
-            where, kwargs = str(path.parent), {"gguf_file": path.name}
-        elif args.gguf_file is not None:
-            kwargs = {"gguf_file": args.gguf_file}
         placement = {"device_map": device} if device != "cpu" else {}
         if spread[1] is not None:
             placement = spread[0]
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **placement)
-        model.eval()
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model, tokenizer = opt.load_pretrained(args.model, dtype, placement, args.gguf_file)
     print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return model, tokenizer, label
 

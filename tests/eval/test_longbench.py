@@ -247,3 +247,31 @@ def test_resume_runs_only_what_is_missing(
     monkeypatch.setattr(longbench, "load_model", None)  # would fail if called
     assert longbench.main(argv) == 0
     assert "3 item(s) (0 run now, 3 from" in capsys.readouterr().out
+
+
+def test_only_rank_0_prints_and_writes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every item already in --out: nothing is loaded or run, only the scores are reported.
+    items = load_data(FIXTURE)
+    out = tmp_path / "results.jsonl"
+    records = []
+    for item in items:
+        record = {k: item[k] for k in FIELDS if k != "context"}
+        record.update(response="(from an earlier run)", pred=None, judge=True)
+        records.append(json.dumps(record))
+    out.write_text("\n".join(records) + "\n")
+    monkeypatch.setattr(longbench, "load_model", None)  # would fail if called
+    argv = ["--data", str(FIXTURE), "--out", str(out), "--device", "cpu"]
+
+    monkeypatch.setenv("RANK", "1")  # another rank of a torchrun launch
+    assert longbench.main(argv) == 0
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "results.json").exists()
+
+    monkeypatch.setenv("RANK", "0")
+    assert longbench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "3 item(s) (0 run now, 3 from" in printed
+    assert f"results: {out} (per item)" in printed
+    assert (tmp_path / "results.json").is_file()

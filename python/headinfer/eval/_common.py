@@ -17,32 +17,36 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
 import headinfer
+
+from .. import _command
 
 __all__ = [
     "DTYPES",
     "Generation",
     "Generator",
     "add_model_arguments",
+    "check_positive",
     "encode",
     "has_chat_template",
     "load_model",
     "model_positions",
-    "open_output",
     "pick_device",
     "pick_dtype",
+    "records_file",
     "render_prompt",
+    "report",
     "results_path",
     "run_config",
+    "run_setup",
     "setup_logging",
-    "write_record",
     "write_results",
 ]
 
@@ -89,28 +93,17 @@ def load_model(
 
     dtype = dtype if dtype is not None else torch.float32
     spread, how = placement(gpus)
-    if how is not None:
-        if name.lower() == SMOLLM2:
-            raise ValueError("gpus: SmolLM2-135M runs on one device; give --model a folder")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        spread_model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, attn_implementation="sdpa", **spread
-        ).eval()
-        logger.info("loaded %s: %s", name, how)
-        return spread_model, AutoTokenizer.from_pretrained(name)
-    if name.lower() == SMOLLM2:
+    if _command.is_smollm2(name, how):
         from ..smollm2 import load_smollm2
 
         return load_smollm2(dtype=dtype, device=device, attn_implementation="sdpa")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     start = time.perf_counter()
-    model: Any = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
-    model.to(device)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    logger.info("loaded %s in %.1f s", name, time.perf_counter() - start)
+    model, tokenizer = _command.load_pretrained(name, dtype, spread, attn_implementation="sdpa")
+    if how is not None:
+        logger.info("loaded %s: %s", name, how)
+    else:
+        model.to(device)
+        logger.info("loaded %s in %.1f s", name, time.perf_counter() - start)
     return model, tokenizer
 
 
@@ -256,37 +249,6 @@ class Generator:
         self.close()
 
 
-def _device_arg(text: str) -> str:
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return pick_device(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("device: ")) from None
-
-
-def _dtype_arg(text: str) -> str:
-    if text.strip().lower() == "auto":
-        return "auto"
-    from ..plan import parse_dtype
-
-    try:
-        return parse_dtype(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("dtype: ")) from None
-
-
-def _size_arg(text: str) -> int:
-    from ..sizes import parse_bytes
-
-    try:
-        return parse_bytes(text, "size")
-    except (TypeError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(
-            f"{str(exc).removeprefix('size: ')} (e.g. 24GiB, 512MiB, 2e10)"
-        ) from None
-
-
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--device``, ``--dtype``, ``--chunk-size``, ``--gpu-budget``, ``-v``."""
     parser.add_argument(
@@ -295,24 +257,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="Hugging Face name or folder, or 'smollm2' for the bundled SmolLM2-135M-Instruct "
         "(default)",
     )
-    parser.add_argument(
-        "--device", type=_device_arg, default="auto", help="auto (CUDA if available), cpu, cuda"
-    )
+    _command.add_device(parser)
     parser.add_argument(
         "--dtype",
-        type=_dtype_arg,
+        type=_command.dtype_or_auto,
         default="auto",
         help="weights' dtype: bf16, fp16, fp32 (default auto: fp32 on the CPU, bf16 on a GPU)",
     )
     parser.add_argument(
         "--chunk-size", type=int, default=4096, help="headinfer's prefill chunk (4096)"
     )
-    parser.add_argument(
-        "--gpu-budget",
-        type=_size_arg,
-        metavar="SIZE",
-        help="GPU memory the process may use in all, e.g. 20GiB (default: the free memory)",
-    )
+    _command.add_gpu_budget(parser)
     parser.add_argument(
         "--gpus",
         type=int,
@@ -363,6 +318,13 @@ def results_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".results.json") if path == out else path
 
 
+def run_setup(args: argparse.Namespace) -> tuple[str, torch.dtype]:
+    """Logging as ``-v`` asks, and the run's device and dtype (``--device``, ``--dtype``)."""
+    setup_logging(args.verbose)
+    device = pick_device(args.device)
+    return device, pick_dtype(args.dtype, device)
+
+
 def write_results(
     out: str | Path, benchmark: str, header: dict[str, Any], results: dict[str, Any], **extra: Any
 ) -> Path:
@@ -396,19 +358,52 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
-def write_record(stream: IO[str], record: dict[str, Any]) -> None:
-    """One JSON line, flushed (so a run that stops keeps what it did)."""
-    stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-    stream.flush()
-
-
-def open_output(path: str | None, mode: str) -> IO[str] | None:
-    """The per-sample output file (``None``: no file, or not rank 0 under torchrun)."""
+@contextlib.contextmanager
+def records_file(path: str | None, mode: str) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """The per-sample output file, as a function that writes one record to it as a JSON line,
+    flushed (so a run that stops keeps what it did); it writes nothing when ``path`` is
+    ``None``, or under torchrun on ranks other than 0."""
     from ..distributed import is_main_rank
 
     if path is None or not is_main_rank():
-        return None
+        yield lambda record: None
+        return
     out = Path(path)
     if out.parent != Path():
         out.parent.mkdir(parents=True, exist_ok=True)
-    return out.open(mode, encoding="utf-8")
+    with out.open(mode, encoding="utf-8") as stream:
+
+        def write(record: dict[str, Any]) -> None:
+            stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            stream.flush()
+
+        yield write
+
+
+def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """``parser.error`` for the first of the options ``names`` (dests) given as 0 or less."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')}: must be positive, got {value}")
+
+
+def report(
+    args: argparse.Namespace,
+    benchmark: str,
+    device: str,
+    dtype: torch.dtype,
+    config: dict[str, Any],
+    results: dict[str, Any],
+    start: float,
+    unit: str,
+) -> None:
+    """With ``--out``: write the results JSON beside it (``write_results``; ``config``: the
+    benchmark's own settings) and print where both files are."""
+    if not args.out:
+        return
+    header = run_config(args, device, dtype)
+    header["config"].update(config)
+    seconds = round(time.perf_counter() - start, 1)
+    summary = write_results(args.out, benchmark, header, results, seconds=seconds)
+    print(f"results: {args.out} (per {unit}), {summary} (scores)")

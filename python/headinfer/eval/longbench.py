@@ -32,21 +32,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ._common import (
-    Generator,
-    add_model_arguments,
-    encode,
-    load_model,
-    model_positions,
-    open_output,
-    pick_device,
-    pick_dtype,
-    render_prompt,
-    run_config,
-    setup_logging,
-    write_record,
-    write_results,
-)
+from ..distributed import is_main_rank
+from . import _common as common
+from ._common import Generator, load_model
 
 __all__ = [
     "FIELDS",
@@ -289,7 +277,7 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
         required=True,
         help="LongBench v2's data.json (a JSON list), or the same items as JSON lines",
     )
-    add_model_arguments(parser)
+    common.add_model_arguments(parser)
     parser.add_argument(
         "--max-context",
         type=int,
@@ -321,17 +309,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run LongBench v2; print the scores table to stdout. Returns 0, or 2 for bad input."""
     parser = _parser(prog)
     args = parser.parse_args(argv)
-    for name in ("max_context", "max_new_tokens", "limit", "chunk_size"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            parser.error(f"--{name.replace('_', '-')}: must be positive, got {value}")
+    common.check_positive(parser, args, "max_context", "max_new_tokens", "limit", "chunk_size")
     try:
         data = load_data(args.data)
         done = read_results(args.out) if args.out else {}
     except (FileNotFoundError, LongBenchDataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(args.verbose)
+    device, dtype = common.run_setup(args)
     if args.limit is not None:
         data = data[: args.limit]
     compare = args.compare == "standard"
@@ -354,56 +339,49 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
     results = {r["_id"]: r for r in earlier}
     start = time.perf_counter()
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
     if todo:
         try:
             model, tokenizer = load_model(args.model, device, dtype, args.gpus)
         except ValueError as exc:
             parser.error(f"--{exc}")
-        positions = model_positions(model)
+        positions = common.model_positions(model)
         max_context = args.max_context
         if max_context is None:
             if positions is None:
                 parser.error("--max-context: the model does not say its length; give one")
-            overhead = len(encode(tokenizer, render_prompt(tokenizer, "")))
+            overhead = len(common.encode(tokenizer, common.render_prompt(tokenizer, "")))
             max_context = positions - args.max_new_tokens - overhead
             if max_context <= 0:
                 parser.error(f"--max-new-tokens: {args.max_new_tokens} leaves no room for a prompt")
-        out = open_output(args.out, "a")
-        try:
-            with Generator(model, tokenizer, args.chunk_size, device, args.gpu_budget) as generator:
-                bar = tqdm(todo, desc="LongBench v2", unit="item", file=sys.stderr)
-                for item in bar:
-                    prompt, cut = truncate_middle(tokenizer, build_prompt(item), max_context)
-                    ids = encode(tokenizer, render_prompt(tokenizer, prompt))
-                    got = generator.generate(ids, args.max_new_tokens)
-                    pred = extract_answer(got.text)
-                    record = {k: item[k] for k in FIELDS if k != "context"}
+        generator = Generator(model, tokenizer, args.chunk_size, device, args.gpu_budget)
+        with common.records_file(args.out, "a") as write, generator:
+            bar = tqdm(todo, desc="LongBench v2", unit="item", file=sys.stderr)
+            for item in bar:
+                prompt, cut = truncate_middle(tokenizer, build_prompt(item), max_context)
+                ids = common.encode(tokenizer, common.render_prompt(tokenizer, prompt))
+                got = generator.generate(ids, args.max_new_tokens)
+                pred = extract_answer(got.text)
+                record = {k: item[k] for k in FIELDS if k != "context"}
+                record.update(
+                    prompt_tokens=len(ids),
+                    truncated=cut,
+                    response=got.text.strip(),
+                    pred=pred,
+                    judge=pred == item["answer"],
+                    seconds=round(got.seconds, 3),
+                )
+                if compare:
+                    ref = generator.generate(ids, args.max_new_tokens, standard=True)
+                    ref_pred = extract_answer(ref.text)
                     record.update(
-                        prompt_tokens=len(ids),
-                        truncated=cut,
-                        response=got.text.strip(),
-                        pred=pred,
-                        judge=pred == item["answer"],
-                        seconds=round(got.seconds, 3),
+                        standard_response=ref.text.strip(),
+                        standard_pred=ref_pred,
+                        standard_judge=ref_pred == item["answer"],
+                        standard_seconds=round(ref.seconds, 3),
+                        identical=ref.token_ids == got.token_ids,
                     )
-                    if compare:
-                        ref = generator.generate(ids, args.max_new_tokens, standard=True)
-                        ref_pred = extract_answer(ref.text)
-                        record.update(
-                            standard_response=ref.text.strip(),
-                            standard_pred=ref_pred,
-                            standard_judge=ref_pred == item["answer"],
-                            standard_seconds=round(ref.seconds, 3),
-                            identical=ref.token_ids == got.token_ids,
-                        )
-                    results[item["_id"]] = record
-                    if out is not None:
-                        write_record(out, record)
-        finally:
-            if out is not None:
-                out.close()
+                results[item["_id"]] = record
+                write(record)
 
     records = [results[i["_id"]] for i in data if i["_id"] in results]
     title = (
@@ -413,22 +391,15 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         else f"LongBench v2: {args.model}, {len(records)} item(s), "
         f"{time.perf_counter() - start:.0f} s"
     )
+    if not is_main_rank():  # under torchrun every rank runs; rank 0 prints and writes
+        return 0
     _print_scores(records, compare, title)
-    if args.out:
-        header = run_config(args, device, dtype)
-        header["config"].update(data=str(args.data), max_context=args.max_context, limit=args.limit)
-        table = {"headinfer": scores(records)}
-        if compare:
-            table["standard"] = scores(records, "standard_judge")
-            table["identical"] = sum(bool(r["identical"]) for r in records)
-        summary = write_results(
-            args.out,
-            "longbench_v2",
-            header,
-            table,
-            seconds=round(time.perf_counter() - start, 1),
-        )
-        print(f"results: {args.out} (per item), {summary} (scores)")
+    table: dict[str, Any] = {"headinfer": scores(records)}
+    if compare:
+        table["standard"] = scores(records, "standard_judge")
+        table["identical"] = sum(bool(r["identical"]) for r in records)
+    config = {"data": str(args.data), "max_context": args.max_context, "limit": args.limit}
+    common.report(args, "longbench_v2", device, dtype, config, table, start, "item")
     return 0
 
 

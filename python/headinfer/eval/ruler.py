@@ -54,21 +54,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ._common import (
-    Generator,
-    add_model_arguments,
-    encode,
-    load_model,
-    model_positions,
-    open_output,
-    pick_device,
-    pick_dtype,
-    render_prompt,
-    run_config,
-    setup_logging,
-    write_record,
-    write_results,
-)
+from ..distributed import is_main_rank
+from . import _common as common
+from ._common import Generator, load_model
 
 __all__ = [
     "TASKS",
@@ -608,8 +596,8 @@ def make_sample(
 
     def tokens_of(built: _Built) -> tuple[str, list[int]]:
         user, prefix, _ = built
-        text = render_prompt(tokenizer, user, prefix)
-        return text, encode(tokenizer, text)
+        text = common.render_prompt(tokenizer, user, prefix)
+        return text, common.encode(tokenizer, text)
 
     build: Callable[[int], _Built]
     minimum = 1
@@ -737,7 +725,7 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
         "through headinfer; --compare standard also runs standard attention on the same "
         "samples.",
     )
-    add_model_arguments(parser)
+    common.add_model_arguments(parser)
     parser.add_argument(
         "--lengths",
         type=_int_list,
@@ -845,21 +833,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run RULER; print the scores table to stdout. Returns 0."""
     parser = _parser(prog)
     args = parser.parse_args(argv)
-    if args.samples <= 0:
-        parser.error(f"--samples: must be positive, got {args.samples}")
-    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
-        parser.error(f"--max-new-tokens: must be positive, got {args.max_new_tokens}")
-    if args.chunk_size <= 0:
-        parser.error(f"--chunk-size: must be positive, got {args.chunk_size}")
-    setup_logging(args.verbose)
-
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    common.check_positive(parser, args, "samples", "max_new_tokens", "chunk_size")
+    device, dtype = common.run_setup(args)
     try:
         model, tokenizer = load_model(args.model, device, dtype, args.gpus)
     except ValueError as exc:
         parser.error(f"--{exc}")
-    positions = model_positions(model)
+    positions = common.model_positions(model)
     if positions is not None and max(args.lengths) > positions:
         parser.error(
             f"--lengths: {max(args.lengths)} is more than the model's {positions} positions"
@@ -876,61 +856,52 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
     compare = args.compare == "standard"
     rows: list[dict[str, Any]] = []
-    out = open_output(args.out, "w")
     start = time.perf_counter()
-    try:
-        with Generator(model, tokenizer, args.chunk_size, device, args.gpu_budget) as generator:
-            bar = tqdm(samples, desc="RULER", unit="sample", file=sys.stderr)
-            for sample in bar:
-                bar.set_postfix_str(f"{sample.task} @ {sample.length}")
-                metric = TASKS[sample.task].metric
-                got = generator.generate(sample.input_ids, sample.max_new_tokens)
-                prediction = postprocess_pred(got.text)
-                row: dict[str, Any] = {
-                    "task": sample.task,
-                    "length": sample.length,
-                    "index": sample.index,
-                    "seed": sample.seed,
-                    "prompt_tokens": sample.num_tokens,
-                    "max_new_tokens": sample.max_new_tokens,
-                    "references": sample.references,
-                    "prediction": prediction,
-                    "score": sample_score(prediction, sample.references, metric),
-                    "seconds": round(got.seconds, 3),
-                }
-                if compare:
-                    ref = generator.generate(sample.input_ids, sample.max_new_tokens, standard=True)
-                    ref_prediction = postprocess_pred(ref.text)
-                    row["standard_prediction"] = ref_prediction
-                    row["standard_score"] = sample_score(ref_prediction, sample.references, metric)
-                    row["standard_seconds"] = round(ref.seconds, 3)
-                    row["identical"] = ref.token_ids == got.token_ids
-                rows.append(row)
-                if out is not None:
-                    write_record(out, row)
-    finally:
-        if out is not None:
-            out.close()
+    generator = Generator(model, tokenizer, args.chunk_size, device, args.gpu_budget)
+    with common.records_file(args.out, "w") as write, generator:
+        bar = tqdm(samples, desc="RULER", unit="sample", file=sys.stderr)
+        for sample in bar:
+            bar.set_postfix_str(f"{sample.task} @ {sample.length}")
+            metric = TASKS[sample.task].metric
+            got = generator.generate(sample.input_ids, sample.max_new_tokens)
+            prediction = postprocess_pred(got.text)
+            row: dict[str, Any] = {
+                "task": sample.task,
+                "length": sample.length,
+                "index": sample.index,
+                "seed": sample.seed,
+                "prompt_tokens": sample.num_tokens,
+                "max_new_tokens": sample.max_new_tokens,
+                "references": sample.references,
+                "prediction": prediction,
+                "score": sample_score(prediction, sample.references, metric),
+                "seconds": round(got.seconds, 3),
+            }
+            if compare:
+                ref = generator.generate(sample.input_ids, sample.max_new_tokens, standard=True)
+                ref_prediction = postprocess_pred(ref.text)
+                row["standard_prediction"] = ref_prediction
+                row["standard_score"] = sample_score(ref_prediction, sample.references, metric)
+                row["standard_seconds"] = round(ref.seconds, 3)
+                row["identical"] = ref.token_ids == got.token_ids
+            rows.append(row)
+            write(row)
 
     title = (
         f"RULER: {args.model}, {len(args.tasks)} task(s) x {len(args.lengths)} length(s) x "
         f"{args.samples} sample(s), seed {args.seed}, {device}, chunk_size {args.chunk_size}, "
         f"{time.perf_counter() - start:.0f} s"
     )
+    if not is_main_rank():  # under torchrun every rank runs; rank 0 prints and writes
+        return 0
     _print_table(rows, args.lengths, args.tasks, title, compare)
-    if args.out:
-        header = run_config(args, device, dtype)
-        header["config"].update(
-            lengths=args.lengths, tasks=args.tasks, samples=args.samples, seed=args.seed
-        )
-        summary = write_results(
-            args.out,
-            "ruler",
-            header,
-            scores(rows, compare),
-            seconds=round(time.perf_counter() - start, 1),
-        )
-        print(f"results: {args.out} (per sample), {summary} (scores)")
+    config = {
+        "lengths": args.lengths,
+        "tasks": args.tasks,
+        "samples": args.samples,
+        "seed": args.seed,
+    }
+    common.report(args, "ruler", device, dtype, config, scores(rows, compare), start, "sample")
     return 0
 
 
