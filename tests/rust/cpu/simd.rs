@@ -71,3 +71,88 @@ fn a_tile_past_its_bounds_is_refused() {
     // Three rows given, four asked for: the checked entry panics instead of reading past.
     Isa::best().run(PastTheTile);
 }
+
+/// Portable `Lanes` of `N` lanes (`[f32; N]`, fused multiply-adds): the generic kernels'
+/// blocking, tails and masks at the widths of AVX2 (8) and AVX-512 (16, wide blocks) on any
+/// CPU, so that the 16-lane logic is tested where AVX-512 cannot run.
+struct Emu<const N: usize, const WIDE: bool>;
+
+impl<const N: usize, const WIDE: bool> Lanes for Emu<N, WIDE> {
+    type V = [f32; N];
+    const N: usize = N;
+    const WIDE: bool = WIDE;
+    unsafe fn zero() -> [f32; N] {
+        [0.0; N]
+    }
+    unsafe fn splat(x: f32) -> [f32; N] {
+        [x; N]
+    }
+    unsafe fn fmadd(a: [f32; N], b: [f32; N], c: [f32; N]) -> [f32; N] {
+        std::array::from_fn(|i| a[i].mul_add(b[i], c[i]))
+    }
+    unsafe fn load<E: Element>(p: *const E) -> [f32; N] {
+        // SAFETY: `p` addresses N elements (the contract).
+        std::array::from_fn(|i| unsafe { *p.add(i) }.to_f32())
+    }
+    unsafe fn load_part<E: Element>(p: *const E, n: usize) -> [f32; N] {
+        assert!(n < N);
+        // SAFETY: `p` addresses n elements (the contract); no other is read.
+        std::array::from_fn(|i| {
+            if i < n {
+                unsafe { *p.add(i) }.to_f32()
+            } else {
+                0.0
+            }
+        })
+    }
+    unsafe fn store(p: *mut f32, v: [f32; N]) {
+        // SAFETY: `p` addresses N f32 (the contract).
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, N) }
+    }
+    unsafe fn store_part(p: *mut f32, n: usize, v: [f32; N]) {
+        assert!(n < N);
+        // SAFETY: `p` addresses n f32 (the contract).
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, n) }
+    }
+    unsafe fn sums(v: &[[f32; N]], out: &mut [f32]) {
+        assert!(v.len() == out.len() && v.len() <= 16);
+        for (o, x) in out.iter_mut().zip(v) {
+            *o = x.iter().sum();
+        }
+    }
+}
+
+impl<const N: usize, const WIDE: bool> Kernels for Emu<N, WIDE> {
+    const FMA: bool = true;
+    unsafe fn run<J: Job>(job: J) -> J::Output {
+        // SAFETY: portable code.
+        unsafe { job.run::<Self>() }
+    }
+    unsafe fn scores<E: Element>(q: &[f32], rows: usize, k: &Rows<'_, E>, n: usize, s: &mut [f32]) {
+        // SAFETY: portable code; the body checks the lengths.
+        unsafe { lanes_scores::<Self, E>(q, rows, k, n, s) }
+    }
+    unsafe fn pv<E: Element>(p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]) {
+        // SAFETY: as `scores`.
+        unsafe { lanes_pv::<Self, E>(p, rows, v, n, o) }
+    }
+}
+
+#[test]
+fn the_generic_kernels_match_the_portable_ones_at_8_and_16_lanes() {
+    let shapes = || Shapes {
+        dims: &[
+            1, 3, 8, 15, 16, 17, 24, 40, 64, 72, 80, 96, 100, 128, 136, 256,
+        ],
+        rows: &[1, 2, 3, 4, 5, 7, 8, 9],
+        keys: &[1, 2, 7, 8, 9, 63, TK],
+        pads: &[0, 5],
+        seed: 7,
+    };
+    // SAFETY: portable code.
+    unsafe {
+        assert_eq!(Compare(shapes()).run::<Emu<8, false>>(), Ok(()));
+        assert_eq!(Compare(shapes()).run::<Emu<16, true>>(), Ok(()));
+        assert_eq!(Compare(shapes()).run::<Emu<4, false>>(), Ok(()));
+    }
+}
