@@ -132,15 +132,19 @@ pub(crate) trait Job {
 ///
 /// Layouts (all row-major): `q` and `o` hold `rows` rows of `head_dim` f32 (`head_dim` is the
 /// width of the key or value rows); `s` and `p` hold `rows` rows of `TK` f32.
-pub(crate) trait Kernels {
+pub(crate) trait Kernels: Sized {
     /// Whether the generic loops compiled with this set may fuse multiply-adds.
     const FMA: bool;
 
-    /// `job.run::<Self>()`, compiled for this set.
+    /// `job.run::<Self>()`, compiled for this set (a SIMD set overrides this default with
+    /// its `#[target_feature]` entry point, `simd_kernels!`).
     ///
     /// # Safety
     /// The CPU supports this instruction set (`Isa::supported`).
-    unsafe fn run<J: Job>(job: J) -> J::Output;
+    unsafe fn run<J: Job>(job: J) -> J::Output {
+        // SAFETY: by the contract.
+        unsafe { job.run::<Self>() }
+    }
 
     /// `s[r][j] = q[r] . k.row(j)` for `r < rows`, `j < n`.
     ///
@@ -183,41 +187,46 @@ pub(crate) struct Scalar;
 impl Kernels for Scalar {
     const FMA: bool = false;
 
-    unsafe fn run<J: Job>(job: J) -> J::Output {
-        // SAFETY: the portable set runs everywhere.
-        unsafe { job.run::<Self>() }
-    }
-
     unsafe fn scores<E: Element>(q: &[f32], rows: usize, k: &Rows<'_, E>, n: usize, s: &mut [f32]) {
-        let d = k.width;
-        check_lengths(q, d, rows, k, n, s, TK);
-        for r in 0..rows {
-            let qr = &q[r * d..(r + 1) * d];
-            for j in 0..n {
-                s[r * TK + j] = dot(qr, k.row(j));
-            }
-        }
+        scalar_scores(q, rows, k, n, s)
     }
 
     unsafe fn pv<E: Element>(p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]) {
-        let d = v.width;
-        check_lengths(p, TK, rows, v, n, o, d);
-        for r in 0..rows {
-            let pr: &[f32; TK] = p[r * TK..(r + 1) * TK].try_into().expect("TK");
-            let orow = &mut o[r * d..(r + 1) * d];
-            let mut dc = 0;
-            while dc + 64 <= d {
-                pv_block::<E, 64>(orow, pr, n, v, dc);
-                dc += 64;
-            }
-            while dc + 8 <= d {
-                pv_block::<E, 8>(orow, pr, n, v, dc);
-                dc += 8;
-            }
-            while dc < d {
-                pv_block::<E, 1>(orow, pr, n, v, dc);
-                dc += 1;
-            }
+        scalar_pv(p, rows, v, n, o)
+    }
+}
+
+/// `Kernels::scores`, portable.
+fn scalar_scores<E: Element>(q: &[f32], rows: usize, k: &Rows<'_, E>, n: usize, s: &mut [f32]) {
+    let d = k.width;
+    check_lengths(q, d, rows, k, n, s, TK);
+    for r in 0..rows {
+        let qr = &q[r * d..(r + 1) * d];
+        for j in 0..n {
+            s[r * TK + j] = dot(qr, k.row(j));
+        }
+    }
+}
+
+/// `Kernels::pv`, portable.
+fn scalar_pv<E: Element>(p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]) {
+    let d = v.width;
+    check_lengths(p, TK, rows, v, n, o, d);
+    for r in 0..rows {
+        let pr: &[f32; TK] = p[r * TK..(r + 1) * TK].try_into().expect("TK");
+        let orow = &mut o[r * d..(r + 1) * d];
+        let mut dc = 0;
+        while dc + 64 <= d {
+            pv_block::<E, 64>(orow, pr, n, v, dc);
+            dc += 64;
+        }
+        while dc + 8 <= d {
+            pv_block::<E, 8>(orow, pr, n, v, dc);
+            dc += 8;
+        }
+        while dc < d {
+            pv_block::<E, 1>(orow, pr, n, v, dc);
+            dc += 1;
         }
     }
 }
@@ -306,48 +315,41 @@ macro_rules! simd_kernels {
                 unsafe { job.run::<Self>() }
             }
 
-            #[target_feature(enable = $features)]
-            unsafe fn scores<E: $crate::tensor::Element>(
-                q: &[f32],
-                rows: usize,
-                k: &$crate::tensor::Rows<'_, E>,
-                n: usize,
-                s: &mut [f32],
-            ) {
-                // SAFETY: compiled for the set, which the caller vouches for; the body checks
-                // the lengths.
-                unsafe { $crate::cpu::simd::lanes_scores::<Self, E>(q, rows, k, n, s) }
-            }
-
-            #[target_feature(enable = $features)]
-            unsafe fn pv<E: $crate::tensor::Element>(
-                p: &[f32],
-                rows: usize,
-                v: &$crate::tensor::Rows<'_, E>,
-                n: usize,
-                o: &mut [f32],
-            ) {
-                // SAFETY: as `scores`.
-                unsafe { $crate::cpu::simd::lanes_pv::<Self, E>(p, rows, v, n, o) }
-            }
+            $crate::cpu::simd::simd_kernels!(@entry $features, scores, false);
+            $crate::cpu::simd::simd_kernels!(@entry $features, pv, true);
+        }
+    };
+    // `Kernels::scores` (`a`: `q`, `b`: `s`) or `Kernels::pv` (`a`: `p`, `b`: `o`).
+    (@entry $features:literal, $name:ident, $pv:literal) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<E: $crate::tensor::Element>(
+            a: &[f32],
+            rows: usize,
+            kv: &$crate::tensor::Rows<'_, E>,
+            n: usize,
+            b: &mut [f32],
+        ) {
+            // SAFETY: compiled for the set, which the caller vouches for; the body checks the
+            // lengths.
+            unsafe { $crate::cpu::simd::lanes_kernel::<Self, E, $pv>(a, rows, kv, n, b) }
         }
     };
 }
 pub(crate) use simd_kernels;
 
-/// `$f::<L, E, R, J>(args)` for a block of `$rb` (1 to 4) query rows, with `J` (keys, or
+/// `$f::<G.., R, J>(args)` for a block of `$rb` (1 to 4) query rows, with `J` (keys, or
 /// vectors of output columns, per row) such that the `R * J` accumulators, `J` loaded
 /// vectors and a query or broadcast fit the register file: 16 vectors, or 32 with `$wide`.
 macro_rules! by_rows {
-    ($wide:expr, $rb:expr, $f:ident::<$l:ty, $e:ty>($($a:expr),* $(,)?)) => {
+    ($wide:expr, $rb:expr, $f:ident::<$($g:tt),*>($($a:expr),* $(,)?)) => {
         match ($rb, $wide) {
-            (4, false) => $f::<$l, $e, 4, 2>($($a),*),
-            (4, true) => $f::<$l, $e, 4, 4>($($a),*),
-            (3, false) => $f::<$l, $e, 3, 2>($($a),*),
-            (3, true) => $f::<$l, $e, 3, 4>($($a),*),
-            (2, false) => $f::<$l, $e, 2, 4>($($a),*),
-            (2, true) => $f::<$l, $e, 2, 8>($($a),*),
-            _ => $f::<$l, $e, 1, 8>($($a),*),
+            (4, false) => $f::<$($g,)* 4, 2>($($a),*),
+            (4, true) => $f::<$($g,)* 4, 4>($($a),*),
+            (3, false) => $f::<$($g,)* 3, 2>($($a),*),
+            (3, true) => $f::<$($g,)* 3, 4>($($a),*),
+            (2, false) => $f::<$($g,)* 2, 4>($($a),*),
+            (2, true) => $f::<$($g,)* 2, 8>($($a),*),
+            _ => $f::<$($g,)* 1, 8>($($a),*),
         }
     };
 }
@@ -384,29 +386,54 @@ unsafe fn store_w<L: Lanes>(p: *mut f32, w: usize, v: L::V) {
     }
 }
 
-/// `Kernels::scores` for a `Lanes` set: rows in blocks of up to 4.
+/// `Kernels::scores` (`PV` false: `a` is `q`, `b` is `s`) or `Kernels::pv` (`PV` true: `a`
+/// is `p`, `b` is `o`) for a `Lanes` set, rows in blocks of up to 4.
 ///
 /// # Safety
 /// As `Lanes` (compiled into the set's entry point, on a CPU with the set). Lengths are
 /// checked here.
 #[inline(always)]
-pub(crate) unsafe fn lanes_scores<L: Lanes, E: Element>(
-    q: &[f32],
+pub(crate) unsafe fn lanes_kernel<L: Lanes, E: Element, const PV: bool>(
+    a: &[f32],
     rows: usize,
-    k: &Rows<'_, E>,
+    kv: &Rows<'_, E>,
     n: usize,
-    s: &mut [f32],
+    b: &mut [f32],
 ) {
-    let d = k.width;
-    check_lengths(q, d, rows, k, n, s, TK);
-    let (q, kp, ks, s) = (q.as_ptr(), k.data.as_ptr(), k.stride, s.as_mut_ptr());
+    let d = kv.width;
+    let (aw, bw) = if PV { (TK, d) } else { (d, TK) };
+    check_lengths(a, aw, rows, kv, n, b, bw);
+    let (a, kvp, kvs, b) = (a.as_ptr(), kv.data.as_ptr(), kv.stride, b.as_mut_ptr());
     for r0 in (0..rows).step_by(4) {
         let rb = (rows - r0).min(4);
-        // SAFETY: rows r0..r0 + rb of q and s and the n keys are in bounds (checked above);
-        // the set is the CPU's by the contract.
+        // SAFETY: rows r0..r0 + rb of a and b and the n rows of kv are in bounds (checked
+        // above); the set is the CPU's by the contract.
         unsafe {
-            let (q, s) = (q.add(r0 * d), s.add(r0 * TK));
-            by_rows!(L::WIDE, rb, keys::<L, E>(q, d, kp, ks, n, s))
+            let (a, b) = (a.add(r0 * aw), b.add(r0 * bw));
+            by_rows!(L::WIDE, rb, row_block::<L, E, PV>(a, d, kvp, kvs, n, b))
+        }
+    }
+}
+
+/// `keys` or `cols` for `R` rows.
+///
+/// # Safety
+/// As `lanes_kernel`, for `R` rows.
+#[inline(always)]
+unsafe fn row_block<L: Lanes, E: Element, const PV: bool, const R: usize, const J: usize>(
+    a: *const f32,
+    d: usize,
+    kv: *const E,
+    kvs: usize,
+    n: usize,
+    b: *mut f32,
+) {
+    // SAFETY: by the contract.
+    unsafe {
+        if PV {
+            cols::<L, E, R, J>(a, kv, kvs, n, b, d)
+        } else {
+            keys::<L, E, R, J>(a, d, kv, kvs, n, b)
         }
     }
 }
@@ -414,7 +441,7 @@ pub(crate) unsafe fn lanes_scores<L: Lanes, E: Element>(
 /// `R` rows of `q` (`d` apart) against keys `0..n` (`ks` apart), `J` keys at a time.
 ///
 /// # Safety
-/// As `lanes_scores`, for `R` rows.
+/// As `lanes_kernel` (scores), for `R` rows.
 #[inline(always)]
 unsafe fn keys<L: Lanes, E: Element, const R: usize, const J: usize>(
     q: *const f32,
@@ -442,7 +469,7 @@ unsafe fn keys<L: Lanes, E: Element, const R: usize, const J: usize>(
 /// partial step.
 ///
 /// # Safety
-/// As `lanes_scores`, for `R` rows and `J` keys.
+/// As `lanes_kernel` (scores), for `R` rows and `J` keys.
 #[inline(always)]
 unsafe fn block<L: Lanes, E: Element, const R: usize, const J: usize>(
     q: *const f32,
@@ -509,36 +536,10 @@ unsafe fn dot_step<L: Lanes, E: Element, const R: usize, const J: usize>(
     }
 }
 
-/// `Kernels::pv` for a `Lanes` set: rows in blocks of up to 4.
-///
-/// # Safety
-/// As `lanes_scores`.
-#[inline(always)]
-pub(crate) unsafe fn lanes_pv<L: Lanes, E: Element>(
-    p: &[f32],
-    rows: usize,
-    v: &Rows<'_, E>,
-    n: usize,
-    o: &mut [f32],
-) {
-    let d = v.width;
-    check_lengths(p, TK, rows, v, n, o, d);
-    let (p, vp, vs, o) = (p.as_ptr(), v.data.as_ptr(), v.stride, o.as_mut_ptr());
-    for r0 in (0..rows).step_by(4) {
-        let rb = (rows - r0).min(4);
-        // SAFETY: rows r0..r0 + rb of p and o and the n value rows are in bounds (checked
-        // above); the set is the CPU's by the contract.
-        unsafe {
-            let (p, o) = (p.add(r0 * TK), o.add(r0 * d));
-            by_rows!(L::WIDE, rb, cols::<L, E>(p, vp, vs, n, o, d))
-        }
-    }
-}
-
 /// `R` output rows (`d` apart), `B` vectors of columns at a time, then one, then the rest.
 ///
 /// # Safety
-/// As `lanes_pv`, for `R` rows.
+/// As `lanes_kernel` (`p . V`), for `R` rows.
 #[inline(always)]
 unsafe fn cols<L: Lanes, E: Element, const R: usize, const B: usize>(
     p: *const f32,
@@ -569,7 +570,7 @@ unsafe fn cols<L: Lanes, E: Element, const R: usize, const B: usize>(
 /// (only with `B == 1`), columns `0..w`.
 ///
 /// # Safety
-/// As `lanes_pv`, for `R` rows and the columns named.
+/// As `lanes_kernel` (`p . V`), for `R` rows and the columns named.
 #[inline(always)]
 unsafe fn cblock<L: Lanes, E: Element, const R: usize, const B: usize>(
     p: *const f32,

@@ -124,17 +124,13 @@ impl<const N: usize, const WIDE: bool> Lanes for Emu<N, WIDE> {
 
 impl<const N: usize, const WIDE: bool> Kernels for Emu<N, WIDE> {
     const FMA: bool = true;
-    unsafe fn run<J: Job>(job: J) -> J::Output {
-        // SAFETY: portable code.
-        unsafe { job.run::<Self>() }
-    }
     unsafe fn scores<E: Element>(q: &[f32], rows: usize, k: &Rows<'_, E>, n: usize, s: &mut [f32]) {
         // SAFETY: portable code; the body checks the lengths.
-        unsafe { lanes_scores::<Self, E>(q, rows, k, n, s) }
+        unsafe { lanes_kernel::<Self, E, false>(q, rows, k, n, s) }
     }
     unsafe fn pv<E: Element>(p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]) {
         // SAFETY: as `scores`.
-        unsafe { lanes_pv::<Self, E>(p, rows, v, n, o) }
+        unsafe { lanes_kernel::<Self, E, true>(p, rows, v, n, o) }
     }
 }
 

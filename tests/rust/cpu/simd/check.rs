@@ -4,47 +4,30 @@
 
 use super::*;
 
-/// The portable kernels, with the scores missing the last column's term (a dropped tail).
-struct DroppedTail;
+/// The portable kernels broken as SIMD code breaks: with `TAIL`, the scores miss the last
+/// column's term (a dropped tail); else `p . V` misses the last key.
+struct Broken<const TAIL: bool>;
+type DroppedTail = Broken<true>;
+type DroppedKey = Broken<false>;
 
-impl Kernels for DroppedTail {
+impl<const TAIL: bool> Kernels for Broken<TAIL> {
     const FMA: bool = false;
-    unsafe fn run<J: Job>(job: J) -> J::Output {
-        // SAFETY: portable code.
-        unsafe { job.run::<Self>() }
-    }
     unsafe fn scores<E: Element>(q: &[f32], rows: usize, k: &Rows<'_, E>, n: usize, s: &mut [f32]) {
         // SAFETY: portable code.
         unsafe { Scalar::scores(q, rows, k, n, s) };
         let d = k.width;
         for r in 0..rows {
             for j in 0..n {
-                s[r * TK + j] -= q[r * d + d - 1] * k.row(j)[d - 1].to_f32();
+                if TAIL {
+                    s[r * TK + j] -= q[r * d + d - 1] * k.row(j)[d - 1].to_f32();
+                }
             }
         }
     }
     unsafe fn pv<E: Element>(p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]) {
+        let n = if TAIL { n } else { n.saturating_sub(1) };
         // SAFETY: portable code.
         unsafe { Scalar::pv(p, rows, v, n, o) }
-    }
-}
-
-/// The portable kernels, with `p . V` missing the last key.
-struct DroppedKey;
-
-impl Kernels for DroppedKey {
-    const FMA: bool = false;
-    unsafe fn run<J: Job>(job: J) -> J::Output {
-        // SAFETY: portable code.
-        unsafe { job.run::<Self>() }
-    }
-    unsafe fn scores<E: Element>(q: &[f32], rows: usize, k: &Rows<'_, E>, n: usize, s: &mut [f32]) {
-        // SAFETY: portable code.
-        unsafe { Scalar::scores(q, rows, k, n, s) }
-    }
-    unsafe fn pv<E: Element>(p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]) {
-        // SAFETY: portable code.
-        unsafe { Scalar::pv(p, rows, v, n.saturating_sub(1), o) }
     }
 }
 
