@@ -440,8 +440,8 @@ def cuda_status() -> str | None:
 def cpu_isa() -> str:
     """The instruction set of the CPU attention in this process: ``"avx512"``, ``"avx2"`` or
     ``"scalar"``. Chosen once, on first use: the widest this CPU has whose kernels agree with
-    the portable ones on a small problem (a set that disagrees gives way to the next one down;
-    results are exact either way)."""
+    an f64 reference on a few small problems (a set that disagrees gives way to the next one
+    down, with the same results)."""
 
 def cpu_isa_failures() -> list[str]:
     """Per wider set this CPU has whose kernels failed that self-check, ``"<name>: <reason>"``

@@ -4,16 +4,18 @@
 //!
 //! Three instruction sets, chosen once at run time (`Isa::best`): AVX-512 (F, BW, VL) where
 //! the CPU has it, AVX2 with FMA and F16C otherwise, and portable code everywhere else (the
-//! reference the others are tested against). Each is a `Kernels` implementation. The SIMD
+//! path the others are compared with in the attention tests). Each is a `Kernels`
+//! implementation. The SIMD
 //! kernels are written once, generic over `Lanes` (a vector of f32 lanes and the few
 //! operations they use; `x86` implements it for `__m256` and `__m512`), `#[inline(always)]`,
 //! and compiled per set inside that set's `#[target_feature]` entry points (`simd_kernels!`).
 //! Work compiled for a set as a whole (the attention task, so that its remaining loops, the
 //! softmax over a tile, are vectorised for that set too) goes through `Isa::run` with a `Job`.
 //!
-//! Nothing in CI can run AVX-512, so the set picked checks itself against the portable code
-//! once, on first use (`check`): one that disagrees gives way to the next one down, and the
-//! reason is kept (`choice`, `_core.cpu_isa_failures()`).
+//! Nothing in CI can run AVX-512, so the set picked checks itself once, on first use, against
+//! what the portable code computes (`check`, an f64 reference of the same sums, within the
+//! unit tests' tolerance): one that disagrees gives way to the next one down, and the reason
+//! is kept (`choice`, `_core.cpu_isa_failures()`).
 //!
 //! Every path accumulates in f32; they differ only in summation order. AVX-512's bf16 dot
 //! product (`vdpbf16ps`) is not used: it would need the scaled queries and the probabilities
@@ -112,7 +114,7 @@ pub struct Choice {
 }
 
 /// The set chosen for this process and the wider ones passed over: the widest supported set
-/// whose kernels agree with the portable ones on a small problem (`check::self_check`).
+/// whose kernels agree with the reference on a few small problems (`check::SELF_CHECK`).
 pub fn choice() -> &'static Choice {
     static CHOICE: OnceLock<Choice> = OnceLock::new();
     CHOICE.get_or_init(|| check::choose(|isa| isa.run(check::Compare(check::SELF_CHECK))))
