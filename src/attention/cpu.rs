@@ -334,8 +334,15 @@ fn run_with<E: Element, S: KvSource<E>>(
         .zip(m.par_chunks_mut(slots))
         .zip(l.par_chunks_mut(slots))
         .for_each(|(((t, o), m), l)| {
-            let part = Part { o, m, l };
-            run_task(isa, &query, kv, params, g, first_pos, t, part)
+            let task = Task {
+                q: &query,
+                kv,
+                params,
+                g,
+                first_pos,
+                t,
+            };
+            run_task(isa, task, Part { o, m, l })
         });
 
     // Merge the key ranges of each (kv head, query tile) and normalise.
@@ -388,17 +395,8 @@ struct Part<'a> {
     l: &'a mut [f32],
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_task<E: Element, S: KvSource<E>>(
-    isa: Isa,
-    q: &View3<'_, E>,
-    kv: &S,
-    params: &Params,
-    g: usize,
-    first_pos: usize,
-    t: &TaskSpec,
-    part: Part<'_>,
-) {
+/// Runs one task on `isa` with this worker's scratch.
+fn run_task<E: Element, S: KvSource<E>>(isa: Isa, task: Task<'_, '_, E, S>, part: Part<'_>) {
     TASK.with(|cell| {
         let (mut fresh, mut held);
         // A worker inside a task already (rayon work-stealing while it waits) gets its own.
@@ -411,14 +409,6 @@ fn run_task<E: Element, S: KvSource<E>>(
                 fresh = TaskScratch::default();
                 &mut fresh
             }
-        };
-        let task = Task {
-            q,
-            kv,
-            params,
-            g,
-            first_pos,
-            t,
         };
         // Compiled for `isa` as a whole (`Isa::run` checks that the CPU has it).
         isa.run(TaskJob { task, part, sc })
