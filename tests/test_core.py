@@ -576,3 +576,16 @@ def test_a_failure_inside_a_decode_step_raises_there_and_the_cache_continues() -
             tokens.append(int(out.logits[0, -1].argmax()))
     assert failed
     assert tokens == want[0, ids.shape[1] :].tolist()
+
+
+def test_cpu_isa_is_a_known_set_that_passed_its_self_check() -> None:
+    isa = _core.cpu_isa()
+    assert isa in {"scalar", "avx2", "avx512"}
+    assert _core.cpu_isa() == isa, "chosen once"
+    failures = _core.cpu_isa_failures()
+    assert isinstance(failures, list)
+    # A set passed over is wider than the one chosen and says why.
+    order = ["scalar", "avx2", "avx512"]
+    for f in failures:
+        name, _, reason = f.partition(": ")
+        assert order.index(name) > order.index(isa) and reason, f

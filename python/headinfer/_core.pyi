@@ -35,6 +35,8 @@ __all__ = [
     "share_split",
     "_inject_failure",
     "cuda_status",
+    "cpu_isa",
+    "cpu_isa_failures",
     "pinned_bytes",
     "pinned_pool_bytes",
     "release_pinned_pool",
@@ -434,6 +436,16 @@ def _inject_failure(point: str | None, after: int = 0) -> None:
 
 def cuda_status() -> str | None:
     """``None`` when the CUDA driver and NVRTC load; else what is missing."""
+
+def cpu_isa() -> str:
+    """The instruction set of the CPU attention in this process: ``"avx512"``, ``"avx2"`` or
+    ``"scalar"``. Chosen once, on first use: the widest this CPU has whose kernels agree with
+    an f64 reference on a few small problems (a set that disagrees gives way to the next one
+    down, with the same results)."""
+
+def cpu_isa_failures() -> list[str]:
+    """Per wider set this CPU has whose kernels failed that self-check, ``"<name>: <reason>"``
+    (empty when none did)."""
 
 def pinned_bytes() -> int:
     """Bytes of pinned host memory headinfer holds: in caches and in the reuse pool."""

@@ -14,9 +14,7 @@
 
 use super::args::{check_shapes, check_sinks, Params};
 use crate::cpu::math::{exp_tile, softcap_tile, TK};
-#[cfg(target_arch = "x86_64")]
-use crate::cpu::simd::{Avx2, Avx512};
-use crate::cpu::simd::{Isa, Kernels, Scalar};
+use crate::cpu::simd::{Isa, Job, Kernels};
 use crate::error::{Error, Result};
 use crate::store::view::{KvSource, Segment};
 use crate::tensor::{Element, Rows, View3};
@@ -336,8 +334,15 @@ fn run_with<E: Element, S: KvSource<E>>(
         .zip(m.par_chunks_mut(slots))
         .zip(l.par_chunks_mut(slots))
         .for_each(|(((t, o), m), l)| {
-            let part = Part { o, m, l };
-            run_task(isa, &query, kv, params, g, first_pos, t, part)
+            let task = Task {
+                q: &query,
+                kv,
+                params,
+                g,
+                first_pos,
+                t,
+            };
+            run_task(isa, task, Part { o, m, l })
         });
 
     // Merge the key ranges of each (kv head, query tile) and normalise.
@@ -390,94 +395,51 @@ struct Part<'a> {
     l: &'a mut [f32],
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_task<E: Element, S: KvSource<E>>(
-    isa: Isa,
-    q: &View3<'_, E>,
-    kv: &S,
-    params: &Params,
-    g: usize,
-    first_pos: usize,
-    t: &TaskSpec,
-    part: Part<'_>,
-) {
-    TASK.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut sc) => dispatch(isa, q, kv, params, g, first_pos, t, part, &mut sc),
-        Err(_) => dispatch(
-            isa,
-            q,
-            kv,
-            params,
-            g,
-            first_pos,
-            t,
-            part,
-            &mut TaskScratch::default(),
-        ),
+/// Runs one task on `isa` with this worker's scratch.
+fn run_task<E: Element, S: KvSource<E>>(isa: Isa, task: Task<'_, '_, E, S>, part: Part<'_>) {
+    TASK.with(|cell| {
+        let (mut fresh, mut held);
+        // A worker inside a task already (rayon work-stealing while it waits) gets its own.
+        let sc = match cell.try_borrow_mut() {
+            Ok(b) => {
+                held = b;
+                &mut *held
+            }
+            Err(_) => {
+                fresh = TaskScratch::default();
+                &mut fresh
+            }
+        };
+        // Compiled for `isa` as a whole (`Isa::run` checks that the CPU has it).
+        isa.run(TaskJob { task, part, sc })
     })
 }
 
-/// Runs the task with `isa`'s kernels, compiled for its instruction set.
-#[allow(clippy::too_many_arguments)]
-fn dispatch<E: Element, S: KvSource<E>>(
-    isa: Isa,
-    q: &View3<'_, E>,
-    kv: &S,
-    params: &Params,
+/// What a task reads: the queries, the keys and values, and where its rows sit.
+struct Task<'a, 'q, E, S> {
+    q: &'a View3<'q, E>,
+    kv: &'a S,
+    params: &'a Params,
     g: usize,
     first_pos: usize,
-    t: &TaskSpec,
-    part: Part<'_>,
-    sc: &mut TaskScratch,
-) {
-    // Callers pass only a supported `isa`; checked again here (a cached flag test per task)
-    // so that the unsafe calls below rest on this function alone.
-    assert!(isa.supported(), "{} is not supported", isa.name());
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU supports AVX-512 F/BW/VL, AVX2, FMA and F16C (asserted above).
-        Isa::Avx512 => unsafe { task_avx512(q, kv, params, g, first_pos, t, part, sc) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU supports AVX2, FMA and F16C (asserted above).
-        Isa::Avx2 => unsafe { task_avx2(q, kv, params, g, first_pos, t, part, sc) },
-        _ => task_impl::<E, S, Scalar>(q, kv, params, g, first_pos, t, part, sc),
+    t: &'a TaskSpec,
+}
+
+/// `task_impl` as a `Job`, so that it is compiled for the instruction set it runs on.
+struct TaskJob<'a, 'q, 'p, E, S> {
+    task: Task<'a, 'q, E, S>,
+    part: Part<'p>,
+    sc: &'a mut TaskScratch,
+}
+
+impl<E: Element, S: KvSource<E>> Job for TaskJob<'_, '_, '_, E, S> {
+    type Output = ();
+
+    #[inline(always)]
+    unsafe fn run<K: Kernels>(self) {
+        // SAFETY: the CPU supports K's set (this function's contract).
+        unsafe { task_impl::<E, S, K>(&self.task, self.part, self.sc) }
     }
-}
-
-/// # Safety
-/// The CPU supports AVX2, FMA and F16C.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn task_avx2<E: Element, S: KvSource<E>>(
-    q: &View3<'_, E>,
-    kv: &S,
-    params: &Params,
-    g: usize,
-    first_pos: usize,
-    t: &TaskSpec,
-    part: Part<'_>,
-    sc: &mut TaskScratch,
-) {
-    task_impl::<E, S, Avx2>(q, kv, params, g, first_pos, t, part, sc)
-}
-
-/// # Safety
-/// The CPU supports AVX-512 F/BW/VL, AVX2, FMA and F16C.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn task_avx512<E: Element, S: KvSource<E>>(
-    q: &View3<'_, E>,
-    kv: &S,
-    params: &Params,
-    g: usize,
-    first_pos: usize,
-    t: &TaskSpec,
-    part: Part<'_>,
-    sc: &mut TaskScratch,
-) {
-    task_impl::<E, S, Avx512>(q, kv, params, g, first_pos, t, part, sc)
 }
 
 /// `a * b + c`, fused where `fma` (a constant of the instruction set) says so.
@@ -490,20 +452,25 @@ fn fmadd(fma: bool, a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// One task: rows `(q1 - q0) * g` over keys `a..b` of kv head `kvh`, into `part`. `K`'s
-/// instruction set must be the CPU's (its callers run it inside a wrapper compiled for it).
+/// One task: rows `(q1 - q0) * g` over keys `a..b` of kv head `kvh`, into `part`.
+///
+/// # Safety
+/// `K`'s instruction set is the CPU's (its caller, a `Job`, runs inside `K::run`, compiled
+/// for it).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
-    q: &View3<'_, E>,
-    kv: &S,
-    params: &Params,
-    g: usize,
-    first_pos: usize,
-    t: &TaskSpec,
+unsafe fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
+    task: &Task<'_, '_, E, S>,
     part: Part<'_>,
     sc: &mut TaskScratch,
 ) {
+    let Task {
+        q,
+        kv,
+        params,
+        g,
+        first_pos,
+        t,
+    } = *task;
     let d = q.shape[2];
     let rows = (t.q1 - t.q0) * g;
     // Few rows (decode): read K and V where they lie. Many rows (prefill): convert each

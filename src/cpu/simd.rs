@@ -4,9 +4,18 @@
 //!
 //! Three instruction sets, chosen once at run time (`Isa::best`): AVX-512 (F, BW, VL) where
 //! the CPU has it, AVX2 with FMA and F16C otherwise, and portable code everywhere else (the
-//! reference the others are tested against). Each is a `Kernels` implementation; the
-//! attention kernel is compiled once per implementation inside a `#[target_feature]` wrapper,
-//! so its remaining loops (the softmax over a tile) are vectorised for that set too.
+//! path the others are compared with in the attention tests). Each is a `Kernels`
+//! implementation. The SIMD
+//! kernels are written once, generic over `Lanes` (a vector of f32 lanes and the few
+//! operations they use; `x86` implements it for `__m256` and `__m512`), `#[inline(always)]`,
+//! and compiled per set inside that set's `#[target_feature]` entry points (`simd_kernels!`).
+//! Work compiled for a set as a whole (the attention task, so that its remaining loops, the
+//! softmax over a tile, are vectorised for that set too) goes through `Isa::run` with a `Job`.
+//!
+//! Nothing in CI can run AVX-512, so the set picked checks itself once, on first use, against
+//! what the portable code computes (`check`, an f64 reference of the same sums, within the
+//! unit tests' tolerance): one that disagrees gives way to the next one down, and the reason
+//! is kept (`choice`, `_core.cpu_isa_failures()`).
 //!
 //! Every path accumulates in f32; they differ only in summation order. AVX-512's bf16 dot
 //! product (`vdpbf16ps`) is not used: it would need the scaled queries and the probabilities
@@ -15,6 +24,13 @@
 use super::math::TK;
 use crate::tensor::{Element, Rows};
 use std::sync::OnceLock;
+
+pub(crate) mod check;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Avx2, Avx512};
 
 /// An instruction set of the CPU attention kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -61,26 +77,76 @@ impl Isa {
         }
     }
 
-    /// The widest set this CPU supports, decided once per process.
+    /// The widest set this CPU supports whose kernels pass the self-check, decided once per
+    /// process (`choice`).
     pub fn best() -> Isa {
-        static BEST: OnceLock<Isa> = OnceLock::new();
-        *BEST.get_or_init(|| {
-            Isa::ALL
-                .into_iter()
-                .rev()
-                .find(|i| i.supported())
-                .unwrap_or(Isa::Scalar)
-        })
+        choice().isa
     }
+
+    /// Runs `job` with this set's kernels, compiled for this set (`Kernels::run`).
+    ///
+    /// # Panics
+    /// If this CPU lacks the set.
+    pub(crate) fn run<J: Job>(self, job: J) -> J::Output {
+        // Checked here (a cached flag test) so that the unsafe calls below rest on this
+        // function alone.
+        assert!(self.supported(), "{} is not supported", self.name());
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU supports AVX-512 F/BW/VL, AVX2, FMA and F16C (asserted above).
+            Isa::Avx512 => unsafe { Avx512::run(job) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU supports AVX2, FMA and F16C (asserted above).
+            Isa::Avx2 => unsafe { Avx2::run(job) },
+            // SAFETY: the portable set runs everywhere.
+            _ => unsafe { Scalar::run(job) },
+        }
+    }
+}
+
+/// What `Isa::best` decided, once per process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Choice {
+    /// The set the CPU attention runs.
+    pub isa: Isa,
+    /// Per wider set this CPU supports but whose self-check failed: `"<name>: <reason>"`.
+    pub failures: Vec<String>,
+}
+
+/// The set chosen for this process and the wider ones passed over: the widest supported set
+/// whose kernels agree with the reference on a few small problems (`check::SELF_CHECK`).
+pub fn choice() -> &'static Choice {
+    static CHOICE: OnceLock<Choice> = OnceLock::new();
+    CHOICE.get_or_init(|| check::choose(|isa| isa.run(check::Compare(check::SELF_CHECK))))
+}
+
+/// Work compiled for one instruction set as a whole: `Isa::run` calls `run::<K>` inside
+/// `K`'s `#[target_feature]` entry point, so an `#[inline(always)]` `run` (and everything it
+/// inlines) is compiled for that set.
+pub(crate) trait Job {
+    type Output;
+    /// # Safety
+    /// The CPU supports `K`'s instruction set (`Isa::run` checks it).
+    unsafe fn run<K: Kernels>(self) -> Self::Output;
 }
 
 /// The hot loops of one instruction set.
 ///
 /// Layouts (all row-major): `q` and `o` hold `rows` rows of `head_dim` f32 (`head_dim` is the
 /// width of the key or value rows); `s` and `p` hold `rows` rows of `TK` f32.
-pub(crate) trait Kernels {
+pub(crate) trait Kernels: Sized {
     /// Whether the generic loops compiled with this set may fuse multiply-adds.
     const FMA: bool;
+
+    /// `job.run::<Self>()`, compiled for this set (a SIMD set overrides this default with
+    /// its `#[target_feature]` entry point, `simd_kernels!`).
+    ///
+    /// # Safety
+    /// The CPU supports this instruction set (`Isa::supported`).
+    unsafe fn run<J: Job>(job: J) -> J::Output {
+        // SAFETY: by the contract.
+        unsafe { job.run::<Self>() }
+    }
 
     /// `s[r][j] = q[r] . k.row(j)` for `r < rows`, `j < n`.
     ///
@@ -124,35 +190,45 @@ impl Kernels for Scalar {
     const FMA: bool = false;
 
     unsafe fn scores<E: Element>(q: &[f32], rows: usize, k: &Rows<'_, E>, n: usize, s: &mut [f32]) {
-        let d = k.width;
-        check_lengths(q, d, rows, k, n, s, TK);
-        for r in 0..rows {
-            let qr = &q[r * d..(r + 1) * d];
-            for j in 0..n {
-                s[r * TK + j] = dot(qr, k.row(j));
-            }
-        }
+        scalar_scores(q, rows, k, n, s)
     }
 
     unsafe fn pv<E: Element>(p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]) {
-        let d = v.width;
-        check_lengths(p, TK, rows, v, n, o, d);
-        for r in 0..rows {
-            let pr: &[f32; TK] = p[r * TK..(r + 1) * TK].try_into().expect("TK");
-            let orow = &mut o[r * d..(r + 1) * d];
-            let mut dc = 0;
-            while dc + 64 <= d {
-                pv_block::<E, 64>(orow, pr, n, v, dc);
-                dc += 64;
-            }
-            while dc + 8 <= d {
-                pv_block::<E, 8>(orow, pr, n, v, dc);
-                dc += 8;
-            }
-            while dc < d {
-                pv_block::<E, 1>(orow, pr, n, v, dc);
-                dc += 1;
-            }
+        scalar_pv(p, rows, v, n, o)
+    }
+}
+
+/// `Kernels::scores`, portable.
+fn scalar_scores<E: Element>(q: &[f32], rows: usize, k: &Rows<'_, E>, n: usize, s: &mut [f32]) {
+    let d = k.width;
+    check_lengths(q, d, rows, k, n, s, TK);
+    for r in 0..rows {
+        let qr = &q[r * d..(r + 1) * d];
+        for j in 0..n {
+            s[r * TK + j] = dot(qr, k.row(j));
+        }
+    }
+}
+
+/// `Kernels::pv`, portable.
+fn scalar_pv<E: Element>(p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]) {
+    let d = v.width;
+    check_lengths(p, TK, rows, v, n, o, d);
+    for r in 0..rows {
+        let pr: &[f32; TK] = p[r * TK..(r + 1) * TK].try_into().expect("TK");
+        let orow = &mut o[r * d..(r + 1) * d];
+        let mut dc = 0;
+        while dc + 64 <= d {
+            pv_block::<E, 64>(orow, pr, n, v, dc);
+            dc += 64;
+        }
+        while dc + 8 <= d {
+            pv_block::<E, 8>(orow, pr, n, v, dc);
+            dc += 8;
+        }
+        while dc < d {
+            pv_block::<E, 1>(orow, pr, n, v, dc);
+            dc += 1;
         }
     }
 }
@@ -194,674 +270,344 @@ fn pv_block<E: Element, const W: usize>(
     orow[dc..dc + W].copy_from_slice(&acc);
 }
 
-#[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{Avx2, Avx512};
+/// A vector of `N` f32 lanes of one SIMD instruction set, and the operations the kernels
+/// below need.
+///
+/// # Safety
+/// Every method's caller runs on a CPU with the set, inside a function compiled for it (the
+/// methods are `#[inline(always)]`, so their intrinsics compile into that function: the
+/// set's `Kernels` entry points). A pointer addresses every element the method names; the
+/// lanes a partial access leaves out are neither read nor written.
+pub(crate) trait Lanes {
+    /// The vector.
+    type V: Copy;
+    /// Its f32 lanes (at most 16).
+    const N: usize;
+    /// Whether the set has 32 vector registers (else 16): wider register blocks fit.
+    const WIDE: bool;
 
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{check_lengths, Kernels, TK};
-    use crate::tensor::{DType, Element, Rows};
-    use std::arch::x86_64::*;
+    /// All lanes zero.
+    unsafe fn zero() -> Self::V;
+    /// All lanes `x`.
+    unsafe fn splat(x: f32) -> Self::V;
+    /// `a * b + c`, fused, per lane.
+    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// The `N` elements at `p`, as f32.
+    unsafe fn load<E: Element>(p: *const E) -> Self::V;
+    /// The `n < N` elements at `p`, as f32, in the first `n` lanes; the others zero.
+    unsafe fn load_part<E: Element>(p: *const E, n: usize) -> Self::V;
+    /// Writes the `N` lanes to `p`.
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// Writes the first `n < N` lanes to `p`.
+    unsafe fn store_part(p: *mut f32, n: usize, v: Self::V);
+    /// `out[i]` = the sum of the lanes of `v[i]`, for `v.len() == out.len() <= 16`.
+    unsafe fn sums(v: &[Self::V], out: &mut [f32]);
+}
 
-    /// AVX2 + FMA + F16C.
-    pub(crate) struct Avx2;
-    /// AVX-512 F + BW + VL (and what they imply: AVX2, FMA, F16C).
-    pub(crate) struct Avx512;
+/// `Kernels` for a `Lanes` set `$isa`: entry points compiled for `$features` (which must
+/// include everything `$isa`'s intrinsics need) around the generic bodies below.
+macro_rules! simd_kernels {
+    ($isa:ty, $features:literal) => {
+        impl $crate::cpu::simd::Kernels for $isa {
+            const FMA: bool = true;
 
-    impl Kernels for Avx2 {
-        const FMA: bool = true;
-
-        unsafe fn scores<E: Element>(
-            q: &[f32],
-            rows: usize,
-            k: &Rows<'_, E>,
-            n: usize,
-            s: &mut [f32],
-        ) {
-            let d = k.width;
-            check_lengths(q, d, rows, k, n, s, TK);
-            // SAFETY: the caller vouches for AVX2/FMA/F16C; lengths checked just above.
-            unsafe {
-                avx2::scores(
-                    q.as_ptr(),
-                    rows,
-                    d,
-                    k.data.as_ptr(),
-                    k.stride,
-                    n,
-                    s.as_mut_ptr(),
-                )
+            #[target_feature(enable = $features)]
+            unsafe fn run<J: $crate::cpu::simd::Job>(job: J) -> J::Output {
+                // SAFETY: the caller vouches for the set.
+                unsafe { job.run::<Self>() }
             }
-        }
 
-        unsafe fn pv<E: Element>(p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]) {
-            let d = v.width;
-            check_lengths(p, TK, rows, v, n, o, d);
-            // SAFETY: the caller vouches for AVX2/FMA/F16C; lengths checked just above.
-            unsafe {
-                avx2::pv(
-                    p.as_ptr(),
-                    rows,
-                    v.data.as_ptr(),
-                    v.stride,
-                    n,
-                    o.as_mut_ptr(),
-                    d,
-                )
+            $crate::cpu::simd::simd_kernels!(@entry $features, scores, false);
+            $crate::cpu::simd::simd_kernels!(@entry $features, pv, true);
+        }
+    };
+    // `Kernels::scores` (`a`: `q`, `b`: `s`) or `Kernels::pv` (`a`: `p`, `b`: `o`).
+    (@entry $features:literal, $name:ident, $pv:literal) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<E: $crate::tensor::Element>(
+            a: &[f32],
+            rows: usize,
+            kv: &$crate::tensor::Rows<'_, E>,
+            n: usize,
+            b: &mut [f32],
+        ) {
+            // SAFETY: compiled for the set, which the caller vouches for; the body checks the
+            // lengths.
+            unsafe { $crate::cpu::simd::lanes_kernel::<Self, E, $pv>(a, rows, kv, n, b) }
+        }
+    };
+}
+pub(crate) use simd_kernels;
+
+/// `$f::<G.., R, J>(args)` for a block of `$rb` (1 to 4) query rows, with `J` (keys, or
+/// vectors of output columns, per row) such that the `R * J` accumulators, `J` loaded
+/// vectors and a query or broadcast fit the register file: 16 vectors, or 32 with `$wide`.
+macro_rules! by_rows {
+    ($wide:expr, $rb:expr, $f:ident::<$($g:tt),*>($($a:expr),* $(,)?)) => {
+        match ($rb, $wide) {
+            (4, false) => $f::<$($g,)* 4, 2>($($a),*),
+            (4, true) => $f::<$($g,)* 4, 4>($($a),*),
+            (3, false) => $f::<$($g,)* 3, 2>($($a),*),
+            (3, true) => $f::<$($g,)* 3, 4>($($a),*),
+            (2, false) => $f::<$($g,)* 2, 4>($($a),*),
+            (2, true) => $f::<$($g,)* 2, 8>($($a),*),
+            _ => $f::<$($g,)* 1, 8>($($a),*),
+        }
+    };
+}
+
+/// `w` elements at `p` (all `N`, or the first `w < N`), as f32.
+///
+/// # Safety
+/// As `Lanes::load` and `Lanes::load_part`.
+#[inline(always)]
+unsafe fn load_w<L: Lanes, E: Element>(p: *const E, w: usize) -> L::V {
+    // SAFETY: by the contract.
+    unsafe {
+        if w == L::N {
+            L::load(p)
+        } else {
+            L::load_part(p, w)
+        }
+    }
+}
+
+/// Writes the first `w` lanes (all `N`, or fewer) of `v` to `p`.
+///
+/// # Safety
+/// As `Lanes::store` and `Lanes::store_part`.
+#[inline(always)]
+unsafe fn store_w<L: Lanes>(p: *mut f32, w: usize, v: L::V) {
+    // SAFETY: by the contract.
+    unsafe {
+        if w == L::N {
+            L::store(p, v)
+        } else {
+            L::store_part(p, w, v)
+        }
+    }
+}
+
+/// `Kernels::scores` (`PV` false: `a` is `q`, `b` is `s`) or `Kernels::pv` (`PV` true: `a`
+/// is `p`, `b` is `o`) for a `Lanes` set, rows in blocks of up to 4.
+///
+/// # Safety
+/// As `Lanes` (compiled into the set's entry point, on a CPU with the set). Lengths are
+/// checked here.
+#[inline(always)]
+pub(crate) unsafe fn lanes_kernel<L: Lanes, E: Element, const PV: bool>(
+    a: &[f32],
+    rows: usize,
+    kv: &Rows<'_, E>,
+    n: usize,
+    b: &mut [f32],
+) {
+    let d = kv.width;
+    let (aw, bw) = if PV { (TK, d) } else { (d, TK) };
+    check_lengths(a, aw, rows, kv, n, b, bw);
+    let (a, kvp, kvs, b) = (a.as_ptr(), kv.data.as_ptr(), kv.stride, b.as_mut_ptr());
+    for r0 in (0..rows).step_by(4) {
+        let rb = (rows - r0).min(4);
+        // SAFETY: rows r0..r0 + rb of a and b and the n rows of kv are in bounds (checked
+        // above); the set is the CPU's by the contract.
+        unsafe {
+            let (a, b) = (a.add(r0 * aw), b.add(r0 * bw));
+            by_rows!(L::WIDE, rb, row_block::<L, E, PV>(a, d, kvp, kvs, n, b))
+        }
+    }
+}
+
+/// `keys` or `cols` for `R` rows.
+///
+/// # Safety
+/// As `lanes_kernel`, for `R` rows.
+#[inline(always)]
+unsafe fn row_block<L: Lanes, E: Element, const PV: bool, const R: usize, const J: usize>(
+    a: *const f32,
+    d: usize,
+    kv: *const E,
+    kvs: usize,
+    n: usize,
+    b: *mut f32,
+) {
+    // SAFETY: by the contract.
+    unsafe {
+        if PV {
+            cols::<L, E, R, J>(a, kv, kvs, n, b, d)
+        } else {
+            keys::<L, E, R, J>(a, d, kv, kvs, n, b)
+        }
+    }
+}
+
+/// `R` rows of `q` (`d` apart) against keys `0..n` (`ks` apart), `J` keys at a time.
+///
+/// # Safety
+/// As `lanes_kernel` (scores), for `R` rows.
+#[inline(always)]
+unsafe fn keys<L: Lanes, E: Element, const R: usize, const J: usize>(
+    q: *const f32,
+    d: usize,
+    k: *const E,
+    ks: usize,
+    n: usize,
+    s: *mut f32,
+) {
+    let mut j = 0;
+    // SAFETY: keys j..j + J (then j) are below n: in bounds by the contract.
+    unsafe {
+        while j + J <= n {
+            block::<L, E, R, J>(q, d, k.add(j * ks), ks, s.add(j));
+            j += J;
+        }
+        while j < n {
+            block::<L, E, R, 1>(q, d, k.add(j * ks), ks, s.add(j));
+            j += 1;
+        }
+    }
+}
+
+/// Scores of `R` rows against `J` keys: `s[r * TK + jj]`. The last `d % N` columns are one
+/// partial step.
+///
+/// # Safety
+/// As `lanes_kernel` (scores), for `R` rows and `J` keys.
+#[inline(always)]
+unsafe fn block<L: Lanes, E: Element, const R: usize, const J: usize>(
+    q: *const f32,
+    d: usize,
+    k: *const E,
+    ks: usize,
+    s: *mut f32,
+) {
+    const { assert!(R * J <= 16) };
+    // SAFETY: the set is the CPU's; steps read columns i..i + N <= d, the last one i..d only,
+    // of the R rows and J keys; s[r * TK + jj] is in bounds by the contract.
+    unsafe {
+        let mut acc = [[L::zero(); J]; R];
+        let mut i = 0;
+        while i + L::N <= d {
+            dot_step::<L, E, R, J>(&mut acc, q, d, k, ks, i, L::N);
+            i += L::N;
+        }
+        if i < d {
+            dot_step::<L, E, R, J>(&mut acc, q, d, k, ks, i, d - i);
+        }
+        let mut all = [L::zero(); 16];
+        for (r, a) in acc.iter().enumerate() {
+            all[r * J..(r + 1) * J].copy_from_slice(a);
+        }
+        let mut sums = [0f32; 16];
+        L::sums(&all[..R * J], &mut sums[..R * J]);
+        for r in 0..R {
+            for jj in 0..J {
+                *s.add(r * TK + jj) = sums[r * J + jj];
             }
         }
     }
+}
 
-    impl Kernels for Avx512 {
-        const FMA: bool = true;
-
-        unsafe fn scores<E: Element>(
-            q: &[f32],
-            rows: usize,
-            k: &Rows<'_, E>,
-            n: usize,
-            s: &mut [f32],
-        ) {
-            let d = k.width;
-            check_lengths(q, d, rows, k, n, s, TK);
-            // SAFETY: the caller vouches for AVX-512 F/BW/VL; lengths checked just above.
-            unsafe {
-                avx512::scores(
-                    q.as_ptr(),
-                    rows,
-                    d,
-                    k.data.as_ptr(),
-                    k.stride,
-                    n,
-                    s.as_mut_ptr(),
-                )
-            }
+/// `acc[r][jj] += q[r][i..i + w] * k[jj][i..i + w]` lane by lane (`w <= N`; lanes past `w`
+/// add zero).
+///
+/// # Safety
+/// As `block`, for columns `i..i + w`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_step<L: Lanes, E: Element, const R: usize, const J: usize>(
+    acc: &mut [[L::V; J]; R],
+    q: *const f32,
+    d: usize,
+    k: *const E,
+    ks: usize,
+    i: usize,
+    w: usize,
+) {
+    // SAFETY: columns i..i + w of the R rows and J keys, by the contract.
+    unsafe {
+        let mut kv = [L::zero(); J];
+        for (jj, x) in kv.iter_mut().enumerate() {
+            *x = load_w::<L, E>(k.add(jj * ks + i), w);
         }
-
-        unsafe fn pv<E: Element>(p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]) {
-            let d = v.width;
-            check_lengths(p, TK, rows, v, n, o, d);
-            // SAFETY: the caller vouches for AVX-512 F/BW/VL; lengths checked just above.
-            unsafe {
-                avx512::pv(
-                    p.as_ptr(),
-                    rows,
-                    v.data.as_ptr(),
-                    v.stride,
-                    n,
-                    o.as_mut_ptr(),
-                    d,
-                )
+        for (r, a) in acc.iter_mut().enumerate() {
+            let qv = load_w::<L, f32>(q.add(r * d + i), w);
+            for jj in 0..J {
+                a[jj] = L::fmadd(qv, kv[jj], a[jj]);
             }
         }
     }
+}
 
-    /// Lane `i` of the result: the sum of the lanes of `v[i]`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum8(v: [__m256; 8]) -> __m256 {
-        let t0 = _mm256_hadd_ps(v[0], v[1]);
-        let t1 = _mm256_hadd_ps(v[2], v[3]);
-        let t2 = _mm256_hadd_ps(v[4], v[5]);
-        let t3 = _mm256_hadd_ps(v[6], v[7]);
-        // Low halves: v0..v3's (then v4..v7's) sums of lanes 0..4; high halves: of 4..8.
-        let u0 = _mm256_hadd_ps(t0, t1);
-        let u1 = _mm256_hadd_ps(t2, t3);
-        _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(u0, u1),
-            _mm256_permute2f128_ps::<0x31>(u0, u1),
-        )
-    }
-
-    /// The scalar tail of a dot product: `acc + sum_{i in a..b} q[i] * k[i]`.
-    ///
-    /// # Safety
-    /// `q` and `k` hold `b` elements.
-    #[inline(always)]
-    unsafe fn tail<E: Element>(q: *const f32, k: *const E, a: usize, b: usize, acc: f32) -> f32 {
-        let mut x = acc;
-        for i in a..b {
-            // SAFETY: i < b, in bounds by the contract.
-            x = unsafe { (*q.add(i)).mul_add((*k.add(i)).to_f32(), x) };
+/// `R` output rows (`d` apart), `B` vectors of columns at a time, then one, then the rest.
+///
+/// # Safety
+/// As `lanes_kernel` (`p . V`), for `R` rows.
+#[inline(always)]
+unsafe fn cols<L: Lanes, E: Element, const R: usize, const B: usize>(
+    p: *const f32,
+    v: *const E,
+    vs: usize,
+    n: usize,
+    o: *mut f32,
+    d: usize,
+) {
+    let mut i = 0;
+    // SAFETY: columns i..i + N * B (then i..i + N, then i..d) are below d.
+    unsafe {
+        while i + L::N * B <= d {
+            cblock::<L, E, R, B>(p, v.add(i), vs, n, o.add(i), d, L::N);
+            i += L::N * B;
         }
-        x
-    }
-
-    mod avx2 {
-        use super::*;
-
-        /// 8 elements at `p` as f32.
-        ///
-        /// # Safety
-        /// `p` addresses 8 readable elements; AVX2/F16C present.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn load<E: Element>(p: *const E) -> __m256 {
-            // SAFETY: by the contract.
-            unsafe {
-                match E::DTYPE {
-                    DType::F32 => _mm256_loadu_ps(p as *const f32),
-                    DType::BF16 => {
-                        let h = _mm_loadu_si128(p as *const __m128i);
-                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-                    }
-                    DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
-                }
-            }
+        while i + L::N <= d {
+            cblock::<L, E, R, 1>(p, v.add(i), vs, n, o.add(i), d, L::N);
+            i += L::N;
         }
-
-        /// See `Kernels::scores`; `k` rows `ks` elements apart.
-        ///
-        /// # Safety
-        /// AVX2/FMA/F16C present; `q`: `rows * d`, `k`: `n` rows, `s`: `rows * TK` in bounds.
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub(super) unsafe fn scores<E: Element>(
-            q: *const f32,
-            rows: usize,
-            d: usize,
-            k: *const E,
-            ks: usize,
-            n: usize,
-            s: *mut f32,
-        ) {
-            let mut r0 = 0;
-            while r0 < rows {
-                let rb = (rows - r0).min(4);
-                // SAFETY: rows r0..r0 + rb are in bounds by the contract.
-                unsafe {
-                    let (q, s) = (q.add(r0 * d), s.add(r0 * TK));
-                    // At most 8 accumulators: one horizontal sum for all of them.
-                    match rb {
-                        4 => keys::<E, 4, 2>(q, d, k, ks, n, s),
-                        3 => keys::<E, 3, 2>(q, d, k, ks, n, s),
-                        2 => keys::<E, 2, 4>(q, d, k, ks, n, s),
-                        _ => keys::<E, 1, 8>(q, d, k, ks, n, s),
-                    }
-                }
-                r0 += rb;
-            }
-        }
-
-        /// `R` rows against every key, `J` keys at a time.
-        ///
-        /// # Safety
-        /// As `scores`, for `R` rows.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn keys<E: Element, const R: usize, const J: usize>(
-            q: *const f32,
-            d: usize,
-            k: *const E,
-            ks: usize,
-            n: usize,
-            s: *mut f32,
-        ) {
-            let mut j = 0;
-            // SAFETY: keys j..j + J (then j) are below n: in bounds by the contract.
-            unsafe {
-                while j + J <= n {
-                    block::<E, R, J>(q, d, k.add(j * ks), ks, s.add(j));
-                    j += J;
-                }
-                while j < n {
-                    block::<E, R, 1>(q, d, k.add(j * ks), ks, s.add(j));
-                    j += 1;
-                }
-            }
-        }
-
-        /// Scores of `R` rows against `J` keys: `s[r * TK + jj]`.
-        ///
-        /// # Safety
-        /// As `scores`, for `R` rows and `J` keys.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn block<E: Element, const R: usize, const J: usize>(
-            q: *const f32,
-            d: usize,
-            k: *const E,
-            ks: usize,
-            s: *mut f32,
-        ) {
-            const { assert!(R * J <= 8) };
-            let d8 = d / 8 * 8;
-            let mut acc = [[_mm256_setzero_ps(); J]; R];
-            let mut i = 0;
-            // SAFETY: i + 8 <= d: every load is within a row of q or k.
-            unsafe {
-                while i < d8 {
-                    let mut kv = [_mm256_setzero_ps(); J];
-                    for (jj, x) in kv.iter_mut().enumerate() {
-                        *x = load(k.add(jj * ks + i));
-                    }
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let qv = _mm256_loadu_ps(q.add(r * d + i));
-                        for jj in 0..J {
-                            a[jj] = _mm256_fmadd_ps(qv, kv[jj], a[jj]);
-                        }
-                    }
-                    i += 8;
-                }
-            }
-            let mut all = [_mm256_setzero_ps(); 8];
-            for r in 0..R {
-                all[r * J..(r + 1) * J].copy_from_slice(&acc[r]);
-            }
-            let mut sums = [0f32; 8];
-            // SAFETY: `sums` holds 8 f32.
-            unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), hsum8(all)) };
-            for r in 0..R {
-                for jj in 0..J {
-                    // SAFETY: the tail d8..d lies within the rows; s[r * TK + jj] in bounds.
-                    unsafe {
-                        let x = tail(q.add(r * d), k.add(jj * ks), d8, d, sums[r * J + jj]);
-                        *s.add(r * TK + jj) = x;
-                    }
-                }
-            }
-        }
-
-        /// See `Kernels::pv`; `v` rows `vs` elements apart, `o` rows `d` apart.
-        ///
-        /// # Safety
-        /// AVX2/FMA/F16C present; `p`: `rows * TK`, `v`: `n` rows, `o`: `rows * d` in bounds.
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub(super) unsafe fn pv<E: Element>(
-            p: *const f32,
-            rows: usize,
-            v: *const E,
-            vs: usize,
-            n: usize,
-            o: *mut f32,
-            d: usize,
-        ) {
-            let mut r0 = 0;
-            while r0 < rows {
-                let rb = (rows - r0).min(4);
-                // SAFETY: rows r0..r0 + rb are in bounds by the contract.
-                unsafe {
-                    let (p, o) = (p.add(r0 * TK), o.add(r0 * d));
-                    // R * B accumulators + B values + a broadcast within 16 registers.
-                    match rb {
-                        4 => cols::<E, 4, 2>(p, v, vs, n, o, d),
-                        3 => cols::<E, 3, 2>(p, v, vs, n, o, d),
-                        2 => cols::<E, 2, 4>(p, v, vs, n, o, d),
-                        _ => cols::<E, 1, 8>(p, v, vs, n, o, d),
-                    }
-                }
-                r0 += rb;
-            }
-        }
-
-        /// # Safety
-        /// As `pv`, for `R` rows.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn cols<E: Element, const R: usize, const B: usize>(
-            p: *const f32,
-            v: *const E,
-            vs: usize,
-            n: usize,
-            o: *mut f32,
-            d: usize,
-        ) {
-            let mut i = 0;
-            // SAFETY: columns i..i + 8 * B (then i..i + 8) are below d.
-            unsafe {
-                while i + 8 * B <= d {
-                    cblock::<E, R, B>(p, v.add(i), vs, n, o.add(i), d);
-                    i += 8 * B;
-                }
-                while i + 8 <= d {
-                    cblock::<E, R, 1>(p, v.add(i), vs, n, o.add(i), d);
-                    i += 8;
-                }
-            }
-            for r in 0..R {
-                for c in i..d {
-                    // SAFETY: c < d and j < n: within the rows.
-                    unsafe {
-                        let mut x = *o.add(r * d + c);
-                        for j in 0..n {
-                            x = (*p.add(r * TK + j)).mul_add((*v.add(j * vs + c)).to_f32(), x);
-                        }
-                        *o.add(r * d + c) = x;
-                    }
-                }
-            }
-        }
-
-        /// Columns `0..8 * B` of `R` output rows, in registers over the `n` keys.
-        ///
-        /// # Safety
-        /// As `pv`, for `R` rows and `8 * B` columns.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn cblock<E: Element, const R: usize, const B: usize>(
-            p: *const f32,
-            v: *const E,
-            vs: usize,
-            n: usize,
-            o: *mut f32,
-            d: usize,
-        ) {
-            // SAFETY: every access is within the R rows' first 8 * B columns or the n keys.
-            unsafe {
-                let mut acc = [[_mm256_setzero_ps(); B]; R];
-                for (r, a) in acc.iter_mut().enumerate() {
-                    for (b, x) in a.iter_mut().enumerate() {
-                        *x = _mm256_loadu_ps(o.add(r * d + 8 * b));
-                    }
-                }
-                for j in 0..n {
-                    let mut vv = [_mm256_setzero_ps(); B];
-                    for (b, x) in vv.iter_mut().enumerate() {
-                        *x = load(v.add(j * vs + 8 * b));
-                    }
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let pr = _mm256_set1_ps(*p.add(r * TK + j));
-                        for b in 0..B {
-                            a[b] = _mm256_fmadd_ps(pr, vv[b], a[b]);
-                        }
-                    }
-                }
-                for (r, a) in acc.iter().enumerate() {
-                    for (b, x) in a.iter().enumerate() {
-                        _mm256_storeu_ps(o.add(r * d + 8 * b), *x);
-                    }
-                }
-            }
+        if i < d {
+            cblock::<L, E, R, 1>(p, v.add(i), vs, n, o.add(i), d, d - i);
         }
     }
+}
 
-    mod avx512 {
-        use super::*;
-
-        /// 16 elements at `p` as f32.
-        ///
-        /// # Safety
-        /// `p` addresses 16 readable elements; AVX-512 F/BW/VL present.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-        unsafe fn load<E: Element>(p: *const E) -> __m512 {
-            // SAFETY: by the contract.
-            unsafe {
-                match E::DTYPE {
-                    DType::F32 => _mm512_loadu_ps(p as *const f32),
-                    DType::BF16 => {
-                        let h = _mm256_loadu_si256(p as *const __m256i);
-                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-                    }
-                    DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+/// Columns `0..N * B` of `R` output rows, in registers over the `n` keys; with `w < N`
+/// (only with `B == 1`), columns `0..w`.
+///
+/// # Safety
+/// As `lanes_kernel` (`p . V`), for `R` rows and the columns named.
+#[inline(always)]
+unsafe fn cblock<L: Lanes, E: Element, const R: usize, const B: usize>(
+    p: *const f32,
+    v: *const E,
+    vs: usize,
+    n: usize,
+    o: *mut f32,
+    d: usize,
+    w: usize,
+) {
+    debug_assert!(w == L::N || B == 1);
+    // SAFETY: the set is the CPU's; every access is within the R rows' named columns or the
+    // n keys' probabilities, by the contract.
+    unsafe {
+        let mut acc = [[L::zero(); B]; R];
+        for (r, a) in acc.iter_mut().enumerate() {
+            for (b, x) in a.iter_mut().enumerate() {
+                *x = load_w::<L, f32>(o.add(r * d + b * L::N), w);
+            }
+        }
+        for j in 0..n {
+            let mut vv = [L::zero(); B];
+            for (b, x) in vv.iter_mut().enumerate() {
+                *x = load_w::<L, E>(v.add(j * vs + b * L::N), w);
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let pr = L::splat(*p.add(r * TK + j));
+                for b in 0..B {
+                    a[b] = L::fmadd(pr, vv[b], a[b]);
                 }
             }
         }
-
-        /// The lanes of `m` of the 16 elements at `p` as f32, zeros elsewhere.
-        ///
-        /// # Safety
-        /// `p` addresses readable elements in every lane of `m` (masked lanes are not read).
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-        unsafe fn load_mask<E: Element>(p: *const E, m: __mmask16) -> __m512 {
-            // SAFETY: by the contract; masked-off lanes do not fault.
-            unsafe {
-                match E::DTYPE {
-                    DType::F32 => _mm512_maskz_loadu_ps(m, p as *const f32),
-                    DType::BF16 => {
-                        let h = _mm256_maskz_loadu_epi16(m, p as *const i16);
-                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-                    }
-                    DType::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16)),
-                }
-            }
-        }
-
-        /// The sum of the two 8-lane halves of `z`.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-        fn fold(z: __m512) -> __m256 {
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(z)));
-            _mm256_add_ps(_mm512_castps512_ps256(z), hi)
-        }
-
-        /// See `Kernels::scores`; `k` rows `ks` elements apart.
-        ///
-        /// # Safety
-        /// AVX-512 F/BW/VL present; `q`: `rows * d`, `k`: `n` rows, `s`: `rows * TK` in
-        /// bounds.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-        pub(super) unsafe fn scores<E: Element>(
-            q: *const f32,
-            rows: usize,
-            d: usize,
-            k: *const E,
-            ks: usize,
-            n: usize,
-            s: *mut f32,
-        ) {
-            let mut r0 = 0;
-            while r0 < rows {
-                let rb = (rows - r0).min(4);
-                // SAFETY: rows r0..r0 + rb are in bounds by the contract.
-                unsafe {
-                    let (q, s) = (q.add(r0 * d), s.add(r0 * TK));
-                    // At most 16 accumulators + J keys + a query within 32 registers.
-                    match rb {
-                        4 => keys::<E, 4, 4>(q, d, k, ks, n, s),
-                        3 => keys::<E, 3, 4>(q, d, k, ks, n, s),
-                        2 => keys::<E, 2, 8>(q, d, k, ks, n, s),
-                        _ => keys::<E, 1, 8>(q, d, k, ks, n, s),
-                    }
-                }
-                r0 += rb;
-            }
-        }
-
-        /// # Safety
-        /// As `scores`, for `R` rows.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-        unsafe fn keys<E: Element, const R: usize, const J: usize>(
-            q: *const f32,
-            d: usize,
-            k: *const E,
-            ks: usize,
-            n: usize,
-            s: *mut f32,
-        ) {
-            let mut j = 0;
-            // SAFETY: keys j..j + J (then j) are below n: in bounds by the contract.
-            unsafe {
-                while j + J <= n {
-                    block::<E, R, J>(q, d, k.add(j * ks), ks, s.add(j));
-                    j += J;
-                }
-                while j < n {
-                    block::<E, R, 1>(q, d, k.add(j * ks), ks, s.add(j));
-                    j += 1;
-                }
-            }
-        }
-
-        /// Scores of `R` rows against `J` keys: `s[r * TK + jj]`. The tail of `d` past a
-        /// multiple of 16 is one masked step.
-        ///
-        /// # Safety
-        /// As `scores`, for `R` rows and `J` keys.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-        unsafe fn block<E: Element, const R: usize, const J: usize>(
-            q: *const f32,
-            d: usize,
-            k: *const E,
-            ks: usize,
-            s: *mut f32,
-        ) {
-            const { assert!(R * J <= 16) };
-            let d16 = d / 16 * 16;
-            let mut acc = [[_mm512_setzero_ps(); J]; R];
-            let mut i = 0;
-            // SAFETY: full steps read i..i + 16 <= d; the masked step reads lanes < d - d16.
-            unsafe {
-                while i < d16 {
-                    let mut kv = [_mm512_setzero_ps(); J];
-                    for (jj, x) in kv.iter_mut().enumerate() {
-                        *x = load(k.add(jj * ks + i));
-                    }
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let qv = _mm512_loadu_ps(q.add(r * d + i));
-                        for jj in 0..J {
-                            a[jj] = _mm512_fmadd_ps(qv, kv[jj], a[jj]);
-                        }
-                    }
-                    i += 16;
-                }
-                if d16 < d {
-                    let m: __mmask16 = (1u16 << (d - d16)) - 1;
-                    let mut kv = [_mm512_setzero_ps(); J];
-                    for (jj, x) in kv.iter_mut().enumerate() {
-                        *x = load_mask(k.add(jj * ks + d16), m);
-                    }
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let qv = _mm512_maskz_loadu_ps(m, q.add(r * d + d16));
-                        for jj in 0..J {
-                            a[jj] = _mm512_fmadd_ps(qv, kv[jj], a[jj]);
-                        }
-                    }
-                }
-            }
-            let mut all = [_mm256_setzero_ps(); 16];
-            for r in 0..R {
-                for jj in 0..J {
-                    all[r * J + jj] = fold(acc[r][jj]);
-                }
-            }
-            let mut sums = [0f32; 16];
-            let lo: [__m256; 8] = all[..8].try_into().expect("8");
-            let hi: [__m256; 8] = all[8..].try_into().expect("8");
-            // SAFETY: `sums` holds 16 f32.
-            unsafe {
-                _mm256_storeu_ps(sums.as_mut_ptr(), hsum8(lo));
-                if R * J > 8 {
-                    _mm256_storeu_ps(sums.as_mut_ptr().add(8), hsum8(hi));
-                }
-            }
-            for r in 0..R {
-                for jj in 0..J {
-                    // SAFETY: s[r * TK + jj] is in bounds by the contract.
-                    unsafe { *s.add(r * TK + jj) = sums[r * J + jj] };
-                }
-            }
-        }
-
-        /// See `Kernels::pv`; `v` rows `vs` elements apart, `o` rows `d` apart.
-        ///
-        /// # Safety
-        /// AVX-512 F/BW/VL present; `p`: `rows * TK`, `v`: `n` rows, `o`: `rows * d` in
-        /// bounds.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-        pub(super) unsafe fn pv<E: Element>(
-            p: *const f32,
-            rows: usize,
-            v: *const E,
-            vs: usize,
-            n: usize,
-            o: *mut f32,
-            d: usize,
-        ) {
-            let mut r0 = 0;
-            while r0 < rows {
-                let rb = (rows - r0).min(4);
-                // SAFETY: rows r0..r0 + rb are in bounds by the contract.
-                unsafe {
-                    let (p, o) = (p.add(r0 * TK), o.add(r0 * d));
-                    match rb {
-                        4 => cols::<E, 4, 4>(p, v, vs, n, o, d),
-                        3 => cols::<E, 3, 4>(p, v, vs, n, o, d),
-                        2 => cols::<E, 2, 8>(p, v, vs, n, o, d),
-                        _ => cols::<E, 1, 8>(p, v, vs, n, o, d),
-                    }
-                }
-                r0 += rb;
-            }
-        }
-
-        /// # Safety
-        /// As `pv`, for `R` rows.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-        unsafe fn cols<E: Element, const R: usize, const B: usize>(
-            p: *const f32,
-            v: *const E,
-            vs: usize,
-            n: usize,
-            o: *mut f32,
-            d: usize,
-        ) {
-            let mut i = 0;
-            // SAFETY: columns i..i + 16 * B (then 16, then the masked rest) are below d.
-            unsafe {
-                while i + 16 * B <= d {
-                    cblock::<E, R, B>(p, v.add(i), vs, n, o.add(i), d, !0);
-                    i += 16 * B;
-                }
-                while i + 16 <= d {
-                    cblock::<E, R, 1>(p, v.add(i), vs, n, o.add(i), d, !0);
-                    i += 16;
-                }
-                if i < d {
-                    let m: __mmask16 = (1u16 << (d - i)) - 1;
-                    cblock::<E, R, 1>(p, v.add(i), vs, n, o.add(i), d, m);
-                }
-            }
-        }
-
-        /// Columns `0..16 * B` of `R` output rows, in registers over the `n` keys; with
-        /// `B == 1`, only the lanes of `m` (all of them: `!0`).
-        ///
-        /// # Safety
-        /// As `pv`, for `R` rows and the columns named.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-        unsafe fn cblock<E: Element, const R: usize, const B: usize>(
-            p: *const f32,
-            v: *const E,
-            vs: usize,
-            n: usize,
-            o: *mut f32,
-            d: usize,
-            m: __mmask16,
-        ) {
-            let full = m == !0;
-            debug_assert!(full || B == 1);
-            // SAFETY: every access is within the R rows' named columns or the n keys; a
-            // partial block reads and writes only the lanes of `m`.
-            unsafe {
-                let mut acc = [[_mm512_setzero_ps(); B]; R];
-                for (r, a) in acc.iter_mut().enumerate() {
-                    for (b, x) in a.iter_mut().enumerate() {
-                        *x = _mm512_maskz_loadu_ps(m, o.add(r * d + 16 * b));
-                    }
-                }
-                for j in 0..n {
-                    let mut vv = [_mm512_setzero_ps(); B];
-                    for (b, x) in vv.iter_mut().enumerate() {
-                        let at = v.add(j * vs + 16 * b);
-                        *x = if full { load(at) } else { load_mask(at, m) };
-                    }
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let pr = _mm512_set1_ps(*p.add(r * TK + j));
-                        for b in 0..B {
-                            a[b] = _mm512_fmadd_ps(pr, vv[b], a[b]);
-                        }
-                    }
-                }
-                for (r, a) in acc.iter().enumerate() {
-                    for (b, x) in a.iter().enumerate() {
-                        _mm512_mask_storeu_ps(o.add(r * d + 16 * b), m, *x);
-                    }
-                }
+        for (r, a) in acc.iter().enumerate() {
+            for (b, x) in a.iter().enumerate() {
+                store_w::<L>(o.add(r * d + b * L::N), w, *x);
             }
         }
     }

@@ -3,6 +3,7 @@
 //! released.
 
 mod attention;
+mod cpu;
 mod errors;
 mod memory;
 mod plan;
@@ -30,6 +31,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(policy::share_split, m)?)?;
     m.add_function(wrap_pyfunction!(testing::_inject_failure, m)?)?;
     m.add_function(wrap_pyfunction!(memory::cuda_status, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu::cpu_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu::cpu_isa_failures, m)?)?;
     m.add_function(wrap_pyfunction!(memory::pinned_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(memory::pinned_pool_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(memory::release_pinned_pool, m)?)?;

@@ -1,159 +1,33 @@
-//! Unit tests of `src/cpu/simd.rs`: every SIMD kernel this CPU runs against the portable one.
-//!
-//! Tolerance: all paths accumulate in f32 and differ only in summation order (8 or 16 lanes
-//! of partial sums, fused multiply-adds), so a result may move by a few f32 roundings of the
-//! sum of its terms' magnitudes: 1e-5 of that sum bounds it with margin up to 256 terms, while
-//! an indexing or conversion slip moves it by O(1). Padding that a kernel must not read is NaN.
+//! Unit tests of `src/cpu/simd.rs`: every kernel this CPU runs, and the generic SIMD kernels
+//! at 4, 8 and 16 lanes, against the f64 reference of `check` (whose tolerance is explained
+//! there), and the choice of the set.
 
+use super::check::{Compare, Shapes};
 use super::*;
-use crate::test_common::Rng;
-use half::{bf16, f16};
-
-/// The SIMD sets this CPU runs (the portable one is the reference).
-fn simd_isas() -> Vec<Isa> {
-    Isa::ALL
-        .into_iter()
-        .filter(|i| *i != Isa::Scalar && i.supported())
-        .collect()
-}
-
-#[allow(unreachable_patterns)]
-fn scores_on<E: Element>(
-    isa: Isa,
-    q: &[f32],
-    rows: usize,
-    k: &Rows<'_, E>,
-    n: usize,
-    s: &mut [f32],
-) {
-    assert!(isa.supported());
-    // SAFETY: the CPU supports `isa` (asserted above); lengths are checked by the kernels.
-    unsafe {
-        match isa {
-            Isa::Scalar => Scalar::scores(q, rows, k, n, s),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => Avx2::scores(q, rows, k, n, s),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => Avx512::scores(q, rows, k, n, s),
-            _ => unreachable!("{isa:?} is not built for this target"),
-        }
-    }
-}
-
-#[allow(unreachable_patterns)]
-fn pv_on<E: Element>(isa: Isa, p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]) {
-    assert!(isa.supported());
-    // SAFETY: the CPU supports `isa` (asserted above); lengths are checked by the kernels.
-    unsafe {
-        match isa {
-            Isa::Scalar => Scalar::pv(p, rows, v, n, o),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => Avx2::pv(p, rows, v, n, o),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => Avx512::pv(p, rows, v, n, o),
-            _ => unreachable!("{isa:?} is not built for this target"),
-        }
-    }
-}
-
-/// `n` rows of `d` random elements, `stride` apart, NaN between them.
-fn rows_of<E: Element>(rng: &mut Rng, n: usize, d: usize, stride: usize) -> Vec<E> {
-    let len = if n == 0 { 0 } else { (n - 1) * stride + d };
-    (0..len)
-        .map(|i| {
-            let x = rng.uniform() * 2.0;
-            E::from_f32(if i % stride < d { x } else { f32::NAN })
-        })
-        .collect()
-}
-
-fn compare<E: Element>(isa: Isa, d: usize, rows: usize, n: usize, pad: usize, rng: &mut Rng) {
-    let stride = d + pad;
-    let data = rows_of::<E>(rng, n, d, stride);
-    let kv = Rows {
-        data: &data,
-        stride,
-        len: n,
-        width: d,
-    };
-    let what = format!("{isa:?} {:?} d={d} rows={rows} n={n} pad={pad}", E::DTYPE);
-
-    // Scores: keys past n stay untouched (NaN).
-    let q = rng.vec(rows * d, 2.0);
-    let (mut want, mut got) = (vec![f32::NAN; rows * TK], vec![f32::NAN; rows * TK]);
-    scores_on(Isa::Scalar, &q, rows, &kv, n, &mut want);
-    scores_on(isa, &q, rows, &kv, n, &mut got);
-    for r in 0..rows {
-        for j in 0..TK {
-            let (g, w) = (got[r * TK + j], want[r * TK + j]);
-            if j >= n {
-                assert!(g.is_nan(), "{what}: wrote key {j} of row {r}");
-                continue;
-            }
-            let mag: f32 = (0..d)
-                .map(|i| (q[r * d + i] * kv.row(j)[i].to_f32()).abs())
-                .sum();
-            assert!(
-                (g - w).abs() <= 1e-5 * mag + 1e-30,
-                "{what}: score [{r}][{j}] {g} vs {w}"
-            );
-        }
-    }
-
-    // p . V: probabilities past n are NaN, so reading them would show.
-    let mut p = vec![f32::NAN; rows * TK];
-    for r in 0..rows {
-        for j in 0..n {
-            p[r * TK + j] = (rng.uniform() + 1.0) / 2.0;
-        }
-    }
-    let o0 = rng.vec(rows * d, 1.0);
-    let (mut want, mut got) = (o0.clone(), o0.clone());
-    pv_on(Isa::Scalar, &p, rows, &kv, n, &mut want);
-    pv_on(isa, &p, rows, &kv, n, &mut got);
-    for r in 0..rows {
-        for i in 0..d {
-            let mag = o0[r * d + i].abs()
-                + (0..n)
-                    .map(|j| (p[r * TK + j] * kv.row(j)[i].to_f32()).abs())
-                    .sum::<f32>();
-            let (g, w) = (got[r * d + i], want[r * d + i]);
-            assert!(
-                (g - w).abs() <= 1e-5 * mag + 1e-30,
-                "{what}: output [{r}][{i}] {g} vs {w}"
-            );
-        }
-    }
-}
-
-fn compare_all<E: Element>(isa: Isa, seed: u64) {
-    let mut rng = Rng::new(seed);
-    for d in [1, 3, 8, 15, 16, 24, 64, 72, 80, 96, 100, 128, 136, 256] {
-        for rows in 1..=9 {
-            for n in [1, 2, 7, 8, 9, 63, TK] {
-                for pad in [0, 5] {
-                    compare::<E>(isa, d, rows, n, pad, &mut rng);
-                }
-            }
-        }
-    }
-}
 
 #[test]
-fn simd_kernels_match_the_portable_ones() {
-    let isas = simd_isas();
-    eprintln!("SIMD sets on this CPU: {isas:?}");
+fn every_kernel_of_this_cpu_matches_the_reference() {
+    let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.supported()).collect();
+    eprintln!("sets on this CPU: {isas:?}");
     for isa in isas {
-        compare_all::<f32>(isa, 1);
-        compare_all::<bf16>(isa, 2);
-        compare_all::<f16>(isa, 3);
+        let shapes = Shapes {
+            dims: &[1, 3, 8, 15, 16, 24, 64, 72, 80, 96, 100, 128, 136, 256],
+            rows: &[1, 2, 3, 4, 5, 6, 7, 8, 9],
+            keys: &[1, 2, 7, 8, 9, 63, TK],
+            pads: &[0, 5],
+            seed: 1,
+        };
+        if let Err(e) = isa.run(Compare(shapes)) {
+            panic!("{isa:?}: {e}");
+        }
     }
 }
 
 #[test]
-fn the_widest_supported_set_is_chosen() {
+fn the_widest_supported_set_that_checks_out_is_chosen() {
     let best = Isa::best();
     assert!(best.supported());
+    assert!(choice().failures.is_empty(), "{:?}", choice().failures);
     let at = Isa::ALL.iter().position(|i| *i == best).unwrap();
     assert!(
         Isa::ALL[at + 1..].iter().all(|i| !i.supported()),
@@ -165,17 +39,109 @@ fn the_widest_supported_set_is_chosen() {
     assert_eq!(best, Isa::Scalar);
 }
 
+/// `K::scores` with 4 keys of a tile holding 3.
+struct PastTheTile;
+
+impl Job for PastTheTile {
+    type Output = ();
+    unsafe fn run<K: Kernels>(self) {
+        let data = vec![0f32; 3 * 8];
+        let kv = Rows {
+            data: &data,
+            stride: 8,
+            len: 3,
+            width: 8,
+        };
+        let mut s = vec![0f32; TK];
+        // SAFETY: the CPU supports K's set (this function's contract).
+        unsafe { K::scores(&[0f32; 8], 1, &kv, 4, &mut s) };
+    }
+}
+
 #[test]
 #[should_panic(expected = "4 keys of a tile")]
 fn a_tile_past_its_bounds_is_refused() {
     // Three rows given, four asked for: the checked entry panics instead of reading past.
-    let data = vec![0f32; 3 * 8];
-    let kv = Rows {
-        data: &data,
-        stride: 8,
-        len: 3,
-        width: 8,
+    Isa::best().run(PastTheTile);
+}
+
+/// Portable `Lanes` of `N` lanes (`[f32; N]`, fused multiply-adds): the generic kernels'
+/// blocking, tails and masks at the widths of AVX2 (8) and AVX-512 (16, wide blocks) on any
+/// CPU, so that the 16-lane logic is tested where AVX-512 cannot run.
+struct Emu<const N: usize, const WIDE: bool>;
+
+impl<const N: usize, const WIDE: bool> Lanes for Emu<N, WIDE> {
+    type V = [f32; N];
+    const N: usize = N;
+    const WIDE: bool = WIDE;
+    unsafe fn zero() -> [f32; N] {
+        [0.0; N]
+    }
+    unsafe fn splat(x: f32) -> [f32; N] {
+        [x; N]
+    }
+    unsafe fn fmadd(a: [f32; N], b: [f32; N], c: [f32; N]) -> [f32; N] {
+        std::array::from_fn(|i| a[i].mul_add(b[i], c[i]))
+    }
+    unsafe fn load<E: Element>(p: *const E) -> [f32; N] {
+        // SAFETY: `p` addresses N elements (the contract).
+        std::array::from_fn(|i| unsafe { *p.add(i) }.to_f32())
+    }
+    unsafe fn load_part<E: Element>(p: *const E, n: usize) -> [f32; N] {
+        assert!(n < N);
+        // SAFETY: `p` addresses n elements (the contract); no other is read.
+        std::array::from_fn(|i| {
+            if i < n {
+                unsafe { *p.add(i) }.to_f32()
+            } else {
+                0.0
+            }
+        })
+    }
+    unsafe fn store(p: *mut f32, v: [f32; N]) {
+        // SAFETY: `p` addresses N f32 (the contract).
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, N) }
+    }
+    unsafe fn store_part(p: *mut f32, n: usize, v: [f32; N]) {
+        assert!(n < N);
+        // SAFETY: `p` addresses n f32 (the contract).
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, n) }
+    }
+    unsafe fn sums(v: &[[f32; N]], out: &mut [f32]) {
+        assert!(v.len() == out.len() && v.len() <= 16);
+        for (o, x) in out.iter_mut().zip(v) {
+            *o = x.iter().sum();
+        }
+    }
+}
+
+impl<const N: usize, const WIDE: bool> Kernels for Emu<N, WIDE> {
+    const FMA: bool = true;
+    unsafe fn scores<E: Element>(q: &[f32], rows: usize, k: &Rows<'_, E>, n: usize, s: &mut [f32]) {
+        // SAFETY: portable code; the body checks the lengths.
+        unsafe { lanes_kernel::<Self, E, false>(q, rows, k, n, s) }
+    }
+    unsafe fn pv<E: Element>(p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]) {
+        // SAFETY: as `scores`.
+        unsafe { lanes_kernel::<Self, E, true>(p, rows, v, n, o) }
+    }
+}
+
+#[test]
+fn the_generic_kernels_match_the_reference_at_4_8_and_16_lanes() {
+    let shapes = || Shapes {
+        dims: &[
+            1, 3, 8, 15, 16, 17, 24, 40, 64, 72, 80, 96, 100, 128, 136, 256,
+        ],
+        rows: &[1, 2, 3, 4, 5, 7, 8, 9],
+        keys: &[1, 2, 7, 8, 9, 63, TK],
+        pads: &[0, 5],
+        seed: 7,
     };
-    let mut s = vec![0f32; TK];
-    scores_on(Isa::best(), &[0f32; 8], 1, &kv, 4, &mut s);
+    // SAFETY: portable code.
+    unsafe {
+        assert_eq!(Compare(shapes()).run::<Emu<8, false>>(), Ok(()));
+        assert_eq!(Compare(shapes()).run::<Emu<16, true>>(), Ok(()));
+        assert_eq!(Compare(shapes()).run::<Emu<4, false>>(), Ok(()));
+    }
 }
