@@ -272,6 +272,11 @@ impl Tensor3 {
         Ok(t3)
     }
 
+    /// The bytes a read of the whole view can touch: its first address and length.
+    pub fn byte_range(&self) -> (usize, usize) {
+        (self.ptr as usize, self.span() * self.dtype.size())
+    }
+
     /// Number of elements a read of the whole view can touch: the span from the first to
     /// the last element, inclusive.
     pub fn span(&self) -> usize {

@@ -10,7 +10,7 @@ use dlpark::ffi::{DLDataTypeCode, DLDevice, DLDeviceType};
 use dlpark::python::consumer::stream::{self as dlstream, DlpackStream, StreamArg};
 use dlpark::python::consumer::{from_dlpack, ImportedDlpack};
 use dlpark::DlpackFlags;
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 
@@ -88,7 +88,7 @@ impl TensorArg {
         stream: Stream,
     ) -> PyResult<Self> {
         let py = obj.py();
-        let storage = torch_checks(obj, arg)?;
+        torch_checks(obj, arg)?;
         let consumer = ConsumerStream(stream);
         let owner = from_dlpack(obj.as_borrowed(), Some(&consumer), None).map_err(|e| {
             PyTypeError::new_err(format!(
@@ -107,6 +107,10 @@ impl TensorArg {
             t.check_writable(arg, owner.flags().contains(DlpackFlags::READ_ONLY))
                 .py_err(py)?;
         }
+        // Taken after the export, and checked to own the bytes the export points at: another
+        // thread's `set_` between the two would otherwise leave us holding a storage that is
+        // not the one the op reads.
+        let storage = held_storage(obj, arg, t.byte_range())?;
         Ok(TensorArg {
             t,
             _owner: owner,
@@ -115,15 +119,41 @@ impl TensorArg {
     }
 }
 
+/// The storage of torch tensor `obj`, to hold for the call, once it is known to own the
+/// `(address, length)` bytes the op will touch; `None` for objects that are not torch tensors.
+fn held_storage(
+    obj: &Bound<'_, PyAny>,
+    arg: &str,
+    (start, len): (usize, usize),
+) -> PyResult<Option<Py<PyAny>>> {
+    let py = obj.py();
+    let Ok(storage) = obj.call_method0(intern!(py, "untyped_storage")) else {
+        return Ok(None);
+    };
+    let base: usize = storage.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    let nbytes: usize = storage.call_method0(intern!(py, "nbytes"))?.extract()?;
+    let inside = len == 0
+        || (start >= base
+            && start
+                .checked_add(len)
+                .is_some_and(|end| end <= base + nbytes));
+    if !inside {
+        return Err(PyValueError::new_err(format!(
+            "{arg}: the tensor's storage changed while it was being passed (another thread \
+             called set_ or resize_ on it); pass a tensor no other thread modifies"
+        )));
+    }
+    Ok(Some(storage.unbind()))
+}
+
 /// What torch's own `Tensor.__dlpack__` refuses, and the C exchange path (which dlpark takes,
 /// bypassing `__dlpack__`) does not check: a tensor that requires grad (the op is not
 /// differentiable: its gradient would silently be missing) and a lazily negated view (its
-/// negation would be dropped). Returns the tensor's storage, to hold for the call; `None`
-/// for objects that are not torch tensors.
-fn torch_checks(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Option<Py<PyAny>>> {
+/// negation would be dropped).
+fn torch_checks(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<()> {
     let py = obj.py();
     let Ok(requires_grad) = obj.getattr(intern!(py, "requires_grad")) else {
-        return Ok(None);
+        return Ok(());
     };
     if requires_grad.is_truthy()? {
         return Err(HeadInferError::new_err(format!(
@@ -140,10 +170,7 @@ fn torch_checks(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Option<Py<PyAny>>
             )));
         }
     }
-    Ok(obj
-        .call_method0(intern!(py, "untyped_storage"))
-        .ok()
-        .map(Bound::unbind))
+    Ok(())
 }
 
 /// The validated `sinks` argument (gpt-oss's learned per-head sink logits): `[num_q_heads]`
