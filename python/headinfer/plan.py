@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .host_memory import mem_available as _mem_available
 from .planner import DEFAULT_CONTEXT_BYTES, DEFAULT_MARGIN, DEFAULT_STAGING_CAP, plan_figures
 from .sizes import format_bytes
 from .spec import ModelSpec, model_spec, rank_spec
@@ -445,17 +446,6 @@ def make_plan(
         },
         **multi,
     }
-
-
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def machine_figures(plan: dict[str, Any]) -> dict[str, Any]:

@@ -238,25 +238,17 @@ fn run<E: Element, S: KvSource<E>>(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
+    let mut go = |c: &mut CallScratch| run_with(c, isa, query, kv, params, sinks, out, lse);
     CALL.with(|cell| match cell.try_borrow_mut() {
         Ok(mut c) => {
-            run_with(&mut c, isa, query, kv, params, sinks, out, lse);
+            go(&mut c);
             if c.bytes() > KEEP_CALL_BYTES {
                 *c = CallScratch::default();
             }
         }
         // This thread is inside a call already (a rayon worker that took another call's work
         // while it waits): this call gets buffers of its own.
-        Err(_) => run_with(
-            &mut CallScratch::default(),
-            isa,
-            query,
-            kv,
-            params,
-            sinks,
-            out,
-            lse,
-        ),
+        Err(_) => go(&mut CallScratch::default()),
     })
 }
 
