@@ -38,6 +38,8 @@ pub struct Request {
     /// `true`: a prefill is coming (a chunk's activations and staging buffers need room);
     /// `false`: decode only, whose working set is one token's, so the KV gets the rest.
     pub prefill: bool,
+    /// Device bytes of the copy engine's decode staging (fixed, whatever the context).
+    pub ring_bytes: usize,
 }
 
 /// Where every byte goes, and the floors.
@@ -47,7 +49,8 @@ pub struct Plan {
     /// Activations of one prefill chunk (the working set), estimated.
     pub activation_bytes: usize,
     /// KV heads gathered together for prefill attention, and the bytes of the two
-    /// staging buffers (double buffering) this takes at full context.
+    /// staging buffers (double buffering) this takes at full context, plus the copy engine's
+    /// decode staging (`Request::ring_bytes`).
     pub heads_per_group: usize,
     pub staging_bytes: usize,
     /// Bytes of KV blocks kept on the GPU, and the KV bytes of the whole context.
@@ -108,12 +111,13 @@ pub fn plan(m: &ModelShape, r: &Request) -> Result<Plan> {
         0
     };
     let mut heads_per_group = (r.staging_cap / per_head.max(1)).clamp(1, m.num_kv_heads);
-    let fixed_with = |hpg: usize| m.weight_bytes + activation + 2 * hpg * per_head + r.margin;
+    let fixed_with =
+        |hpg: usize| m.weight_bytes + activation + 2 * hpg * per_head + r.ring_bytes + r.margin;
     // A tight budget gets smaller head groups (more, smaller transfers) before anything else.
     while heads_per_group > 1 && fixed_with(heads_per_group) > r.gpu_budget {
         heads_per_group -= 1;
     }
-    let staging = 2 * heads_per_group * per_head;
+    let staging = 2 * heads_per_group * per_head + r.ring_bytes;
     let fixed = fixed_with(heads_per_group);
     let room = r.gpu_budget.saturating_sub(fixed);
     let kv_device = room.min(kv_total);

@@ -263,6 +263,18 @@ def twin(model: PreTrainedModel) -> PreTrainedModel:
     return headinfer.unpatch(copy.deepcopy(model))
 
 
+def float64_twin(model: PreTrainedModel) -> PreTrainedModel:
+    """``twin(model)`` in float64, on the CPU: the reference that flash-attention-style checks
+    measure errors against. MoE experts run their plain loop there (torch's grouped GEMM
+    takes no float64 on some versions), so the reference is the same function in float64."""
+    exact = twin(model).to("cpu", torch.float64)
+    if hasattr(exact, "set_experts_implementation") and getattr(
+        exact.config, "_experts_implementation", None
+    ) not in (None, "eager"):
+        exact.set_experts_implementation("eager")
+    return exact
+
+
 def prompt(length: int = PROMPT_LEN, seed: int = 1) -> torch.Tensor:
     """``[1, length]`` random token ids (avoiding the special ids 0-2)."""
     g = torch.Generator().manual_seed(seed)
@@ -279,7 +291,7 @@ def assert_error_within_torch_own(model: PreTrainedModel) -> None:
     """As flash-attention's tests do: ``model`` (unpatched, in a low precision; patched here)
     has an error against a float64 run of its weights at most twice eager attention's own."""
     eager = twin(model)
-    exact = twin(model).to(torch.float64)
+    exact = float64_twin(model)
     headinfer.patch(model, chunk_size=97, block_size=16)
     ids = prompt()
     with torch.no_grad():

@@ -91,8 +91,16 @@ def test_a_broken_rates_file_is_ignored_with_a_warning(
 
 def test_share_rates_from_a_dict_name_the_bad_field() -> None:
     d = {"pcie": 1.0, "cpu": 2.0, "device": 3.0, "handoff": 0.0}
-    assert ShareRates.from_dict(d).as_tuple() == (1.0, 2.0, 3.0, 0.0)
-    for name, value in [("cpu", None), ("handoff", -1.0), ("device", "fast"), ("pcie", True)]:
+    # The copy engine's rate is optional (0: not measured).
+    assert ShareRates.from_dict(d).as_tuple() == (1.0, 2.0, 3.0, 0.0, 0.0)
+    assert ShareRates.from_dict({**d, "copy": 5.0}).copy == 5.0
+    for name, value in [
+        ("cpu", None),
+        ("handoff", -1.0),
+        ("device", "fast"),
+        ("pcie", True),
+        ("copy", -2.0),
+    ]:
         with pytest.raises(ValueError, match=f"^rates: {name} must be"):
             ShareRates.from_dict({**d, name: value})
     with pytest.raises(ValueError, match="^rates: pcie and device must be positive"):

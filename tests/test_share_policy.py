@@ -76,28 +76,30 @@ def test_patch_and_the_cache_check_cpu_heads() -> None:
     assert headinfer.HeadInferCache(tiny_config("llama"), cpu_heads="auto").cpu_heads == "auto"
 
 
-def test_the_default_is_the_gpu_alone_and_measures_nothing(probe: Probe, tmp_path: Path) -> None:
+def test_the_default_is_auto(probe: Probe, tmp_path: Path) -> None:
     p = plan_share(None, group=4, cores=64, path=tmp_path / "r.json", **SHAPE)
-    assert p.mode == "off" and "cpu_heads='auto'" in p.reason
-    assert probe.calls == []
+    assert p.mode == "rates" and p.rates == H200 and p.threads == 63
+    assert len(probe.calls) == 1
 
 
 def test_zero_turns_the_share_off_and_an_int_overrides(probe: Probe, tmp_path: Path) -> None:
     off = plan_share(0, group=4, cores=64, path=tmp_path / "r.json", **SHAPE)
     assert off.mode == "off" and "cpu_heads=0" in off.reason
+    # The rates are measured anyway: they choose how the GPU reads host blocks.
+    assert off.rates == H200
     heads = plan_share(3, group=4, cores=64, path=tmp_path / "r.json", **SHAPE)
     assert heads.mode == "heads" and heads.cpu_heads == 3 and heads.threads == 63
     # An override runs even on a small host (the user asked), on at least one thread.
     assert plan_share(2, group=4, cores=1, path=tmp_path / "r.json", **SHAPE).threads == 1
-    assert probe.calls == []  # neither measures
+    # Measured once for this machine (cores=1 is another key), then read from the file.
+    assert len(probe.calls) == 2
 
 
-def test_auto_is_off_with_few_cores_and_measures_nothing(probe: Probe, tmp_path: Path) -> None:
+def test_auto_is_off_with_few_cores(probe: Probe, tmp_path: Path) -> None:
     for cores in (1, 2, MIN_SHARE_CORES - 1):
         p = plan_share("auto", group=4, cores=cores, path=tmp_path / "r.json", **SHAPE)
         assert p.mode == "off" and f"{cores} physical cores" in p.reason
-    assert probe.calls == []
-    assert not (tmp_path / "r.json").exists()
+        assert p.rates == H200  # for the reader
 
 
 def test_this_two_core_machine_keeps_auto_off(probe: Probe, tmp_path: Path) -> None:
@@ -105,7 +107,6 @@ def test_this_two_core_machine_keeps_auto_off(probe: Probe, tmp_path: Path) -> N
         pytest.skip("this host has the cores for the CPU share")
     p = plan_share("auto", group=4, path=tmp_path / "r.json", **SHAPE)
     assert p.mode == "off" and p.cores == physical_cores()
-    assert probe.calls == []
 
 
 def test_auto_measures_once_then_reads_the_file(probe: Probe, tmp_path: Path) -> None:
@@ -153,8 +154,8 @@ def test_a_failed_probe_leaves_the_share_off_and_says_why(
     probe.rates = None
     with caplog.at_level(logging.WARNING, logger="headinfer"):
         p = plan_share("auto", group=4, cores=16, path=tmp_path / "r.json", **SHAPE)
-    assert p.mode == "off" and "probe failed (test)" in p.reason
-    assert "measuring its rates failed" in caplog.text
+    assert p.mode == "off" and "probe failed (test)" in p.reason and p.rates is None
+    assert "measuring the decode rates failed" in caplog.text
     assert not (tmp_path / "r.json").exists()
 
 
@@ -180,3 +181,30 @@ def test_a_cpu_cache_says_it_shares_nothing() -> None:
     unmade = headinfer.HeadInferCache(tiny_config("llama"), block_size=16)
     assert unmade.share_plan()["mode"] == "off"
     assert share_threads() == max(physical_cores() - 1, 0)
+
+
+def test_the_trial_keeps_the_faster_mode() -> None:
+    from headinfer.planner import ShareTrial
+
+    for share_time, alone_time, keep in [(0.1, 0.2, True), (0.3, 0.2, False)]:
+        t = ShareTrial(steps=3, warmup=1)
+        modes = []
+        while t.decided is None:
+            on = t.mode()
+            modes.append(on)
+            t.record(on, share_time if on else alone_time)
+        assert t.decided is keep
+        # Warm-up with the share, then alternating, three of each.
+        assert modes == [True, True, False, True, False, True, False]
+        assert t.mode() is keep
+        t.record(not keep, 0.0)  # after the decision, timings change nothing
+        assert t.decided is keep
+        d = t.to_dict()
+        assert len(d["with_share"]) == 3 and len(d["alone"]) == 3
+    # One slow outlier does not decide: the median does.
+    t = ShareTrial(steps=3, warmup=0)
+    for on, secs in [(True, 0.1), (False, 0.2), (True, 5.0), (False, 0.2), (True, 0.1)]:
+        t.record(on, secs)
+    assert t.decided is None
+    t.record(False, 0.2)
+    assert t.decided is True

@@ -132,13 +132,37 @@ class KVStore:
     @cpu_share_min_tokens.setter
     def cpu_share_min_tokens(self, tokens: int) -> None: ...
     @property
-    def share_rates(self) -> tuple[float, float, float, float] | None:
-        """Measured ``(pcie, cpu, device, handoff)`` rates (bytes per second; seconds) from
-        which, with ``cpu_heads`` 0, each decode step's CPU share is balanced (``share_split``);
-        ``None``: no rate-based share. Settable (CUDA stores only; ``ValueError`` naming
-        ``rates`` for a figure that is negative, not finite, or a GPU rate of 0)."""
+    def share_rates(self) -> tuple[float, float, float, float, float] | None:
+        """Measured ``(pcie, cpu, device, handoff, copy)`` rates (bytes per second; seconds):
+        with ``cpu_heads`` 0, each decode step's CPU share is balanced from them
+        (``share_split``; a ``cpu`` of 0 shares nothing), and with ``host_reader`` ``"auto"``
+        they choose how the GPU reads host blocks (the faster of ``copy`` and ``pcie``);
+        ``None``: no rate-based share, the copy engine. Settable with 4 figures (``copy`` 0:
+        not measured) or 5 (CUDA stores only; ``ValueError`` naming ``share_rates`` for a
+        figure that is negative, not finite, or a GPU rate of 0)."""
     @share_rates.setter
-    def share_rates(self, rates: tuple[float, float, float, float] | None) -> None: ...
+    def share_rates(self, rates: Sequence[float] | None) -> None: ...
+    @property
+    def host_reader(self) -> str:
+        """How the GPU reads host-resident blocks in decode: ``"auto"`` (the faster by
+        ``share_rates``; the copy engine where none), ``"copy"`` (the copy engine stages them
+        into device buffers while the kernel attends over the previous piece) or
+        ``"zero-copy"`` (the kernel reads mapped pinned memory in place); settable."""
+    @host_reader.setter
+    def host_reader(self, reader: str) -> None: ...
+    @property
+    def host_reader_used(self) -> str:
+        """What ``host_reader`` resolves to now: ``"copy"`` or ``"zero-copy"``."""
+    @property
+    def staging_bytes(self) -> int:
+        """Device bytes of the copy engine's staging buffers (0 until first used)."""
+    @property
+    def staging_piece_bytes(self) -> int:
+        """Bytes of each of the copy engine's staging buffers (0 on a CPU store); settable
+        on a CUDA store (a multiple of 16 holding a key and a value row): smaller pieces cut
+        blocks across pieces, larger ones take more device memory."""
+    @staging_piece_bytes.setter
+    def staging_piece_bytes(self, bytes: int) -> None: ...
     @property
     def share_threads(self) -> int:
         """Threads of the CPU share's own pool (0: rayon's global pool); settable."""
@@ -396,20 +420,26 @@ def measure_cpu_rate(
     threads: int = 0,
     bytes: int = 268435456,
     seconds: float = 0.25,
+    beside_copy: int | None = None,
 ) -> tuple[float, float]:
     """Time the CPU share's kernel: decode attention of ``group`` query heads per kv head over
     ``bytes`` of keys and values (8 kv heads of ``head_dim``, ``dtype``) in host memory, on a
-    pool of ``threads`` threads (0: rayon's global pool), for about ``seconds`` (3 to 16 runs).
-    Returns ``(bytes_per_s, fixed_s)``: the median run's rate, and the seconds of a step over
-    one block per head plus the hand-off's latency (the share's fixed cost)."""
+    pool of ``threads`` threads (0: rayon's global pool), for about ``seconds`` (3 to 16 runs);
+    with ``beside_copy`` (a GPU index), while that GPU's copy engine moves pinned memory to it
+    (as in a shared decode step). Returns ``(bytes_per_s, fixed_s)``: the median run's rate,
+    and the seconds of a step over one block per head plus the hand-off's latency (the share's
+    fixed cost)."""
 
-def measure_gpu_rates(device: int, dtype: str, head_dim: int, group: int) -> tuple[float, float]:
+def measure_gpu_rates(
+    device: int, dtype: str, head_dim: int, group: int
+) -> tuple[float, float, float]:
     """Time the decode kernel on GPU ``device`` over 64 MiB of mapped pinned memory and four
-    L2 caches' worth (64-256 MiB) of device memory, both allocated for the probe and freed
-    before it returns. Returns ``(pcie, device)`` in bytes read per second."""
+    L2 caches' worth (64-256 MiB) of device memory, and the copy engine moving the pinned
+    memory to the device in 1 MiB copies; the buffers are allocated for the probe and freed
+    before it returns. Returns ``(pcie, device, copy)`` in bytes read per second."""
 
 def share_split(
-    rates: tuple[float, float, float, float],
+    rates: Sequence[float],
     *,
     len: int,
     block_size: int,
@@ -419,7 +449,8 @@ def share_split(
     lo: int | None = None,
     max_heads: int = 16,
 ) -> dict[str, Any] | None:
-    """The split a store with ``share_rates`` = ``rates`` makes of one layer's decode step:
+    """The split a store with ``share_rates`` = ``rates`` (4 or 5 figures) makes of one
+    layer's decode step, with the GPU reading host blocks at ``rates[0]``:
     ``heads`` is per kv head ``(device_tokens, host_tokens, tail)`` (visible tokens; where its
     host blocks start, or ``None`` when a device block follows a host one). Returns ``None``
     where splitting does not pay, else ``{"from": [...], "cpu_bytes", "gpu_seconds",

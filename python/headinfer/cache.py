@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,7 +37,15 @@ from .distributed import (
 )
 from .errors import HeadInferError
 from .host_memory import check_host_memory, mem_available, pair_bytes
-from .planner import DIRECT_ROWS, GpuPlan, SharePlan, cap_torch, plan_memory, plan_share
+from .planner import (
+    DIRECT_ROWS,
+    GpuPlan,
+    SharePlan,
+    ShareTrial,
+    cap_torch,
+    plan_memory,
+    plan_share,
+)
 from .prefill_attention import PrefillState, prefill_attention
 from .share import physical_cores
 from .spec import ModelSpec, attention_modules, model_spec
@@ -48,6 +57,9 @@ logger = logging.getLogger("headinfer")
 _STORE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 DEFAULT_BLOCK_SIZE = 256
+#: Set to "copy" or "zero-copy": how the GPU reads host blocks in decode, whatever the rates
+#: say (default "auto": the faster measured; for benchmarks and diagnosis).
+HOST_READER_ENV = "HEADINFER_HOST_READER"
 #: Bytes per block on the GPU path: large enough that every copy and every kernel read of a
 #: block is a long run (1 MiB: 4096 tokens of a 128-dim bf16 head).
 GPU_BLOCK_BYTES = 1 << 20
@@ -263,14 +275,15 @@ class HeadInferCache(Cache):
             left on the GPU; the rest sit in pinned host memory and are read over PCIe.
         cpu_heads: on CUDA, whether the CPU attends over part of the host-resident KV during
             decode while the GPU reads the rest (merged exactly, by log-sum-exp). Default
-            ``None``: what ``patch()`` was given, else the GPU alone. ``"auto"``: the planner
-            decides from measured rates (once per machine, cached; ``planner.plan_share``): on
-            where the host has at least 8 physical cores, and then each layer's step is split
-            by (head, block range) so that both sides finish together, only where that is
-            predicted faster. An int overrides: the CPU takes kv heads ``0..cpu_heads`` from
-            their first host block on; 0 turns the share off. ``share_plan()`` says what was
-            chosen and why. Under tensor parallelism, or with layers over several GPUs, each
-            store's share gets its part of the physical cores.
+            ``None``: what ``patch()`` was given, else ``"auto"``: the planner decides from
+            measured rates (once per machine, cached; ``planner.plan_share``): on where the
+            host has at least 8 physical cores, and then each layer's step is split by (head,
+            block range) so that both sides finish together, only where that is predicted
+            faster; the first decode steps that split run with the share on and off in turn,
+            and the faster is kept (``planner.ShareTrial``). An int overrides: the CPU takes
+            kv heads ``0..cpu_heads`` from their first host block on; 0 turns the share off.
+            ``share_plan()`` says what was chosen and why. Under tensor parallelism, or with
+            layers over several GPUs, each store's share gets its part of the physical cores.
         croppable: keep every token on sliding-window layers too (by default they drop what
             their window no longer reaches), so that ``crop()`` can always go back: prefix
             reuse on models with sliding windows (Mistral, Qwen2, Gemma-2). Those layers then
@@ -326,11 +339,18 @@ class HeadInferCache(Cache):
         self._block_size = check_optional_positive_int(block_size, "block_size")
         self.host_memory_limit = check_size(host_memory_limit, "host_memory_limit")
         self.gpu_budget = check_gpu_budget(gpu_budget)
-        #: ``cpu_heads`` as checked (``None``: the GPU alone; ``"auto"``: the planner decides
+        #: ``cpu_heads`` as checked (``None`` or ``"auto"``: the planner decides
         #: from measured rates; an int: the override), see ``share_plan``.
         self.cpu_heads = check_cpu_heads(cpu_heads, self.spec.num_kv_heads)
         #: The CPU share's plan, made with the first CUDA store (``None`` until then).
         self._share: SharePlan | None = None
+        #: The first decode steps' check of a rate-based share (``None``: no such share).
+        self._trial: ShareTrial | None = None
+        # The step being timed for the trial: its start, whether the share was on, and
+        # whether it was a decode step that counts (one token, and the share would split).
+        self._step_start: float | None = None
+        self._step_on = True
+        self._step_counts = False
         #: The device each layer runs on (``None``: a config was given; the first keys' device).
         self.layer_devices = devices
         # The host memory the stores may take together: the user's limit, or under tensor
@@ -510,9 +530,20 @@ class HeadInferCache(Cache):
         )
         if device.type == "cuda":
             store.share_threads = share.threads
-            if share.mode == "rates" and share.rates is not None:
-                store.share_rates = share.rates.as_tuple()
+            # The rates choose how the GPU reads host blocks whatever the share does; the CPU
+            # balances its part only in "rates" mode (a CPU rate of 0 splits nothing).
+            if share.rates is not None:
+                store.share_rates = self._rates_tuple(share, share.mode == "rates")
+            store.host_reader = os.environ.get(HOST_READER_ENV, "auto")
+            if share.mode == "rates" and share.trial and self._trial is None:
+                self._trial = ShareTrial()
         return DeviceStore(device, layers, store, prefill)
+
+    @staticmethod
+    def _rates_tuple(share: SharePlan, on: bool) -> tuple[float, ...]:
+        assert share.rates is not None
+        rates = share.rates.as_tuple()
+        return rates if on else (rates[0], 0.0, *rates[2:])
 
     def share_plan(self) -> dict[str, Any]:
         """What the CPU share does on this cache, and why (JSON-ready).
@@ -520,9 +551,11 @@ class HeadInferCache(Cache):
         ``mode`` (``"off"``, ``"heads"``: the ``cpu_heads`` override, ``"rates"``: balanced
         from measured rates), ``reason``, ``threads`` (the share's own thread pool),
         ``cores``, ``torch_threads``, ``rates`` (bytes per second: ``pcie``, ``cpu``,
-        ``device``; ``handoff`` in seconds) and where they came from; once the stores hold
-        keys, ``split``: per layer, the first key the CPU would take in each kv head now
-        (``null``: the GPU alone).
+        ``device``, ``copy``; ``handoff`` in seconds) and where they came from; ``trial``: the
+        first decode steps' timings with the share on and off, and the decision (``null``
+        without a rate-based share); with CUDA stores, ``host_reader`` (per store: ``"copy"``
+        or ``"zero-copy"``, how the GPU reads host blocks) and ``split``: per layer, the first
+        key the CPU would take in each kv head now (``null``: the GPU alone).
         """
         if self._share is None:
             plan = SharePlan(
@@ -534,7 +567,11 @@ class HeadInferCache(Cache):
         else:
             plan = self._share
         d = plan.to_dict()
+        d["trial"] = None if self._trial is None else self._trial.to_dict()
         if any(p.store.is_cuda for p in self._parts):
+            d["host_reader"] = [
+                part.store.host_reader_used for part in self._parts if part.store.is_cuda
+            ]
             d["split"] = [
                 part.store.cpu_split(local) if part.store.is_cuda else None
                 for part, local in self._where
@@ -576,6 +613,8 @@ class HeadInferCache(Cache):
         """
         outermost = self._bound == 0
         start = self.get_seq_length() if outermost else 0
+        if outermost:
+            self._time_step()
         checkpoint = outermost and self._checkpoint()
         self._bound += 1
         try:
@@ -583,6 +622,7 @@ class HeadInferCache(Cache):
         except BaseException as exc:
             self._bound -= 1
             if outermost:
+                self._step_start = None
                 self._pending.clear()
                 self._roll_back(start, checkpoint, exc)
             raise
@@ -611,6 +651,43 @@ class HeadInferCache(Cache):
         if checkpoint:
             for part in self._parts:
                 part.store.commit()
+        self._step_counts = self._step_counts and self.get_seq_length() - start == 1
+
+    def _time_step(self) -> None:
+        """For the CPU share's trial: times the step before (from its start to now) and sets
+        whether the share runs in this one."""
+        trial = self._trial
+        if trial is None:
+            return
+        if trial.decided is not None:
+            self._set_share(trial.decided)
+            return
+        now = time.perf_counter()
+        if self._step_start is not None and self._step_counts:
+            trial.record(self._step_on, now - self._step_start)
+        if trial.decided is not None:
+            self._set_share(trial.decided)
+            return
+        # Only steps where the share would split tell the two apart (judged with its rates).
+        self._set_share(True)
+        self._step_counts = self._share_splits()
+        self._set_share(trial.mode() if self._step_counts else True)
+        self._step_start = now
+
+    def _set_share(self, on: bool) -> None:
+        if on == self._step_on or self._share is None or self._share.rates is None:
+            return
+        for part in self._parts:
+            if part.store.is_cuda:
+                part.store.share_rates = self._rates_tuple(self._share, on)
+        self._step_on = on
+
+    def _share_splits(self) -> bool:
+        """Whether a decode step now would give the CPU a share in some layer."""
+        return any(
+            part.store.is_cuda and part.store.cpu_split(local) is not None
+            for part, local in self._where
+        )
 
     def _checkpoint(self) -> bool:
         # The store's checkpoint keeps the blocks a window lets go of until commit(), so that

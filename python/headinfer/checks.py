@@ -37,9 +37,9 @@ def check_size(value: Any, name: str) -> int | None:
 
 
 def check_cpu_heads(value: Any, num_kv_heads: int) -> int | str | None:
-    """``None`` (the default: no CPU share), ``"auto"`` (the planner decides from measured
-    rates), or an int in ``0..=min(16, num_kv_heads)`` (an override: that many kv heads; 0
-    turns the CPU share off)."""
+    """``None`` or ``"auto"`` (the default: the planner decides from measured rates), or an
+    int in ``0..=min(16, num_kv_heads)`` (an override: that many kv heads; 0 turns the CPU
+    share off)."""
     if value is None or value == "auto":
         return value
     if isinstance(value, str):

@@ -227,10 +227,11 @@ def patch(
             leave, the rest stays in pinned host memory. Default: the free memory less a
             margin.
         cpu_heads: on CUDA, whether the CPU attends over part of the host-resident KV during
-            decode while the GPU reads the rest. Default ``None``: the GPU alone. ``"auto"``:
-            the planner decides from measured rates (on with 8 or more physical cores, each
-            step split only where predicted faster); an int forces kv heads ``0..cpu_heads``;
-            0 turns it off (see ``HeadInferCache`` and its ``share_plan()``).
+            decode while the GPU reads the rest. Default ``None``, the same as ``"auto"``: the
+            planner decides from measured rates (on with 8 or more physical cores, each step
+            split only where predicted faster, kept only where the first decode steps measure
+            it faster); an int forces kv heads ``0..cpu_heads``; 0 turns it off (see
+            ``HeadInferCache`` and its ``share_plan()``).
         host_memory_limit: bytes each cache may reserve (an int or a size like ``"64GiB"``;
             default: what the host has).
         progress: show a progress bar over prefill chunks when prefill takes a while

@@ -31,6 +31,7 @@ from .share import (
 __all__ = [
     "MIN_SHARE_CORES",
     "SharePlan",
+    "ShareTrial",
     "plan_share",
     "DEFAULT_MARGIN",
     "DEFAULT_STAGING_CAP",
@@ -311,6 +312,9 @@ class SharePlan:
     torch_threads: int = 0
     rates: ShareRates | None = None
     rates_source: str | None = None
+    #: In "rates" mode: whether the first decode steps that split time the share against the
+    #: GPU alone and keep the faster (``ShareTrial``).
+    trial: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures (rates in bytes per second and seconds)."""
@@ -331,25 +335,42 @@ def plan_share(
     reprobe: bool | None = None,
     path: Any = None,
 ) -> SharePlan:
-    """The CPU share's plan for a CUDA store (the planner owns the decision).
+    """The CPU share's plan for a CUDA store (the planner owns the decision), with the rates
+    that also choose how the GPU reads host blocks (the faster of the copy engine and
+    zero-copy reads: ``KVStore.host_reader``).
 
-    ``cpu_heads`` (checked by ``checks.check_cpu_heads``): ``None``, the default, keeps the
-    GPU alone (the rate-based split is opt-in until it has been measured on a GPU at scale);
-    an int is an override (0: off); ``"auto"`` turns the share on with measured rates where the
-    host has at least ``MIN_SHARE_CORES`` physical cores. The rates come from the rates file
-    (``share``), or are measured now (well under a second) and saved there; ``reprobe``
-    (default: the ``HEADINFER_REPROBE`` variable) measures again.
+    ``cpu_heads`` (checked by ``checks.check_cpu_heads``): ``None``, the default, is
+    ``"auto"``: the share is on with measured rates where the host has at least
+    ``MIN_SHARE_CORES`` physical cores, each layer's step split only where that is predicted
+    faster (and the first decode steps' timings keep it only where it is: ``ShareTrial``); an
+    int is an override (0: off). The rates come from the rates file (``share``), or are
+    measured now (about a second) and saved there; ``reprobe`` (default: the
+    ``HEADINFER_REPROBE`` variable) measures again. A probe that fails costs speed, never
+    results: the share stays off and the GPU reads host blocks by the copy engine.
     """
     cores = physical_cores() if cores is None else cores
     threads = share_threads(cores)
     torch_threads = torch.get_num_threads()
-    common = {"cores": cores, "torch_threads": torch_threads}
-    if cpu_heads is None:
-        why = "the default: the GPU alone (cpu_heads='auto' splits by measured rates)"
-        return SharePlan("off", why, **common)
+    rates, source = _share_rates(
+        device_index,
+        gpu_name=gpu_name,
+        dtype=dtype,
+        head_dim=head_dim,
+        group=group,
+        threads=threads,
+        cores=cores,
+        reprobe=reprobe,
+        path=path,
+    )
+    common: dict[str, Any] = {
+        "cores": cores,
+        "torch_threads": torch_threads,
+        "rates": rates,
+        "rates_source": source,
+    }
     if cpu_heads == 0:
         return SharePlan("off", "cpu_heads=0 turns the CPU share off", **common)
-    if cpu_heads != "auto":
+    if isinstance(cpu_heads, int):
         return SharePlan(
             "heads",
             f"cpu_heads={cpu_heads}: the override",
@@ -364,35 +385,17 @@ def plan_share(
             f"{MIN_SHARE_CORES} to be faster than the GPU alone",
             **common,
         )
-    if reprobe is None:
-        reprobe = os.environ.get(REPROBE_ENV, "") not in ("", "0")
-    key = machine_key(
-        gpu_name, dtype=dtype, head_dim=head_dim, group=group, threads=threads, cores=cores
-    )
-    where = rates_path() if path is None else path
-    rates = None if reprobe else load_rates(key, where)
-    source = f"cached in {where}"
     if rates is None:
-        try:
-            rates = measure_rates(
-                device_index, dtype=dtype, head_dim=head_dim, group=group, threads=threads
-            )
-        except Exception as exc:  # a probe that fails costs speed, never results
-            logger.warning("the CPU share stays off: measuring its rates failed: %s", exc)
-            return SharePlan("off", f"measuring the rates failed: {exc}", **common)
-        source = "measured now"
-        try:
-            source += f", saved to {save_rates(key, rates, where)}"
-        except OSError as exc:
-            logger.warning("could not save the CPU share's rates to %s: %s", where, exc)
+        return SharePlan("off", f"no rates: {source}", **common)
     if rates.cpu <= 0:
-        return SharePlan("off", "the CPU's measured rate is 0", rates=rates, **common)
+        return SharePlan("off", "the CPU's measured rate is 0", **common)
     logger.info(
-        "CPU share on %d threads, rates %s: GPU over PCIe %.1f GB/s, CPU %.1f GB/s, "
-        "resident %.0f GB/s, hand-off %.0f us",
+        "CPU share on %d threads, rates %s: GPU over PCIe %.1f GB/s zero-copy, %.1f GB/s copy "
+        "engine; CPU %.1f GB/s; resident %.0f GB/s; hand-off %.0f us",
         threads,
         source,
         rates.pcie / 1e9,
+        rates.copy / 1e9,
         rates.cpu / 1e9,
         rates.device / 1e9,
         rates.handoff * 1e6,
@@ -401,7 +404,97 @@ def plan_share(
         "rates",
         "measured rates: each layer's step is split where that is predicted faster",
         threads=threads,
-        rates=rates,
-        rates_source=source,
         **common,
     )
+
+
+def _share_rates(
+    device_index: int,
+    *,
+    gpu_name: str,
+    dtype: str,
+    head_dim: int,
+    group: int,
+    threads: int,
+    cores: int,
+    reprobe: bool | None,
+    path: Any,
+) -> tuple[ShareRates | None, str]:
+    """This machine's rates from the rates file, else measured now and saved; ``(None,
+    why)`` where measuring failed."""
+    if reprobe is None:
+        reprobe = os.environ.get(REPROBE_ENV, "") not in ("", "0")
+    key = machine_key(
+        gpu_name, dtype=dtype, head_dim=head_dim, group=group, threads=threads, cores=cores
+    )
+    where = rates_path() if path is None else path
+    rates = None if reprobe else load_rates(key, where)
+    if rates is not None:
+        return rates, f"cached in {where}"
+    try:
+        rates = measure_rates(
+            device_index, dtype=dtype, head_dim=head_dim, group=group, threads=threads
+        )
+    except Exception as exc:  # a probe that fails costs speed, never results
+        logger.warning("measuring the decode rates failed (the CPU share stays off): %s", exc)
+        return None, f"measuring the rates failed: {exc}"
+    source = "measured now"
+    try:
+        source += f", saved to {save_rates(key, rates, where)}"
+    except OSError as exc:
+        logger.warning("could not save the decode rates to %s: %s", where, exc)
+    return rates, source
+
+
+class ShareTrial:
+    """The first decode steps' check of the rate-based CPU share: steps alternate with the
+    share on and off (after ``warmup`` steps), and once each mode has ``steps`` timings the
+    faster by median is kept. The rates predict; this corrects a prediction that the host does
+    not bear out, so the default is never slower than the GPU alone for long.
+
+    A step's time is the period from its start to the next step's start (generate reads the
+    logits in between, so the GPU's work is inside it). ``mode()`` says what the next step
+    runs with; ``record`` takes the time of a step run with ``on``.
+    """
+
+    def __init__(self, steps: int = 3, warmup: int = 1) -> None:
+        self.steps = steps
+        self.warmup = warmup
+        self.times: dict[bool, list[float]] = {True: [], False: []}
+        self.seen = 0
+        #: The decision (``None`` while the trial runs).
+        self.decided: bool | None = None
+
+    def mode(self) -> bool:
+        """Whether the next decode step runs with the share."""
+        if self.decided is not None:
+            return self.decided
+        # Warm-up steps with the share (its threads and buffers start), then alternate.
+        return self.seen < self.warmup or (self.seen - self.warmup) % 2 == 0
+
+    def record(self, on: bool, seconds: float) -> None:
+        """The time of one decode step run with the share ``on``."""
+        if self.decided is not None:
+            return
+        self.seen += 1
+        if self.seen <= self.warmup:
+            return
+        self.times[on].append(seconds)
+        if min(len(t) for t in self.times.values()) >= self.steps:
+            with_share = sorted(self.times[True])[self.steps // 2]
+            alone = sorted(self.times[False])[self.steps // 2]
+            self.decided = with_share < alone
+            logger.info(
+                "CPU share trial: %.4f s/step with the share, %.4f without: share %s",
+                with_share,
+                alone,
+                "kept" if self.decided else "off",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the timings so far and the decision."""
+        return {
+            "decided": self.decided,
+            "with_share": list(self.times[True]),
+            "alone": list(self.times[False]),
+        }

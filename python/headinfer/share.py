@@ -44,25 +44,30 @@ logger = logging.getLogger("headinfer")
 RATES_FILE_ENV = "HEADINFER_RATES_FILE"
 #: Set to 1: measure the rates again, whatever the file holds.
 REPROBE_ENV = "HEADINFER_REPROBE"
-#: The file's format; entries of another version are measured again.
-RATES_VERSION = 1
+#: The file's format; entries of another version are measured again (2: the copy engine's
+#: rate, and the CPU's measured beside it).
+RATES_VERSION = 2
 
 
 @dataclass(frozen=True)
 class ShareRates:
-    """What the policy balances: bytes of keys and values read per second by the GPU from
-    host blocks (``pcie``), by the CPU share's threads (``cpu``), by the GPU from its own
-    memory (``device``), and the seconds a shared step costs whatever its size (``handoff``).
+    """What the policy balances: bytes of keys and values read per second by the GPU kernel
+    from host blocks in place (``pcie``: zero-copy), by the CPU share's threads while the copy
+    engine runs (``cpu``), by the GPU from its own memory (``device``), the seconds a shared
+    step costs whatever its size (``handoff``), and bytes per second the copy engine stages
+    host blocks into device memory (``copy``; 0: not measured). The GPU reads host blocks by
+    the faster of ``copy`` and ``pcie``.
     """
 
     pcie: float
     cpu: float
     device: float
     handoff: float
+    copy: float = 0.0
 
-    def as_tuple(self) -> tuple[float, float, float, float]:
-        """``(pcie, cpu, device, handoff)``, as ``KVStore.share_rates`` takes them."""
-        return (self.pcie, self.cpu, self.device, self.handoff)
+    def as_tuple(self) -> tuple[float, float, float, float, float]:
+        """``(pcie, cpu, device, handoff, copy)``, as ``KVStore.share_rates`` takes them."""
+        return (self.pcie, self.cpu, self.device, self.handoff, self.copy)
 
     @classmethod
     def from_dict(cls, d: Any) -> ShareRates:
@@ -70,8 +75,8 @@ class ShareRates:
         if not isinstance(d, dict):
             raise ValueError(f"rates: expected an object, got {type(d).__name__}")
         values = {}
-        for name in ("pcie", "cpu", "device", "handoff"):
-            v = d.get(name)
+        for name in ("pcie", "cpu", "device", "handoff", "copy"):
+            v = d.get(name, 0.0 if name == "copy" else None)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"rates: {name} must be a number >= 0, got {v!r}")
             values[name] = float(v)
@@ -190,19 +195,24 @@ def save_rates(key: str, rates: ShareRates, path: Path | None = None) -> Path:
 def measure_rates(
     device_index: int, *, dtype: str, head_dim: int, group: int, threads: int
 ) -> ShareRates:
-    """Measures the rates (well under a second): the CPU share's kernel on ``threads``
-    threads over 256 MiB of host keys and values, and, on GPU ``device_index``, the decode
-    kernel over 64 MiB of pinned memory and a few L2 caches' worth of device memory (both
-    transient: see ``src/attention/rates.rs``)."""
+    """Measures the rates (about a second): on GPU ``device_index``, the decode kernel over
+    64 MiB of pinned memory and a few L2 caches' worth of device memory, and the copy engine
+    over the same pinned memory; the CPU share's kernel on ``threads`` threads over 256 MiB of
+    host keys and values while the copy engine runs (as in a shared step; all transient: see
+    ``src/attention/rates.rs``)."""
     start = time.perf_counter()
-    cpu, fixed = _core.measure_cpu_rate(dtype, head_dim, group, threads=threads)
-    pcie, device = _core.measure_gpu_rates(device_index, dtype, head_dim, group)
-    rates = ShareRates(pcie=pcie, cpu=cpu, device=device, handoff=fixed)
+    pcie, device, copy = _core.measure_gpu_rates(device_index, dtype, head_dim, group)
+    cpu, fixed = _core.measure_cpu_rate(
+        dtype, head_dim, group, threads=threads, beside_copy=device_index
+    )
+    rates = ShareRates(pcie=pcie, cpu=cpu, device=device, handoff=fixed, copy=copy)
     logger.info(
-        "CPU share rates measured in %.2f s: GPU over PCIe %.1f GB/s, CPU (%d threads) "
-        "%.1f GB/s, GPU resident %.0f GB/s, hand-off %.0f us",
+        "decode rates measured in %.2f s: GPU over PCIe %.1f GB/s zero-copy, %.1f GB/s by the "
+        "copy engine; CPU (%d threads, beside the copy engine) %.1f GB/s; GPU resident "
+        "%.0f GB/s; hand-off %.0f us",
         time.perf_counter() - start,
         pcie / 1e9,
+        copy / 1e9,
         threads,
         cpu / 1e9,
         device / 1e9,

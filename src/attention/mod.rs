@@ -1,8 +1,9 @@
 //! Attention over a layer's blocks, read through the store's views: `args` (the parameters,
 //! one place), `cpu` (the CPU kernel), `cuda` (the GPU kernels over a store or dense tensors),
-//! `shared` (the CPU and the GPU on one decode step, merged by log-sum-exp) and `policy` (who
-//! attends where). `attend_cuda` is the one entry of a CUDA store's attention: it asks the
-//! policy and runs the mechanism.
+//! `staged` (the copy engine staging host blocks for the GPU), `shared` (the CPU's part of a
+//! decode step) and `policy` (who attends where, and how the GPU reads host blocks).
+//! `attend_cuda` is the one entry of a CUDA store's attention: it asks the policy and runs the
+//! mechanisms, merged once by log-sum-exp.
 
 pub mod args;
 pub mod cpu;
@@ -10,18 +11,25 @@ pub mod cuda;
 pub mod policy;
 pub mod rates;
 pub mod shared;
+pub mod staged;
 
+use crate::cuda::kernels::CpuShare;
 use crate::cuda::Stream;
 use crate::error::Result;
 use crate::store::CudaStore;
 use crate::tensor::DevTensor;
 use args::Params;
-use policy::SharePolicy;
+use policy::{HostReader, SharePolicy};
 
 /// Attention of device `query` (`[num_q_heads, q_len, head_dim]`; `contiguous` when its rows
-/// are packed) over every key of `layer`, into `out`; `policy` decides whether the CPU takes a
-/// share of the host-resident keys. `sinks`: the device address of `[num_q_heads]` f32 learned
-/// sink logits (gpt-oss), folded into each row's softmax once, by the final merge.
+/// are packed) over every key of `layer`, into `out`; `policy` decides how the GPU reads the
+/// host-resident keys (zero-copy, or staged by the copy engine) and whether the CPU takes a
+/// share of them. `sinks`: the device address of `[num_q_heads]` f32 learned sink logits
+/// (gpt-oss), folded into each row's softmax once, by the final merge.
+///
+/// The parts of one call, in the order queued: the CPU's query copy and task (its share), the
+/// kernel over device blocks (and host ones, zero-copy), the staged pieces, the stream's wait
+/// for the CPU's rows, one merge of everything by log-sum-exp.
 ///
 /// # Safety
 /// `query` and `out` must be valid device tensors of those shapes, and `sinks` of its, alive
@@ -44,21 +52,95 @@ pub unsafe fn attend_cuda(
         return Err(e);
     }
     let [hq, lq, _] = q_shape;
-    let cfg = store.config();
-    let token_bytes = 2 * cfg.head_dim * cfg.dtype.size();
-    let view = store.device_view(layer)?;
-    let split = policy.split(lq, contiguous, &view, params.window, token_bytes);
-    let pool = policy.pool.clone();
-    match split {
-        Some(s) => crate::with_element!(store.config().dtype, E => {
-            // SAFETY: forwarded from the caller.
+    let cfg = store.config().clone();
+    let row_bytes = cfg.head_dim * cfg.dtype.size();
+    let (split, staged) = {
+        let view = store.device_view(layer)?;
+        let split = policy.split(lq, contiguous, &view, params.window, 2 * row_bytes);
+        let staged = policy.host_reader() == HostReader::CopyEngine && view.has_host_blocks();
+        (split, staged)
+    };
+    if split.is_none() && !staged {
+        // SAFETY: forwarded from the caller.
+        return unsafe { cuda::attend(store, layer, query, hq, lq, params, sinks, out, stream) };
+    }
+    let kernels = store.kernels().clone();
+    store.gpu().bind()?;
+    let parts = store.decode_parts(layer, split.is_some(), staged)?;
+    let view = parts.view;
+    let mut handoff = parts.handoff;
+    let launch = args::launch(
+        hq,
+        lq,
+        view.num_kv_heads(),
+        view.len(),
+        view.start(),
+        params,
+        sinks,
+    )?;
+    if lq == 0 {
+        return Ok(());
+    }
+    // The CPU's part first: its query copy follows the query at once, and the CPU attends while
+    // the GPU works through what is queued below.
+    let cpu = match (&split, handoff.as_deref_mut()) {
+        (Some(s), Some(h)) => Some(crate::with_element!(cfg.dtype, E => {
+            // SAFETY: forwarded from the caller (the policy splits contiguous decode queries).
             unsafe {
-                shared::attend::<E>(
-                    store, layer, query, hq, params, sinks, &s.from, pool, out, stream,
+                shared::queue_cpu::<E>(
+                    &view, h, layer, &cfg, query, launch.group, params, &s.from,
+                    policy.pool.clone(), stream,
                 )
             }
-        }),
-        // SAFETY: forwarded from the caller.
-        None => unsafe { cuda::attend(store, layer, query, hq, lq, params, sinks, out, stream) },
+        })?),
+        _ => None,
+    };
+    let share = cpu.as_ref().map_or(CpuShare::NONE, |c| c.share);
+    // SAFETY: forwarded from the caller; the table covers `start..len`.
+    let pending =
+        unsafe { kernels.attend_partial(stream, query, view.src(), &launch, &share, staged) };
+    let pending = match pending {
+        Ok(p) => p,
+        Err(e) => {
+            // The task runs and publishes anyway; nothing will wait for it.
+            let _ = cpu;
+            return Err(e);
+        }
+    };
+    let mut result = Ok(());
+    let mut ws = None;
+    if let Some(ring) = parts.ring {
+        let until = split.as_ref().map_or(&[][..], |s| &s.from[..]);
+        let spans = view.host_spans(launch.lo, until, view.len() - lq);
+        if !spans.is_empty() {
+            let plan = staged::plan(&spans, row_bytes, ring);
+            // SAFETY: the context is bound; the caller's stream.
+            match unsafe { kernels.staged_workspace(stream, pending.rows(), plan.slots) } {
+                Ok(w) => {
+                    // SAFETY: forwarded from the caller; the spans' blocks stay the store's
+                    // until its next step (which drains this one before freeing any).
+                    result = unsafe {
+                        staged::run(
+                            &kernels, ring, &spans, &plan, row_bytes, query, &launch, &w, stream,
+                        )
+                    };
+                    ws = Some(w);
+                }
+                Err(e) => result = Err(e),
+            }
+        }
     }
+    let extra = match (cpu, handoff) {
+        (Some(c), Some(h)) => match h.wait_done(c.done, stream) {
+            Ok(()) => Some(c.extra),
+            Err(e) => {
+                result = result.and(Err(e));
+                None
+            }
+        },
+        _ => None,
+    };
+    // SAFETY: forwarded from the caller; the workspaces came from this call on this stream.
+    let merged = unsafe { kernels.attend_merge(stream, pending, extra, ws, out) };
+    result.and(merged)
 }

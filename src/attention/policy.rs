@@ -32,7 +32,7 @@ pub struct Split {
 /// values read per second, and the fixed cost of a shared step.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Rates {
-    /// The GPU kernel reading host blocks (mapped pinned memory, over PCIe).
+    /// The GPU kernel reading host blocks (mapped pinned memory, over PCIe: zero-copy).
     pub pcie: f64,
     /// The CPU share's workers reading and attending over pinned blocks (0: no CPU share).
     pub cpu: f64,
@@ -41,10 +41,111 @@ pub struct Rates {
     /// Seconds a shared step adds whatever its size: the query's copy to the host, waking the
     /// worker and its threads, the stream's wait for the rows.
     pub handoff: f64,
+    /// The copy engine staging host blocks into device memory while the kernel attends over
+    /// the previous piece (0: not measured).
+    pub copy: f64,
+}
+
+/// How the GPU reads a layer's host blocks in decode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostReader {
+    /// The kernel reads mapped pinned memory directly, over PCIe.
+    ZeroCopy,
+    /// The copy engine stages blocks into device buffers (`attention::staged`).
+    CopyEngine,
+}
+
+/// The store's setting for `HostReader`: fixed, or the faster by measured rates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReaderChoice {
+    Auto,
+    Fixed(HostReader),
+}
+
+impl ReaderChoice {
+    /// `"auto"`, `"copy"` or `"zero-copy"`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(ReaderChoice::Auto),
+            "copy" => Ok(ReaderChoice::Fixed(HostReader::CopyEngine)),
+            "zero-copy" => Ok(ReaderChoice::Fixed(HostReader::ZeroCopy)),
+            _ => Err(Error::value(
+                "host_reader",
+                format!("must be 'auto', 'copy' or 'zero-copy', got {s:?}"),
+            )),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            ReaderChoice::Auto => "auto",
+            ReaderChoice::Fixed(HostReader::CopyEngine) => "copy",
+            ReaderChoice::Fixed(HostReader::ZeroCopy) => "zero-copy",
+        }
+    }
+}
+
+/// The faster reader by `rates` (the copy engine where nothing was measured: on every host
+/// measured it moves at least as much as zero-copy reads, and on some far more).
+pub fn choose_reader(rates: Option<&Rates>) -> HostReader {
+    match rates {
+        Some(r) if r.copy > 0.0 && r.pcie > r.copy => HostReader::ZeroCopy,
+        _ => HostReader::CopyEngine,
+    }
 }
 
 impl Rates {
-    /// Checks the figures: finite, the GPU's positive, the CPU's and the hand-off at least 0.
+    /// From `(pcie, cpu, device, handoff[, copy])`, as Python passes them (`arg` names the
+    /// argument in errors); checked.
+    pub fn from_slice(arg: &str, v: &[f64]) -> Result<Self> {
+        let r = match *v {
+            [pcie, cpu, device, handoff] => Rates {
+                pcie,
+                cpu,
+                device,
+                handoff,
+                copy: 0.0,
+            },
+            [pcie, cpu, device, handoff, copy] => Rates {
+                pcie,
+                cpu,
+                device,
+                handoff,
+                copy,
+            },
+            _ => {
+                return Err(Error::value(
+                    arg,
+                    format!(
+                        "expected (pcie, cpu, device, handoff[, copy]), got {} numbers",
+                        v.len()
+                    ),
+                ))
+            }
+        };
+        r.check().map_err(|e| match e {
+            Error::Value { msg, .. } => Error::value(arg, msg),
+            other => other,
+        })?;
+        Ok(r)
+    }
+
+    /// `(pcie, cpu, device, handoff, copy)`.
+    pub fn to_tuple(&self) -> (f64, f64, f64, f64, f64) {
+        (self.pcie, self.cpu, self.device, self.handoff, self.copy)
+    }
+
+    /// The rate at which `reader` moves host blocks (zero-copy's where the copy engine was
+    /// not measured).
+    pub fn host_rate(&self, reader: HostReader) -> f64 {
+        match reader {
+            HostReader::CopyEngine if self.copy > 0.0 => self.copy,
+            _ => self.pcie,
+        }
+    }
+
+    /// Checks the figures: finite, the GPU's positive, the CPU's, the copy engine's and the
+    /// hand-off at least 0.
     pub fn check(&self) -> Result<()> {
         let ok = |x: f64| x.is_finite() && x >= 0.0;
         for (name, v, positive) in [
@@ -52,6 +153,7 @@ impl Rates {
             ("cpu", self.cpu, false),
             ("device", self.device, true),
             ("handoff", self.handoff, false),
+            ("copy", self.copy, false),
         ] {
             if !ok(v) || (positive && v <= 0.0) {
                 return Err(Error::value(
@@ -193,6 +295,8 @@ pub struct SharePolicy {
     pub min_host_tokens: usize,
     /// The threads the CPU share runs on (`None`: rayon's global pool).
     pub pool: Option<Arc<rayon::ThreadPool>>,
+    /// How the GPU reads host blocks.
+    pub reader: ReaderChoice,
 }
 
 impl Default for SharePolicy {
@@ -202,6 +306,7 @@ impl Default for SharePolicy {
             rates: None,
             min_host_tokens: MIN_HOST_TOKENS,
             pool: None,
+            reader: ReaderChoice::Auto,
         }
     }
 }
@@ -234,6 +339,14 @@ impl SharePolicy {
         Ok(())
     }
 
+    /// The reader the GPU uses for host blocks.
+    pub fn host_reader(&self) -> HostReader {
+        match self.reader {
+            ReaderChoice::Fixed(r) => r,
+            ReaderChoice::Auto => choose_reader(self.rates.as_ref()),
+        }
+    }
+
     /// Threads of the CPU share's pool (rayon's global pool's where it has none).
     pub fn threads(&self) -> usize {
         self.pool
@@ -261,10 +374,15 @@ impl SharePolicy {
             return self.decide(layer.len(), &layer.host_tails(heads));
         }
         let rates = self.rates.as_ref()?;
+        // The GPU's side runs at the rate of the reader it uses.
+        let rates = Rates {
+            pcie: rates.host_rate(self.host_reader()),
+            ..*rates
+        };
         let lo = window
             .map_or(0, |w| layer.len().saturating_sub(w))
             .max(layer.start());
-        balance(rates, &layer.placement(lo, token_bytes), MAX_CPU_HEADS).map(|e| e.split)
+        balance(&rates, &layer.placement(lo, token_bytes), MAX_CPU_HEADS).map(|e| e.split)
     }
 
     /// The `cpu_heads` decision, pure: `tails[h]` is where head `h`'s host blocks start

@@ -5,8 +5,11 @@
 //!   larger than any last-level cache, on the share's thread pool, timed for a fraction of a
 //!   second; and the same over one block per head, for the fixed cost of a step.
 //! - The GPU: the decode kernel over keys and values in mapped pinned memory (read over PCIe,
-//!   as host blocks are) and in device memory (as resident blocks are), timed with CUDA events
-//!   on a stream of its own. Its buffers are transient and small: 64 MiB of pinned memory and
+//!   as host blocks are) and in device memory (as resident blocks are), and the copy engine
+//!   moving the same pinned memory in block-sized copies (as the staged path does), timed with
+//!   CUDA events on a stream of its own.
+//! - The CPU beside the copy engine (`with_copy_engine_busy`): both read host memory at once
+//!   in a shared step, and on some hosts the CPU reads less while the copy engine runs. Its buffers are transient and small: 64 MiB of pinned memory and
 //!   four times the GPU's L2 cache of device memory (at least 64 MiB, at most 256 MiB, so the
 //!   reads reach HBM), both freed before it returns; the caller runs it before the store
 //!   claims its device blocks, inside the planner's margin.
@@ -160,6 +163,77 @@ pub struct GpuRates {
     pub pcie: f64,
     /// The decode kernel reading device memory.
     pub device: f64,
+    /// The copy engine moving pinned memory to the device in block-sized copies (what the
+    /// staged decode path does; its kernel runs beside the copies).
+    pub copy: f64,
+}
+
+/// Bytes of one copy of the copy-engine probes: a default GPU block of keys or values.
+const COPY_CHUNK: usize = 1 << 20;
+
+/// Queues copies of `bytes` from `src` to `dst` on `s`, `COPY_CHUNK` at a time.
+///
+/// # Safety
+/// Both ranges must be valid for `bytes` until the stream has run the copies.
+unsafe fn copy_chunks(dst: u64, src: u64, bytes: usize, s: Stream) -> Result<()> {
+    let mut off = 0;
+    while off < bytes {
+        let n = COPY_CHUNK.min(bytes - off);
+        // SAFETY: forwarded from the caller; `off + n <= bytes`.
+        unsafe {
+            crate::cuda::stream::copy_async(
+                dst + off as u64,
+                src + off as u64,
+                n,
+                s,
+                "the copy engine probe",
+            )?
+        };
+        off += n;
+    }
+    Ok(())
+}
+
+/// Runs `f` on the calling thread while another thread keeps GPU `ordinal`'s copy engine busy
+/// moving pinned memory to the device (64 MiB at a time, until `f` returns): the CPU's read
+/// rate beside the copy engine, as a shared decode step has it.
+pub fn with_copy_engine_busy<R>(ordinal: usize, f: impl FnOnce() -> R) -> Result<R> {
+    let g = gpu(ordinal)?;
+    g.bind()?;
+    let host = PinnedBuf::take(&g, HOST_PROBE_BYTES)?;
+    // SAFETY: the buffer is owned here and nothing reads it yet.
+    unsafe { std::ptr::write_bytes(host.host_ptr(), 0, host.len()) };
+    let dev = DeviceBuf::new(&g, HOST_PROBE_BYTES)?;
+    let raw = cu::stream::create(cu::stream::StreamKind::NonBlocking)
+        .map_err(|e| driver_err("creating the probe's stream", e))?;
+    let stream = OwnStream(Stream(raw));
+    let s = stream.0;
+    let (src, dst) = (host.dev_ptr(), dev.ptr());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (out, busy) = std::thread::scope(|scope| {
+        let busy = scope.spawn(|| -> Result<usize> {
+            g.bind()?;
+            let mut rounds = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: both buffers outlive the scope, which ends after this thread.
+                unsafe { copy_chunks(dst, src, HOST_PROBE_BYTES, s)? };
+                crate::cuda::stream::synchronize(s)?;
+                rounds += 1;
+            }
+            Ok(rounds)
+        });
+        let out = f();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (out, busy.join())
+    });
+    drop(host); // freed, not pooled: a probe's buffer is no KV block
+    match busy {
+        Ok(Ok(_)) => Ok(out),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::Panic(
+            "the copy engine probe's thread panicked".into(),
+        )),
+    }
 }
 
 /// Times the decode kernel (`dtype`, `head_dim`, `group` query heads per kv head) on GPU
@@ -244,11 +318,28 @@ pub fn measure_gpu(
     let half = HOST_PROBE_BYTES / 2;
     let tokens = half / (PROBE_HEADS * row);
     let t_host = time(host.dev_ptr(), host.dev_ptr() + half as u64, tokens, 3);
+    // The copy engine over the same bytes, in block-sized copies (warm-up, then 3 timed).
+    let t_copy = DeviceBuf::new(&g, HOST_PROBE_BYTES).and_then(|dst| {
+        let (a, b) = (TimingEvent::new()?, TimingEvent::new()?);
+        // SAFETY: both buffers hold HOST_PROBE_BYTES and outlive the synchronize below.
+        unsafe {
+            copy_chunks(dst.ptr(), host.dev_ptr(), HOST_PROBE_BYTES, s)?;
+            cu::event::record(a.0, s.0).map_err(|e| driver_err("recording an event", e))?;
+            for _ in 0..3 {
+                copy_chunks(dst.ptr(), host.dev_ptr(), HOST_PROBE_BYTES, s)?;
+            }
+            cu::event::record(b.0, s.0).map_err(|e| driver_err("recording an event", e))?;
+            cu::event::synchronize(b.0).map_err(|e| driver_err("waiting for the probe", e))?;
+            let ms = cu::event::elapsed(a.0, b.0).map_err(|e| driver_err("timing", e))?;
+            Ok(f64::from(ms) / 1e3 / 3.0)
+        }
+    });
     // Whatever happened, nothing of the probe may still run when its buffers are freed.
     // SAFETY: the probe's own stream.
     let synced = unsafe { cu::stream::synchronize(s.0) };
     drop(host); // freed, not pooled: a probe's buffer is no KV block
     let t_host = t_host?;
+    let t_copy = t_copy?;
     synced.map_err(|e| driver_err("waiting for the probe", e))?;
     let dev = DeviceBuf::new(&g, device_bytes)?;
     // SAFETY: the buffer was just allocated with this size; zeros are valid elements.
@@ -266,6 +357,7 @@ pub fn measure_gpu(
     Ok(GpuRates {
         pcie: read(tokens) / t_host,
         device: read(dtokens) / t_dev,
+        copy: HOST_PROBE_BYTES as f64 / t_copy,
     })
 }
 

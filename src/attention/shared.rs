@@ -1,5 +1,5 @@
 //! Decode with the CPU sharing the host-resident KV, to go below the PCIe-only floor: the
-//! mechanism (`policy` decides when).
+//! CPU's part of the mechanism (`policy` decides when, `decode` puts the parts together).
 //!
 //! For kv heads `0..c` the CPU takes the keys `from[h]..len` (a suffix of each head's host
 //! blocks, cut at a block boundary; `len` for a head it does not take), the GPU kernel the
@@ -7,13 +7,14 @@
 //! and the rows come back through `cuda::handoff`: no host function, and nothing waits on the
 //! calling thread; only the merge on the stream waits for the worker.
 
-use super::args::{self, Params};
+use super::args::Params;
 use super::cpu::attend_lse_into;
+use crate::cuda::handoff::{Done, Handoff};
 use crate::cuda::kernels::{CpuShare, Extra};
 use crate::cuda::Stream;
 use crate::error::{Error, Result};
 use crate::store::view::{HostRun, KvSource, Segment};
-use crate::store::CudaStore;
+use crate::store::{DeviceLayer, StoreConfig};
 use crate::tensor::{DevTensor, Element, Rows, View3};
 use crate::testing::{self, FailPoint};
 use std::sync::Arc;
@@ -90,34 +91,43 @@ impl<E: Element> KvSource<E> for RawKv<E> {
 }
 
 /// Addresses the worker reads or writes, moved into it.
-struct Ptrs {
+pub struct Ptrs {
     q: usize,
     o: usize,
     lse: usize,
 }
 
-/// Decode attention of `query` (`[num_q_heads, 1, head_dim]`, contiguous) over `layer` with
-/// the CPU taking `from[h]..len` of kv heads `0..from.len()`; the merged result goes to `out`
-/// (same shape), on the threads of `pool` (rayon's global pool where `None`). `sinks` (device address of `[num_q_heads]` f32) enters the GPU's final merge
-/// only, so once per row whoever computed the keys. Returns once everything is queued.
+/// The CPU's part of one decode step, handed to the worker: it attends over `from[h]..len` of
+/// kv heads `0..from.len()` once the query reached the host; the GPU merges its rows (`Extra`)
+/// after the stream waits for `done`.
+pub struct CpuPart {
+    pub share: CpuShare,
+    pub extra: Extra,
+    pub done: Done,
+}
+
+/// Queues the CPU's part of a decode step of `layer` (`view`, through `handoff`): the query's
+/// copy to the host, ordered after the work queued so far on `stream` (so call it before
+/// queueing the GPU's own part, which then runs beside the CPU), and the worker's task, on the
+/// threads of `pool` (rayon's global pool where `None`). The stream does not wait for the rows
+/// yet: `Handoff::wait_done` before the merge.
 ///
 /// # Safety
-/// `query` and `out` must be valid device tensors of those shapes, and `sinks` of its, alive
-/// until `stream` has run this work.
+/// `query` (`[num_q_heads, 1, head_dim]`, contiguous) must be a valid device tensor alive
+/// until `stream` has run the copy.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn attend<E: Element>(
-    store: &mut CudaStore,
+pub unsafe fn queue_cpu<E: Element>(
+    view: &DeviceLayer<'_>,
+    handoff: &mut Handoff,
     layer: usize,
+    cfg: &StoreConfig,
     query: DevTensor,
-    num_q_heads: usize,
+    group: usize,
     params: &Params,
-    sinks: Option<u64>,
     from: &[usize],
     pool: Option<Arc<rayon::ThreadPool>>,
-    out: DevTensor,
     stream: Stream,
-) -> Result<()> {
-    let cfg = store.config().clone();
+) -> Result<CpuPart> {
     let (h, d) = (cfg.num_kv_heads, cfg.head_dim);
     if E::DTYPE != cfg.dtype {
         return Err(Error::type_("query", "dtype differs from the store's"));
@@ -128,9 +138,6 @@ pub unsafe fn attend<E: Element>(
             "a shared decode takes one contiguous query per head ([num_q_heads, 1, head_dim])",
         ));
     }
-    let kernels = store.kernels().clone();
-    let (view, handoff) = store.view_and_handoff(layer)?;
-    let launch = args::launch(num_q_heads, 1, h, view.len(), view.start(), params, sinks)?;
     if from.is_empty() || from.len() > h.min(crate::cuda::kernels::MAX_CPU_HEADS) {
         return Err(Error::value("cpu_heads", "has more entries than kv heads"));
     }
@@ -158,7 +165,7 @@ pub unsafe fn attend<E: Element>(
     for (s, &f) in share.from.iter_mut().zip(from) {
         *s = f as i64;
     }
-    let rows = launch.group * from.len();
+    let rows = group * from.len();
     let q_bytes = rows * d * cfg.dtype.size();
     let slot = handoff.slot(layer, rows, q_bytes, d)?;
     let ptrs = Ptrs {
@@ -171,30 +178,16 @@ pub unsafe fn attend<E: Element>(
         lse: slot.lse.dev_ptr(),
         rows,
     };
-    let src = view.src();
-    // SAFETY: the caller vouches for `query`; the table covers `start..len`.
-    let pending = unsafe { kernels.attend_partial(stream, query, src, &launch, &share)? };
     let params = *params;
-    let queued = (|| {
-        // SAFETY: the query rows of the CPU heads come first and are contiguous (checked),
-        // `q_bytes` of them.
-        let copied = unsafe { handoff.stage_query(layer, query.ptr, q_bytes, stream)? };
-        let task = Box::new(move || match &pool {
-            Some(p) => p.install(|| compute::<E>(&ptrs, rows, d, &kv, &params)),
-            None => compute::<E>(&ptrs, rows, d, &kv, &params),
-        });
-        handoff.submit(layer, copied, task, stream)
-    })();
-    match queued {
-        // SAFETY: forwarded; the extra rows live in the layer's slot, written before the
-        // stream passes the wait `submit` queued.
-        Ok(()) => unsafe { kernels.attend_merge(stream, pending, Some(extra), out) },
-        Err(e) => {
-            // SAFETY: finishing the launched half frees its workspace; then report.
-            let _ = unsafe { kernels.attend_merge(stream, pending, None, out) };
-            Err(e)
-        }
-    }
+    // SAFETY: the query rows of the CPU heads come first and are contiguous (checked), `q_bytes`
+    // of them; the caller vouches for the tensor.
+    let copied = unsafe { handoff.stage_query(layer, query.ptr, q_bytes, stream)? };
+    let task = Box::new(move || match &pool {
+        Some(p) => p.install(|| compute::<E>(&ptrs, rows, d, &kv, &params)),
+        None => compute::<E>(&ptrs, rows, d, &kv, &params),
+    });
+    let done = handoff.submit_task(layer, copied, task)?;
+    Ok(CpuPart { share, extra, done })
 }
 
 /// The worker's part, once the query is on the host: attend, write the rows.

@@ -247,6 +247,13 @@ pub struct Slot {
 /// Bytes between two layers' words: one cache line each.
 const WORD_STRIDE: usize = 64;
 
+/// A task handed to the worker whose rows a stream has yet to wait for (`wait_done`): the
+/// mapped `done` word and the value it publishes (`None`: it ran on the calling thread).
+#[must_use]
+pub struct Done {
+    word: Option<(u64, u32)>,
+}
+
 /// That a layer's query has reached the host, or will: what `stage_query` gives `submit`.
 pub struct Ready {
     layer: usize,
@@ -435,6 +442,13 @@ impl Handoff {
     /// `stream` wait for it. The task runs whatever this returns; on `Err` the stream does
     /// not wait for it.
     pub fn submit(&mut self, layer: usize, ready: Ready, task: Task, stream: Stream) -> Result<()> {
+        let done = self.submit_task(layer, ready, task)?;
+        self.wait_done(done, stream)
+    }
+
+    /// The first half of `submit`: hands `task` to the worker (it runs whatever follows);
+    /// `wait_done` makes a stream wait for it, after whatever the caller queues between.
+    pub fn submit_task(&mut self, layer: usize, ready: Ready, task: Task) -> Result<Done> {
         if ready.layer != layer {
             return Err(Error::value(
                 "layer",
@@ -452,7 +466,7 @@ impl Handoff {
                     task()
                 });
                 self.worker.run_here(task);
-                Ok(())
+                Ok(Done { word: None })
             }
             (Mode::StreamWait, None) => {
                 self.seq[layer] = ready.seq;
@@ -472,13 +486,22 @@ impl Handoff {
                 // SAFETY: as above.
                 self.worker
                     .submit(task, unsafe { Publish::new(word, ready.seq) });
-                // SAFETY: the word is mapped pinned memory of this hand-off, and the task just
-                // queued publishes `seq` there on every path.
-                unsafe {
-                    stream::wait_value_geq(stream, self.done.dev_ptr() + off as u64, ready.seq)
-                }
+                Ok(Done {
+                    word: Some((self.done.dev_ptr() + off as u64, ready.seq)),
+                })
             }
             _ => unreachable!("stage_query makes a Ready of the hand-off's mode"),
+        }
+    }
+
+    /// Makes `stream` wait until the task of `done` has published its rows.
+    pub fn wait_done(&self, done: Done, stream: Stream) -> Result<()> {
+        match done.word {
+            // SAFETY: the word is mapped pinned memory of this hand-off, and the task queued by
+            // `submit_task` publishes `seq` there on every path.
+            Some((word, seq)) => unsafe { stream::wait_value_geq(stream, word, seq) },
+            // Run on the calling thread: finished already.
+            None => Ok(()),
         }
     }
 

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::tensor::{DType, DevTensor};
 use crate::testing::{self, FailPoint};
 use cudarc::driver::result as cu;
+use cudarc::driver::sys;
 use cudarc::driver::{
     CudaContext, CudaFunction, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
@@ -15,10 +16,54 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use std::sync::Arc;
 
 const SOURCE: &str = include_str!("../../kernels/attention.cu");
-/// Query rows per CTA of `attend_partial` (`ROWS` in the source).
+/// Query rows per CTA of the attention kernels: `R` of `attend_partial_rR` / `attend_staged_rR`
+/// (a GQA group of 4 or fewer rows takes the 4-row variant, so no lanes compute empty rows).
+const ROWS_SMALL: usize = 4;
 const ROWS: usize = 8;
-/// Threads per CTA of `attend_partial` (`32 * NWARPS`).
+/// Threads per CTA of the attention kernels (`32 * NWARPS`).
 const ATTEND_THREADS: u32 = 128;
+/// Bit 0 of a block's key address in the block table: the block is in host memory
+/// (`HOST_BIT` in the source; block addresses are 16-byte aligned).
+pub const HOST_BIT: u64 = 1;
+/// Most units one `attend_staged` launch takes (`MAX_UNITS` in the source).
+pub const MAX_UNITS: usize = 48;
+
+/// `n` consecutive keys of kv head `head` from position `pos` on, staged in device memory with
+/// rows contiguous at `k` and `v`; cut into `subs` CTAs of at most `Units::sub_len` keys that
+/// write slots `slot..slot + subs`. Layout of `struct Unit` in the source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Unit {
+    pub k: u64,
+    pub v: u64,
+    pub pos: i64,
+    pub n: i32,
+    pub head: i32,
+    pub slot: i32,
+    pub subs: i32,
+}
+
+/// The units of one `attend_staged` launch, by value (layout of `struct Units`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Units {
+    pub count: i32,
+    pub sub_len: i32,
+    pub u: [Unit; MAX_UNITS],
+}
+
+// SAFETY: plain `#[repr(C)]` data, laid out as `struct Units` in the source.
+unsafe impl DeviceRepr for Units {}
+
+/// The workspace of staged partials: `[rows, slots, head_dim]` f32 outputs and `[rows, slots,
+/// 2]` f32 (max, sum), the maxima preset to -inf so slots no unit writes merge as nothing.
+#[derive(Debug)]
+pub struct StagedWs {
+    ws: u64,
+    o: u64,
+    ml: u64,
+    slots: usize,
+}
 
 /// Where a layer's keys and values are: a block table, or dense strided tensors.
 /// Layout matches `struct KvSrc` in the source.
@@ -73,6 +118,13 @@ pub struct Pending {
     q_len: usize,
     total_rows: usize,
     sinks: u64,
+}
+
+impl Pending {
+    /// Query rows in all (`num_q_heads * q_len`).
+    pub fn rows(&self) -> usize {
+        self.total_rows
+    }
 }
 
 /// Rows computed elsewhere (the CPU) for the first `rows` query rows, merged by `attend_merge`:
@@ -160,7 +212,10 @@ pub fn compile_ptx(dtype: DType, head_dim: usize, major: i32, minor: i32) -> Res
 /// The loaded kernels of one (device, dtype, head_dim).
 pub struct Kernels {
     ctx: Arc<CudaContext>,
-    attend_partial: CudaFunction,
+    /// `attend_partial_r4`, `attend_partial_r8`.
+    attend_partial: [CudaFunction; 2],
+    /// `attend_staged_r4`, `attend_staged_r8`.
+    attend_staged: [CudaFunction; 2],
     merge_partials: CudaFunction,
     append_kv: CudaFunction,
     gather_kv: CudaFunction,
@@ -184,7 +239,8 @@ impl Kernels {
                 .map_err(|e| driver_err(&format!("finding kernel {name}"), e))
         };
         Ok(Kernels {
-            attend_partial: get("attend_partial")?,
+            attend_partial: [get("attend_partial_r4")?, get("attend_partial_r8")?],
+            attend_staged: [get("attend_staged_r4")?, get("attend_staged_r8")?],
             merge_partials: get("merge_partials")?,
             append_kv: get("append_kv")?,
             gather_kv: get("gather_kv")?,
@@ -237,13 +293,23 @@ impl Kernels {
     ) -> Result<()> {
         // SAFETY: forwarded from the caller.
         unsafe {
-            let p = self.attend_partial(stream, q, src, a, &CpuShare::NONE)?;
-            self.attend_merge(stream, p, None, out)
+            let p = self.attend_partial(stream, q, src, a, &CpuShare::NONE, false)?;
+            self.attend_merge(stream, p, None, None, out)
+        }
+    }
+
+    /// Query rows per CTA for `rows` rows per kv head, and the variant's index.
+    fn rows_per_cta(rows: usize) -> (usize, usize) {
+        if rows <= ROWS_SMALL {
+            (ROWS_SMALL, 0)
+        } else {
+            (ROWS, 1)
         }
     }
 
     /// The first half of `attend`: the split partial results, with the keys `share` leaves to
-    /// the CPU skipped. `attend_merge` finishes it (and frees its workspace).
+    /// the CPU skipped, and with `skip_host` the keys in host blocks too (`attend_staged` reads
+    /// those). `attend_merge` finishes it (and frees its workspace).
     ///
     /// # Safety
     /// As for `attend`.
@@ -254,11 +320,13 @@ impl Kernels {
         src: KvSrc,
         a: &AttendLaunch,
         share: &CpuShare,
+        skip_host: bool,
     ) -> Result<Pending> {
         let d = self.head_dim;
         let rows = a.group * a.q_len;
         let num_q_heads = a.group * a.num_kv_heads;
-        let row_groups = rows.div_ceil(ROWS);
+        let (per_cta, variant) = Self::rows_per_cta(rows);
+        let row_groups = rows.div_ceil(per_cta);
         let keys = a.seq_len - a.lo;
         let base = a.num_kv_heads * row_groups;
         let splits = (4 * self.sm_count)
@@ -292,12 +360,13 @@ impl Kernels {
         let group = a.group as i32;
         let softcap = a.softcap.unwrap_or(0.0);
         let window = a.window.map_or(0, |w| w.min(i32::MAX as usize)) as i32;
+        let skip = i32::from(skip_host);
         let s = self.borrow(stream);
-        let mut b = s.launch_builder(&self.attend_partial);
+        let mut b = s.launch_builder(&self.attend_partial[variant]);
         b.arg(&q.ptr).arg(&q.s0).arg(&q.s1).arg(&q_len);
         b.arg(&src).arg(&seq_len).arg(&lo).arg(&keys_per_split);
         b.arg(&group).arg(&a.scale).arg(&softcap).arg(&window);
-        b.arg(share).arg(&o_part).arg(&ml_part);
+        b.arg(share).arg(&skip).arg(&o_part).arg(&ml_part);
         let cfg = LaunchConfig {
             grid_dim: (splits as u32, a.num_kv_heads as u32, row_groups as u32),
             block_dim: (ATTEND_THREADS, 1, 1),
@@ -321,16 +390,109 @@ impl Kernels {
         })
     }
 
-    /// Merges `p`'s splits (and, for its first rows, `extra`: the CPU's share) into `out`, and
-    /// frees `p`'s workspace whatever happens.
+    /// The workspace for `slots` staged partials of each of `rows` query rows (every slot's
+    /// max preset to -inf), on `stream`; `attend_merge` frees it.
     ///
     /// # Safety
-    /// As for `attend`; `p` came from `attend_partial` on this stream.
+    /// The context must be bound; `stream` a live stream of it.
+    pub unsafe fn staged_workspace(
+        &self,
+        stream: Stream,
+        rows: usize,
+        slots: usize,
+    ) -> Result<StagedWs> {
+        fits("query", "staged partials per row", slots, INT_MAX)?;
+        let o_bytes = rows * slots * self.head_dim * 4;
+        let ml_words = rows * slots * 2;
+        // SAFETY: stream-ordered allocation on the caller's stream, freed by `attend_merge`.
+        let ws = unsafe { cu::malloc_async(stream.0, o_bytes + ml_words * 4) }
+            .map_err(|e| driver_err("allocating staged attention workspace", e))?;
+        let ml = ws + o_bytes as u64;
+        // -inf as f32 bits: a slot nobody writes merges as no keys.
+        // SAFETY: `ml_words` words at `ml` lie in the allocation above.
+        let set = unsafe { sys::cuMemsetD32Async(ml, 0xff80_0000, ml_words, stream.0) }.result();
+        if let Err(e) = set {
+            // SAFETY: allocated above on this stream, used by nothing.
+            let _ = unsafe { cu::free_async(ws, stream.0) };
+            return Err(driver_err("clearing staged attention workspace", e));
+        }
+        Ok(StagedWs {
+            ws,
+            o: ws,
+            ml,
+            slots,
+        })
+    }
+
+    /// Partial attention of `q` over staged `units` (their keys in device memory), into the
+    /// slots of `w`.
+    ///
+    /// # Safety
+    /// As for `attend`; every unit's `k`, `v` hold its `n` rows until the stream has run this
+    /// work, and its slots lie in `w`.
+    pub unsafe fn attend_staged(
+        &self,
+        stream: Stream,
+        q: DevTensor,
+        a: &AttendLaunch,
+        units: &Units,
+        w: &StagedWs,
+    ) -> Result<()> {
+        let count = units.count.max(0) as usize;
+        if count == 0 {
+            return Ok(());
+        }
+        if count > MAX_UNITS {
+            return Err(Error::value("units", "more than MAX_UNITS in one launch"));
+        }
+        let rows = a.group * a.q_len;
+        let (per_cta, variant) = Self::rows_per_cta(rows);
+        let row_groups = rows.div_ceil(per_cta);
+        fits("query", "row groups per kv head", row_groups, GRID_YZ_MAX)?;
+        let subs = units.u[..count]
+            .iter()
+            .map(|u| u.subs)
+            .max()
+            .unwrap_or(1)
+            .max(1) as usize;
+        fits("units", "pieces of one unit", subs, GRID_YZ_MAX)?;
+        let q_len = a.q_len as i32;
+        let seq_len = a.seq_len as i64;
+        let group = a.group as i32;
+        let softcap = a.softcap.unwrap_or(0.0);
+        let window = a.window.map_or(0, |w| w.min(i32::MAX as usize)) as i32;
+        let slots = w.slots as i32;
+        let s = self.borrow(stream);
+        let mut b = s.launch_builder(&self.attend_staged[variant]);
+        b.arg(&q.ptr).arg(&q.s0).arg(&q.s1).arg(&q_len);
+        b.arg(&seq_len)
+            .arg(&group)
+            .arg(&a.scale)
+            .arg(&softcap)
+            .arg(&window);
+        b.arg(units).arg(&slots).arg(&w.o).arg(&w.ml);
+        let cfg = LaunchConfig {
+            grid_dim: (count as u32, row_groups as u32, subs as u32),
+            block_dim: (ATTEND_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `attend_staged_rR`'s parameters one for one; the caller
+        // vouches for the addresses.
+        unsafe { Self::launch("attend_staged", b, cfg) }
+    }
+
+    /// Merges `p`'s splits, `staged`'s slots and, for its first rows, `extra` (the CPU's
+    /// share) into `out`, and frees both workspaces whatever happens.
+    ///
+    /// # Safety
+    /// As for `attend`; `p` came from `attend_partial` on this stream, `staged` from
+    /// `staged_workspace` with `p`'s rows.
     pub unsafe fn attend_merge(
         &self,
         stream: Stream,
         p: Pending,
         extra: Option<Extra>,
+        staged: Option<StagedWs>,
         out: DevTensor,
     ) -> Result<()> {
         let splits = p.splits as i32;
@@ -341,9 +503,13 @@ impl Kernels {
             rows: 0,
         });
         let erows = e.rows as i32;
+        let (o2, ml2, slots2) = staged
+            .as_ref()
+            .map_or((0, 0, 0), |w| (w.o, w.ml, w.slots as i32));
         let s = self.borrow(stream);
         let mut b = s.launch_builder(&self.merge_partials);
-        b.arg(&p.o_part).arg(&p.ml_part).arg(&splits).arg(&q_len);
+        b.arg(&p.o_part).arg(&p.ml_part).arg(&splits);
+        b.arg(&o2).arg(&ml2).arg(&slots2).arg(&q_len);
         b.arg(&out.ptr).arg(&out.s0).arg(&out.s1);
         b.arg(&e.o).arg(&e.lse).arg(&erows).arg(&p.sinks);
         let cfg = LaunchConfig {
@@ -353,10 +519,17 @@ impl Kernels {
         };
         // SAFETY: the arguments match `merge_partials`'s parameters one for one.
         let launched = unsafe { Self::launch("merge_partials", b, cfg) };
-        // SAFETY: allocated by `attend_partial` on this stream; freed after its users.
+        // SAFETY: allocated by `attend_partial` / `staged_workspace` on this stream; freed
+        // after their users.
         let freed = unsafe { cu::free_async(p.ws, stream.0) };
+        let freed2 = match staged {
+            // SAFETY: as above.
+            Some(w) => unsafe { cu::free_async(w.ws, stream.0) },
+            None => Ok(()),
+        };
         launched?;
-        freed.map_err(|e| driver_err("freeing workspace", e))
+        freed.map_err(|e| driver_err("freeing workspace", e))?;
+        freed2.map_err(|e| driver_err("freeing workspace", e))
     }
 
     /// Writes `n` tokens of `k` and `v` (`[heads, n, head_dim]`) at positions `pos0..` of the

@@ -10,6 +10,7 @@
 pub mod handoff;
 pub mod kernels;
 pub mod memory;
+pub mod ring;
 pub mod stream;
 
 use crate::error::{Error, Result};

@@ -149,6 +149,7 @@ pub fn plan(
         margin,
         staging_cap,
         prefill,
+        ring_bytes: crate::store::STAGING_BUFFERS * crate::store::STAGING_PIECE_BYTES,
     };
     make_plan(&model.inner, &r).map(PyPlan::from).py_err(py)
 }

@@ -4,7 +4,7 @@
 
 use super::errors::IntoPyResult;
 use crate::attention::policy::{balance, HeadPlacement, LayerPlacement, Rates, SharePolicy};
-use crate::attention::rates::{measure_cpu, measure_gpu};
+use crate::attention::rates::{measure_cpu, measure_gpu, with_copy_engine_busy};
 use crate::cuda::kernels::MAX_CPU_HEADS;
 use crate::error::Error;
 use crate::tensor::DType;
@@ -12,9 +12,11 @@ use crate::with_element;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-/// `(bytes_per_s, fixed_s)` of the CPU share's kernel on `threads` threads. See `_core.pyi`.
+/// `(bytes_per_s, fixed_s)` of the CPU share's kernel on `threads` threads, with the copy
+/// engine of GPU `beside_copy` busy meanwhile where given. See `_core.pyi`.
 #[pyfunction]
-#[pyo3(signature = (dtype, head_dim, group, threads=0, bytes=268435456, seconds=0.25))]
+#[pyo3(signature = (dtype, head_dim, group, threads=0, bytes=268435456, seconds=0.25, beside_copy=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn measure_cpu_rate(
     py: Python<'_>,
     dtype: &str,
@@ -23,6 +25,7 @@ pub fn measure_cpu_rate(
     threads: usize,
     bytes: usize,
     seconds: f64,
+    beside_copy: Option<usize>,
 ) -> PyResult<(f64, f64)> {
     let dtype = DType::parse("dtype", dtype).py_err(py)?;
     if !seconds.is_finite() || seconds < 0.0 {
@@ -34,16 +37,21 @@ pub fn measure_cpu_rate(
     }
     let mut policy = SharePolicy::default();
     policy.set_threads(threads).py_err(py)?;
-    py.detach(|| {
+    let measure = || {
         with_element!(dtype, E => {
             measure_cpu::<E>(head_dim, group, bytes, seconds, policy.pool.as_deref())
         })
+    };
+    py.detach(|| match beside_copy {
+        Some(ordinal) => with_copy_engine_busy(ordinal, measure).and_then(|r| r),
+        None => measure(),
     })
     .map(|r| (r.bytes_per_s, r.fixed_s))
     .py_err(py)
 }
 
-/// `(pcie, device)` bytes per second of the decode kernel on GPU `device`. See `_core.pyi`.
+/// `(pcie, device, copy)` bytes per second of the decode kernel over host and device memory
+/// and of the copy engine, on GPU `device`. See `_core.pyi`.
 #[pyfunction]
 pub fn measure_gpu_rates(
     py: Python<'_>,
@@ -51,10 +59,10 @@ pub fn measure_gpu_rates(
     dtype: &str,
     head_dim: usize,
     group: usize,
-) -> PyResult<(f64, f64)> {
+) -> PyResult<(f64, f64, f64)> {
     let dtype = DType::parse("dtype", dtype).py_err(py)?;
     py.detach(|| measure_gpu(device, dtype, head_dim, group))
-        .map(|r| (r.pcie, r.device))
+        .map(|r| (r.pcie, r.device, r.copy))
         .py_err(py)
 }
 
@@ -64,7 +72,7 @@ pub fn measure_gpu_rates(
 #[allow(clippy::too_many_arguments)]
 pub fn share_split<'py>(
     py: Python<'py>,
-    rates: (f64, f64, f64, f64),
+    rates: Vec<f64>,
     len: usize,
     block_size: usize,
     token_bytes: usize,
@@ -73,14 +81,7 @@ pub fn share_split<'py>(
     lo: Option<usize>,
     max_heads: usize,
 ) -> PyResult<Option<Bound<'py, PyDict>>> {
-    let (pcie, cpu, device, handoff) = rates;
-    let rates = Rates {
-        pcie,
-        cpu,
-        device,
-        handoff,
-    };
-    rates.check().py_err(py)?;
+    let rates = Rates::from_slice("rates", &rates).py_err(py)?;
     if block_size == 0 {
         return Err(Error::value("block_size", "must be positive")).py_err(py);
     }

@@ -10,7 +10,7 @@ use super::stream::resolve;
 use super::tensor::{stream_arg, Sinks, TensorArg};
 use crate::attention::args::Params;
 use crate::attention::cpu::attend;
-use crate::attention::policy::{Rates, SharePolicy};
+use crate::attention::policy::{Rates, ReaderChoice, SharePolicy};
 use crate::error::Error;
 use crate::store::{CpuStore, CudaConfig, CudaStore, StoreConfig};
 use crate::tensor::{DType, Device, Tensor3};
@@ -203,36 +203,70 @@ impl PyKvStore {
     }
 
     #[getter]
-    fn share_rates(&self) -> Option<(f64, f64, f64, f64)> {
-        self.policy
-            .rates
-            .map(|r| (r.pcie, r.cpu, r.device, r.handoff))
+    fn share_rates(&self) -> Option<(f64, f64, f64, f64, f64)> {
+        self.policy.rates.map(|r| r.to_tuple())
     }
 
     #[setter]
-    fn set_share_rates(
-        &mut self,
-        py: Python<'_>,
-        rates: Option<(f64, f64, f64, f64)>,
-    ) -> PyResult<()> {
-        let rates = rates.map(|(pcie, cpu, device, handoff)| Rates {
-            pcie,
-            cpu,
-            device,
-            handoff,
-        });
-        if let Some(r) = &rates {
-            r.check().py_err(py)?;
-            if matches!(self.inner, Inner::Cpu(_)) {
-                return Err(Error::value(
-                    "share_rates",
-                    "a CPU store attends on the CPU already; a CPU share needs a device",
-                ))
-                .py_err(py);
-            }
+    fn set_share_rates(&mut self, py: Python<'_>, rates: Option<Vec<f64>>) -> PyResult<()> {
+        let rates = match rates {
+            Some(v) => Some(Rates::from_slice("share_rates", &v).py_err(py)?),
+            None => None,
+        };
+        if rates.is_some() && matches!(self.inner, Inner::Cpu(_)) {
+            return Err(Error::value(
+                "share_rates",
+                "a CPU store attends on the CPU already; a CPU share needs a device",
+            ))
+            .py_err(py);
         }
         self.policy.rates = rates;
         Ok(())
+    }
+
+    #[getter]
+    fn host_reader(&self) -> &'static str {
+        self.policy.reader.name()
+    }
+
+    #[setter]
+    fn set_host_reader(&mut self, py: Python<'_>, reader: &str) -> PyResult<()> {
+        self.policy.reader = ReaderChoice::parse(reader).py_err(py)?;
+        Ok(())
+    }
+
+    /// What `host_reader` resolves to now: `"copy"` or `"zero-copy"`.
+    #[getter]
+    fn host_reader_used(&self) -> &'static str {
+        ReaderChoice::Fixed(self.policy.host_reader()).name()
+    }
+
+    #[getter]
+    fn staging_piece_bytes(&self) -> usize {
+        match &self.inner {
+            Inner::Cuda(s) => s.staging_piece_bytes(),
+            Inner::Cpu(_) => 0,
+        }
+    }
+
+    #[setter]
+    fn set_staging_piece_bytes(&mut self, py: Python<'_>, bytes: usize) -> PyResult<()> {
+        match &mut self.inner {
+            Inner::Cuda(s) => s.set_staging_piece_bytes(bytes).py_err(py),
+            Inner::Cpu(_) => Err(Error::value(
+                "staging_piece_bytes",
+                "a CPU store stages nothing; staging needs a device",
+            ))
+            .py_err(py),
+        }
+    }
+
+    #[getter]
+    fn staging_bytes(&self) -> usize {
+        match &self.inner {
+            Inner::Cuda(s) => s.staging_bytes(),
+            Inner::Cpu(_) => 0,
+        }
     }
 
     #[getter]

@@ -23,11 +23,12 @@ pub mod config;
 mod cuda;
 pub mod pool;
 pub mod residency;
+pub mod staging;
 pub mod table;
 pub mod view;
 
 pub use config::{CudaConfig, StoreConfig};
-pub use cuda::Cuda;
+pub use cuda::{Cuda, DecodeParts, STAGING_BUFFERS, STAGING_PIECE_BYTES};
 pub use view::{DeviceLayer, HostLayer, KvSource, Segment};
 
 use crate::error::{Error, Result};

@@ -76,7 +76,13 @@ impl DeviceTable {
         // SAFETY: the table is `n` u64 entries of pinned memory owned by this table; `&mut
         // self` makes the CPU side's access exclusive, and `i + 2 <= n` (checked).
         let all = unsafe { std::slice::from_raw_parts_mut(self.buf.host_ptr() as *mut u64, n) };
-        all[i] = block.k.dev_ptr();
+        // A host block's key address carries `HOST_BIT`, so a kernel can leave host blocks to
+        // another reader (the copy engine, the CPU) without a second table.
+        let host = match block.placement() {
+            Placement::Host => crate::cuda::kernels::HOST_BIT,
+            Placement::Device => 0,
+        };
+        all[i] = block.k.dev_ptr() | host;
         all[i + 1] = block.v.dev_ptr();
     }
 

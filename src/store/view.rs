@@ -6,6 +6,7 @@
 
 use super::pool::{Mem, Placement};
 use super::residency;
+use super::staging::Span;
 use super::table::Layer;
 use crate::attention::policy::{HeadPlacement, LayerPlacement};
 use crate::cuda::kernels::KvSrc;
@@ -105,6 +106,15 @@ impl<'a, E: Element> KvSource<E> for HostLayer<'a, E> {
     }
 }
 
+/// A host block's keys to stage (`span`), and the block's key and value rows' device addresses
+/// (mapped pinned memory; the span's rows start `span.row` rows in).
+#[derive(Clone, Copy, Debug)]
+pub struct StagedSpan {
+    pub span: Span,
+    pub k: u64,
+    pub v: u64,
+}
+
 /// A run of consecutive positions of one head in one pinned block: (first position, key rows,
 /// value rows, rows).
 pub type HostRun = (usize, *const u8, *const u8, usize);
@@ -195,6 +205,49 @@ impl<'a> DeviceLayer<'a> {
             token_bytes,
             heads,
         }
+    }
+
+    /// Whether any block of the layer is in host memory.
+    pub fn has_host_blocks(&self) -> bool {
+        self.layer
+            .heads
+            .iter()
+            .any(|h| h.iter().any(|b| b.placement() == Placement::Host))
+    }
+
+    /// The host blocks' keys of every head in `lo..until[h]` (`len` for heads past `until`),
+    /// as staging spans with their blocks' key and value addresses (mapped pinned memory);
+    /// a block holding positions from `fresh_from` on is `fresh` (written in this step).
+    pub fn host_spans(&self, lo: usize, until: &[usize], fresh_from: usize) -> Vec<StagedSpan> {
+        let l = self.layer;
+        let bs = self.block_size;
+        let mut out = Vec::new();
+        for (h, blocks) in l.heads.iter().enumerate() {
+            let end = until.get(h).copied().unwrap_or(l.len).min(l.len);
+            for (bi, b) in blocks.iter().enumerate() {
+                let a = l.start + bi * bs;
+                if a >= end {
+                    break;
+                }
+                let (from, to) = (a.max(lo), (a + bs).min(end));
+                if from >= to || b.placement() != Placement::Host {
+                    continue;
+                }
+                out.push(StagedSpan {
+                    span: Span {
+                        head: h,
+                        block: bi,
+                        row: from - a,
+                        pos: from,
+                        n: to - from,
+                        fresh: a + bs > fresh_from,
+                    },
+                    k: b.k.dev_ptr(),
+                    v: b.v.dev_ptr(),
+                });
+            }
+        }
+        out
     }
 
     /// The host runs of `head` from position `from` (a block start) on; `None` if a block

@@ -12,7 +12,16 @@ import gc
 
 import pytest
 import torch
-from _tiny import FAMILIES, MULTIMODAL, prompt, rel_err, tiny_model, tiny_multimodal, twin
+from _tiny import (
+    FAMILIES,
+    MULTIMODAL,
+    float64_twin,
+    prompt,
+    rel_err,
+    tiny_model,
+    tiny_multimodal,
+    twin,
+)
 
 import headinfer
 from headinfer import _core
@@ -24,13 +33,17 @@ if not torch.cuda.is_available():
 
 DEV = "cuda"
 STEPS = 8
-# Residencies: everything on the GPU; nothing (all KV streamed from the host; "shared": with the
-# CPU attending over one kv head's host blocks in decode); "mixed": a few blocks on the GPU and
-# the rest on the host, with prefill head groups of one. The planner's resident KV is capped in
+# Residencies: everything on the GPU; nothing (all KV streamed from the host, staged by the copy
+# engine or, "zero-copy", read in place; "shared": with the CPU attending over one kv head's
+# host blocks in decode); "mixed": a few blocks on the GPU and the rest on the host, with
+# prefill head groups of one. The planner's resident KV is capped in
 # `_residency` (a gpu_budget too small for the working set is refused before prefill).
-BUDGETS = {"resident": None, "streamed": None, "mixed": None, "shared": None}
+BUDGETS = {"resident": None, "streamed": None, "zero-copy": None, "mixed": None, "shared": None}
 #: Resident KV block pairs allowed per residency (None: what the planner gives).
-RESIDENT_BLOCKS = {"resident": None, "streamed": 0, "mixed": 5, "shared": 0}
+RESIDENT_BLOCKS = {"resident": None, "streamed": 0, "zero-copy": 0, "mixed": 5, "shared": 0}
+#: How the GPU reads host blocks per residency: the copy engine's staging, except
+#: "zero-copy" (the kernel reads mapped pinned memory in place).
+READERS = {"zero-copy": "zero-copy"}
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +63,7 @@ def _residency(request, monkeypatch):
     )
     import headinfer.cache as cache_mod
 
+    monkeypatch.setenv("HEADINFER_HOST_READER", READERS.get(budget, "copy"))
     if budget == "shared":
         # All KV on the host, the CPU attending over one kv head's share during decode (the
         # tests patch with cpu_heads=1 for it), however short the host part is.
@@ -128,7 +142,7 @@ def test_float32_matches_eager(family, budget):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bfloat16_within_twice_torch_error(family, budget):
     base = tiny_model(family)
-    exact = twin(base).to(torch.float64)  # on the CPU: grouped MoE GEMMs take no fp64 on CUDA
+    exact = float64_twin(base)  # on the CPU, MoE experts in their plain loop
     std = twin(base).to(DEV, torch.bfloat16)
     model = twin(base).to(DEV, torch.bfloat16)
     headinfer.patch(

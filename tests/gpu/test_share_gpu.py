@@ -13,7 +13,7 @@ import faulthandler
 import pytest
 import torch
 from _reference import reference
-from _tiny import prompt, tiny_model, twin
+from _tiny import float64_twin, prompt, tiny_model, twin
 
 import headinfer
 from headinfer import _core
@@ -344,11 +344,12 @@ def test_the_gpu_probe_measures_plausible_rates_quickly():
     torch.cuda.synchronize()
     before = (_core.device_block_bytes(), _core.pinned_bytes(), torch.cuda.mem_get_info()[0])
     t = time.perf_counter()
-    pcie, device = _core.measure_gpu_rates(0, "bfloat16", 128, 4)
+    pcie, device, copy = _core.measure_gpu_rates(0, "bfloat16", 128, 4)
     took = time.perf_counter() - t
     after = (_core.device_block_bytes(), _core.pinned_bytes(), torch.cuda.mem_get_info()[0])
     assert took < 5.0, took  # the kernels' first compile included
     assert 1e9 < pcie < 200e9, pcie
+    assert 1e9 < copy < 200e9, copy
     assert pcie < device < 20e12, device
     assert before[0] == after[0] and after[1] <= before[1]
     assert abs(before[2] - after[2]) < 64 << 20  # the probe's buffers were freed
@@ -388,7 +389,8 @@ def _forced_rates(monkeypatch, ratio):
 
     def plan(cpu_heads, **kw):
         rates = ShareRates(pcie=1e9, cpu=ratio * 1e9, device=1e15, handoff=0.0)
-        return SharePlan("rates", "forced by the test", threads=2, rates=rates)
+        # No trial: the test checks the split itself, whatever the timings.
+        return SharePlan("rates", "forced by the test", threads=2, rates=rates, trial=False)
 
     monkeypatch.setattr(cache_mod, "plan_share", plan)
 
@@ -438,7 +440,17 @@ def test_every_family_float32_matches_eager_with_the_rate_split(
         for i in range(n, ids.shape[1] - 1):
             got.append(model(ids[:, i : i + 1], use_cache=True, **{name: cache}).logits[:, -1])
         want = ref(ids, use_cache=True).logits[:, n - 1 : ids.shape[1] - 1]
-    assert any(s is not None for s in cache.share_plan()["split"]), "the split never cut"
+    # A sliding window drops its first (device) blocks and the freed device room takes the
+    # next new blocks, after host ones; a head laid out so has no host suffix for the CPU
+    # (qwen2: only layer 0 is full, and with 5 device blocks none is left splittable). Where
+    # no window recycles device blocks, the balance must cut.
+    text = model.config.get_text_config()
+    windows = getattr(text, "sliding_window", None) and "sliding_attention" in (
+        getattr(text, "layer_types", None) or ["sliding_attention"]
+    )
+    recycles = device_blocks > 0 and bool(windows)
+    if not recycles:
+        assert any(s is not None for s in cache.share_plan()["split"]), "the split never cut"
     assert rel_err(torch.stack(got, 1), want) < 1e-4
 
 
@@ -452,7 +464,7 @@ def test_every_family_bfloat16_within_twice_torch_error_with_the_rate_split(
     _forced_rates(monkeypatch, ratio)
     _cap_resident(monkeypatch, 0)
     base = tiny_model(family)
-    exact = twin(base).to(torch.float64)
+    exact = float64_twin(base)
     std = twin(base).to(DEV, torch.bfloat16)
     model = twin(base).to(DEV, torch.bfloat16)
     headinfer.patch(model, chunk_size=97, block_size=16)

@@ -27,6 +27,7 @@ fn req(context: usize, budget: usize) -> Request {
         margin: GIB / 2,
         staging_cap: GIB,
         prefill: true,
+        ring_bytes: 48 << 20,
     }
 }
 

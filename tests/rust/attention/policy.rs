@@ -16,6 +16,7 @@ const H200: Rates = Rates {
     cpu: 40e9,
     device: 2.5e12,
     handoff: 100e-6,
+    copy: 0.0,
 };
 
 /// Llama-3-8B bf16: 2 * 128 * 2 bytes per token of a head.
@@ -405,4 +406,50 @@ fn a_pool_of_its_own() {
     );
     p.set_threads(0).unwrap();
     assert!(p.pool.is_none());
+}
+
+#[test]
+fn the_reader_is_the_faster_measured_one_and_the_copy_engine_unmeasured() {
+    assert_eq!(choose_reader(None), HostReader::CopyEngine);
+    // Copy engine not measured: the copy engine (never slower on the hosts measured).
+    assert_eq!(choose_reader(Some(&H200)), HostReader::CopyEngine);
+    let slow_zero_copy = Rates {
+        pcie: 34.5e9,
+        copy: 54.9e9,
+        ..H200
+    };
+    assert_eq!(choose_reader(Some(&slow_zero_copy)), HostReader::CopyEngine);
+    let fast_zero_copy = Rates {
+        pcie: 56e9,
+        copy: 54.9e9,
+        ..H200
+    };
+    assert_eq!(choose_reader(Some(&fast_zero_copy)), HostReader::ZeroCopy);
+    // The rate the balance uses follows the reader.
+    assert_eq!(slow_zero_copy.host_rate(HostReader::CopyEngine), 54.9e9);
+    assert_eq!(slow_zero_copy.host_rate(HostReader::ZeroCopy), 34.5e9);
+    assert_eq!(H200.host_rate(HostReader::CopyEngine), H200.pcie);
+    // A fixed choice wins over the rates.
+    let mut p = SharePolicy {
+        rates: Some(fast_zero_copy),
+        ..SharePolicy::default()
+    };
+    assert_eq!(p.host_reader(), HostReader::ZeroCopy);
+    p.reader = ReaderChoice::parse("copy").unwrap();
+    assert_eq!(p.host_reader(), HostReader::CopyEngine);
+    assert_eq!(p.reader.name(), "copy");
+    assert!(ReaderChoice::parse("fast").is_err());
+    // A slower CPU share against the faster reader: the CPU gets fewer bytes.
+    let l = layer(131_072, 0, 4096, &[Some(0); 8]);
+    let zc = balance(&slow_zero_copy, &l, 16).unwrap();
+    let ce = balance(
+        &Rates {
+            pcie: slow_zero_copy.host_rate(HostReader::CopyEngine),
+            ..slow_zero_copy
+        },
+        &l,
+        16,
+    )
+    .unwrap();
+    assert!(ce.cpu_bytes < zc.cpu_bytes, "{ce:?} vs {zc:?}");
 }

@@ -18,7 +18,15 @@ fn kernels_compile_for_every_dtype_and_head_dim() {
         for d in [16, 32, 64, 80, 96, 128, 256] {
             let ptx = compile_ptx(dtype, d, 9, 0)
                 .unwrap_or_else(|e| panic!("{} d={d}: {e}", dtype.name()));
-            for name in ["attend_partial", "merge_partials", "append_kv", "gather_kv"] {
+            for name in [
+                "attend_partial_r4",
+                "attend_partial_r8",
+                "attend_staged_r4",
+                "attend_staged_r8",
+                "merge_partials",
+                "append_kv",
+                "gather_kv",
+            ] {
                 assert!(
                     ptx.contains(name),
                     "{name} missing for {} d={d}",

@@ -1,0 +1,96 @@
+//! The copy engine as a decode reader: a layer's host blocks copied into the staging ring's
+//! device buffers piece by piece (`store::staging` plans the pieces), each piece attended over
+//! by `attend_staged` while the next one copies; the partials merged with the rest of the step
+//! by log-sum-exp. Few large copies on a stream of their own: where zero-copy kernel reads of
+//! host memory are slow (0.63 of the copy engine on some hosts), this moves host KV at the
+//! copy engine's rate.
+
+use crate::cuda::kernels::{AttendLaunch, Kernels, StagedWs, Unit, Units, MAX_UNITS};
+use crate::cuda::ring::{Copy, StagingRing};
+use crate::cuda::Stream;
+use crate::error::Result;
+use crate::store::staging::{self, StagingPlan};
+use crate::store::view::StagedSpan;
+use crate::tensor::DevTensor;
+
+/// Partial slots per query row that the plan aims at (longer heads get longer CTAs).
+pub const MAX_SLOTS: usize = 128;
+
+/// The plan for `spans` (bytes per key row `row_bytes`) in `ring`'s pieces.
+pub fn plan(spans: &[StagedSpan], row_bytes: usize, ring: &StagingRing) -> StagingPlan {
+    // Each span's `block` becomes its index in `spans`, so units find their addresses at once.
+    let s: Vec<_> = spans
+        .iter()
+        .enumerate()
+        .map(|(i, s)| staging::Span { block: i, ..s.span })
+        .collect();
+    staging::plan(&s, row_bytes, ring.piece_bytes(), MAX_UNITS, MAX_SLOTS)
+}
+
+/// Queues `plan` on `stream`: each piece's copies on the ring's stream, then its attention into
+/// `ws` (allocated for the plan's slots). `spans` are the ones `plan` was given (its units name
+/// them by index).
+///
+/// # Safety
+/// `query` must be a valid device tensor of the launch's shape alive until `stream` has run
+/// this work; the spans' blocks must stay allocated and unwritten (but for fresh ones, by the
+/// step's appends already queued on `stream`) until then.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn run(
+    kernels: &Kernels,
+    ring: &mut StagingRing,
+    spans: &[StagedSpan],
+    plan: &StagingPlan,
+    row_bytes: usize,
+    query: DevTensor,
+    launch: &AttendLaunch,
+    ws: &StagedWs,
+    stream: Stream,
+) -> Result<()> {
+    if plan.pieces.iter().any(|p| p.fresh) {
+        ring.mark_appended(stream)?;
+    }
+    for piece in &plan.pieces {
+        let mut copies = Vec::with_capacity(2 * piece.units.len());
+        for u in &piece.units {
+            let s = &spans[u.span.block];
+            let bytes = u.span.n * row_bytes;
+            let skip = (u.span.row * row_bytes) as u64;
+            copies.push(Copy {
+                offset: u.offset,
+                src: s.k + skip,
+                bytes,
+            });
+            copies.push(Copy {
+                offset: u.offset + bytes,
+                src: s.v + skip,
+                bytes,
+            });
+        }
+        // SAFETY: the sources are the spans' blocks (the caller's bound); every copy lies
+        // within the piece (the planner's).
+        let staged = unsafe { ring.stage(stream, &copies, piece.fresh)? };
+        let mut units = Units {
+            count: piece.units.len() as i32,
+            sub_len: plan.sub_len as i32,
+            u: [Unit::default(); MAX_UNITS],
+        };
+        for (dst, u) in units.u.iter_mut().zip(&piece.units) {
+            let k = staged.ptr + u.offset as u64;
+            *dst = Unit {
+                k,
+                v: k + (u.span.n * row_bytes) as u64,
+                pos: u.span.pos as i64,
+                n: u.span.n as i32,
+                head: u.span.head as i32,
+                slot: u.slot as i32,
+                subs: u.subs as i32,
+            };
+        }
+        // SAFETY: the units address the staged buffer, which stays the caller stream's until
+        // the release below; the caller vouches for the query; `ws` holds the plan's slots.
+        unsafe { kernels.attend_staged(stream, query, launch, &units, ws)? };
+        ring.release(staged, stream)?;
+    }
+    Ok(())
+}
