@@ -15,15 +15,19 @@ engine runs (both at once: the "host floor" divides by their sum). One prefill o
 Each mode crops back to the prompt first, so all decode the same tokens; the tokens must match
 (logits within bf16 rounding: the summation order differs).
 
-    python card.py --gib 24 -- python benchmarks/bench_decode.py --context 131072
+Then, with ``--peer-contexts``, transformers' layer-wise offload (``DynamicCache(offloading=
+True)``, 8K chunks) on the same model, unpatched.
 
-Writes $OUT/bench_decode_<context>.json (or ./...).
+    python card.py --gib 24 -- python benchmarks/bench_decode.py --contexts 8192,131072
+
+Writes $OUT/bench_decode_<context>.json and peer_offloaded_<context>.json (or ./...).
 """
 
 from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import json
 import os
 import threading
@@ -91,29 +95,57 @@ def decode(model, cache, name: str, first: torch.Tensor, steps: int, skip: int):
     return tokens, logits, sum(steady) / len(steady)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--context", type=int, default=131072)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per mode")
-    ap.add_argument("--watchdog", type=float, default=300, help="seconds per decode phase")
-    ap.add_argument(
-        "--modes", default="default,gpu_zero_copy,gpu_copy,shared_copy", help="comma-separated"
-    )
-    args = ap.parse_args()
-    cpu_gbs, copy_beside = host_read_beside_copy()
-    gbs = h2d_gbs()
-    print(f"copy engine {gbs:.1f} GB/s; CPU beside it {cpu_gbs:.1f} + {copy_beside:.1f} GB/s")
-    cfg, model = llama8b()
-    headinfer.patch(model, chunk_size=4096)
+def peer_offloaded(model, cfg, context: int, steps: int, chunk: int = 8192) -> dict:
+    """transformers' layer-wise offload (``DynamicCache(offloading=True)``, chunked prefill),
+    as ``shared/peers/baseline_hf.py`` runs it: prefill seconds and decode s/token, or OOM."""
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (1, context), device="cuda")
+    cache = DynamicCache(config=cfg, offloading=True)
+    try:
+        with torch.inference_mode():
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for s in range(0, context, chunk):
+                out = model(
+                    input_ids=ids[:, s : s + chunk],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            torch.cuda.synchronize()
+            prefill = time.perf_counter() - t
+            nxt = out.logits[:, -1:].argmax(-1)
+            times = []
+            for _ in range(2 + steps):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+        r = {"prefill_s": round(prefill, 2), "s_per_token": round(sum(times[2:]) / steps, 4)}
+    except torch.OutOfMemoryError:
+        r = {"oom": True}
+    del cache, ids
+    gc.collect()
+    torch.cuda.empty_cache()
+    return r
+
+
+def run_context(model, cfg, context: int, args, rates_beside: tuple[float, float, float]):
+    """One prefill of ``context`` tokens, then every mode's decode steps; the results."""
+    gbs, cpu_gbs, copy_beside = rates_beside
     name = cache_kwarg_name(model)
     cache = headinfer.HeadInferCache(model)
     modes = args.modes.split(",")
     cache.expected_new_tokens = 16 + args.steps
     torch.manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (1, args.context), device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (1, context), device="cuda")
     results: dict = {
         "device": torch.cuda.get_device_name(),
-        "context": args.context,
+        "context": context,
         "copy_engine_gbs": round(gbs, 1),
         "cpu_read_beside_copy_gbs": round(cpu_gbs, 1),
         "copy_beside_cpu_gbs": round(copy_beside, 1),
@@ -125,7 +157,7 @@ def main() -> None:
         torch.cuda.synchronize()
         prefill = time.perf_counter() - t
         first = out.logits[:, -1:].argmax(-1)
-        print(f"prefill {args.context} tokens: {prefill:.1f} s", flush=True)
+        print(f"prefill {context} tokens: {prefill:.1f} s", flush=True)
         results["prefill_s"] = round(prefill, 2)
         store = cache.store
         plan = cache.share_plan()
@@ -143,7 +175,7 @@ def main() -> None:
         runs = {}
         for mode in modes:
             faulthandler.dump_traceback_later(args.watchdog, exit=True)
-            cache.crop(args.context)
+            cache.crop(context)
             # Every mode decodes the same tokens; the default's first 8 steps are its trial's
             # (1 warm-up, 3 with the share and 3 without), the others' first 2 a warm-up.
             skip = 8 if mode == "default" else 2
@@ -170,13 +202,49 @@ def main() -> None:
             faulthandler.cancel_dump_traceback_later()
         base = runs[modes[0]]
         results["same_tokens"] = {m: r[0] == base[0] for m, r in runs.items()}
-        results["max_abs_logit_diff"] = {
-            m: float((r[1] - base[1]).abs().max()) for m, r in runs.items()
-        }
-    print(json.dumps({k: v for k, v in results.items() if k not in modes}))
+    del cache
+    gc.collect()
+    torch.cuda.empty_cache()
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="131072", help="comma-separated token counts")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per mode")
+    ap.add_argument("--watchdog", type=float, default=300, help="seconds per decode phase")
+    ap.add_argument(
+        "--modes", default="default,gpu_zero_copy,gpu_copy,shared_copy", help="comma-separated"
+    )
+    ap.add_argument(
+        "--peer-contexts",
+        default="",
+        help="comma-separated contexts at which to run transformers' offloaded cache too",
+    )
+    args = ap.parse_args()
+    cpu_gbs, copy_beside = host_read_beside_copy()
+    gbs = h2d_gbs()
+    # The probes' pinned buffers go back to the host (torch's pinned cache would keep them).
+    if hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache()
+    print(f"copy engine {gbs:.1f} GB/s; CPU beside it {cpu_gbs:.1f} + {copy_beside:.1f} GB/s")
+    cfg, model = llama8b()
+    headinfer.patch(model, chunk_size=4096)
     out_dir = os.environ.get("OUT", ".")
-    with open(os.path.join(out_dir, f"bench_decode_{args.context}.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    for context in [int(c) for c in args.contexts.split(",") if c]:
+        results = run_context(model, cfg, context, args, (gbs, cpu_gbs, copy_beside))
+        print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}))
+        with open(os.path.join(out_dir, f"bench_decode_{context}.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    peers = [int(c) for c in args.peer_contexts.split(",") if c]
+    if peers:
+        headinfer.unpatch(model)
+        for context in peers:
+            r = {"context": context, "device": torch.cuda.get_device_name()}
+            r.update(peer_offloaded(model, cfg, context, args.steps))
+            print("transformers offloaded:", json.dumps(r), flush=True)
+            with open(os.path.join(out_dir, f"peer_offloaded_{context}.json"), "w") as f:
+                json.dump(r, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ logger = logging.getLogger("headinfer")
 _STORE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 DEFAULT_BLOCK_SIZE = 256
+#: Tokens of growth after which the CPU share's trial looks again whether a step would split.
+SPLIT_RECHECK = 256
 #: Set to "copy" or "zero-copy": how the GPU reads host blocks in decode, whatever the rates
 #: say (default "auto": the faster measured; for benchmarks and diagnosis).
 HOST_READER_ENV = "HEADINFER_HOST_READER"
@@ -351,6 +353,8 @@ class HeadInferCache(Cache):
         self._step_start: float | None = None
         self._step_on = True
         self._step_counts = False
+        self._splits_seen = False
+        self._no_split_at: int | None = None
         #: The device each layer runs on (``None``: a config was given; the first keys' device).
         self.layer_devices = devices
         # The host memory the stores may take together: the user's limit, or under tensor
@@ -669,8 +673,15 @@ class HeadInferCache(Cache):
             self._set_share(trial.decided)
             return
         # Only steps where the share would split tell the two apart (judged with its rates).
+        # Once one does, the longer contexts after it do too; until then, look again only
+        # every SPLIT_RECHECK tokens (a check asks every layer).
         self._set_share(True)
-        self._step_counts = self._share_splits()
+        if not self._splits_seen:
+            n = self.get_seq_length()
+            if self._no_split_at is None or n - self._no_split_at >= SPLIT_RECHECK:
+                self._splits_seen = self._share_splits()
+                self._no_split_at = n
+        self._step_counts = self._splits_seen
         self._set_share(trial.mode() if self._step_counts else True)
         self._step_start = now
 

@@ -75,8 +75,16 @@ def _read(store, q):
 
 
 def _same(x, y):
+    """The same positions and keys/values, bit for bit; attention outputs equal up to the
+    summation order (two stores whose blocks sit in different places read them by different
+    readers: the resident kernel, the copy engine's pieces)."""
+
+    def close(a, b):
+        tol = 1e-5 if a.dtype == torch.float32 else 8e-3  # a last-bit difference of bf16
+        return torch.equal(a, b) or (a - b).abs().max().item() <= tol * b.abs().max().item()
+
     return all(
-        t[:2] == u[:2] and all(torch.equal(a, b) for a, b in zip(t[2:], u[2:]))
+        t[:2] == u[:2] and close(t[2], u[2]) and torch.equal(t[3], u[3]) and torch.equal(t[4], u[4])
         for t, u in zip(x, y)
     )
 
