@@ -20,7 +20,8 @@ True)``, 8K chunks) on the same model, unpatched.
 
     python card.py --gib 24 -- python benchmarks/bench_decode.py --contexts 8192,131072
 
-Writes $OUT/bench_decode_<context>.json and peer_offloaded_<context>.json (or ./...).
+Writes $OUT/bench_decode_<context>.json and peer_{offloaded,standard}_<context>.json (or
+./...).
 """
 
 from __future__ import annotations
@@ -95,14 +96,16 @@ def decode(model, cache, name: str, first: torch.Tensor, steps: int, skip: int):
     return tokens, logits, sum(steady) / len(steady)
 
 
-def peer_offloaded(model, cfg, context: int, steps: int, chunk: int = 8192) -> dict:
-    """transformers' layer-wise offload (``DynamicCache(offloading=True)``, chunked prefill),
-    as ``shared/peers/baseline_hf.py`` runs it: prefill seconds and decode s/token, or OOM."""
+def peer(model, cfg, context: int, steps: int, chunk: int = 8192, offloading: bool = True) -> dict:
+    """transformers' own cache, as ``shared/peers/baseline_hf.py`` runs it: the layer-wise
+    offload (``DynamicCache(offloading=True)``, chunked prefill) or, with ``offloading=False``,
+    standard attention with a plain ``DynamicCache`` (``chunk`` >= ``context``: one-shot
+    prefill): prefill seconds and decode s/token, or OOM."""
     from transformers import DynamicCache
 
     torch.manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (1, context), device="cuda")
-    cache = DynamicCache(config=cfg, offloading=True)
+    cache = DynamicCache(config=cfg, offloading=offloading)
     try:
         with torch.inference_mode():
             torch.cuda.synchronize()
@@ -221,6 +224,11 @@ def main() -> None:
         default="",
         help="comma-separated contexts at which to run transformers' offloaded cache too",
     )
+    ap.add_argument(
+        "--standard-contexts",
+        default="",
+        help="comma-separated contexts at which to run standard attention (one-shot prefill)",
+    )
     args = ap.parse_args()
     cpu_gbs, copy_beside = host_read_beside_copy()
     gbs = h2d_gbs()
@@ -236,15 +244,18 @@ def main() -> None:
         print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}))
         with open(os.path.join(out_dir, f"bench_decode_{context}.json"), "w") as f:
             json.dump(results, f, indent=1)
-    peers = [int(c) for c in args.peer_contexts.split(",") if c]
+    peers = [("offloaded", int(c), True) for c in args.peer_contexts.split(",") if c] + [
+        ("standard", int(c), False) for c in args.standard_contexts.split(",") if c
+    ]
     if peers:
         headinfer.unpatch(model)
-        for context in peers:
-            r = {"context": context, "device": torch.cuda.get_device_name()}
-            r.update(peer_offloaded(model, cfg, context, args.steps))
-            print("transformers offloaded:", json.dumps(r), flush=True)
-            with open(os.path.join(out_dir, f"peer_offloaded_{context}.json"), "w") as f:
-                json.dump(r, f, indent=1)
+    for kind, context, offloading in peers:
+        r = {"context": context, "device": torch.cuda.get_device_name()}
+        chunk = 8192 if offloading else context
+        r.update(peer(model, cfg, context, args.steps, chunk=chunk, offloading=offloading))
+        print(f"transformers {kind}:", json.dumps(r), flush=True)
+        with open(os.path.join(out_dir, f"peer_{kind}_{context}.json"), "w") as f:
+            json.dump(r, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -33,26 +33,31 @@ def main(folder: str, out: str) -> None:
         (json.loads(p.read_text()) for p in Path(folder).glob("bench_decode_*.json")),
         key=lambda r: r["context"],
     )
-    peers = sorted(
-        (json.loads(p.read_text()) for p in Path(folder).glob("peer_offloaded_*.json")),
-        key=lambda r: r["context"],
-    )
+
+    def peer(kind: str) -> list[dict]:
+        files = Path(folder).glob(f"peer_{kind}_*.json")
+        return sorted((json.loads(p.read_text()) for p in files), key=lambda r: r["context"])
+
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    ctx = [r["context"] for r in runs]
+    ctx = sorted({r["context"] for r in runs})
     for key, (label, color, style) in MODES.items():
         pts = [(r["context"], r[key]["s_per_token"]) for r in runs if key in r]
         if pts:
             ax.plot(*zip(*pts), style, marker="o", color=color, label=label)
-    done = [p for p in peers if "s_per_token" in p]
-    if done:
-        ax.plot(
-            [p["context"] for p in done],
-            [p["s_per_token"] for p in done],
-            "-",
-            marker="s",
-            color="tab:orange",
-            label="transformers offloaded cache",
-        )
+    for kind, label, color in (
+        ("offloaded", "transformers offloaded cache", "tab:orange"),
+        ("standard", "standard attention (transformers)", "tab:gray"),
+    ):
+        done = [p for p in peer(kind) if "s_per_token" in p]
+        if done:
+            ax.plot(
+                [p["context"] for p in done],
+                [p["s_per_token"] for p in done],
+                "-",
+                marker="s",
+                color=color,
+                label=label,
+            )
     for key, label, style in (
         ("pcie_floor_s", "PCIe floor (copy engine)", "--"),
         ("host_floor_s", "host floor (copy engine + CPU)", ":"),
