@@ -92,6 +92,7 @@ def main() -> None:
         nxt = out.logits[:, -1:].argmax(-1)
         for _ in range(args.warmup):
             nxt = model(input_ids=nxt, use_cache=True, **{name: cache}).logits[:, -1:].argmax(-1)
+            nxt.cpu()
         summary["share_plan"] = {k: cache.share_plan()[k] for k in ("mode", "trial", "rates")}
         for mode in ("default", "gpu_alone"):
             if mode == "gpu_alone":
@@ -105,6 +106,7 @@ def main() -> None:
                 for _ in range(args.steps):
                     logits = model(input_ids=nxt, use_cache=True, **{name: cache}).logits
                     nxt = logits[:, -1:].argmax(-1)
+                    nxt.cpu()  # as generate() reads each token
                 torch.cuda.synchronize()
                 wall = time.perf_counter() - t
             summary[mode] = summarize(prof, args.steps, wall)

@@ -666,6 +666,12 @@ class HeadInferCache(Cache):
         if trial.decided is not None:
             self._set_share(trial.decided)
             return
+        if self._step_counts:
+            # The step before ran on the GPU; wait for it (during the trial only), so a caller
+            # that queues steps without reading their tokens is timed by its GPU work too.
+            for part in self._parts:
+                if part.store.is_cuda:
+                    torch.cuda.synchronize(part.device)
         now = time.perf_counter()
         if self._step_start is not None and self._step_counts:
             trial.record(self._step_on, now - self._step_start)
