@@ -27,7 +27,27 @@ fn req(context: usize, budget: usize) -> Request {
         margin: GIB / 2,
         staging_cap: GIB,
         prefill: true,
-        ring_bytes: 48 << 20,
+        ring_bytes: 0,
+    }
+}
+
+#[test]
+fn the_copy_engines_ring_is_counted_whatever_the_context() {
+    for prefill in [true, false] {
+        let base = Request {
+            prefill,
+            ..req(131_072, 24 * GIB)
+        };
+        let with = Request {
+            ring_bytes: 48 << 20,
+            ..base.clone()
+        };
+        let (a, b) = (
+            plan(&llama8b(), &base).unwrap(),
+            plan(&llama8b(), &with).unwrap(),
+        );
+        assert_eq!(b.staging_bytes, a.staging_bytes + (48 << 20));
+        assert_eq!(b.kv_device_bytes + (48 << 20), a.kv_device_bytes);
     }
 }
 
