@@ -364,8 +364,8 @@ impl Handoff {
     }
 
     /// The buffers of `layer` for `rows` rows of `q_bytes` (query) and `head_dim` f32
-    /// (output). Allocated on first use; a later call with other sizes is refused, since the
-    /// buffers may still be in flight.
+    /// (output). Allocated on first use; a later call with other sizes (the CPU's heads
+    /// changed) waits for the worker and the device, then allocates anew.
     pub fn slot(
         &mut self,
         layer: usize,
@@ -373,18 +373,19 @@ impl Handoff {
         q_bytes: usize,
         head_dim: usize,
     ) -> Result<&Slot> {
-        if let Some(s) = &self.slots[layer] {
-            if s.rows != rows || s.q.len() != q_bytes {
-                return Err(Error::value(
-                    "query",
-                    format!(
-                        "a shared decode of layer {layer} had {} CPU rows, now {rows}: the \
-                         number of query heads must stay the same for a store",
-                        s.rows
-                    ),
-                ));
+        let fits = |s: &Slot| s.rows == rows && s.q.len() == q_bytes;
+        if self.slots[layer].as_ref().is_some_and(|s| !fits(s)) {
+            // Another number of CPU rows (the CPU's heads changed): the old buffers go once no
+            // task and no kernel can still use them (a host wait, on this change only).
+            self.drain();
+            self.gpu.synchronize()?;
+            if let Some(old) = self.slots[layer].take() {
+                old.q.give_back();
+                old.o.give_back();
+                old.lse.give_back();
             }
-        } else {
+        }
+        if self.slots[layer].is_none() {
             self.slots[layer] = Some(Slot {
                 rows,
                 q: PinnedBuf::take(&self.gpu, q_bytes)?,
