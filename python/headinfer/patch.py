@@ -18,7 +18,6 @@ import functools
 import inspect
 import logging
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -36,7 +35,8 @@ from .device import check_device
 from .distributed import check_gpu_budget
 from .planner import release_torch_caps
 from .prefill import CACHE_NAMES, cache_kwarg_name, forward_params, patched_forward
-from .spec import ModelSpec, runnable_spec
+from .settings import PatchSettings
+from .spec import runnable_spec
 
 __all__ = ["PatchSettings", "is_patched", "patch", "unpatch"]
 
@@ -50,29 +50,6 @@ _STATE = "_headinfer"
 _WITH = "_headinfer_with"
 #: ``_WithState.pending`` when no ``patch`` call waits for its ``__enter__``.
 _NOTHING = object()
-
-
-@dataclass
-class PatchSettings:
-    """What ``patch()`` was given, and what it found out about the model."""
-
-    spec: ModelSpec
-    chunk_size: int
-    block_size: int | None
-    host_memory_limit: int | None
-    gpu_budget: int | dict[int, int] | None
-    cpu_heads: int | str | None
-    progress: bool
-    progress_delay: float
-    #: The model forward's keyword for the cache: "cache" (>= 5.24) or "past_key_values".
-    cache_name: str
-    #: The forward's named parameters, in order, to turn positional arguments into keywords.
-    forward_params: tuple[str, ...]
-    takes_logits_to_keep: bool
-    #: Whether the "cache that is not a HeadInferCache" warning was given (once per model).
-    warned_cache: bool = False
-    #: What patch() replaced, for unpatch(): instance attributes (or _MISSING) and the config's.
-    saved: dict[str, Any] = field(default_factory=dict)
 
 
 class _Wrapper:

@@ -13,7 +13,7 @@ import inspect
 import logging
 import warnings
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -22,9 +22,7 @@ from .attention import CACHE_KWARG
 from .cache import HeadInferCache
 from .callsite import user_stacklevel
 from .device import check_device
-
-if TYPE_CHECKING:
-    from .patch import PatchSettings
+from .settings import PatchSettings
 
 _slice_logits_to_keep: Callable[..., torch.Tensor] | None
 try:
