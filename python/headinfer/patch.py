@@ -18,7 +18,7 @@ import functools
 import inspect
 import logging
 import warnings
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -60,7 +60,7 @@ class _Wrapper:
         self.original = original
         self.settings = settings
         # Keeps name, docstring and signature: generate() inspects forward's for logits_to_keep.
-        functools.update_wrapper(self, original)
+        functools.update_wrapper(cast(Any, self), original)  # subclasses are the callables
 
 
 class _Forward(_Wrapper):
@@ -266,14 +266,15 @@ def patch(
     saved = settings.saved
     saved["forward"] = _saved_attr(model, "forward")
     saved["generate"] = _saved_attr(model, "generate")
-    saved["attn_implementation"] = model.config._attn_implementation
+    config: Any = model.config
+    saved["attn_implementation"] = config._attn_implementation
 
     model.forward = _Forward(model, model.forward, settings)
     # A base model (e.g. LlamaModel) has no generate(): only its forward is patched.
     if hasattr(model, "generate"):
-        model.generate = _Generate(model, model.generate, settings)
+        cast(Any, model).generate = _Generate(model, model.generate, settings)
     saved["class"] = type(model)
-    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    config._attn_implementation = ATTN_IMPLEMENTATION
     model.__dict__[_STATE] = settings
     model.__class__ = _patched_class(type(model))
     model.__dict__.setdefault(_WITH, _WithState()).pending = before
@@ -337,7 +338,7 @@ def unpatch(model: M) -> M:
             model.__dict__[name] = previous
         else:
             model.__dict__.pop(name, None)
-    model.config._attn_implementation = settings.saved["attn_implementation"]
+    cast(Any, model.config)._attn_implementation = settings.saved["attn_implementation"]
     drop_sink_caches(model)
     release_torch_caps()
     logger.info("unpatched %s", type(model).__name__)

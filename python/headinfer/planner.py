@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -343,7 +343,7 @@ def plan_share(
     cores = physical_cores() if cores is None else cores
     threads = share_threads(cores)
     torch_threads = torch.get_num_threads()
-    common = {"cores": cores, "torch_threads": torch_threads}
+    common: dict[str, Any] = {"cores": cores, "torch_threads": torch_threads}
     if cpu_heads is None:
         why = "the default: the GPU alone (cpu_heads='auto' splits by measured rates)"
         return SharePlan("off", why, **common)
@@ -353,7 +353,7 @@ def plan_share(
         return SharePlan(
             "heads",
             f"cpu_heads={cpu_heads}: the override",
-            cpu_heads=cpu_heads,
+            cpu_heads=cast(int, cpu_heads),  # neither None nor "auto": an int
             threads=max(threads, 1),
             **common,
         )
