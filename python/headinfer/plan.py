@@ -17,6 +17,7 @@ bf16 matmul 798.5 TFLOP/s, pinned host-to-device copies 55.5 GB/s), rounded down
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 from .host_memory import mem_available as _mem_available
 from .planner import DEFAULT_CONTEXT_BYTES, DEFAULT_MARGIN, DEFAULT_STAGING_CAP, plan_figures
+from .share import load_rates, machine_key, physical_cores, rates_path, share_threads
 from .sizes import format_bytes
 from .spec import ModelSpec, model_spec, rank_spec
 
@@ -42,9 +44,11 @@ __all__ = [
     "longest_figures",
     "make_plan",
     "machine_figures",
+    "measured_rates",
     "parameter_count",
     "parse_context",
     "parse_dtype",
+    "plan_rates",
     "plot_plan",
     "render_plan",
 ]
@@ -80,13 +84,94 @@ class ModelNotFoundError(ValueError):
     """A model name or path that leads to no config; the message says what to give instead."""
 
 
+#: Where the default rates come from.
+H200_SOURCE = "H200 constants (BENCHMARKS.md); run `headinfer check` on a GPU host to measure it"
+
+
 @dataclass(frozen=True)
 class Rates:
-    """Machine rates for the floors (defaults: an H200, as measured in BENCHMARKS.md)."""
+    """Machine rates for the floors (defaults: an H200, as measured in BENCHMARKS.md), and
+    where they come from (``source``, for the report)."""
 
     sdpa_tflops: float = 650.0
     matmul_tflops: float = 790.0
     h2d_gbs: float = 55.0
+    source: str = H200_SOURCE
+
+
+def measured_rates(
+    *, dtype: str, head_dim: int, group: int, defaults: Rates | None = None
+) -> Rates:
+    """``defaults`` (H200 constants) with this machine's measured host-read rate for the decode
+    floor, where ``headinfer check`` (or the runtime's CPU share) measured it: the decode
+    kernel's read rate over pinned host memory (``ShareRates.pcie``), from the rates file entry
+    of this GPU and host for this ``dtype``, ``head_dim`` and ``group``, else any entry of this
+    GPU and host (the link's rate barely depends on the kernel's shape). ``defaults``
+    unchanged where there is no GPU or no entry; ``source`` says which.
+    """
+    import torch
+
+    defaults = defaults or Rates()
+    if not torch.cuda.is_available():
+        return defaults
+    gpu = torch.cuda.get_device_name(torch.cuda.current_device())
+    cores = physical_cores()
+    key = machine_key(
+        gpu, dtype=dtype, head_dim=head_dim, group=group, threads=share_threads(cores), cores=cores
+    )
+    path = rates_path()
+    found = load_rates(key, path)
+    if found is None:
+        prefix = " | ".join(key.split(" | ")[:4]) + " | "  # GPU, CPU, cores, threads
+        try:
+            keys = sorted(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            keys = []
+        for other in keys:
+            if other.startswith(prefix):
+                found = load_rates(other, path)
+                if found is not None:
+                    key = other
+                    break
+    if found is None:
+        return defaults
+    return replace(
+        defaults,
+        h2d_gbs=found.pcie / 1e9,
+        source=f"this machine's decode read rate over host memory, measured ({path}: {key})",
+    )
+
+
+def plan_rates(
+    config: Any,
+    dtype: str,
+    sdpa_tflops: float | None = None,
+    matmul_tflops: float | None = None,
+    h2d_gbs: float | None = None,
+) -> Rates:
+    """The rates ``headinfer plan`` and ``headinfer check`` use for ``config`` in ``dtype``:
+    what is given, else this machine's measured host-read rate (``measured_rates``), else the
+    H200 constants.
+
+    Raises:
+        UnsupportedModelError: a model headinfer cannot run.
+    """
+    defaults = Rates()
+    given = {
+        k: v
+        for k, v in (("sdpa_tflops", sdpa_tflops), ("matmul_tflops", matmul_tflops))
+        if v is not None
+    }
+    rates = replace(defaults, **given)
+    if h2d_gbs is not None:
+        return replace(rates, h2d_gbs=h2d_gbs, source="--h2d-gbs")
+    spec = model_spec(config)
+    return measured_rates(
+        dtype=parse_dtype(dtype),
+        head_dim=spec.head_dim,
+        group=spec.num_q_heads // spec.num_kv_heads,
+        defaults=rates,
+    )
 
 
 def parse_dtype(name: str) -> str:
@@ -663,8 +748,8 @@ def render_plan(plan: dict[str, Any]) -> str:
     f = plan["floors"]
     lines += [
         "",
-        f"floors (H200 rates unless set: SDPA {f['sdpa_tflops']:g} TFLOP/s, matmul "
-        f"{f['matmul_tflops']:g} TFLOP/s, host-to-device {f['h2d_gbs']:g} GB/s)",
+        f"floors (SDPA {f['sdpa_tflops']:g} TFLOP/s, matmul {f['matmul_tflops']:g} TFLOP/s: "
+        f"H200 unless set; host-to-device {f['h2d_gbs']:.3g} GB/s: {f['source']})",
         f"  prefill  {_seconds(f['prefill_s'])}: attention {f['prefill_attention_flops']:.3g} "
         f"FLOP + linear {f['prefill_linear_flops']:.3g} FLOP",
     ]
