@@ -156,13 +156,11 @@ def plan_rates(
     Raises:
         UnsupportedModelError: a model headinfer cannot run.
     """
-    defaults = Rates()
-    given = {
-        k: v
-        for k, v in (("sdpa_tflops", sdpa_tflops), ("matmul_tflops", matmul_tflops))
-        if v is not None
-    }
-    rates = replace(defaults, **given)
+    rates = Rates()
+    if sdpa_tflops is not None:
+        rates = replace(rates, sdpa_tflops=sdpa_tflops)
+    if matmul_tflops is not None:
+        rates = replace(rates, matmul_tflops=matmul_tflops)
     if h2d_gbs is not None:
         return replace(rates, h2d_gbs=h2d_gbs, source="--h2d-gbs")
     spec = model_spec(config)
