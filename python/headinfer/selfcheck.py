@@ -259,10 +259,11 @@ def render(report: dict[str, Any]) -> str:
         lines.append("")
     e = report["expect"]
     budget = format_bytes(e["gpu_budget"]) + (
-        f" ({e['gpu_budget_source']})" if e["gpu_budget_source"] else ""
+        f", {e['gpu_budget_source']}" if e["gpu_budget_source"] else ""
     )
     lines += [
-        f"what to expect: {e['model']}, {e['context']:,} tokens, {e['dtype']}, GPU budget {budget}",
+        f"what to expect: {e['model']}, {e['context']:,} tokens, {e['dtype']}",
+        f"  GPU budget          {budget}",
         f"  KV in decode        {format_bytes(e['kv_device_bytes'])} on the GPU, "
         f"{format_bytes(e['kv_host_bytes'])} in host memory"
         + ("" if e["fits_gpu"] else " (the budget does NOT hold weights and working set)"),
