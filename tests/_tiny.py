@@ -14,17 +14,19 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers import PreTrainedModel
 
 import headinfer
 
 # The cases are the library's (``headinfer check`` runs them too); re-exported for the tests.
-from headinfer.tiny import _COMMON, CASES, have, prompt, tiny_config
+from headinfer.tiny import CASES, have, prompt
 from headinfer.tiny import FAMILIES as FAMILIES
+from headinfer.tiny import IMAGE_TOKEN as IMAGE_TOKEN
+from headinfer.tiny import MULTIMODAL as MULTIMODAL
 from headinfer.tiny import PROMPT_LEN as PROMPT_LEN
 from headinfer.tiny import VOCAB as VOCAB
-from headinfer.tiny import sharpen as _sharpen
+from headinfer.tiny import tiny_config as tiny_config
+from headinfer.tiny import tiny_model as _tiny_model
 
 
 def require(case: str) -> None:
@@ -38,73 +40,14 @@ def tiny_model(
 ) -> PreTrainedModel:
     """A randomly initialised tiny model of ``case`` with eager attention, in eval mode."""
     require(case)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(case, **overrides))
-    _sharpen(model)
-    return model.to(dtype).eval()
-
-
-def _text_kwargs(case: str, **overrides: object) -> dict[str, Any]:
-    kw = dict(_COMMON, **dict(CASES[case][1], **overrides))
-    kw.pop("attn_implementation")
-    return kw
-
-
-#: Multimodal wrappers (image-text models) whose text tower is a supported family.
-MULTIMODAL = ("gemma3_image_text", "qwen2_vl")
-
-#: Token id standing for an image in the tiny multimodal configs (inside the tiny vocabulary).
-IMAGE_TOKEN = 5
+    return _tiny_model(case, dtype, seed, **overrides)
 
 
 def tiny_multimodal(name: str, seed: int = 0) -> PreTrainedModel:
     """A tiny image-text model (one-layer vision tower) around a tiny text model, eager."""
-    if name == "gemma3_image_text":
-        if "gemma3" not in CONFIG_MAPPING:
-            pytest.skip(f"transformers {transformers.__version__} has no gemma3 model")
-        config = CONFIG_MAPPING["gemma3"](
-            text_config=_text_kwargs("gemma3"),
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=28,
-                patch_size=14,
-            ),
-            mm_tokens_per_image=4,
-            image_token_id=IMAGE_TOKEN,
-            attn_implementation="eager",
-        )
-    elif name == "qwen2_vl":
-        if "qwen2_vl" not in CONFIG_MAPPING:
-            pytest.skip(f"transformers {transformers.__version__} has no qwen2_vl model")
-        # M-RoPE sections of the tiny head_dim 16 (8 rotary pairs).
-        rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])
-        config = CONFIG_MAPPING["qwen2_vl"](
-            text_config=_text_kwargs(
-                "qwen2", head_dim=16, rope_parameters=rope, use_sliding_window=False
-            ),
-            vision_config=dict(
-                depth=1,
-                embed_dim=32,
-                hidden_size=64,
-                num_heads=2,
-                mlp_ratio=2,
-                patch_size=14,
-                spatial_merge_size=2,
-            ),
-            image_token_id=IMAGE_TOKEN,
-            attn_implementation="eager",
-        )
-    else:
-        raise ValueError(name)
-    from transformers import AutoModelForImageTextToText
-
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config)
-    _sharpen(model)
-    return model.eval()
+    if not have(name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name} model")
+    return _tiny_model(name, seed=seed)
 
 
 def twin(model: PreTrainedModel) -> PreTrainedModel:

@@ -20,7 +20,7 @@ from headinfer.cli import main
 from headinfer.selfcheck import default_config
 from headinfer.selftest import FAIL_ENV, run_self_test
 from headinfer.share import ShareRates
-from headinfer.tiny import FAMILIES, have
+from headinfer.tiny import FAMILIES, MULTIMODAL, have
 
 GPU = torch.cuda.is_available() and _core.cuda_status() is None
 
@@ -95,7 +95,7 @@ def test_the_self_test_passes_for_every_family(report: tuple[int, dict[str, Any]
     _, r, _ = report
     assert r["self_test_ok"] is True
     tests = r["self_test"]
-    assert {t["family"] for t in tests} == {f for f in FAMILIES if have(f)}
+    assert {t["family"] for t in tests} == {f for f in FAMILIES + MULTIMODAL if have(f)}
     modes = {t["mode"] for t in tests}
     assert modes == ({"cpu", "resident", "streamed", "shared"} if GPU else {"cpu"})
     for t in tests:

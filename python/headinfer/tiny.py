@@ -16,10 +16,13 @@ import torch
 __all__ = [
     "CASES",
     "FAMILIES",
+    "IMAGE_TOKEN",
+    "MULTIMODAL",
     "PROMPT_LEN",
     "VOCAB",
     "have",
     "prompt",
+    "sharpen",
     "tiny_config",
     "tiny_model",
 ]
@@ -161,19 +164,76 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
 FAMILIES = tuple(CASES)
 
 
+#: Multimodal wrappers (image-text models) whose text tower is a supported family; text
+#: prompts only.
+MULTIMODAL = ("gemma3_image_text", "qwen2_vl")
+
+#: Token id standing for an image in the tiny multimodal configs (inside the tiny vocabulary).
+IMAGE_TOKEN = 5
+
+_MULTIMODAL_TYPES = {"gemma3_image_text": "gemma3", "qwen2_vl": "qwen2_vl"}
+
+
 def have(case: str) -> bool:
     """Whether the installed transformers has the model type of ``case``."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    return CASES[case][0] in CONFIG_MAPPING
+    model_type = _MULTIMODAL_TYPES.get(case) or CASES[case][0]
+    return model_type in CONFIG_MAPPING
 
 
 def tiny_config(case: str, **overrides: object) -> Any:
-    """The tiny config of a case (see ``CASES``), with ``overrides`` on top."""
+    """The tiny config of a case (see ``CASES``, ``MULTIMODAL``), with ``overrides`` on top
+    (a multimodal case's go to its text tower)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    if case in _MULTIMODAL_TYPES:
+        return _multimodal_config(case, **overrides)
     model_type, specific = CASES[case]
     return CONFIG_MAPPING[model_type](**dict(_COMMON, **dict(specific, **overrides)))
+
+
+def _text_kwargs(case: str, **overrides: object) -> dict[str, Any]:
+    kw = dict(_COMMON, **dict(CASES[case][1], **overrides))
+    kw.pop("attn_implementation")
+    return kw
+
+
+def _multimodal_config(name: str, **overrides: object) -> Any:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if name == "gemma3_image_text":
+        return CONFIG_MAPPING["gemma3"](
+            text_config=_text_kwargs("gemma3", **overrides),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+            ),
+            mm_tokens_per_image=4,
+            image_token_id=IMAGE_TOKEN,
+            attn_implementation="eager",
+        )
+    # M-RoPE sections of the tiny head_dim 16 (8 rotary pairs).
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])
+    text = dict(head_dim=16, rope_parameters=rope, use_sliding_window=False)
+    return CONFIG_MAPPING["qwen2_vl"](
+        text_config=_text_kwargs("qwen2", **dict(text, **overrides)),
+        vision_config=dict(
+            depth=1,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+        ),
+        image_token_id=IMAGE_TOKEN,
+        attn_implementation="eager",
+    )
 
 
 def sharpen(model: torch.nn.Module) -> None:
@@ -189,17 +249,19 @@ def sharpen(model: torch.nn.Module) -> None:
 def tiny_model(
     case: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: object
 ) -> Any:
-    """A randomly initialised tiny model of ``case`` with eager attention, in eval mode.
+    """A randomly initialised tiny model of ``case`` with eager attention, in eval mode (a
+    multimodal case: the image-text model, with a one-layer vision tower).
 
     Raises:
         ValueError: the installed transformers has no model of ``case``'s family.
     """
-    from transformers import AutoModelForCausalLM, __version__
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, __version__
 
     if not have(case):
-        raise ValueError(f"case: transformers {__version__} has no {CASES[case][0]} model")
+        raise ValueError(f"case: transformers {__version__} has no {case} model")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(case, **overrides))
+    auto = AutoModelForImageTextToText if case in _MULTIMODAL_TYPES else AutoModelForCausalLM
+    model = auto.from_config(tiny_config(case, **overrides))
     sharpen(model)
     return model.to(dtype).eval()
 
