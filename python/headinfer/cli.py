@@ -36,21 +36,18 @@ from transformers import TextStreamer
 from . import _command as opt
 from .device import resolve_device
 from .distributed import is_main_rank, placement, torchrun_world
+from .floor_rates import Rates, plan_rates
+from .model_config import ModelNotFoundError, load_config
 from .plan import (
     DEFAULT_CHUNK_SIZE,
     SPLITS,
-    ModelNotFoundError,
-    Rates,
     default_budget,
     fits,
-    load_config,
     longest_figures,
     machine_figures,
     make_plan,
-    plan_rates,
-    plot_plan,
-    render_plan,
 )
+from .plan_report import plot_plan, render_plan
 from .sizes import format_bytes
 
 __all__ = ["main"]

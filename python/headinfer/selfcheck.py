@@ -19,13 +19,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .floor_rates import plan_rates
 from .machine import environment, measure
 from .plan import (
+    DEFAULT_CHUNK_SIZE,
     default_budget,
     longest_figures,
+    machine_figures,
     make_plan,
     parse_dtype,
-    plan_rates,
 )
 from .selftest import Result, run_self_test
 from .sizes import format_bytes
@@ -77,8 +79,6 @@ def expect(
     rates: this machine's where measured), and with this run's measured GPU rates, an
     estimate of a decode step with the GPU alone (resident KV at the device rate, host KV at
     the decode kernel's host rate)."""
-    from .host_memory import mem_available
-    from .plan import DEFAULT_CHUNK_SIZE
 
     source = ""
     if gpu_budget is None:
@@ -93,7 +93,7 @@ def expect(
         rates=plan_rates(config, dtype),
         label=label,
     )
-    ram = mem_available()
+    ram = machine_figures(plan)["ram_available_bytes"]  # as `plan` reads it
     longest = longest_figures(config, plan, ram)
     decode = plan["decode"]
     out: dict[str, Any] = {

@@ -200,7 +200,9 @@ def _text_kwargs(case: str, **overrides: object) -> dict[str, Any]:
 
 
 def _multimodal_config(name: str, **overrides: object) -> Any:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING as _MAPPING
+
+    CONFIG_MAPPING: Any = _MAPPING  # each config class takes its own keywords
 
     if name == "gemma3_image_text":
         return CONFIG_MAPPING["gemma3"](
