@@ -178,3 +178,8 @@ def test_check_refuses_an_unsupported_model(
     GPT2Config(n_layer=2, n_embd=64, n_head=4).save_pretrained(tmp_path)
     assert run(["check", "--model", str(tmp_path), "--no-self-test"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_check_downloads_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["check", "--model", "no-such-org/no-such-model", "--no-self-test"]) == 2
+    assert "not in the Hugging Face cache" in capsys.readouterr().err

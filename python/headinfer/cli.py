@@ -391,7 +391,8 @@ def _check(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
 
     config, label = None, DEFAULT_MODEL_LABEL
     if args.model is not None:
-        config, label = load_config(args.model, args.gguf_file)
+        # A check makes no download: a Hub id must already be in the cache.
+        config, label = load_config(args.model, args.gguf_file, local_files_only=True)
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)

@@ -19,8 +19,11 @@ class ModelNotFoundError(ValueError):
     """A model name or path that leads to no config; the message says what to give instead."""
 
 
-def load_config(model: str, gguf_file: str | None = None) -> tuple[Any, str]:
-    """The config of ``model``: ``smollm2``, a local folder (or GGUF file), or a Hub id.
+def load_config(
+    model: str, gguf_file: str | None = None, *, local_files_only: bool = False
+) -> tuple[Any, str]:
+    """The config of ``model``: ``smollm2``, a local folder (or GGUF file), or a Hub id
+    (with ``local_files_only``, only one already in the Hugging Face cache: no network).
 
     Only ``config.json`` (or a GGUF file's metadata) is read; no weights.
 
@@ -59,13 +62,16 @@ def load_config(model: str, gguf_file: str | None = None) -> tuple[Any, str]:
             "'Qwen/Qwen2.5-7B-Instruct'"
         )
     try:
-        kwargs = {} if gguf_file is None else {"gguf_file": gguf_file}
+        kwargs: dict[str, Any] = {} if gguf_file is None else {"gguf_file": gguf_file}
+        if local_files_only:
+            kwargs["local_files_only"] = True
         return AutoConfig.from_pretrained(model, **kwargs), model
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "in the Hugging Face cache" if local_files_only else "loadable from the Hub"
         raise ModelNotFoundError(
-            f"--model {model}: not a local folder and not loadable from the Hugging Face Hub "
-            f"({first}); download it first (hf download {model}) or pass its local folder"
+            f"--model {model}: not a local folder and not {where} ({first}); download it "
+            f"first (hf download {model}) or pass its local folder"
         ) from exc
 
 
