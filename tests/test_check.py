@@ -183,3 +183,21 @@ def test_check_refuses_an_unsupported_model(
 def test_check_downloads_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["check", "--model", "no-such-org/no-such-model", "--no-self-test"]) == 2
     assert "not in the Hugging Face cache" in capsys.readouterr().err
+
+
+def test_the_cpu_share_estimate_balances_both_sides() -> None:
+    from headinfer.selfcheck import share_estimate
+
+    rates = {"pcie": 50e9, "device": 1e12, "cpu": 50e9, "handoff": 0.0}
+    # Equal rates: the CPU takes half the host bytes, and the step takes half as long.
+    got = share_estimate(rates, device_bytes=0, host_bytes=2e9, layers=2)
+    assert got == pytest.approx(2e9 / 50e9 / 2)
+    # A slower CPU takes less: both sides finish together, sooner than the GPU alone.
+    slow = share_estimate({**rates, "cpu": 25e9}, device_bytes=0, host_bytes=2e9, layers=2)
+    assert slow == pytest.approx(2e9 / (50e9 + 25e9))
+    # A hand-off costlier than the step: the GPU alone.
+    alone = 1e12 / 1e12 + 2e9 / 50e9
+    costly = {**rates, "handoff": 10.0}
+    assert share_estimate(costly, device_bytes=1e12, host_bytes=2e9, layers=2) == alone
+    assert share_estimate({**rates, "cpu": 0.0}, device_bytes=0, host_bytes=1, layers=1) is None
+    assert share_estimate(rates, device_bytes=1, host_bytes=0, layers=1) is None

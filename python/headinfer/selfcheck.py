@@ -33,7 +33,15 @@ from .selftest import Result, run_self_test
 from .sizes import format_bytes
 from .spec import model_spec
 
-__all__ = ["DEFAULT_CONTEXT", "DEFAULT_MODEL_LABEL", "default_config", "render", "run_check"]
+__all__ = [
+    "DEFAULT_CONTEXT",
+    "DEFAULT_MODEL_LABEL",
+    "default_config",
+    "expect",
+    "render",
+    "run_check",
+    "share_estimate",
+]
 
 #: The shape predicted for when no model is given.
 DEFAULT_MODEL_LABEL = "Llama-3-8B shape"
@@ -113,12 +121,37 @@ def expect(
         "longest_context_resident": longest["resident"],
         "ram_available_bytes": ram,
         "gpu_alone_s_per_token": None,
+        "cpu_share_s_per_token": None,
     }
     if rates and rates.get("pcie") and rates.get("device"):
         out["gpu_alone_s_per_token"] = (
             decode["kv_device_bytes"] / rates["device"] + decode["kv_host_bytes"] / rates["pcie"]
         )
+        out["cpu_share_s_per_token"] = share_estimate(
+            rates,
+            device_bytes=decode["kv_device_bytes"],
+            host_bytes=decode["kv_host_bytes"],
+            layers=plan["num_layers"],
+        )
     return out
+
+
+def share_estimate(
+    rates: dict[str, float], *, device_bytes: float, host_bytes: float, layers: int
+) -> float | None:
+    """Seconds of a decode step with the CPU share, from measured ``rates`` (``pcie``,
+    ``device``, ``cpu``, ``handoff``): per layer (the bytes spread evenly over ``layers``), the
+    host bytes the CPU takes so that both sides finish together, as the share's policy cuts
+    them (``attention/policy.rs``: ``balance``; whole blocks there, continuous here), or the
+    GPU alone where sharing is not faster. ``None`` without a CPU rate or host bytes."""
+    pcie, device, cpu, handoff = (rates.get(k, 0.0) for k in ("pcie", "device", "cpu", "handoff"))
+    if not (pcie > 0 and device > 0 and cpu > 0 and host_bytes > 0 and layers > 0):
+        return None
+    dev, host = device_bytes / layers, host_bytes / layers
+    alone = dev / device + host / pcie
+    taken = min(max((alone - handoff) / (1 / pcie + 1 / cpu), 0.0), host)
+    shared = max(alone - taken / pcie, handoff + taken / cpu)
+    return layers * min(alone, shared)
 
 
 def run_check(
@@ -274,6 +307,12 @@ def render(report: dict[str, Any]) -> str:
         lines.append(
             f"  decode, GPU alone   {_seconds(e['gpu_alone_s_per_token'])}/token "
             "(resident KV at the device rate, host KV at the host rate, measured now)"
+        )
+    if e["cpu_share_s_per_token"] is not None:
+        lines.append(
+            f"  decode, CPU share   {_seconds(e['cpu_share_s_per_token'])}/token "
+            "(the CPU's threads taking part of the host KV at its rate, measured now; "
+            "cpu_heads='auto')"
         )
     longest = e["longest_context"]
     lines.append(
