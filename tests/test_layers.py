@@ -105,3 +105,19 @@ def test_python_imports_inside_functions_count(tmp_path):
     assert graph["headinfer.p"] == {"headinfer.q"}
     assert graph["headinfer.q"] == {"headinfer.p"}
     assert tool.cycles(graph) == [["headinfer.p", "headinfer.q"]]
+
+
+def test_an_upward_use_between_rust_layers_fails(tmp_path):
+    files = {
+        "src/lib.rs": "pub mod error;\npub mod store;\npub mod attention;\n",
+        "src/error.rs": "",
+        "src/attention.rs": "use crate::error::E;\n",
+        # The store is below attention: using it is upward, though there is no circle.
+        "src/store.rs": "use crate::attention::A;\n",
+    }
+    got = _run(_tree(tmp_path, files))
+    assert got.returncode == 1
+    assert "src/: against the layers: store -> attention (store may not use attention)" in (
+        got.stdout
+    )
+    assert "import circle" not in got.stdout

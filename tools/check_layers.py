@@ -11,7 +11,10 @@ Python: each module of ``python/headinfer`` (``import``/``from`` lines at any de
 the function-local imports that run on first call); a package's ``__init__`` depends on what
 it imports, and importing ``pkg.mod`` depends on ``pkg.mod`` only.
 
-Prints each circle found and exits 1; exits 0 when there is none.
+And src/'s top-level modules keep their layers (``RUST_LAYERS``, lowest first, as
+docs/architecture.md draws them): a module uses only modules of lower layers.
+
+Prints each circle (and each upward use) found and exits 1; exits 0 when there is none.
 
     python tools/check_layers.py [--root DIR]
 """
@@ -243,6 +246,37 @@ def _path(graph: dict[str, set[str]], comp: list[str]) -> list[str]:
     return comp
 
 
+#: The layers of src/'s top-level modules, lowest first (docs/architecture.md): a module uses
+#: only modules of lower layers, none of its own layer or above.
+RUST_LAYERS = (
+    ("error",),
+    ("tensor", "testing", "plan"),
+    ("cpu",),
+    ("cuda",),
+    ("store",),
+    ("attention",),
+    ("py",),
+)
+
+
+def layer_violations(
+    graph: dict[str, set[str]], layers: tuple[tuple[str, ...], ...] = RUST_LAYERS
+) -> list[str]:
+    """Each edge from a file of one top-level module to a module of the same or a higher layer
+    (``lib``, the crate root, and modules the layers do not name are left out)."""
+    level = {name: i for i, names in enumerate(layers) for name in names}
+    out = []
+    for source, targets in sorted(graph.items()):
+        a = source.split("/")[0]
+        for target in sorted(targets):
+            b = target.split("/")[0]
+            if a == b or a not in level or b not in level:
+                continue
+            if level[b] >= level[a]:
+                out.append(f"{source} -> {target} ({a} may not use {b})")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=str(Path(__file__).resolve().parent.parent))
@@ -259,8 +293,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{what}: import circle among {len(comp)} modules: {circle}")
             print(f"    all of: {', '.join(comp)}")
         bad += len(found)
+        if what == "src/":
+            upward = layer_violations(graph)
+            for edge in upward:
+                print(f"src/: against the layers: {edge}")
+            bad += len(upward)
     if bad == 0:
-        print("no import circles in src/ or python/headinfer/")
+        print(
+            "no import circles in src/ or python/headinfer/; src/'s modules depend downwards only"
+        )
     return 1 if bad else 0
 
 
