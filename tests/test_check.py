@@ -156,6 +156,7 @@ def test_the_default_model_is_the_llama_3_8b_shape(capsys: pytest.CaptureFixture
     for part in ("environment", "rates (measured now", "what to expect: Llama-3-8B shape"):
         assert part in out, out
     assert "decode floor" in out and "longest context" in out
+    assert "self-test: not run (--no-self-test)" in out
 
 
 def test_plan_says_which_rates_it_used(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

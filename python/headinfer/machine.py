@@ -23,7 +23,6 @@ import torch
 from . import _core
 from .host_memory import mem_available
 from .share import (
-    ShareRates,
     cpu_model,
     machine_key,
     measure_rates,
@@ -170,8 +169,3 @@ def measure(*, dtype: str, head_dim: int, group: int, save: bool = True) -> dict
     out["rates"] = rates
     out["seconds"] = time.perf_counter() - start
     return out
-
-
-def rates_fields() -> list[str]:
-    """The names of the rates the runtime balances (``share.ShareRates``'s fields)."""
-    return [f.name for f in dataclasses.fields(ShareRates)]

@@ -324,9 +324,8 @@ def render(report: dict[str, Any]) -> str:
             else ""
         )
     )
-    lines += [
-        "",
-        f"self-test: {'PASS' if report['self_test_ok'] else 'FAIL (exit status 1)'}"
-        f" ({report['seconds']:.0f} s)",
-    ]
+    verdict = "PASS" if report["self_test_ok"] else "FAIL (exit status 1)"
+    if not tests:
+        verdict = "not run (--no-self-test)"
+    lines += ["", f"self-test: {verdict} ({report['seconds']:.0f} s)"]
     return "\n".join(lines)
