@@ -1,7 +1,8 @@
 # headinfer: `make demo` and `make test` set everything up themselves (Rust and Python 3 needed).
 #
 #   make demo        needle-in-a-haystack with SmolLM2-135M through headinfer (~7K tokens)
-#   make test        Rust checks (fmt, clippy, tests), Python lint, stub check, pytest
+#   make test        Rust checks (fmt, clippy, tests), Python lint, types (mypy), stub check,
+#                    no import circles (tools/check_layers.py), pytest
 #   make test-quick  ruff and pytest without the slow tests (SmolLM2's weights, the notebook,
 #                    the fresh-venv install test): a fraction of `make test`
 #   make build       create .venv, install the dependencies, build headinfer into it (release)
@@ -31,13 +32,14 @@ export PIP_NO_INPUT := 1
 PY_DEPS := "torch>=2.4" "transformers>=5.17,<6" "tqdm>=4.60" \
 	"gguf>=0.10" "accelerate>=1.0" safetensors \
 	"pytest>=8" "ruff>=0.6" "mypy>=1.10" "maturin>=1.8,<2" nbclient ipykernel matplotlib
-PY_DIRS := $(wildcard python tests examples benchmarks)
+PY_DIRS := $(wildcard python tests examples benchmarks tools)
 
 DEPS_STAMP := $(VENV)/.headinfer-deps
 BUILD_STAMP := $(VENV)/.headinfer-build
 RUST_SOURCES := $(shell find src kernels -type f 2>/dev/null) Cargo.toml $(wildcard Cargo.lock)
 
-.PHONY: help venv build demo test test-quick test-rust lint stubtest pytest wheel clean
+.PHONY: help venv build demo test test-quick test-rust lint typecheck layers stubtest pytest \
+	wheel clean
 
 help:
 	@sed -n '1,9s/^# \{0,1\}//p' Makefile
@@ -63,7 +65,7 @@ build: $(BUILD_STAMP)
 demo: $(BUILD_STAMP)
 	$(PY) -m headinfer.demo
 
-test: test-rust lint stubtest pytest
+test: test-rust lint layers typecheck stubtest pytest
 
 # cargo test gets NVRTC from torch's CUDA wheels, where present, so the kernels' compile test
 # runs on machines without a GPU too.
@@ -76,6 +78,14 @@ test-rust: $(BUILD_STAMP)
 lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check $(PY_DIRS)
 	$(VENV)/bin/ruff format --check $(PY_DIRS)
+
+# The package ships py.typed, so users' type checkers read it ([tool.mypy] in pyproject.toml).
+typecheck: $(BUILD_STAMP)
+	$(VENV)/bin/mypy
+
+# Modules depend downwards only: an import circle in src/ or python/headinfer/ fails.
+layers:
+	$(PYTHON) tools/check_layers.py
 
 stubtest: $(BUILD_STAMP)
 	$(PY) -m mypy.stubtest headinfer._core

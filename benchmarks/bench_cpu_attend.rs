@@ -9,10 +9,10 @@
 
 use half::{bf16, f16};
 use headinfer::attention::args::Params;
+use headinfer::attention::cpu::attend_lse_on;
 use headinfer::attention::cpu::DenseKv;
 use headinfer::cpu::simd::Isa;
 use headinfer::tensor::{Element, View3};
-use headinfer::testing::cpu_attend_lse_on;
 use std::time::Instant;
 
 const KV_HEADS: usize = 8;
@@ -54,7 +54,7 @@ fn run<E: Element>(tokens: usize, iters: usize, isas: &[Isa]) {
         let mut times = Vec::with_capacity(iters);
         for i in 0..iters + 2 {
             let t0 = Instant::now();
-            let (out, _) = cpu_attend_lse_on(isa, qv, &kv, &params, None).expect("attend");
+            let (out, _) = attend_lse_on(isa, qv, &kv, &params, None).expect("attend");
             let dt = t0.elapsed().as_secs_f64();
             // Two warm-up calls (page faults, scratch); every result checked against the first.
             if i >= 2 {

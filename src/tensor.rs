@@ -682,6 +682,33 @@ macro_rules! with_element {
     };
 }
 
+/// Checks that `t` is on `device`: another kind of device is a `TypeError`, another CUDA
+/// device a `ValueError`; both name the argument.
+pub fn same_device(arg: &str, t: &Tensor3, device: Device) -> Result<()> {
+    match (t.device, device) {
+        (Device::Cuda(got), Device::Cuda(want)) if got != want => Err(Error::value(
+            arg,
+            format!("is on cuda:{got}, the query on cuda:{want}"),
+        )),
+        _ => t.expect_device(arg, device),
+    }
+}
+
+/// `same_device` for an argument that is not a `Tensor3` (the 1-d `sinks`).
+pub fn same_device_as(arg: &str, got: Device, want: Device) -> Result<()> {
+    match (got, want) {
+        (Device::Cuda(g), Device::Cuda(w)) if g != w => Err(Error::value(
+            arg,
+            format!("is on cuda:{g}, the query on cuda:{w}"),
+        )),
+        _ if got != want => Err(Error::type_(
+            arg,
+            format!("is on {got:?}, expected {want:?} (the query's device)"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 #[path = "../tests/rust/tensor.rs"]
 mod tests;

@@ -1,29 +1,11 @@
-//! TEST-ONLY hooks. Failure injection: makes the next (or the n-th next) pass through a named
-//! point fail, so tests can prove that a failure inside a step raises in that step and leaves
-//! the cache usable. Nothing is armed unless a test arms it (`_core._inject_failure`); an
-//! unarmed point costs one relaxed atomic load. And the CPU attention on a chosen instruction
-//! set (`cpu_attend_lse_on`), so tests and benchmarks compare its SIMD paths.
+//! TEST-ONLY failure points: makes the next (or the n-th next) pass through a named point fail,
+//! so tests can prove that a failure inside a step raises in that step and leaves the cache
+//! usable. Nothing is armed unless a test arms it (`_core._inject_failure`); an unarmed point
+//! costs one relaxed atomic load. It sits at the bottom of the crate (it depends on `error`
+//! alone), so the low-level code that has points (`cuda`, `store`) can reach it.
 
-use crate::attention::args::Params;
-use crate::cpu::simd::Isa;
 use crate::error::{Error, Result};
-use crate::store::view::KvSource;
-use crate::tensor::{Element, View3};
 use std::sync::atomic::{AtomicI64, Ordering};
-
-/// TEST-ONLY: `attention::cpu::attend_lse` (with `attend`'s argument checks) on the
-/// instruction set `isa` instead of the best one detected; an error naming `isa` if this CPU
-/// lacks it. Returns the output `[num_q_heads, q_len, head_dim]` and the log-sum-exp
-/// `[num_q_heads, q_len]`.
-pub fn cpu_attend_lse_on<E: Element, S: KvSource<E>>(
-    isa: Isa,
-    query: View3<'_, E>,
-    kv: &S,
-    params: &Params,
-    sinks: Option<&[f32]>,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    crate::attention::cpu::attend_lse_on(isa, query, kv, params, sinks)
-}
 
 /// Where a failure can be injected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

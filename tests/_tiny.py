@@ -14,151 +14,19 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers import PreTrainedModel
 
 import headinfer
 
-VOCAB = 128
-PROMPT_LEN = 300
-
-_COMMON: dict[str, Any] = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    attn_implementation="eager",
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-_SLIDING_MIDDLE_FULL = ["sliding_attention", "full_attention", "sliding_attention"]
-_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
-
-#: Test case -> (model_type, config overrides). The case name is the family unless it is a
-#: variant worth its own test (Llama-3.1 RoPE scaling, Mistral-NeMo's head_dim).
-CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama": ("llama", {}),
-    "llama3": (
-        "llama",
-        dict(
-            rope_parameters=dict(
-                rope_type="llama3",
-                rope_theta=500000.0,
-                factor=8.0,
-                low_freq_factor=1.0,
-                high_freq_factor=4.0,
-                original_max_position_embeddings=64,
-            )
-        ),
-    ),
-    "mistral": ("mistral", dict(sliding_window=64)),
-    # Mistral-NeMo: head_dim 32 with 4 heads of a 64-wide model (q projects to 128).
-    "mistral_nemo": ("mistral", dict(head_dim=32, sliding_window=None)),
-    "mixtral": ("mixtral", dict(sliding_window=64, num_local_experts=4, num_experts_per_tok=2)),
-    # Layers >= max_window_layers slide: layer 0 full, layers 1-2 with a 48-token window.
-    "qwen2": ("qwen2", dict(use_sliding_window=True, sliding_window=48, max_window_layers=1)),
-    "qwen2_moe": (
-        "qwen2_moe",
-        dict(num_experts=4, shared_expert_intermediate_size=48, decoder_sparse_step=1, **_MOE),
-    ),
-    "qwen3": (
-        "qwen3",
-        dict(head_dim=16, use_sliding_window=True, sliding_window=48, max_window_layers=1),
-    ),
-    "qwen3_moe": (
-        "qwen3_moe",
-        dict(head_dim=16, use_sliding_window=True, sliding_window=64, num_experts=4, **_MOE),
-    ),
-    "gemma2": (
-        "gemma2",
-        dict(
-            head_dim=16,
-            sliding_window=40,
-            attn_logit_softcapping=5.0,
-            final_logit_softcapping=30.0,
-            query_pre_attn_scalar=24,
-        ),
-    ),
-    # The text model: sliding layers with RoPE base 10K, the full one with 1M.
-    "gemma3": (
-        "gemma3_text",
-        dict(
-            head_dim=16,
-            sliding_window=40,
-            query_pre_attn_scalar=24,
-            layer_types=_SLIDING_MIDDLE_FULL,
-        ),
-    ),
-    # LongRoPE as in Phi-3-128k / Phi-4-mini: long factors past 64 positions.
-    "phi3": (
-        "phi3",
-        dict(
-            sliding_window=64,
-            rope_parameters=dict(
-                rope_type="longrope",
-                rope_theta=10000.0,
-                factor=8.0,
-                short_factor=[1.0] * 8,
-                long_factor=[4.0] * 8,
-                original_max_position_embeddings=64,
-            ),
-        ),
-    ),
-    "olmo2": ("olmo2", {}),
-    "olmo3": ("olmo3", dict(sliding_window=48, layer_types=_SLIDING_MIDDLE_FULL)),
-    "granite": (
-        "granite",
-        dict(
-            attention_multiplier=0.2,
-            embedding_multiplier=2.0,
-            residual_multiplier=0.5,
-            logits_scaling=4.0,
-        ),
-    ),
-    "cohere2": ("cohere2", dict(sliding_window=48, layer_types=_SLIDING_MIDDLE_FULL)),
-    # Layer 1 has no RoPE and slides (as SmolLM3 builds layer_types from no_rope_layers).
-    "smollm3": (
-        "smollm3",
-        dict(no_rope_layers=[1, 0, 1], use_sliding_window=True, sliding_window=48),
-    ),
-    "ministral": (
-        "ministral",
-        dict(head_dim=16, sliding_window=48, layer_types=_SLIDING_MIDDLE_FULL),
-    ),
-    "glm4": ("glm4", dict(head_dim=16)),
-    "exaone4": ("exaone4", dict(sliding_window=48, layer_types=_SLIDING_MIDDLE_FULL)),
-    "gpt_oss": (
-        "gpt_oss",
-        dict(
-            head_dim=16,
-            sliding_window=32,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            # YaRN as gpt-oss has it, scaled to the tiny context.
-            rope_parameters=dict(
-                rope_type="yarn",
-                rope_theta=150000.0,
-                factor=4.0,
-                original_max_position_embeddings=128,
-                beta_fast=32.0,
-                beta_slow=1.0,
-            ),
-        ),
-    ),
-}
-
-#: Every case that patch() runs.
-FAMILIES = tuple(CASES)
-
-
-def have(case: str) -> bool:
-    """Whether the installed transformers has the model type of ``case``."""
-    return CASES[case][0] in CONFIG_MAPPING
+# The cases are the library's (``headinfer check`` runs them too); re-exported for the tests.
+from headinfer.tiny import CASES, have, prompt
+from headinfer.tiny import FAMILIES as FAMILIES
+from headinfer.tiny import IMAGE_TOKEN as IMAGE_TOKEN
+from headinfer.tiny import MULTIMODAL as MULTIMODAL
+from headinfer.tiny import PROMPT_LEN as PROMPT_LEN
+from headinfer.tiny import VOCAB as VOCAB
+from headinfer.tiny import tiny_config as tiny_config
+from headinfer.tiny import tiny_model as _tiny_model
 
 
 def require(case: str) -> None:
@@ -167,94 +35,19 @@ def require(case: str) -> None:
         pytest.skip(f"transformers {transformers.__version__} has no {CASES[case][0]} model")
 
 
-def tiny_config(case: str, **overrides: object):
-    """The tiny config of a test case (see ``CASES``), with ``overrides`` on top."""
-    model_type, specific = CASES[case]
-    return CONFIG_MAPPING[model_type](**dict(_COMMON, **dict(specific, **overrides)))
-
-
-def _sharpen(model: torch.nn.Module) -> None:
-    # Larger-than-default q/k weights make attention peaked enough for windows to matter.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
-                p.mul_(4.0)
-            elif name.endswith("sinks"):
-                p.normal_(0.0, 1.0)
-
-
 def tiny_model(
     case: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: object
 ) -> PreTrainedModel:
     """A randomly initialised tiny model of ``case`` with eager attention, in eval mode."""
     require(case)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(case, **overrides))
-    _sharpen(model)
-    return model.to(dtype).eval()
-
-
-def _text_kwargs(case: str, **overrides: object) -> dict[str, Any]:
-    kw = dict(_COMMON, **dict(CASES[case][1], **overrides))
-    kw.pop("attn_implementation")
-    return kw
-
-
-#: Multimodal wrappers (image-text models) whose text tower is a supported family.
-MULTIMODAL = ("gemma3_image_text", "qwen2_vl")
-
-#: Token id standing for an image in the tiny multimodal configs (inside the tiny vocabulary).
-IMAGE_TOKEN = 5
+    return _tiny_model(case, dtype, seed, **overrides)
 
 
 def tiny_multimodal(name: str, seed: int = 0) -> PreTrainedModel:
     """A tiny image-text model (one-layer vision tower) around a tiny text model, eager."""
-    if name == "gemma3_image_text":
-        if "gemma3" not in CONFIG_MAPPING:
-            pytest.skip(f"transformers {transformers.__version__} has no gemma3 model")
-        config = CONFIG_MAPPING["gemma3"](
-            text_config=_text_kwargs("gemma3"),
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=28,
-                patch_size=14,
-            ),
-            mm_tokens_per_image=4,
-            image_token_id=IMAGE_TOKEN,
-            attn_implementation="eager",
-        )
-    elif name == "qwen2_vl":
-        if "qwen2_vl" not in CONFIG_MAPPING:
-            pytest.skip(f"transformers {transformers.__version__} has no qwen2_vl model")
-        # M-RoPE sections of the tiny head_dim 16 (8 rotary pairs).
-        rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])
-        config = CONFIG_MAPPING["qwen2_vl"](
-            text_config=_text_kwargs(
-                "qwen2", head_dim=16, rope_parameters=rope, use_sliding_window=False
-            ),
-            vision_config=dict(
-                depth=1,
-                embed_dim=32,
-                hidden_size=64,
-                num_heads=2,
-                mlp_ratio=2,
-                patch_size=14,
-                spatial_merge_size=2,
-            ),
-            image_token_id=IMAGE_TOKEN,
-            attn_implementation="eager",
-        )
-    else:
-        raise ValueError(name)
-    from transformers import AutoModelForImageTextToText
-
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config)
-    _sharpen(model)
-    return model.eval()
+    if not have(name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name} model")
+    return _tiny_model(name, seed=seed)
 
 
 def twin(model: PreTrainedModel) -> PreTrainedModel:
@@ -273,12 +66,6 @@ def float64_twin(model: PreTrainedModel) -> PreTrainedModel:
     ) not in (None, "eager"):
         exact.set_experts_implementation("eager")
     return exact
-
-
-def prompt(length: int = PROMPT_LEN, seed: int = 1) -> torch.Tensor:
-    """``[1, length]`` random token ids (avoiding the special ids 0-2)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (1, length), generator=g)
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -248,7 +248,7 @@ def test_demo_is_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
     + [("1.5M", 3 << 19), ("1,000,000", 1000000), ("1_000", 1000)],
 )
 def test_context_suffixes(text: str, tokens: int) -> None:
-    from headinfer.plan import parse_context
+    from headinfer.sizes import parse_context
 
     assert parse_context(text) == tokens
 

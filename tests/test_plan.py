@@ -8,14 +8,9 @@ from _tiny import CASES, MULTIMODAL, have, tiny_config, tiny_model, tiny_multimo
 
 import headinfer
 from headinfer import planner
-from headinfer.plan import (
-    Rates,
-    attention_flops,
-    make_plan,
-    parameter_count,
-    parse_dtype,
-    render_plan,
-)
+from headinfer.floor_rates import Rates
+from headinfer.plan import attention_flops, make_plan, parameter_count, parse_dtype
+from headinfer.plan_report import render_plan
 from headinfer.spec import model_spec
 
 VARIANTS = (

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .device import resolve_device
-from .plan import parse_context, parse_dtype
-from .sizes import parse_bytes
+from .plan import parse_dtype
+from .sizes import parse_bytes, parse_context
 
 __all__ = [
     "add_device",

@@ -17,7 +17,7 @@ parameter changes; ``unpatch`` drops them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AttentionInterface
@@ -157,9 +157,8 @@ def headinfer_attention(
         if not isinstance(cache, HeadInferCache):
             raise TypeError(f"{CACHE_KWARG}: expected a HeadInferCache, got {type(cache).__name__}")
         _head_view(query, "query")  # batch check
-        cache.attend(
-            module.layer_idx, query, key, value, out, scale, softcap, sliding_window, sinks
-        )
+        layer = cast(int, module.layer_idx)  # transformers sets it on every attention module
+        cache.attend(layer, query, key, value, out, scale, softcap, sliding_window, sinks)
         return out, None
     q = _head_view(query, "query")
     k = _head_view(key, "key")

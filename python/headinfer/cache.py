@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import PretrainedConfig
@@ -321,7 +321,7 @@ class HeadInferCache(Cache):
         if isinstance(model_or_config, PretrainedConfig):
             config = model_or_config
         else:
-            config = model_or_config.config
+            config = cast(PretrainedConfig, model_or_config.config)
             settings = getattr(model_or_config, "_headinfer", None)
             if settings is not None:
                 block_size = settings.block_size if block_size is None else block_size
@@ -382,7 +382,8 @@ class HeadInferCache(Cache):
         self._bound = 0
         # Per layer, tokens appended by `update` that the headinfer attention has not consumed.
         self._pending: dict[int, int] = {}
-        layers = [HeadInferLayer(self, i, w) for i, w in enumerate(self.spec.windows)]
+        # transformers' Cache types its layers as its own mixins; ours implement the same calls.
+        layers: list[Any] = [HeadInferLayer(self, i, w) for i, w in enumerate(self.spec.windows)]
         super().__init__(layers=layers)
         if dtype is not None and device is not None:
             self._ensure_store(dtype, torch.device(device))

@@ -1,12 +1,15 @@
-"""The ``headinfer`` command: ``generate``, ``plan``, ``eval`` and ``demo``.
+"""The ``headinfer`` command: ``generate``, ``plan``, ``check``, ``eval`` and ``demo``.
 
 ::
 
     headinfer generate --model smollm2 --prompt-file doc.txt --chat --max-new-tokens 64
     headinfer plan --model meta-llama/Llama-3.1-8B-Instruct --context 1M --gpu-budget 24GiB
+    headinfer check --model meta-llama/Llama-3.1-8B-Instruct --context 1M
     headinfer eval ruler --lengths 4096 --gpu-budget 20GiB
     headinfer demo --compare
 
+``check`` reports this machine, measures its rates, runs the exactness self-test of every family
+and predicts decode time and the longest context (exit 1 when a self-test fails).
 ``generate`` streams the answer to stdout, and the prefill progress, times and where the KV bytes
 sat to stderr. ``plan`` reads only the model's config and prints where every byte of a run would
 sit (the runtime's own planner), whether that fits this machine, the longest context that does,
@@ -33,20 +36,18 @@ from transformers import TextStreamer
 from . import _command as opt
 from .device import resolve_device
 from .distributed import is_main_rank, placement, torchrun_world
+from .floor_rates import Rates, plan_rates
+from .model_config import ModelNotFoundError, load_config
 from .plan import (
     DEFAULT_CHUNK_SIZE,
     SPLITS,
-    ModelNotFoundError,
-    Rates,
     default_budget,
     fits,
-    load_config,
     longest_figures,
     machine_figures,
     make_plan,
-    plot_plan,
-    render_plan,
 )
+from .plan_report import plot_plan, render_plan
 from .sizes import format_bytes
 
 __all__ = ["main"]
@@ -85,7 +86,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         description="Exact long-context inference with the KV cache in host memory.",
     )
     parser.add_argument("--version", action=_VersionAction)
-    sub = parser.add_subparsers(dest="command", metavar="{generate,plan,eval,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,plan,check,eval,demo}")
     sub.required = True
 
     def model_args(p: argparse.ArgumentParser) -> None:
@@ -186,7 +187,6 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     for name, what, measured in (
         ("sdpa_tflops", "causal attention rate", "H200"),
         ("matmul_tflops", "matmul rate", "H200 bf16"),
-        ("h2d_gbs", "host-to-device copy rate, GB/s", "H200 PCIe"),
     ):
         default = getattr(defaults, name)
         plan.add_argument(
@@ -196,6 +196,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             metavar="R",
             help=f"{what} (default {default:g}: {measured}, BENCHMARKS.md)",
         )
+    plan.add_argument(
+        "--h2d-gbs",
+        type=float,
+        metavar="R",
+        help="rate at which decode reads host KV, GB/s (default: this machine's, where "
+        f"`headinfer check` measured it; else {defaults.h2d_gbs:g}: H200 PCIe, BENCHMARKS.md)",
+    )
     plan.add_argument(
         "--gpus",
         type=opt.positive,
@@ -218,6 +225,41 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="also draw where the bytes sit and the longest context against the GPU budget",
     )
 
+    check = sub.add_parser(
+        "check",
+        help="does headinfer work here, and how fast will it be: environment, measured rates, "
+        "a self-test of every family, what to expect",
+        description="Report this machine (versions, CUDA, GPUs, cores, the CPU kernels' "
+        "instruction set, RAM), measure its rates (saved where `headinfer plan` and the "
+        "runtime read them), run the exactness self-test of every supported family with tiny "
+        "random models (no download), and predict decode time and the longest context for "
+        "--model. Exit status: 0 when every self-test passes, 1 when one fails, 2 for a bad "
+        "argument.",
+    )
+    check.add_argument(
+        "--model",
+        metavar="NAME_OR_PATH",
+        help="what to predict for: a config.json, a model folder, a GGUF file, a Hub id "
+        "already downloaded, or 'smollm2' (default: the Llama-3-8B shape)",
+    )
+    check.add_argument("--gguf-file", metavar="F", help="the GGUF file inside --model's folder")
+    check.add_argument(
+        "--context",
+        type=opt.context,
+        default=128 << 10,
+        metavar="TOKENS",
+        help="tokens to predict for (default 128K)",
+    )
+    check.add_argument(
+        "--dtype", type=opt.dtype, default="bfloat16", metavar="DTYPE", help="bf16 (default)"
+    )
+    opt.add_gpu_budget(check)
+    check.add_argument(
+        "--no-self-test", action="store_true", help="skip the self-test (environment and rates)"
+    )
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("-v", "--verbose", action="count", default=0, help="log more")
+
     sub.add_parser(
         "eval",
         help="long-context benchmarks through headinfer: `headinfer eval ruler|longbench "
@@ -231,7 +273,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "`headinfer demo --help` for its options",
         add_help=False,
     )
-    return parser, {"generate": gen, "plan": plan}
+    return parser, {"generate": gen, "plan": plan, "check": check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -252,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "plan":
             return _plan(args, sub)
+        if args.command == "check":
+            return _check(args, sub)
         return _generate(args, sub)
     except ModelNotFoundError as exc:
         sub.error(str(exc))
@@ -296,8 +340,8 @@ def _plan(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
         budget, source = args.gpu_budget, ""
     else:
         budget, source = default_budget()
-    rates = Rates(args.sdpa_tflops, args.matmul_tflops, args.h2d_gbs)
     try:
+        rates = plan_rates(config, args.dtype, args.sdpa_tflops, args.matmul_tflops, args.h2d_gbs)
         plan = make_plan(
             config,
             context=args.context,
@@ -339,6 +383,37 @@ def _plan(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
     if args.plot:
         print(f"plot: {args.plot}", file=sys.stderr)
     return 0 if plan["fits"] else 1
+
+
+def _check(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
+    from .errors import UnsupportedModelError
+    from .selfcheck import DEFAULT_MODEL_LABEL, render, run_check
+
+    config, label = None, DEFAULT_MODEL_LABEL
+    if args.model is not None:
+        # A check makes no download: a Hub id must already be in the cache.
+        config, label = load_config(args.model, args.gguf_file, local_files_only=True)
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    try:
+        report = run_check(
+            config,
+            label,
+            context=args.context,
+            gpu_budget=args.gpu_budget,
+            dtype=args.dtype,
+            self_test=not args.no_self_test,
+            say=say,
+        )
+    except UnsupportedModelError as exc:
+        sub.error(f"--model {args.model}: {exc}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render(report))
+    return 0 if report["self_test_ok"] else 1
 
 
 def _read_prompt(name: str, sub: argparse.ArgumentParser) -> str:

@@ -18,8 +18,7 @@ import functools
 import inspect
 import logging
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -36,7 +35,8 @@ from .device import check_device
 from .distributed import check_gpu_budget
 from .planner import release_torch_caps
 from .prefill import CACHE_NAMES, cache_kwarg_name, forward_params, patched_forward
-from .spec import ModelSpec, runnable_spec
+from .settings import PatchSettings
+from .spec import runnable_spec
 
 __all__ = ["PatchSettings", "is_patched", "patch", "unpatch"]
 
@@ -52,29 +52,6 @@ _WITH = "_headinfer_with"
 _NOTHING = object()
 
 
-@dataclass
-class PatchSettings:
-    """What ``patch()`` was given, and what it found out about the model."""
-
-    spec: ModelSpec
-    chunk_size: int
-    block_size: int | None
-    host_memory_limit: int | None
-    gpu_budget: int | dict[int, int] | None
-    cpu_heads: int | str | None
-    progress: bool
-    progress_delay: float
-    #: The model forward's keyword for the cache: "cache" (>= 5.24) or "past_key_values".
-    cache_name: str
-    #: The forward's named parameters, in order, to turn positional arguments into keywords.
-    forward_params: tuple[str, ...]
-    takes_logits_to_keep: bool
-    #: Whether the "cache that is not a HeadInferCache" warning was given (once per model).
-    warned_cache: bool = False
-    #: What patch() replaced, for unpatch(): instance attributes (or _MISSING) and the config's.
-    saved: dict[str, Any] = field(default_factory=dict)
-
-
 class _Wrapper:
     # A callable object rather than a closure, so that copy.deepcopy of a patched model gives a
     # copy whose wrappers call the copy (deepcopy rebinds the saved bound method), not the original.
@@ -83,7 +60,7 @@ class _Wrapper:
         self.original = original
         self.settings = settings
         # Keeps name, docstring and signature: generate() inspects forward's for logits_to_keep.
-        functools.update_wrapper(self, original)
+        functools.update_wrapper(cast(Any, self), original)  # subclasses are the callables
 
 
 class _Forward(_Wrapper):
@@ -290,14 +267,15 @@ def patch(
     saved = settings.saved
     saved["forward"] = _saved_attr(model, "forward")
     saved["generate"] = _saved_attr(model, "generate")
-    saved["attn_implementation"] = model.config._attn_implementation
+    config: Any = model.config
+    saved["attn_implementation"] = config._attn_implementation
 
     model.forward = _Forward(model, model.forward, settings)
     # A base model (e.g. LlamaModel) has no generate(): only its forward is patched.
     if hasattr(model, "generate"):
-        model.generate = _Generate(model, model.generate, settings)
+        cast(Any, model).generate = _Generate(model, model.generate, settings)
     saved["class"] = type(model)
-    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    config._attn_implementation = ATTN_IMPLEMENTATION
     model.__dict__[_STATE] = settings
     model.__class__ = _patched_class(type(model))
     model.__dict__.setdefault(_WITH, _WithState()).pending = before
@@ -361,7 +339,7 @@ def unpatch(model: M) -> M:
             model.__dict__[name] = previous
         else:
             model.__dict__.pop(name, None)
-    model.config._attn_implementation = settings.saved["attn_implementation"]
+    cast(Any, model.config)._attn_implementation = settings.saved["attn_implementation"]
     drop_sink_caches(model)
     release_torch_caps()
     logger.info("unpatched %s", type(model).__name__)

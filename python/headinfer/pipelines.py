@@ -55,10 +55,11 @@ class HeadInferQAPipeline(Pipeline):
     tokenizer's BOS, the context, a blank line, the question and a newline.
     """
 
-    _load_processor = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-    _load_tokenizer = True
+    # transformers' Pipeline declares these as None (unset); a pipeline class sets them.
+    _load_processor = False  # type: ignore[assignment]
+    _load_image_processor = False  # type: ignore[assignment]
+    _load_feature_extractor = False  # type: ignore[assignment]
+    _load_tokenizer = True  # type: ignore[assignment]
 
     def _sanitize_parameters(
         self,
@@ -98,7 +99,7 @@ class HeadInferQAPipeline(Pipeline):
 
     def _split_prompt(self, context: str) -> tuple[str, str]:
         """``(context part, question suffix)``: the prompt is context part + question + suffix."""
-        tokenizer = self.tokenizer
+        tokenizer: Any = self.tokenizer  # set: _load_tokenizer
         if getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template(
                 [{"role": "user", "content": f"{context}\n\n{_MARKER}"}],
@@ -111,7 +112,8 @@ class HeadInferQAPipeline(Pipeline):
             return before, after
         return f"{tokenizer.bos_token or ''}{context}\n\n", "\n"
 
-    def preprocess(
+    # Pipeline's hooks take the keywords _sanitize_parameters returns, not its generic ones.
+    def preprocess(  # type: ignore[override]
         self,
         context: str,
         questions: list[str] | None = None,
@@ -124,8 +126,10 @@ class HeadInferQAPipeline(Pipeline):
             raise ValueError("question or questions: give the question(s) to ask")
         head, suffix = self._split_prompt(context)
 
+        tokenizer: Any = self.tokenizer
+
         def ids(text: str) -> torch.Tensor:
-            return self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
 
         context_ids = ids(head)
         question_ids = [ids(f"{q}{suffix}{answer_prefix}") for q in questions]
@@ -139,17 +143,18 @@ class HeadInferQAPipeline(Pipeline):
             )
         return {"context_ids": context_ids, "question_ids": question_ids}
 
-    def _forward(
+    def _forward(  # type: ignore[override]
         self,
         model_inputs: dict[str, Any],
         max_new_tokens: int = 50,
         generate_kwargs: dict[str, Any] | None = None,
     ) -> list[str]:
-        model = self.model
+        model: Any = self.model
+        tokenizer: Any = self.tokenizer
         kwargs = {"do_sample": False, **(generate_kwargs or {})}
         name = cache_kwarg_name(model)
         # A model that is not patched runs through headinfer for this call only.
-        scope = contextlib.nullcontext() if is_patched(model) else patch(model)
+        scope: Any = contextlib.nullcontext() if is_patched(model) else patch(model)
         with scope:
             device = next(model.parameters()).device
             context = model_inputs["context_ids"].to(device)
@@ -172,11 +177,13 @@ class HeadInferQAPipeline(Pipeline):
                     **kwargs,
                 )
                 new = out[0, ids.shape[1] :]
-                answers.append(self.tokenizer.decode(new, skip_special_tokens=True))
+                answers.append(tokenizer.decode(new, skip_special_tokens=True))
                 cache.crop(length)  # back to the context alone
         return answers
 
-    def postprocess(self, model_outputs: list[str], single: bool = True) -> dict[str, Any]:
+    def postprocess(  # type: ignore[override]
+        self, model_outputs: list[str], single: bool = True
+    ) -> dict[str, Any]:
         if single:
             return {"answer": model_outputs[0]}
         return {"answers": model_outputs}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -374,7 +374,7 @@ def plan_share(
         return SharePlan(
             "heads",
             f"cpu_heads={cpu_heads}: the override",
-            cpu_heads=cpu_heads,
+            cpu_heads=cast(int, cpu_heads),  # neither None nor "auto": an int
             threads=max(threads, 1),
             **common,
         )

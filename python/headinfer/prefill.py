@@ -13,7 +13,7 @@ import inspect
 import logging
 import warnings
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -22,9 +22,7 @@ from .attention import CACHE_KWARG
 from .cache import HeadInferCache
 from .callsite import user_stacklevel
 from .device import check_device
-
-if TYPE_CHECKING:
-    from .patch import PatchSettings
+from .settings import PatchSettings
 
 _slice_logits_to_keep: Callable[..., torch.Tensor] | None
 try:
@@ -258,7 +256,8 @@ def _chunked(
     position_ids = kwargs.pop("position_ids", None)
     cache_position = kwargs.pop("cache_position", None)
     mask = kwargs.pop("attention_mask", None)
-    cache_name, _ = _find_cache(kwargs)
+    # The user's name for the cache, else the forward's own (a cache the first chunk made).
+    cache_name = _find_cache(kwargs)[0] or settings.cache_name
 
     logits: list[torch.Tensor] = []
     states: list[torch.Tensor] = []
@@ -322,8 +321,12 @@ def _chunked(
         fields["hidden_states"] = tuple(torch.cat(parts, dim=1) for parts in zip(*hidden))
     if labels is not None:
         extra = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
-        fields["loss"] = model.loss_function(
-            logits=fields["logits"], labels=labels, vocab_size=model.config.vocab_size, **extra
+        loss_function: Any = model.loss_function  # a PreTrainedModel's (a Module attribute)
+        fields["loss"] = loss_function(
+            logits=fields["logits"],
+            labels=labels,
+            vocab_size=cast(Any, model.config).vocab_size,
+            **extra,
         )
     if temporary:
         for name in CACHE_NAMES:

@@ -13,7 +13,7 @@ a band mask. gpt-oss's sink logits join the two-part merge as one more logit wit
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,7 @@ def _two_part(
     vc = v_new.repeat_interleave(g, 0)[None]
     out_c, lse_c = _fused(q, kc, vc, True, scale)
     sink = None if sinks is None else sinks[None, :, None]  # [1, n * g, 1]
-    if k_past is None or k_past.shape[1] == 0:
+    if k_past is None or v_past is None or k_past.shape[1] == 0:  # they come together
         if sink is None:
             return out_c
         # exp(lse) / (exp(lse) + exp(sink)): the keys' share of the softmax.
@@ -106,7 +106,9 @@ class PrefillState:
         self.device = device
         self.side = torch.cuda.Stream(device)
         # (layer, h0, n, lo, end) -> (k, v, event) staged on the side stream
-        self.staged: dict[tuple[int, int, int, int, int], tuple[torch.Tensor, ...]] = {}
+        self.staged: dict[
+            tuple[int, int, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]
+        ] = {}
 
     def stage(self, store: Any, key: tuple[int, int, int, int, int]) -> None:
         """Copy a unit's past out of the store on the side stream (no wait here)."""
@@ -218,7 +220,7 @@ def prefill_attention(
                 s = kk.shape[1]
                 i_pos = torch.arange(c, device=q.device)[:, None] + (s - c)
                 j_pos = torch.arange(s, device=q.device)[None]
-                band = (j_pos <= i_pos) & (i_pos - j_pos < window)
+                band = (j_pos <= i_pos) & (i_pos - j_pos < cast(int, window))  # set: no softcap
                 o = F.scaled_dot_product_attention(
                     qg, kk[None], vv[None], attn_mask=band, scale=scale, enable_gqa=True
                 )

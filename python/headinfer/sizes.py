@@ -1,4 +1,5 @@
-"""Byte sizes as users write them (``"20GiB"``, ``24e9``) and as reports print them."""
+"""Byte sizes as users write them (``"20GiB"``, ``24e9``) and as reports print them, and
+numbers of tokens as context lengths are quoted (``128K``, ``1M``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 import numbers
 import re
 
-__all__ = ["format_bytes", "parse_bytes"]
+__all__ = ["format_bytes", "parse_bytes", "parse_context"]
 
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -44,3 +45,22 @@ def format_bytes(n: float) -> str:
     if n == 0:
         return "0"
     return f"{n / 2**20:,.1f} MiB"
+
+
+_TOKEN_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_context(text: str) -> int:
+    """A number of tokens: ``131072``, ``1_000_000``, ``1,000,000``, or with a binary suffix as
+    context lengths are usually quoted: ``128K`` = 131,072, ``1M`` = 1,048,576, ``1.5M``."""
+    m = re.fullmatch(
+        r"\s*([0-9]*\.?[0-9]+)\s*([kmg]?)\s*", text.replace("_", "").replace(",", "").lower()
+    )
+    if m is None:
+        raise ValueError(
+            f"context: expected a number of tokens like 131072, 128K or 1M, got {text!r}"
+        )
+    value = int(float(m.group(1)) * _TOKEN_UNITS[m.group(2)])
+    if value <= 0:
+        raise ValueError(f"context: must be positive, got {text!r}")
+    return value

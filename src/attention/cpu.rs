@@ -132,9 +132,10 @@ pub fn attend_lse_into<E: Element, S: KvSource<E>>(
     Ok(())
 }
 
-/// `attend_lse` on the instruction set `isa`, with `attend`'s checks (tests and benchmarks
-/// compare the sets through `testing`); an error if this CPU lacks it.
-pub(crate) fn attend_lse_on<E: Element, S: KvSource<E>>(
+/// `attend_lse` on the instruction set `isa` instead of the best one detected, with
+/// `attend`'s checks, so tests and benchmarks compare the sets; an error naming `isa` if this
+/// CPU lacks it.
+pub fn attend_lse_on<E: Element, S: KvSource<E>>(
     isa: Isa,
     query: View3<'_, E>,
     kv: &S,

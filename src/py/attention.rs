@@ -7,7 +7,7 @@ use crate::attention::args::Params;
 use crate::attention::cpu::{attend, DenseKv};
 use crate::attention::cuda::{attend_dense, DenseDev};
 use crate::error::Error;
-use crate::tensor::{Device, Tensor3};
+use crate::tensor::{same_device, Device, Tensor3};
 use crate::with_element;
 use pyo3::prelude::*;
 
@@ -42,33 +42,6 @@ pub fn check_out(
         return Err(Error::value("out", "must not share memory with the inputs")).py_err(py);
     }
     Ok(())
-}
-
-/// Checks that `t` is on `device`: another kind of device is a `TypeError`, another CUDA
-/// device a `ValueError`; both name the argument.
-pub fn same_device(arg: &str, t: &Tensor3, device: Device) -> crate::Result<()> {
-    match (t.device, device) {
-        (Device::Cuda(got), Device::Cuda(want)) if got != want => Err(Error::value(
-            arg,
-            format!("is on cuda:{got}, the query on cuda:{want}"),
-        )),
-        _ => t.expect_device(arg, device),
-    }
-}
-
-/// `same_device` for an argument that is not a `Tensor3` (the 1-d `sinks`).
-pub fn same_device_as(arg: &str, got: Device, want: Device) -> crate::Result<()> {
-    match (got, want) {
-        (Device::Cuda(g), Device::Cuda(w)) if g != w => Err(Error::value(
-            arg,
-            format!("is on cuda:{g}, the query on cuda:{w}"),
-        )),
-        _ if got != want => Err(Error::type_(
-            arg,
-            format!("is on {got:?}, expected {want:?} (the query's device)"),
-        )),
-        _ => Ok(()),
-    }
 }
 
 /// Attention over explicit key/value tensors; writes `out`. See `_core.pyi`.

@@ -3,10 +3,11 @@
 //! what it would choose and why.
 
 use super::errors::IntoPyResult;
-use crate::attention::policy::{balance, HeadPlacement, LayerPlacement, Rates, SharePolicy};
+use crate::attention::policy::{balance, Rates, SharePolicy};
 use crate::attention::rates::{measure_cpu, measure_gpu, with_copy_engine_busy};
 use crate::cuda::kernels::MAX_CPU_HEADS;
 use crate::error::Error;
+use crate::store::{HeadPlacement, LayerPlacement};
 use crate::tensor::DType;
 use crate::with_element;
 use pyo3::prelude::*;

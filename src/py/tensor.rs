@@ -223,7 +223,7 @@ impl Sinks {
                 .py_err(py)
             }
         };
-        super::attention::same_device_as("sinks", got, device).py_err(py)?;
+        crate::tensor::same_device_as("sinks", got, device).py_err(py)?;
         let dt = t.dtype();
         if (dt.code, dt.bits, dt.lanes) != (DLDataTypeCode::FLOAT, 32, 1) {
             return Err(Error::type_(

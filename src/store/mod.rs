@@ -4,8 +4,9 @@
 //! - `config`: the store's shape; `pool`: block memory behind one pool type (heap, pinned,
 //!   device allocators); `table`: which block holds which tokens; `residency`: the pure
 //!   planner of block moves; `accounting`: bytes used and reserved, and the host memory check;
-//!   `view`: read-only views of a layer, which `attention` reads; `cuda`: a CUDA store's data
-//!   paths (append, gather, rebalance).
+//!   `view`: read-only views of a layer, which `attention` reads; `placement`: where a
+//!   layer's keys sit at one step (device or host tokens per head), what the share policy
+//!   decides on; `cuda`: a CUDA store's data paths (append, gather, rebalance).
 //!
 //! One `KvStore<B>` holds the logic every store shares; its backend `B` (`Cpu` or `Cuda`) is
 //! where they differ: the pools it was given, the device copy of the table, and how to wait
@@ -21,6 +22,7 @@ mod accounting;
 mod checkpoint;
 pub mod config;
 mod cuda;
+pub mod placement;
 pub mod pool;
 pub mod residency;
 pub mod staging;
@@ -29,6 +31,7 @@ pub mod view;
 
 pub use config::{CudaConfig, StoreConfig};
 pub use cuda::{Cuda, DecodeParts, STAGING_BUFFERS, STAGING_PIECE_BYTES};
+pub use placement::{HeadPlacement, LayerPlacement};
 pub use view::{DeviceLayer, HostLayer, KvSource, Segment};
 
 use crate::error::{Error, Result};

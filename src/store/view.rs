@@ -4,11 +4,11 @@
 //! of a layer); `HostLayer` is a CPU store's layer; `DeviceLayer` is a CUDA store's layer as
 //! the GPU kernels and the CPU share read it.
 
+use super::placement::{HeadPlacement, LayerPlacement};
 use super::pool::{Mem, Placement};
 use super::residency;
 use super::staging::Span;
 use super::table::Layer;
-use crate::attention::policy::{HeadPlacement, LayerPlacement};
 use crate::cuda::kernels::KvSrc;
 use crate::tensor::{Element, Rows};
 

@@ -324,7 +324,6 @@ fn a_sink_is_one_more_logit_folded_into_the_final_merge() {
 /// each also stays within 2e-5 of the f64 reference (as `run_case` checks).
 fn compare_paths<E: Element>(c: &Case, seed: u64) {
     use crate::cpu::simd::Isa;
-    use crate::testing::cpu_attend_lse_on;
     let mut rng = Rng::new(seed);
     let (hq, lk) = (c.hkv * c.g, c.past + c.lq);
     let round = |x: Vec<f32>| -> Vec<E> { x.into_iter().map(E::from_f32).collect() };
@@ -362,17 +361,17 @@ fn compare_paths<E: Element>(c: &Case, seed: u64) {
         )
         .unwrap();
     let layer = store.view::<E>(0).unwrap();
-    let (want, want_lse) = cpu_attend_lse_on(Isa::Scalar, qv, &dense, &params, sinks).unwrap();
+    let (want, want_lse) = attend_lse_on(Isa::Scalar, qv, &dense, &params, sinks).unwrap();
     let want64: Vec<f64> = want.iter().map(|&x| x as f64).collect();
     for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
         for (src, (got, lse)) in [
             (
                 "dense",
-                cpu_attend_lse_on(isa, qv, &dense, &params, sinks).unwrap(),
+                attend_lse_on(isa, qv, &dense, &params, sinks).unwrap(),
             ),
             (
                 "store",
-                cpu_attend_lse_on(isa, qv, &layer, &params, sinks).unwrap(),
+                attend_lse_on(isa, qv, &layer, &params, sinks).unwrap(),
             ),
         ] {
             let what = format!("{isa:?} {src} {:?} {}", E::DTYPE, describe(c));
@@ -423,7 +422,6 @@ fn every_path_matches_the_reference() {
     // The instruction set chosen at run time is what `attend` uses; this checks the others
     // against the f64 reference too, on a decode that splits its keys.
     use crate::cpu::simd::Isa;
-    use crate::testing::cpu_attend_lse_on;
     let (hkv, g, d, lk) = (2, 4, 128, 3001);
     let hq = hkv * g;
     let mut rng = Rng::new(23);
@@ -459,7 +457,7 @@ fn every_path_matches_the_reference() {
     };
     let qv = View3::contiguous(&q, [hq, 1, d]);
     for isa in Isa::ALL {
-        let got = with_threads(4, || cpu_attend_lse_on(isa, qv, &kv, &p, None));
+        let got = with_threads(4, || attend_lse_on(isa, qv, &kv, &p, None));
         if !isa.supported() {
             let e = got.unwrap_err().to_string();
             assert!(e.starts_with("isa: this CPU does not support"), "{e}");

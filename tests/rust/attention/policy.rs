@@ -1,6 +1,7 @@
 //! Unit tests of `src/attention/policy.rs`: who attends where, without a GPU.
 
 use super::*;
+use crate::store::HeadPlacement;
 
 fn policy(cpu_heads: usize, min_host_tokens: usize) -> SharePolicy {
     SharePolicy {
