@@ -36,8 +36,9 @@ def measured_rates(
     *, dtype: str, head_dim: int, group: int, defaults: Rates | None = None
 ) -> Rates:
     """``defaults`` (H200 constants) with this machine's measured host-read rate for the decode
-    floor, where ``headinfer check`` (or the runtime's CPU share) measured it: the decode
-    kernel's read rate over pinned host memory (``ShareRates.pcie``), from the rates file entry
+    floor, where ``headinfer check`` (or the runtime's CPU share) measured it: the faster of
+    the decode kernel's read rate over pinned host memory (``ShareRates.pcie``) and the copy
+    engine's (``ShareRates.copy``), as decode uses the faster, from the rates file entry
     of this GPU and host for this ``dtype``, ``head_dim`` and ``group``, else any entry of this
     GPU and host (the link's rate barely depends on the kernel's shape). ``defaults``
     unchanged where there is no GPU or no entry; ``source`` says which.
@@ -70,7 +71,7 @@ def measured_rates(
         return defaults
     return replace(
         defaults,
-        h2d_gbs=found.pcie / 1e9,
+        h2d_gbs=max(found.pcie, found.copy) / 1e9,
         source=f"this machine's decode read rate over host memory, measured ({path}: {key})",
     )
 
