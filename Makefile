@@ -30,7 +30,7 @@ export PIP_NO_INPUT := 1
 
 PY_DEPS := "torch>=2.4" "transformers>=5.17,<6" "tqdm>=4.60" \
 	"gguf>=0.10" "accelerate>=1.0" safetensors \
-	"pytest>=8" "ruff>=0.6" "mypy>=1.10" "maturin>=1.8,<2" nbclient ipykernel matplotlib
+	"pytest>=8" "hypothesis>=6.100" "ruff>=0.6" "mypy>=1.10" "maturin>=1.8,<2" nbclient ipykernel matplotlib
 PY_DIRS := $(wildcard python tests examples benchmarks)
 
 DEPS_STAMP := $(VENV)/.headinfer-deps
