@@ -158,7 +158,11 @@ fn crop_to_the_retained_start_keeps_the_start() {
         assert!(start > 0, "window {window}, block {bs}");
         s.crop(start).unwrap();
         assert_eq!(s.seq_len(0).unwrap(), start);
-        assert_eq!(s.retained_start(0).unwrap(), start, "nothing below it is held");
+        assert_eq!(
+            s.retained_start(0).unwrap(),
+            start,
+            "nothing below it is held"
+        );
         assert!(s.read::<f32>(0, 0, start, |_, _, _, _| {}).is_err());
         append_positions(&mut s, 0, start, 7).unwrap();
         let now = s.retained_start(0).unwrap();
