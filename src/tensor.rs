@@ -208,10 +208,13 @@ impl Tensor3 {
         }
         // A stride that is never stepped (a dimension of size 1, or any dimension of an empty
         // view) says nothing about the layout: numpy exports empty arrays with all strides 0,
-        // and a view flipped over one element with a negative stride.
+        // and a view flipped over one element with a negative stride. Such a dimension gets
+        // the stride a contiguous layout would give it (the kernels may assume rows at least
+        // a row apart; 0 there made the CPU kernel assert).
         let empty = d.contains(&0);
         for i in 0..3 {
             if empty || d[i] == 1 {
+                s[i] = d[i + 1..].iter().map(|&n| n.max(1)).product();
                 continue;
             }
             s[i] = usize::try_from(strides[i]).map_err(|_| {

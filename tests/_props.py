@@ -163,8 +163,8 @@ def lay_out(name: str, base: torch.Tensor, layout: str, output: bool) -> Arg:
         verdict = "ok"
     if layout == "broadcast" and (base.shape[0] <= 1 or base.numel() == 0):
         verdict = "ok" if output else verdict
-    if layout == "flipped" and base.shape[0] <= 1:
-        verdict = "either"  # a negative stride over one element is never taken
+    if layout == "flipped" and (base.shape[0] <= 1 or base.numel() == 0):
+        verdict = "either"  # a negative stride over one element (or none) is never taken
     return Arg(name, passed, values, verdict, layout)
 
 

@@ -150,6 +150,14 @@ def test_strides_never_stepped_are_not_judged() -> None:
     ref = torch.empty(1, 3, 16)
     _core.attention(q, k, v, ref, 0.3)
     assert torch.equal(torch.from_numpy(out.copy()), ref)
+    # One key whose (never stepped) row stride is 0: the CPU kernel asserted rows a row apart
+    # and panicked (PanicException, a BaseException).
+    q, v = torch.randn(2, 1, 16), torch.randn(1, 1, 16)
+    k = torch.randn(1, 1, 16).as_strided((1, 1, 16), (16, 0, 1))
+    got, want = torch.empty(2, 1, 16), torch.empty(2, 1, 16)
+    _core.attention(q, k, v, got, 0.3)
+    _core.attention(q, k.contiguous(), v, want, 0.3)
+    assert torch.equal(got, want)
 
 
 # --- B2: gradients ---------------------------------------------------------------------------

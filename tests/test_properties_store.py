@@ -80,7 +80,10 @@ class StoreMachine(RuleBasedStateMachine):
         head_dim=st.sampled_from([1, 4, 16]),
         dtype=st.sampled_from(sorted(DTYPES)),
         block=st.sampled_from([1, 2, 3, 8]),
-        windows=st.lists(st.one_of(st.none(), st.integers(1, 12)), min_size=3, max_size=3),
+        # Windows of 1-3 tokens (down to a single block) are where the edges are.
+        windows=st.lists(
+            st.one_of(st.none(), st.integers(1, 3), st.integers(1, 12)), min_size=3, max_size=3
+        ),
         limit_blocks=st.one_of(st.none(), st.integers(0, 40)),
     )
     def make(
@@ -221,6 +224,15 @@ class StoreMachine(RuleBasedStateMachine):
             if w is not None:
                 self.floor[i] = min(self.floor[i], max(length + 1 - w, 0))
 
+    @rule(layer=st.integers(0, 2), which=st.sampled_from(["start", "start+1", "len-1"]))
+    def crop_at_an_edge(self, layer: int, which: str) -> None:
+        """A crop to a layer's own edges: its retained start (the shortest crop a window
+        allows), one past it, one short of its length."""
+        assert self.store is not None
+        layer %= len(self.tokens)
+        start, n = self.store.retained_start(layer), self.lengths()[layer]
+        self.crop({"start": start, "start+1": start + 1, "len-1": max(n - 1, 0)}[which])
+
     @rule()
     def clear(self) -> None:
         assert self.store is not None
@@ -293,6 +305,6 @@ class StoreMachine(RuleBasedStateMachine):
 
 
 StoreMachine.TestCase.settings = settings(
-    max_examples=examples(150), stateful_step_count=40, deadline=None
+    max_examples=examples(1500), stateful_step_count=40, deadline=None
 )
 TestStoreMachine = StoreMachine.TestCase
