@@ -205,6 +205,18 @@ impl Tensor3 {
         for i in 0..3 {
             d[i] = usize::try_from(shape[i])
                 .map_err(|_| Error::value(arg, format!("negative size in shape {shape:?}")))?;
+        }
+        // A stride that is never stepped (a dimension of size 1, or any dimension of an empty
+        // view) says nothing about the layout: numpy exports empty arrays with all strides 0,
+        // and a view flipped over one element with a negative stride. Such a dimension gets
+        // the stride a contiguous layout would give it (the kernels may assume rows at least
+        // a row apart; 0 there made the CPU kernel assert).
+        let empty = d.contains(&0);
+        for i in 0..3 {
+            if empty || d[i] == 1 {
+                s[i] = d[i + 1..].iter().map(|&n| n.max(1)).product();
+                continue;
+            }
             s[i] = usize::try_from(strides[i]).map_err(|_| {
                 Error::value(
                     arg,
@@ -215,7 +227,7 @@ impl Tensor3 {
                 )
             })?;
         }
-        if d[2] > 1 && s[2] != 1 {
+        if !empty && d[2] > 1 && s[2] != 1 {
             return Err(Error::value(
                 arg,
                 format!(
@@ -290,6 +302,9 @@ impl Tensor3 {
 
     /// Whether every index maps to its own address (required of outputs).
     fn is_non_overlapping(&self) -> bool {
+        if self.shape.contains(&0) {
+            return true; // no elements, no two at one address
+        }
         let mut dims: Vec<(usize, usize)> = (0..3)
             .filter(|&i| self.shape[i] > 1)
             .map(|i| (self.strides[i], self.shape[i]))

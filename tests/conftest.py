@@ -12,8 +12,29 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from headinfer.smollm2 import smollm2_cached, smollm2_folder, smollm2_gguf_path
+
+# Property tests (hypothesis): the same examples on every run, no example database written into
+# the checkout, and no per-example deadline (a loaded 2-core CI machine is slow at times, the
+# example counts bound the time instead: about 2 minutes for the property tests in all).
+# HYPOTHESIS_PROFILE=explore draws fresh examples on each run (with HEADINFER_EXAMPLES=10, ten
+# times as many: see tests/_props.py) to hunt for new failures.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "explore",
+    parent=settings.get_profile("ci"),
+    derandomize=False,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

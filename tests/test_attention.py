@@ -97,8 +97,15 @@ def test_cache_reaches_attention_in_every_family(family: str) -> None:
 
 
 def test_out_is_written_through_strided_view() -> None:
-    # The [H, L, D] view of the [B, L, H, D] output must be filled in place, with no NaN left.
-    q = torch.randn(1, 4, 5, 16)
-    kv = torch.randn(1, 2, 5, 16)
-    out, _ = headinfer_attention(_Module(2), q, kv, kv, None)
-    assert out.is_contiguous() and not out.isnan().any()
+    # The [H, L, D] view of the [B, L, H, D] output must be filled in place: every value
+    # written (torch.empty may hold anything), and each where eager attention puts it.
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 5, 16, generator=g)
+    k = torch.randn(1, 2, 5, 16, generator=g)
+    v = torch.randn(1, 2, 5, 16, generator=g)
+    module = _Module(2)
+    out, _ = headinfer_attention(module, q, k, v, None, scaling=0.25)
+    assert out.is_contiguous() and out.shape == (1, 5, 4, 16)
+    causal = torch.full((5, 5), float("-inf")).triu(1)
+    ref, _ = eager_attention_forward(module, q, k, v, causal[None, None], scaling=0.25)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -94,14 +94,20 @@ def test_read_only_outputs_raise_instead_of_crashing(tmp_path: Path) -> None:
 
 
 def test_writable_memmap_output_still_works(tmp_path: Path) -> None:
+    # The file starts as NaN, so an op that writes nothing (or not everything) cannot pass;
+    # the values are read back from the file, through a fresh mapping.
     path = tmp_path / "rw.bin"
-    np.zeros((2, 3, 16), np.float32).tofile(path)
+    np.full((2, 3, 16), np.nan, np.float32).tofile(path)
     out = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="r+", shape=(2, 3, 16)))
     q, k, v = (torch.randn(2, 3, 16) for _ in range(3))
     ref = torch.empty(2, 3, 16)
     _core.attention(q, k, v, ref, 0.3)
     _core.attention(q, k, v, out, 0.3)
+    assert not ref.isnan().any()
     assert torch.equal(out, ref)
+    del out
+    written = torch.from_numpy(np.fromfile(path, np.float32).reshape(2, 3, 16))
+    assert torch.equal(written, ref)
 
 
 def test_outputs_may_not_alias_inputs_or_each_other() -> None:
@@ -130,6 +136,28 @@ def test_flipped_views_are_refused() -> None:
     flipped = np.ascontiguousarray(k.numpy())[::-1]
     with pytest.raises(ValueError, match=r"^key: negative stride"):
         _core.attention(q, flipped, v, torch.empty(2, 3, 16), 0.3)
+
+
+def test_strides_never_stepped_are_not_judged() -> None:
+    # Found by the property tests: numpy exports an empty array with every stride 0, which
+    # was refused as "the last dimension must have stride 1" (torch's empty tensor passed); a
+    # view flipped over a dimension of one element was refused as a negative stride.
+    q, k, v = (torch.randn(1, 3, 16) for _ in range(3))
+    empty = np.empty((1, 0, 16), np.float32)
+    _core.attention(empty, k, v, np.empty((1, 0, 16), np.float32), 0.3)
+    out = np.full((1, 3, 16), np.nan, np.float32)[::-1]  # stride -48 over one element
+    _core.attention(q, k, v, out, 0.3)
+    ref = torch.empty(1, 3, 16)
+    _core.attention(q, k, v, ref, 0.3)
+    assert torch.equal(torch.from_numpy(out.copy()), ref)
+    # One key whose (never stepped) row stride is 0: the CPU kernel asserted rows a row apart
+    # and panicked (PanicException, a BaseException).
+    q, v = torch.randn(2, 1, 16), torch.randn(1, 1, 16)
+    k = torch.randn(1, 1, 16).as_strided((1, 1, 16), (16, 0, 1))
+    got, want = torch.empty(2, 1, 16), torch.empty(2, 1, 16)
+    _core.attention(q, k, v, got, 0.3)
+    _core.attention(q, k.contiguous(), v, want, 0.3)
+    assert torch.equal(got, want)
 
 
 # --- B2: gradients ---------------------------------------------------------------------------
@@ -262,4 +290,10 @@ def test_storage_swapped_by_another_thread_does_not_crash() -> None:
         """,
         timeout=300,
     )
-    assert len(out.strip().splitlines()) == 16, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 16, out
+    # Every op ran to completion under every kind of churn (the churn must not simply make
+    # every call raise: then nothing would have been read or written while it ran).
+    for line in lines:
+        name, mode, calls = line.split()
+        assert int(calls) > 0, f"{name} never succeeded while another thread did {mode}_"

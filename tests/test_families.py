@@ -77,6 +77,28 @@ def _returned_cache(out: dict) -> object:
     return out.get(cache_kwarg_name(_pair("llama")[0]))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_windows_and_softcapping_change_the_logits(family: str) -> None:
+    # The comparisons with eager show a window or soft-capping is honoured only if they
+    # change the logits by far more than TOL (10x here; Gemma-2's soft-capping at 5 gives
+    # 78x): eager with the window widened past the prompt (and without soft-capping) must
+    # differ, or a path that ignores them would pass too.
+    model, _ = _pair(family)
+    spec = headinfer.spec.model_spec(model)
+    removed: dict[str, object] = {}
+    if any(w is not None for w in spec.windows):
+        removed["sliding_window"] = PROMPT_LEN + 1  # every query sees every key
+    if spec.softcap is not None:
+        removed["attn_logit_softcapping"] = None
+    if not removed:
+        pytest.skip(f"{family} has no window and no soft-capping")
+    for key, value in removed.items():
+        without = tiny_model(family, **{key: value})  # the same seed: the same weights
+        with torch.no_grad():
+            err = rel_err(without(prompt()).logits, _eager_logits(family))
+        assert err > 10 * TOL, f"{family}: {key}={value} changes the logits by {err:.2g} only"
+
+
 @pytest.mark.parametrize(("family", "chunk_size"), CHUNKS)
 def test_forward_logits_match_eager(family: str, chunk_size: int) -> None:
     model, _ = _pair(family)

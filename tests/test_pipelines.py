@@ -22,18 +22,28 @@ QUESTIONS = ["Who keeps the light?", "What colour is the boat?", "Where is the b
 
 
 def char_tokenizer(chat: bool) -> PreTrainedTokenizerFast:
-    """One token per character, ids below the tiny models' vocabulary (0 pad, 1 BOS, 2 EOS)."""
+    """One token per character over the tiny models' whole vocabulary (0 pad, 1 BOS, 2 EOS,
+    3 unknown): every other id decodes to a character of its own, so that an answer's text
+    gives back its token ids exactly (``answer_ids``)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     chars = string.ascii_letters + string.digits + " .,?!<>/\n"
+    # The rest of the ids: Greek and Cyrillic letters (one character, one token, each).
+    extra = [chr(c) for c in range(0x391, 0x3A2)] + [chr(c) for c in range(0x410, 0x450)]
+    chars += "".join(extra[: VOCAB - 4 - len(chars)])
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
     vocab.update({c: i + 4 for i, c in enumerate(chars)})
-    assert len(vocab) <= VOCAB
+    assert len(vocab) == VOCAB
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # Every character, newlines too (a "." would leave runs of "\n" as one unknown token).
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
     )
     if chat:
         tok.chat_template = CHAT_TEMPLATE
@@ -50,15 +60,42 @@ def context(words: int = 60) -> str:
     return " ".join(out) + "."
 
 
-def from_scratch(model: Any, tok: Any, pipe: HeadInferQAPipeline, question: str, n: int) -> str:
-    """The answer ``generate()`` gives for the pipeline's own prompt tokens, no cache reuse."""
-    inputs = pipe.preprocess(context(), questions=[question], max_new_tokens=n)
-    ids = torch.cat([inputs["context_ids"], inputs["question_ids"][0]], dim=1)
+def prompt_ids(tok: Any, chat: bool, question: str) -> torch.Tensor:
+    """The prompt the pipeline documents, built here without it: the chat template's user turn
+    (context, a blank line, the question) and the assistant's turn; or BOS, the context, a
+    blank line, the question and a newline."""
+    if chat:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": f"{context()}\n\n{question}"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    else:
+        text = f"{tok.bos_token}{context()}\n\n{question}\n"
+    return tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+
+def from_scratch(model: Any, tok: Any, chat: bool, question: str, n: int) -> list[int]:
+    """The token ids ``generate()`` gives for the documented prompt, no cache reuse (special
+    ids dropped, as the pipeline's decoding drops them)."""
+    ids = prompt_ids(tok, chat, question)
     with torch.no_grad():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
         )
-    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return [i for i in out[0, ids.shape[1] :].tolist() if i not in tok.all_special_ids]
+
+
+def answer_ids(tok: Any, answer: str) -> list[int]:
+    """The token ids of an answer's text (exact with ``char_tokenizer``: one id per character)."""
+    return tok(answer, add_special_tokens=False)["input_ids"]
+
+
+def test_char_tokenizer_gives_back_every_id() -> None:
+    tok = char_tokenizer(chat=False)
+    ids = [i for i in range(VOCAB) if i not in tok.all_special_ids]
+    assert answer_ids(tok, tok.decode(ids, skip_special_tokens=True)) == ids
+    assert answer_ids(tok, "a\n\n b") == tok.convert_tokens_to_ids(["a", "\n", "\n", " ", "b"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -72,7 +109,7 @@ def test_answers_equal_generating_each_question_from_scratch(family: str, chat: 
     out = pipe(context(), questions=QUESTIONS, max_new_tokens=6)
     assert set(out) == {"answers"} and len(out["answers"]) == len(QUESTIONS)
     for question, answer in zip(QUESTIONS, out["answers"]):
-        assert answer == from_scratch(reference, tok, pipe, question, 6), question
+        assert answer_ids(tok, answer) == from_scratch(reference, tok, chat, question, 6), question
     # An unpatched model is patched for the call only.
     assert not headinfer.is_patched(model) and type(model) is type(reference)
     single = pipe(context(), question=QUESTIONS[1], max_new_tokens=6)
@@ -132,8 +169,13 @@ def test_smollm2_answers_equal_from_scratch(smollm2: tuple[Any, Any]) -> None:
     out = pipe(text, questions=questions, max_new_tokens=8)
     assert not headinfer.is_patched(model)
     for question, answer in zip(questions, out["answers"]):
-        inputs = pipe.preprocess(text, questions=[question], max_new_tokens=8)
-        ids = torch.cat([inputs["context_ids"], inputs["question_ids"][0]], dim=1)
+        # The documented prompt (the chat template's user turn), built without the pipeline.
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": f"{text}\n\n{question}"}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
         with torch.inference_mode():
             ref = model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False

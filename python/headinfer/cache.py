@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
@@ -53,6 +54,9 @@ from .spec import ModelSpec, attention_modules, model_spec
 __all__ = ["DeviceStore", "HeadInferCache", "HeadInferLayer", "store_dtype"]
 
 logger = logging.getLogger("headinfer")
+
+# Guards the check-and-take of a cache's owning thread (see HeadInferCache.bound).
+_OWNER_LOCK = threading.Lock()
 
 _STORE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -615,7 +619,36 @@ class HeadInferCache(Cache):
         blocks a window lets go of until the block ends (``KVStore.checkpoint``). Where the
         rollback still cannot be exact (it fails itself, e.g. a CUDA error), a warning is
         logged and a note on the exception says what is left.
+
+        A cache serves one thread at a time: a forward on another thread while one is running
+        raises ``HeadInferError`` at once and leaves the cache to the thread that holds it
+        (give each thread its own cache to run them together).
         """
+        with self._claimed(), self._step():
+            yield
+
+    @contextmanager
+    def _claimed(self) -> Iterator[None]:
+        """Holds the cache for this thread (nested forwards on it: held already)."""
+        me = threading.get_ident()
+        with _OWNER_LOCK:
+            owner = self.__dict__.get("_owner")
+            if owner is not None and owner != me:
+                raise HeadInferError(
+                    "this HeadInferCache is in use by another thread (a forward or generate() "
+                    "is running on it); a cache serves one thread at a time: give each thread "
+                    "its own cache"
+                )
+            self._owner = me
+        try:
+            yield
+        finally:
+            if owner is None:
+                self._owner = None
+
+    @contextmanager
+    def _step(self) -> Iterator[None]:
+        """``bound``'s work, on the thread that holds the cache."""
         outermost = self._bound == 0
         start = self.get_seq_length() if outermost else 0
         if outermost:
@@ -944,20 +977,22 @@ class HeadInferCache(Cache):
         """
         if not self._parts or max_length == 0:
             return
-        length = self.get_seq_length()
-        target = max_length if max_length > 0 else max(length + max_length, 0)
-        if target < length:
-            _crop_all([part.store for part in self._parts], target)
-            self._horizon = 0
+        with self._claimed():  # not while another thread's forward runs on the cache
+            length = self.get_seq_length()
+            target = max_length if max_length > 0 else max(length + max_length, 0)
+            if target < length:
+                _crop_all([part.store for part in self._parts], target)
+                self._horizon = 0
 
     def reset(self) -> None:
         """Drop every token; the store keeps its blocks for reuse."""
-        self._pending.clear()
-        self._horizon = 0
-        for part in self._parts:
-            if part.prefill is not None:
-                part.prefill.clear()
-            part.store.clear()
+        with self._claimed():  # not while another thread's forward runs on the cache
+            self._pending.clear()
+            self._horizon = 0
+            for part in self._parts:
+                if part.prefill is not None:
+                    part.prefill.clear()
+                part.store.clear()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search needs batch > 1, which headinfer does not hold yet."""

@@ -180,14 +180,17 @@ def patched_forward(
         return _chunked(model, original, settings, kwargs, input_name, x, cache, temporary)
 
     kwargs[CACHE_KWARG] = cache
-    if not cache.has_store and isinstance(x, torch.Tensor):
-        dtype = x.dtype if input_name == "inputs_embeds" else next(model.parameters()).dtype
-        cache._ensure_store(dtype, x.device)
-    cache.prepare(cache.get_seq_length() + length, length)
-    with cache.bound():
-        if length <= settings.chunk_size and not temporary:
-            return original(**kwargs)
-        return _chunked(model, original, settings, kwargs, input_name, x, cache, temporary)
+    # The cache is this thread's from the plan to the last chunk (another thread's forward on
+    # it raises HeadInferError meanwhile).
+    with cache._claimed():
+        if not cache.has_store and isinstance(x, torch.Tensor):
+            dtype = x.dtype if input_name == "inputs_embeds" else next(model.parameters()).dtype
+            cache._ensure_store(dtype, x.device)
+        cache.prepare(cache.get_seq_length() + length, length)
+        with cache.bound():
+            if length <= settings.chunk_size and not temporary:
+                return original(**kwargs)
+            return _chunked(model, original, settings, kwargs, input_name, x, cache, temporary)
 
 
 def _slice_like_transformers(hidden: torch.Tensor, keep: Any) -> torch.Tensor:

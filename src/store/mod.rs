@@ -333,7 +333,11 @@ impl<B: Backend> KvStore<B> {
             }
             l.len = length;
             if keep == 0 {
-                l.start = 0;
+                // Nothing below `length` is held: the retained positions start there. (It
+                // was 0, which claimed positions `0..length` with no blocks behind them: a
+                // window of 1 cropped to its retained start, then read or appended to,
+                // indexed past the layer's blocks.)
+                l.start = length;
             }
             for b in freed {
                 self.pool(b.placement()).give(b);

@@ -43,6 +43,26 @@ fn rejects_negative_sizes_and_strides() {
 }
 
 #[test]
+fn strides_never_stepped_are_ignored() {
+    // numpy exports an empty array with every stride 0, and a view flipped over one element
+    // with a negative stride: neither stride is ever taken, so neither layout is wrong.
+    // Before: "the last dimension must have stride 1" and "negative stride".
+    let t = t3(&[1, 0, 3], &[0, 0, 0], true).unwrap();
+    assert_eq!(t.span(), 0);
+    assert!(t3(&[2, 0, 3], &[-7, 3, 2], true).is_ok());
+    let t = t3(&[1, 3, 4], &[-12, 4, 1], true).unwrap();
+    assert_eq!(t.span(), 12);
+    // An unstepped stride of 0 (or less than a row) reads as the contiguous one: rows of a
+    // one-row view are a row apart (the CPU kernel asserts it).
+    let t = t3(&[2, 1, 4], &[4, 0, 1], false).unwrap();
+    assert_eq!(t.strides, [4, 4, 1]);
+    assert!(t3(&[2, 3, 1], &[3, 1, -5], false).is_ok());
+    // A stride that is stepped still counts.
+    assert!(t3(&[2, 3, 4], &[-12, 4, 1], false).is_err());
+    assert!(t3(&[2, 3, 4], &[12, 4, 0], false).is_err());
+}
+
+#[test]
 fn rejects_layouts_whose_arithmetic_overflows() {
     let big = i64::MAX;
     for (shape, strides) in [

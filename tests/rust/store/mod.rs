@@ -145,6 +145,32 @@ fn crop_to_zero_works_after_a_window_dropped_blocks() {
 }
 
 #[test]
+fn crop_to_the_retained_start_keeps_the_start() {
+    // Found by the store's state machine (tests/test_properties_store.py): a window layer
+    // cropped to exactly its retained start keeps no block, and its start was reset to 0,
+    // claiming positions 0..length with no blocks behind them: the next append or read
+    // indexed past the layer's blocks (a panic, "Out of bounds access").
+    for (window, bs) in [(1, 1), (1, 4), (1, 3)] {
+        let mut s = CpuStore::new(cfg(bs, vec![Some(window), None])).unwrap();
+        append_positions(&mut s, 0, 0, 13).unwrap();
+        append_positions(&mut s, 0, 13, 6).unwrap();
+        let start = s.retained_start(0).unwrap();
+        assert!(start > 0, "window {window}, block {bs}");
+        s.crop(start).unwrap();
+        assert_eq!(s.seq_len(0).unwrap(), start);
+        assert_eq!(
+            s.retained_start(0).unwrap(),
+            start,
+            "nothing below it is held"
+        );
+        assert!(s.read::<f32>(0, 0, start, |_, _, _, _| {}).is_err());
+        append_positions(&mut s, 0, start, 7).unwrap();
+        let now = s.retained_start(0).unwrap();
+        check_positions(&s, 0, now, start + 7);
+    }
+}
+
+#[test]
 fn memory_limit_is_checked_before_anything_changes() {
     let mut c = cfg(4, vec![None]);
     // Room for exactly two blocks per head (k and v of 2 heads).
