@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 import headinfer
 
 # The cases are the library's (``headinfer check`` runs them too); re-exported for the tests.
-from headinfer.tiny import CASES, have, prompt
+from headinfer.tiny import CASES, float64_copy, have, prompt
 from headinfer.tiny import FAMILIES as FAMILIES
 from headinfer.tiny import IMAGE_TOKEN as IMAGE_TOKEN
 from headinfer.tiny import MULTIMODAL as MULTIMODAL
@@ -57,15 +57,9 @@ def twin(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def float64_twin(model: PreTrainedModel) -> PreTrainedModel:
-    """``twin(model)`` in float64, on the CPU: the reference that flash-attention-style checks
-    measure errors against. MoE experts run their plain loop there (torch's grouped GEMM
-    takes no float64 on some versions), so the reference is the same function in float64."""
-    exact = twin(model).to("cpu", torch.float64)
-    if hasattr(exact, "set_experts_implementation") and getattr(
-        exact.config, "_experts_implementation", None
-    ) not in (None, "eager"):
-        exact.set_experts_implementation("eager")
-    return exact
+    """``twin(model)`` in float64, on the CPU (``headinfer.tiny.float64_copy``: MoE experts in
+    their plain loop): the reference flash-attention-style checks measure errors against."""
+    return float64_copy(twin(model))
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

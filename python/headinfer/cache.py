@@ -359,6 +359,8 @@ class HeadInferCache(Cache):
         self._step_counts = False
         self._splits_seen = False
         self._no_split_at: int | None = None
+        #: The thread driving the cache from a plan to the end of a forward (``_owned``).
+        self._owner: int | None = None
         #: The device each layer runs on (``None``: a config was given; the first keys' device).
         self.layer_devices = devices
         # The host memory the stores may take together: the user's limit, or under tensor

@@ -31,7 +31,7 @@ import torch
 
 from .patch import patch, unpatch
 from .prefill import cache_kwarg_name
-from .tiny import FAMILIES, MULTIMODAL, PROMPT_LEN, have, prompt, tiny_model
+from .tiny import FAMILIES, MULTIMODAL, PROMPT_LEN, float64_copy, have, prompt, tiny_model
 
 __all__ = ["CASES", "FAIL_ENV", "MODES", "Result", "run_self_test"]
 
@@ -143,8 +143,7 @@ def _one(family: str, mode: str, dtype: torch.dtype) -> Result:
                 result.err = _rel_err(got, eager(ids.to(device)).logits)
                 result.limit = FLOAT32_TOL
             else:
-                # On the CPU: grouped MoE GEMMs take no float64 on CUDA.
-                exact = copy.deepcopy(base).to(torch.float64)(ids).logits
+                exact = float64_copy(base)(ids).logits
                 std = copy.deepcopy(base).to(device, dtype)(ids.to(device)).logits
                 result.err = _rel_err(got, exact)
                 result.limit = 2 * _rel_err(std, exact) + 1e-6

@@ -9,6 +9,7 @@ the installed transformers lacks is reported by ``have``.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ __all__ = [
     "MULTIMODAL",
     "PROMPT_LEN",
     "VOCAB",
+    "float64_copy",
     "have",
     "prompt",
     "sharpen",
@@ -272,3 +274,15 @@ def prompt(length: int = PROMPT_LEN, seed: int = 1) -> torch.Tensor:
     """``[1, length]`` random token ids (avoiding the special ids 0-2)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (1, length), generator=g)
+
+
+def float64_copy(model: Any) -> Any:
+    """A copy of ``model`` in float64 on the CPU: the reference that errors in a low precision
+    are measured against. MoE experts run their plain loop there (torch's grouped GEMM takes no
+    float64 on some versions), so the reference is the same function in float64."""
+    exact = copy.deepcopy(model).to("cpu", torch.float64)
+    if hasattr(exact, "set_experts_implementation") and getattr(
+        exact.config, "_experts_implementation", None
+    ) not in (None, "eager"):
+        exact.set_experts_implementation("eager")
+    return exact
