@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import torch
@@ -47,3 +48,22 @@ def h2d_gbs() -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
     dst = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     return src.numel() / cuda_time(lambda: dst.copy_(src, non_blocking=True)) / 1e9
+
+
+def decode(model, cache, name: str, first: torch.Tensor, steps: int, skip: int = 2):
+    """Greedy decode steps from ``first`` (``[1, 1]``) on ``cache`` (passed as ``name``), each
+    token read back as generate() reads it; returns (tokens, the last logits, mean seconds of
+    the steps after the first ``skip``)."""
+    tokens, nxt, logits, times = [], first, None, []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = model(input_ids=nxt, use_cache=True, **{name: cache})
+        logits = out.logits[:, -1].float()
+        nxt = logits.argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        tokens.append(int(nxt))
+    steady = times[skip:] or times
+    print("  steps: " + " ".join(f"{x:.3f}" for x in times), flush=True)
+    return tokens, logits, sum(steady) / len(steady)

@@ -35,7 +35,7 @@ import threading
 import time
 
 import torch
-from _common import h2d_gbs, llama8b
+from _common import decode, h2d_gbs, llama8b
 
 import headinfer
 from headinfer.prefill import cache_kwarg_name
@@ -75,25 +75,6 @@ def host_read_beside_copy(gib: int = 4, threads: int = 15) -> tuple[float, float
     th.join()
     torch.set_num_threads(before)
     return cpu, copied[0] / copied[1] / 1e9
-
-
-def decode(model, cache, name: str, first: torch.Tensor, steps: int, skip: int):
-    """Greedy steps from ``first`` ``[1, 1]``; returns (tokens, last logits, s/token of the
-    steps after ``skip``)."""
-    tokens, nxt, logits = [], first, None
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = model(input_ids=nxt, use_cache=True, **{name: cache})
-        logits = out.logits[:, -1].float()
-        nxt = logits.argmax(-1, keepdim=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        tokens.append(int(nxt))
-    steady = times[skip:] or times
-    print("  steps: " + " ".join(f"{x:.3f}" for x in times), flush=True)
-    return tokens, logits, sum(steady) / len(steady)
 
 
 def peer(model, cfg, context: int, steps: int, chunk: int = 8192, offloading: bool = True) -> dict:

@@ -21,29 +21,10 @@ import os
 import time
 
 import torch
-from _common import h2d_gbs, llama8b
+from _common import decode, h2d_gbs, llama8b
 
 import headinfer
 from headinfer.prefill import cache_kwarg_name
-
-
-def decode(model, cache, name: str, first: torch.Tensor, steps: int):
-    """Greedy steps from ``first`` ``[1, 1]``; returns (tokens, last logits, s/token)."""
-    tokens, nxt, logits = [], first, None
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        t = time.time()
-        out = model(input_ids=nxt, use_cache=True, **{name: cache})
-        logits = out.logits[:, -1].float()
-        nxt = logits.argmax(-1, keepdim=True)
-        torch.cuda.synchronize()
-        times.append(time.time() - t)
-        tokens.append(int(nxt))
-        print(f"  step {len(times)}: {times[-1]:.3f} s", flush=True)
-    # The first two steps replan and warm up; time the rest.
-    steady = times[2:] or times
-    return tokens, logits, sum(steady) / len(steady)
 
 
 def main() -> None:

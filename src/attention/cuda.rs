@@ -2,10 +2,10 @@
 //! table), or over explicit dense tensors.
 
 use super::args::{self, Params};
-use crate::cuda::kernels::KvSrc;
+use crate::cuda::kernels::{AttendLaunch, KvSrc};
 use crate::cuda::Stream;
 use crate::error::{Error, Result};
-use crate::store::CudaStore;
+use crate::store::{CudaStore, DeviceLayer};
 use crate::tensor::{DType, DevTensor};
 
 /// Attention of device `query` (`[num_q_heads, q_len, head_dim]`) over every key of `layer`,
@@ -27,15 +27,7 @@ pub unsafe fn attend(
     stream: Stream,
 ) -> Result<()> {
     let view = store.device_view(layer)?;
-    let launch = args::launch(
-        num_q_heads,
-        q_len,
-        view.num_kv_heads(),
-        view.len(),
-        view.start(),
-        params,
-        sinks,
-    )?;
+    let launch = layer_launch(&view, num_q_heads, q_len, params, sinks)?;
     if q_len == 0 {
         return Ok(());
     }
@@ -46,6 +38,25 @@ pub unsafe fn attend(
             .kernels()
             .attend(stream, query, view.src(), &launch, out)
     }
+}
+
+/// The checked launch of `num_q_heads` heads of `q_len` queries over the layer `view`.
+pub fn layer_launch(
+    view: &DeviceLayer<'_>,
+    num_q_heads: usize,
+    q_len: usize,
+    params: &Params,
+    sinks: Option<u64>,
+) -> Result<AttendLaunch> {
+    args::launch(
+        num_q_heads,
+        q_len,
+        view.num_kv_heads(),
+        view.len(),
+        view.start(),
+        params,
+        sinks,
+    )
 }
 
 /// Dense keys and values on the GPU: `[num_kv_heads, kv_len, head_dim]` each, with the same

@@ -69,15 +69,7 @@ pub unsafe fn attend_cuda(
     let parts = store.decode_parts(layer, split.is_some(), staged)?;
     let view = parts.view;
     let mut handoff = parts.handoff;
-    let launch = args::launch(
-        hq,
-        lq,
-        view.num_kv_heads(),
-        view.len(),
-        view.start(),
-        params,
-        sinks,
-    )?;
+    let launch = cuda::layer_launch(&view, hq, lq, params, sinks)?;
     if lq == 0 {
         return Ok(());
     }

@@ -33,7 +33,7 @@ pub struct PlannedUnit {
 }
 
 /// One staging buffer's worth of units.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Piece {
     pub units: Vec<PlannedUnit>,
     /// Bytes of the buffer used (keys and values of every unit).
@@ -81,37 +81,18 @@ pub fn plan(
     let max_rows = piece_bytes / (2 * row_bytes);
     let mut slot = vec![0usize; heads];
     let mut pieces: Vec<Piece> = Vec::new();
-    let mut cur = Piece {
-        units: Vec::new(),
-        bytes: 0,
-        fresh: false,
-    };
+    let mut cur = Piece::default();
     for s in order {
         let mut done = 0;
         while done < s.n {
             let room = (piece_bytes - cur.bytes) / (2 * row_bytes);
-            if room == 0 || cur.units.len() == max_units {
-                pieces.push(std::mem::replace(
-                    &mut cur,
-                    Piece {
-                        units: Vec::new(),
-                        bytes: 0,
-                        fresh: false,
-                    },
-                ));
-                continue;
-            }
-            // A span that fits a fresh piece whole is not cut across two.
             let left = s.n - done;
-            if left > room && left <= max_rows && !cur.units.is_empty() {
-                pieces.push(std::mem::replace(
-                    &mut cur,
-                    Piece {
-                        units: Vec::new(),
-                        bytes: 0,
-                        fresh: false,
-                    },
-                ));
+            // A full piece goes; so does one a span would be cut across when it fits a fresh
+            // piece whole.
+            let full = room == 0 || cur.units.len() == max_units;
+            let cuts = left > room && left <= max_rows && !cur.units.is_empty();
+            if full || cuts {
+                pieces.push(std::mem::take(&mut cur));
                 continue;
             }
             let n = left.min(room);
