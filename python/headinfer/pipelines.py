@@ -131,8 +131,19 @@ class HeadInferQAPipeline(Pipeline):
         def ids(text: str) -> torch.Tensor:
             return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
 
-        context_ids = ids(head)
-        question_ids = [ids(f"{q}{suffix}{answer_prefix}") for q in questions]
+        head_ids = ids(head)
+        prompts = [ids(f"{head}{q}{suffix}{answer_prefix}") for q in questions]
+        # The context's tokens are the part that every whole prompt's own tokenization shares
+        # with it: a tokenizer may merge across the boundary (SmolLM2's makes the "\n\n" that
+        # ends the context one token at the end of a string, two before a word), and each answer
+        # must be what generate() gives for its whole prompt, tokenized as one text.
+        shared = head_ids.shape[1]
+        for prompt in prompts:
+            n = min(shared, prompt.shape[1])
+            differs = (prompt[0, :n] != head_ids[0, :n]).nonzero()
+            shared = int(differs[0, 0]) if len(differs) else n
+        context_ids = head_ids[:, :shared]
+        question_ids = [prompt[:, shared:] for prompt in prompts]
         limit = getattr(self.model.config, "max_position_embeddings", None)
         longest = max(q.shape[1] for q in question_ids)
         if isinstance(limit, int) and context_ids.shape[1] + longest + max_new_tokens > limit:
