@@ -254,7 +254,7 @@ pub struct Done {
     word: Option<(u64, u32)>,
 }
 
-/// That a layer's query has reached the host, or will: what `stage_query` gives `submit`.
+/// That a layer's query has reached the host, or will: what `stage_query` gives `submit_task`.
 pub struct Ready {
     layer: usize,
     seq: u32,
@@ -439,16 +439,9 @@ impl Handoff {
         }
     }
 
-    /// Hands `task` to the worker once the query of `ready` is on the host, and makes
-    /// `stream` wait for it. The task runs whatever this returns; on `Err` the stream does
-    /// not wait for it.
-    pub fn submit(&mut self, layer: usize, ready: Ready, task: Task, stream: Stream) -> Result<()> {
-        let done = self.submit_task(layer, ready, task)?;
-        self.wait_done(done, stream)
-    }
-
-    /// The first half of `submit`: hands `task` to the worker (it runs whatever follows);
-    /// `wait_done` makes a stream wait for it, after whatever the caller queues between.
+    /// Hands `task` to the worker once the query of `ready` is on the host (it runs whatever
+    /// follows); `wait_done` makes a stream wait for it, after whatever the caller queues
+    /// between (the GPU's own part of the step).
     pub fn submit_task(&mut self, layer: usize, ready: Ready, task: Task) -> Result<Done> {
         if ready.layer != layer {
             return Err(Error::value(

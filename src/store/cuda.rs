@@ -133,27 +133,6 @@ impl CudaStore {
         })
     }
 
-    /// The CPU share hand-off, made on first use.
-    pub fn handoff(&mut self) -> Result<&mut Handoff> {
-        if self.backend.handoff.is_none() {
-            self.backend.handoff = Some(Handoff::new(&self.backend.gpu, self.cfg.num_layers)?);
-        }
-        Ok(self.backend.handoff.as_mut().expect("set above"))
-    }
-
-    /// A view of `layer` and the hand-off together (they borrow different parts).
-    pub fn view_and_handoff(&mut self, layer: usize) -> Result<(DeviceLayer<'_>, &mut Handoff)> {
-        self.handoff()?;
-        self.layer(layer)?;
-        let view = DeviceLayer {
-            layer: &self.layers[layer],
-            table: self.backend.table.layer_addr(layer),
-            max_blocks: self.backend.table.max_blocks,
-            block_size: self.cfg.block_size,
-        };
-        Ok((view, self.backend.handoff.as_mut().expect("made above")))
-    }
-
     /// The view of `layer` with the CPU share's hand-off (`handoff`) and the copy engine's
     /// staging ring (`ring`), each made on first use.
     pub fn decode_parts(
