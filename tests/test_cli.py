@@ -460,13 +460,24 @@ def test_generate_prompt_text_and_sampling(
     assert "not allowed with" in capsys.readouterr().err
 
 
-def test_generate_kv_dtype(tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_generate_kv_dtype(
+    tiny_folder: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     argv = ["generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "hello"]
     assert run([*argv, "--max-new-tokens", "6", "--kv-dtype", "int8"]) == 0
     err = capsys.readouterr().err
     assert "KV cache (int8):" in err
     assert run([*argv, "--kv-dtype", "fp8"]) == 2
     assert "--kv-dtype: invalid choice: 'fp8'" in capsys.readouterr().err
+
+    # A device whose store cannot hold int8 (CUDA, until its kernels land): a one-line error.
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("kv_dtype: int8 KV blocks are not supported on CUDA devices yet")
+
+    monkeypatch.setattr(headinfer, "HeadInferCache", refuse)
+    assert run([*argv, "--kv-dtype", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --kv-dtype int8: kv_dtype: int8 KV blocks are not supported" in err
 
 
 def test_generate_chat_strips_the_prompt_files_newline(

@@ -56,14 +56,6 @@ def test_row_bytes_of_llama_3_8b() -> None:
     assert 32 * kv_token_bytes(8, 128, "bfloat16", "int8") == 69_632
 
 
-def test_store_names_its_format() -> None:
-    exact = _core.KVStore(2, 2, 64, "bfloat16")
-    int8 = _core.KVStore(2, 2, 64, "bfloat16", kv_dtype="int8")
-    assert (exact.kv_dtype, int8.kv_dtype) == ("bfloat16", "int8")
-    with pytest.raises(ValueError, match="kv_dtype"):
-        _core.KVStore(2, 2, 64, "bfloat16", kv_dtype="fp8")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [16, 48, 64, 128])
 def test_store_reads_back_the_reference_format(dtype: torch.dtype, head_dim: int) -> None:
@@ -127,7 +119,7 @@ def test_exact_is_the_default_and_unchanged() -> None:
     assert model._headinfer.kv_dtype == "exact"
     with torch.no_grad():
         default = model(ids, logits_to_keep=0).logits
-        headinfer.patch(model, kv_dtype="exact")
+        headinfer.patch(model, chunk_size=97, block_size=16, kv_dtype="exact")
         explicit = model(ids, logits_to_keep=0).logits
     assert torch.equal(default, explicit)
     cache = headinfer.HeadInferCache(model)

@@ -533,7 +533,10 @@ def _generate(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
             "lower --max-new-tokens"
         )
 
-    cache = headinfer.HeadInferCache(model)
+    try:
+        cache = headinfer.HeadInferCache(model)
+    except ValueError as exc:  # e.g. kv_dtype="int8" where the device cannot hold it
+        sub.error(f"--kv-dtype {args.kv_dtype}: {exc}" if "kv_dtype" in str(exc) else str(exc))
     cache.expected_new_tokens = args.max_new_tokens
     # Under torchrun every rank generates (their attention all-reduces); rank 0 prints.
     streamer = _TimedStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
