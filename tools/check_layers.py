@@ -251,6 +251,7 @@ def _path(graph: dict[str, set[str]], comp: list[str]) -> list[str]:
 RUST_LAYERS = (
     ("error",),
     ("tensor", "testing", "plan"),
+    ("quant",),
     ("cpu",),
     ("cuda",),
     ("store",),

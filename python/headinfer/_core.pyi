@@ -26,6 +26,7 @@ __all__ = [
     "HeadInferError",
     "OutOfHostMemoryError",
     "KVStore",
+    "kv_row_bytes",
     "attention",
     "ModelShape",
     "Plan",
@@ -84,6 +85,12 @@ class KVStore:
             host-resident blocks during decode while the GPU reads the rest (0: never; at most
             ``min(num_kv_heads, 16)``). The store decides per layer and step (see
             ``cpu_split``).
+        kv_dtype: how keys and values are held: ``None`` (or ``dtype``'s own name) exactly,
+            as given (the default); ``"int8"``: 8-bit, opt-in and approximate (int8 with one
+            bf16 scale per group of ``gcd(head_dim, 32)`` values of each token's key or value
+            vector of each kv head, computed at append, dequantized on load by every reader,
+            f32 accumulation); about half the bytes. ``read``/``gather`` return the
+            dequantized values.
     """
 
     def __new__(
@@ -99,6 +106,7 @@ class KVStore:
         device_budget: int = 0,
         max_len: int | None = None,
         cpu_heads: int = 0,
+        kv_dtype: str | None = None,
     ) -> KVStore: ...
     @property
     def num_layers(self) -> int: ...
@@ -108,6 +116,9 @@ class KVStore:
     def head_dim(self) -> int: ...
     @property
     def dtype(self) -> str: ...
+    @property
+    def kv_dtype(self) -> str:
+        """``"int8"``, or ``dtype``'s name where keys and values are held exactly."""
     @property
     def block_size(self) -> int: ...
     @property
@@ -305,6 +316,10 @@ class KVStore:
         """Bytes of device memory the store holds in blocks."""
     def device_bytes_used(self) -> int:
         """Bytes of keys and values held in device memory."""
+
+def kv_row_bytes(head_dim: int, dtype: str, kv_dtype: str | None = None) -> int:
+    """Bytes of one token's key (or value) row of one kv head as a store of ``dtype`` with
+    ``kv_dtype`` holds it; a token of a layer takes two rows per kv head."""
 
 def attention(
     query: Any,

@@ -16,7 +16,7 @@ use super::args::{check_shapes, check_sinks, Params};
 use crate::cpu::math::{exp_tile, softcap_tile, TK};
 use crate::cpu::simd::{Isa, Job, Kernels};
 use crate::error::{Error, Result};
-use crate::store::view::{KvSource, Segment};
+use crate::store::view::{KvRows, KvSource, Segment};
 use crate::tensor::{Element, Rows, View3};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -66,8 +66,8 @@ impl<E: Element> KvSource<E> for DenseKv<'_, E> {
         let b = b.min(self.len());
         (a < b).then(|| Segment {
             pos: a,
-            k: self.k.rows(head).slice(a, b),
-            v: self.v.rows(head).slice(a, b),
+            k: KvRows::Plain(self.k.rows(head).slice(a, b)),
+            v: KvRows::Plain(self.v.rows(head).slice(a, b)),
         })
     }
 }
@@ -212,6 +212,9 @@ struct TaskScratch {
     kt: Vec<f32>,
     /// ... and a value tile as f32 (`[TK, head_dim]`).
     vf: Vec<f32>,
+    /// Int8 rows: a key tile and a value tile dequantized (`[TK, head_dim]` each).
+    kq: Vec<f32>,
+    vq: Vec<f32>,
 }
 
 fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
@@ -476,10 +479,13 @@ unsafe fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
         grow(&mut sc.kt, d * TK);
         grow(&mut sc.vf, TK * d);
     }
+    grow(&mut sc.kq, TK * d);
+    grow(&mut sc.vq, TK * d);
     let qf = &mut sc.qf[..rows * d];
     let bounds = &mut sc.bounds[..rows];
     let s = &mut sc.s[..rows * TK];
     let (kt, vf) = (&mut sc.kt, &mut sc.vf);
+    let (kq, vq) = (&mut sc.kq, &mut sc.vq);
     // Row r is query q0 + r / g of q head kvh * g + r % g.
     for r in 0..rows {
         let src = q.row(t.kvh * g + r % g, t.q0 + r / g);
@@ -499,27 +505,37 @@ unsafe fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
     m.fill(f32::NEG_INFINITY);
     l.fill(0.0);
 
-    let mut at = t.a;
-    while let Some(seg) = kv.next_segment(t.kvh, at, t.b) {
-        if seg.k.len == 0 {
-            break;
-        }
-        at = seg.pos + seg.k.len;
-        let mut off = 0;
-        while off < seg.k.len {
-            let n = TK.min(seg.k.len - off);
-            let c0 = seg.pos + off;
-            let sees = |&(lo, hi): &(usize, usize)| c0 < hi && c0 + n > lo;
-            // The rows that see a key of this tile: one run, as both bounds grow with r.
-            let Some(r0) = bounds.iter().position(sees) else {
-                off += n;
-                continue;
-            };
-            let r1 = r0 + bounds[r0..].iter().take_while(|b| sees(b)).count();
-            let (kr, vr) = (seg.k.slice(off, off + n), seg.v.slice(off, off + n));
+    // The online softmax of rows `r0..r1` over a tile's scores (`n` keys from `c0`).
+    macro_rules! softmax {
+        ($n:expr, $c0:expr, $r0:expr, $r1:expr) => {{
+            let (n, c0) = ($n, $c0);
+            for r in $r0..$r1 {
+                let (lo, hi) = bounds[r];
+                let sr: &mut [f32; TK] = (&mut s[r * TK..(r + 1) * TK]).try_into().expect("TK");
+                softmax_tile(
+                    sr,
+                    n,
+                    c0,
+                    lo,
+                    hi,
+                    params.softcap,
+                    &mut m[r],
+                    &mut l[r],
+                    &mut o[r * d..(r + 1) * d],
+                );
+            }
+        }};
+    }
+
+    // One tile: keys `kr`, values `vr` (`Rows` of any element type), `n` keys from `c0`,
+    // seen by rows `r0..r1`. A macro, not a function: it is instantiated for the store's
+    // element type and for f32 (int8 tiles, dequantized first), inside this ISA-compiled body.
+    macro_rules! tile {
+        ($kr:expr, $vr:expr, $n:expr, $c0:expr, $r0:expr, $r1:expr) => {{
+            let (kr, vr, n, c0, r0, r1) = ($kr, $vr, $n, $c0, $r0, $r1);
             if direct {
                 // SAFETY: K's instruction set is the CPU's (this function's contract).
-                unsafe { K::scores(&qf[r0 * d..r1 * d], r1 - r0, &kr, n, &mut s[r0 * TK..]) };
+                unsafe { K::scores(&qf[r0 * d..r1 * d], r1 - r0, kr, n, &mut s[r0 * TK..]) };
             } else {
                 for j in 0..n {
                     for (dd, &x) in kr.row(j).iter().enumerate() {
@@ -540,25 +556,11 @@ unsafe fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
                     }
                 }
             }
-            for r in r0..r1 {
-                let (lo, hi) = bounds[r];
-                let sr: &mut [f32; TK] = (&mut s[r * TK..(r + 1) * TK]).try_into().expect("TK");
-                softmax_tile(
-                    sr,
-                    n,
-                    c0,
-                    lo,
-                    hi,
-                    params.softcap,
-                    &mut m[r],
-                    &mut l[r],
-                    &mut o[r * d..(r + 1) * d],
-                );
-            }
+            softmax!(n, c0, r0, r1);
             // SAFETY: K's instruction set is the CPU's (this function's contract).
             unsafe {
                 if direct {
-                    K::pv(&s[r0 * TK..], r1 - r0, &vr, n, &mut o[r0 * d..r1 * d]);
+                    K::pv(&s[r0 * TK..], r1 - r0, vr, n, &mut o[r0 * d..r1 * d]);
                 } else {
                     let vt = Rows {
                         data: &vf[..n * d],
@@ -569,8 +571,58 @@ unsafe fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
                     K::pv(&s[r0 * TK..], r1 - r0, &vt, n, &mut o[r0 * d..r1 * d]);
                 }
             }
+        }};
+    }
+
+    let mut at = t.a;
+    while let Some(seg) = kv.next_segment(t.kvh, at, t.b) {
+        if seg.is_empty() {
+            break;
+        }
+        at = seg.pos + seg.len();
+        let mut off = 0;
+        while off < seg.len() {
+            let n = TK.min(seg.len() - off);
+            let c0 = seg.pos + off;
+            let sees = |&(lo, hi): &(usize, usize)| c0 < hi && c0 + n > lo;
+            // The rows that see a key of this tile: one run, as both bounds grow with r.
+            let Some(r0) = bounds.iter().position(sees) else {
+                off += n;
+                continue;
+            };
+            let r1 = r0 + bounds[r0..].iter().take_while(|b| sees(b)).count();
+            match (seg.k.slice(off, off + n), seg.v.slice(off, off + n)) {
+                (KvRows::Plain(kr), KvRows::Plain(vr)) => tile!(&kr, &vr, n, c0, r0, r1),
+                (KvRows::Int8(kr), KvRows::Int8(vr)) if direct => {
+                    // Few rows (decode): dequantized as the SIMD kernels load them.
+                    // SAFETY: K's instruction set is the CPU's (this function's contract).
+                    unsafe { K::scores(&qf[r0 * d..r1 * d], r1 - r0, &kr, n, &mut s[r0 * TK..]) };
+                    softmax!(n, c0, r0, r1);
+                    // SAFETY: as above.
+                    unsafe { K::pv(&s[r0 * TK..], r1 - r0, &vr, n, &mut o[r0 * d..r1 * d]) };
+                }
+                (KvRows::Int8(kr), KvRows::Int8(vr)) => {
+                    // Many rows (prefill): dequantized once per tile into f32 (in L1), then
+                    // the f32 path, which transposes the keys.
+                    kr.dequantize(n, &mut kq[..n * d]);
+                    vr.dequantize(n, &mut vq[..n * d]);
+                    tile!(&f32_rows(kq, n, d), &f32_rows(vq, n, d), n, c0, r0, r1)
+                }
+                _ => unreachable!("a segment's keys and values share one format"),
+            }
             off += n;
         }
+    }
+}
+
+/// `n` rows of `d` f32 at the start of `data`.
+#[inline(always)]
+fn f32_rows(data: &[f32], n: usize, d: usize) -> Rows<'_, f32> {
+    Rows {
+        data: &data[..n * d],
+        stride: d,
+        len: n,
+        width: d,
     }
 }
 

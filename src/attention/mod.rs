@@ -53,7 +53,7 @@ pub unsafe fn attend_cuda(
     }
     let [hq, lq, _] = q_shape;
     let cfg = store.config().clone();
-    let row_bytes = cfg.head_dim * cfg.dtype.size();
+    let row_bytes = cfg.row_bytes();
     let (split, staged) = {
         let view = store.device_view(layer)?;
         let split = policy.split(lq, contiguous, &view, params.window, 2 * row_bytes);

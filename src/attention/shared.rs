@@ -13,9 +13,10 @@ use crate::cuda::handoff::{Done, Handoff};
 use crate::cuda::kernels::{CpuShare, Extra};
 use crate::cuda::Stream;
 use crate::error::{Error, Result};
-use crate::store::view::{HostRun, KvSource, Segment};
+use crate::quant::Q8;
+use crate::store::view::{HostRun, KvRows, KvSource, Segment};
 use crate::store::{DeviceLayer, StoreConfig};
-use crate::tensor::{DevTensor, Element, Rows, View3};
+use crate::tensor::{DevTensor, Element, View3};
 use crate::testing::{self, FailPoint};
 use std::sync::Arc;
 
@@ -27,6 +28,8 @@ pub struct RawKv<E> {
     /// Per head, its runs in position order.
     pub heads: Vec<Vec<HostRun>>,
     pub head_dim: usize,
+    /// The int8 layout of the rows, for an int8 store.
+    pub q8: Option<Q8>,
     pub len: usize,
     pub from: Vec<usize>,
     _e: std::marker::PhantomData<E>,
@@ -58,13 +61,12 @@ impl<E: Element> KvSource<E> for RawKv<E> {
         let mut out = Vec::new();
         let mut pos = a;
         while let Some(seg) = self.next_segment(head, pos, b) {
-            pos = seg.pos + seg.k.len;
+            pos = seg.pos + seg.len();
             out.push(seg);
         }
         out
     }
     fn next_segment(&self, head: usize, a: usize, b: usize) -> Option<Segment<'_, E>> {
-        let d = self.head_dim;
         let runs = &self.heads[head];
         // Runs are in position order: the first that ends after `a`.
         let i = runs.partition_point(|&(pos, _, _, n)| pos + n <= a);
@@ -73,14 +75,14 @@ impl<E: Element> KvSource<E> for RawKv<E> {
         if lo >= hi {
             return None;
         }
-        let rows = |p: *const u8| Rows {
-            // SAFETY: `p` addresses `n` rows of `d` elements of a live pinned block.
-            data: unsafe {
-                std::slice::from_raw_parts((p as *const E).add((lo - pos) * d), (hi - lo) * d)
-            },
-            stride: d,
-            len: hi - lo,
-            width: d,
+        let rb = match self.q8 {
+            Some(fmt) => fmt.row_bytes(),
+            None => self.head_dim * std::mem::size_of::<E>(),
+        };
+        // SAFETY: `p` addresses `n` rows of `rb` bytes of a live pinned block (see above), of
+        // which rows `lo - pos..hi - pos` are taken.
+        let rows = |p: *const u8| unsafe {
+            KvRows::from_raw(p.add((lo - pos) * rb), hi - lo, self.head_dim, self.q8)
         };
         Some(Segment {
             pos: lo,
@@ -156,6 +158,7 @@ pub unsafe fn queue_cpu<E: Element>(
     let kv = RawKv::<E> {
         heads,
         head_dim: d,
+        q8: cfg.q8(),
         len,
         from: from.iter().map(|&f| f.min(len)).collect(),
         _e: std::marker::PhantomData,

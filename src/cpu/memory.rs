@@ -65,6 +65,18 @@ impl HostBuf {
         }
     }
 
+    /// The buffer's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: the allocation is `len` initialised bytes, owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The buffer's bytes, to write.
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_bytes`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
     /// The buffer as mutable elements of `T`.
     pub fn as_mut_slice<T: crate::tensor::Element>(&mut self) -> &mut [T] {
         // SAFETY: as in `as_slice`, and `&mut self` makes the access exclusive.

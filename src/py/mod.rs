@@ -22,6 +22,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("HeadInferError", py.get_type::<errors::HeadInferError>())?;
     m.add("OutOfHostMemoryError", errors::out_of_host_memory_type(py)?)?;
     m.add_class::<store::PyKvStore>()?;
+    m.add_function(wrap_pyfunction!(store::kv_row_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(attention::attention, m)?)?;
     m.add_class::<plan::PyModelShape>()?;
     m.add_class::<plan::PyPlan>()?;

@@ -12,6 +12,7 @@ use crate::attention::args::Params;
 use crate::attention::cpu::attend;
 use crate::attention::policy::{Rates, ReaderChoice, SharePolicy};
 use crate::error::Error;
+use crate::quant::KvFormat;
 use crate::store::{CpuStore, CudaConfig, CudaStore, StoreConfig};
 use crate::tensor::{DType, Device, Tensor3};
 use crate::with_element;
@@ -87,7 +88,7 @@ fn host_vec<E: crate::tensor::Element>(n: usize) -> crate::Result<Vec<E>> {
 #[pymethods]
 impl PyKvStore {
     #[new]
-    #[pyo3(signature = (num_layers, num_kv_heads, head_dim, dtype, block_size=256, windows=None, host_memory_limit=None, device=None, device_budget=0, max_len=None, cpu_heads=0))]
+    #[pyo3(signature = (num_layers, num_kv_heads, head_dim, dtype, block_size=256, windows=None, host_memory_limit=None, device=None, device_budget=0, max_len=None, cpu_heads=0, kv_dtype=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -102,6 +103,7 @@ impl PyKvStore {
         device_budget: usize,
         max_len: Option<usize>,
         cpu_heads: usize,
+        kv_dtype: Option<&str>,
     ) -> PyResult<Self> {
         let cuda = match device {
             None => None,
@@ -113,11 +115,13 @@ impl PyKvStore {
                     .py_err(py)?,
             }),
         };
+        let dtype = DType::parse("dtype", dtype).py_err(py)?;
         let mut cfg = StoreConfig {
             num_layers,
             num_kv_heads,
             head_dim,
-            dtype: DType::parse("dtype", dtype).py_err(py)?,
+            dtype,
+            kv: KvFormat::parse("kv_dtype", kv_dtype, dtype).py_err(py)?,
             block_size,
             windows: Vec::new(),
             host_memory_limit,
@@ -163,6 +167,12 @@ impl PyKvStore {
     #[getter]
     fn dtype(&self) -> &'static str {
         self.config().dtype.name()
+    }
+    /// "int8", or the dtype's name where keys and values are held exactly.
+    #[getter]
+    fn kv_dtype(&self) -> &'static str {
+        let c = self.config();
+        c.kv.name(c.dtype)
     }
     #[getter]
     fn block_size(&self) -> usize {
@@ -287,7 +297,7 @@ impl PyKvStore {
             Inner::Cpu(s) => s.seq_len(layer).map(|_| None).py_err(py),
             Inner::Cuda(s) => {
                 let cfg = s.config();
-                let token_bytes = 2 * cfg.head_dim * cfg.dtype.size();
+                let token_bytes = 2 * cfg.row_bytes();
                 let window = cfg.windows.get(layer).copied().flatten();
                 let view = s.device_view(layer).py_err(py)?;
                 Ok(self
@@ -395,8 +405,12 @@ impl PyKvStore {
             let mut vbuf = host_vec::<E>(heads * n * d).py_err(py)?;
             store
                 .read::<E>(layer, start, end, |h, i, k, v| {
-                    kbuf[(h * n + i) * d..][..d].copy_from_slice(k);
-                    vbuf[(h * n + i) * d..][..d].copy_from_slice(v);
+                    // Exact rows round-trip through f32 unchanged; int8 rows are dequantized.
+                    for (buf, row) in [(&mut kbuf, k), (&mut vbuf, v)] {
+                        for (y, &x) in buf[(h * n + i) * d..][..d].iter_mut().zip(row) {
+                            *y = <E as crate::tensor::Element>::from_f32(x);
+                        }
+                    }
                 })
                 .py_err(py)?;
             // SAFETY: both outputs were validated writable and disjoint, their capsules are
@@ -652,4 +666,22 @@ impl PyKvStore {
     fn seq_len_or_zero(&self) -> usize {
         each!(&self.inner, s => s.seq_len(0).unwrap_or(0))
     }
+}
+
+/// Bytes of one token's key (or value) row of one kv head, as a store of `dtype` with
+/// `kv_dtype` holds it (what planners count: two rows per token, layer and kv head).
+#[pyfunction]
+#[pyo3(signature = (head_dim, dtype, kv_dtype=None))]
+pub fn kv_row_bytes(
+    py: Python<'_>,
+    head_dim: usize,
+    dtype: &str,
+    kv_dtype: Option<&str>,
+) -> PyResult<usize> {
+    if head_dim == 0 {
+        return Err(Error::value("head_dim", "must be at least 1")).py_err(py);
+    }
+    let dtype = DType::parse("dtype", dtype).py_err(py)?;
+    let kv = KvFormat::parse("kv_dtype", kv_dtype, dtype).py_err(py)?;
+    Ok(kv.row_bytes(head_dim, dtype))
 }

@@ -29,7 +29,7 @@ impl<B: Backend> KvStore<B> {
 
     /// Bytes of keys and values of the positions held (`start..len` of every layer).
     pub fn bytes_used(&self) -> usize {
-        let per_token = 2 * self.cfg.num_kv_heads * self.cfg.head_dim * self.cfg.dtype.size();
+        let per_token = 2 * self.cfg.num_kv_heads * self.cfg.row_bytes();
         self.layers
             .iter()
             .map(|l| (l.len - l.start) * per_token)
@@ -54,7 +54,7 @@ impl<B: Backend> KvStore<B> {
     /// Bytes of keys and values held in device memory (positions in device blocks).
     pub fn device_bytes_used(&self) -> usize {
         let bs = self.cfg.block_size;
-        let row = self.cfg.head_dim * self.cfg.dtype.size() * 2;
+        let row = self.cfg.row_bytes() * 2;
         let mut total = 0;
         for l in &self.layers {
             for blocks in &l.heads {

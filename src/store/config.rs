@@ -3,6 +3,7 @@
 use super::pool::Block;
 use crate::cpu::memory;
 use crate::error::{Error, Result};
+use crate::quant::{KvFormat, Q8};
 use crate::tensor::DType;
 use std::collections::VecDeque;
 
@@ -13,6 +14,8 @@ pub struct StoreConfig {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub dtype: DType,
+    /// How keys and values are held: as given (exact) or in the 8-bit format.
+    pub kv: KvFormat,
     /// Tokens per block.
     pub block_size: usize,
     /// Per layer: the sliding window in tokens, or `None` for full attention.
@@ -49,9 +52,14 @@ impl StoreConfig {
         }
         let (layers, heads, bs) = (self.num_layers, self.num_kv_heads, self.block_size);
         // Keys and values of a block, both, as one `Layout` may hold.
-        let pair = bs
-            .checked_mul(self.head_dim)
-            .and_then(|n| n.checked_mul(2 * self.dtype.size()))
+        // A row's bytes, bounded without overflow (int8: values, scales, padding).
+        let row = match self.kv {
+            KvFormat::Exact => self.head_dim.checked_mul(self.dtype.size()),
+            KvFormat::Int8 => self.head_dim.checked_mul(3).and_then(|n| n.checked_add(8)),
+        };
+        let pair = row
+            .and_then(|r| r.checked_mul(bs))
+            .and_then(|n| n.checked_mul(2))
             .filter(|&b| b <= isize::MAX as usize)
             .ok_or_else(|| {
                 Error::value(
@@ -139,8 +147,18 @@ impl StoreConfig {
         Ok(())
     }
 
-    /// Bytes of one block of keys (or of values): `block_size * head_dim` elements.
+    /// Bytes of one token's key (or value) row of one kv head.
+    pub fn row_bytes(&self) -> usize {
+        self.kv.row_bytes(self.head_dim, self.dtype)
+    }
+
+    /// Bytes of one block of keys (or of values): `block_size` rows.
     pub fn block_bytes(&self) -> usize {
-        self.block_size * self.head_dim * self.dtype.size()
+        self.block_size * self.row_bytes()
+    }
+
+    /// The int8 layout, for an int8 store.
+    pub fn q8(&self) -> Option<Q8> {
+        (self.kv == KvFormat::Int8).then(|| Q8::new(self.head_dim))
     }
 }

@@ -71,6 +71,12 @@ impl CudaStore {
     /// append (the block table is pinned at once).
     pub fn new(cfg: StoreConfig, cuda: CudaConfig) -> Result<Self> {
         cfg.validate(Some(&cuda))?;
+        if cfg.kv != crate::quant::KvFormat::Exact {
+            return Err(Error::value(
+                "kv_dtype",
+                "int8 KV blocks are not supported on CUDA devices yet",
+            ));
+        }
         let gpu = crate::cuda::gpu(cuda.ordinal)?;
         let kernels = gpu.kernels(cfg.dtype, cfg.head_dim)?;
         let max_blocks = cuda.max_len.div_ceil(cfg.block_size);

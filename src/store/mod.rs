@@ -32,7 +32,7 @@ pub mod view;
 pub use config::{CudaConfig, StoreConfig};
 pub use cuda::{Cuda, DecodeParts, STAGING_BUFFERS, STAGING_PIECE_BYTES};
 pub use placement::{HeadPlacement, LayerPlacement};
-pub use view::{DeviceLayer, HostLayer, KvSource, Segment};
+pub use view::{DeviceLayer, HostLayer, KvRows, KvSource, Segment};
 
 use crate::error::{Error, Result};
 use crate::tensor::{Element, View3};
@@ -382,16 +382,25 @@ impl CpuStore {
         self.reserve(layer, chunk)?;
         let d = self.cfg.head_dim;
         let bs = self.cfg.block_size;
+        let q8 = self.cfg.q8();
         let l = &mut self.layers[layer];
         for (hi, blocks) in l.heads.iter_mut().enumerate() {
             let (krows, vrows) = (key.rows(hi), value.rows(hi));
             for i in 0..chunk {
                 let rel = len + i - l.start;
                 let b = &mut blocks[rel / bs];
-                let off = (rel % bs) * d;
+                let row = rel % bs;
                 for (m, src) in [(&mut b.k, krows.row(i)), (&mut b.v, vrows.row(i))] {
                     let buf = m.heap_mut().expect("a CPU store's blocks are heap memory");
-                    buf.as_mut_slice::<E>()[off..off + d].copy_from_slice(src);
+                    match q8 {
+                        Some(fmt) => {
+                            let rb = fmt.row_bytes();
+                            fmt.quantize(src, &mut buf.as_bytes_mut()[row * rb..(row + 1) * rb]);
+                        }
+                        None => {
+                            buf.as_mut_slice::<E>()[row * d..(row + 1) * d].copy_from_slice(src)
+                        }
+                    }
                 }
             }
         }
@@ -400,13 +409,13 @@ impl CpuStore {
     }
 
     /// Positions `a..b` of `layer` as `[num_kv_heads, b - a, head_dim]`, one call per row:
-    /// `f(head, i, key_row, value_row)`.
+    /// `f(head, i, key_row, value_row)`, in f32 (an int8 store's rows dequantized).
     pub fn read<E: Element>(
         &self,
         layer: usize,
         a: usize,
         b: usize,
-        mut f: impl FnMut(usize, usize, &[E], &[E]),
+        mut f: impl FnMut(usize, usize, &[f32], &[f32]),
     ) -> Result<()> {
         let kv = self.view::<E>(layer)?;
         if a > b || b > kv.len() {
@@ -427,10 +436,14 @@ impl CpuStore {
                 ),
             ));
         }
+        let d = self.cfg.head_dim;
+        let (mut kr, mut vr) = (vec![0f32; d], vec![0f32; d]);
         for h in 0..self.cfg.num_kv_heads {
             for seg in kv.segments(h, a, b) {
-                for i in 0..seg.k.len {
-                    f(h, seg.pos + i - a, seg.k.row(i), seg.v.row(i));
+                for i in 0..seg.len() {
+                    seg.k.row_f32(i, &mut kr);
+                    seg.v.row_f32(i, &mut vr);
+                    f(h, seg.pos + i - a, &kr, &vr);
                 }
             }
         }
@@ -454,6 +467,7 @@ impl CpuStore {
             layer: l,
             block_size: self.cfg.block_size,
             head_dim: self.cfg.head_dim,
+            q8: self.cfg.q8(),
             _e: std::marker::PhantomData,
         })
     }

@@ -10,15 +10,94 @@ use super::residency;
 use super::staging::Span;
 use super::table::Layer;
 use crate::cuda::kernels::KvSrc;
+use crate::quant::{Q8Rows, Q8};
 use crate::tensor::{Element, Rows};
+
+/// Consecutive key (or value) rows of one head: as given, or in the int8 format.
+#[derive(Clone, Copy)]
+pub enum KvRows<'a, E> {
+    /// `[n, head_dim]` elements.
+    Plain(Rows<'a, E>),
+    /// `[n, row_bytes]` bytes of the int8 format.
+    Int8(Q8Rows<'a>),
+}
+
+impl<'a, E: Element> KvRows<'a, E> {
+    /// Rows held.
+    pub fn len(&self) -> usize {
+        match self {
+            KvRows::Plain(r) => r.len,
+            KvRows::Int8(r) => r.len,
+        }
+    }
+
+    /// Whether no row is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows `a..b`.
+    pub fn slice(&self, a: usize, b: usize) -> KvRows<'a, E> {
+        match self {
+            KvRows::Plain(r) => KvRows::Plain(r.slice(a, b)),
+            KvRows::Int8(r) => KvRows::Int8(r.slice(a, b)),
+        }
+    }
+
+    /// Row `i` as f32 into `out` (`[head_dim]`): converted, or dequantized.
+    pub fn row_f32(&self, i: usize, out: &mut [f32]) {
+        match self {
+            KvRows::Plain(r) => {
+                for (y, &x) in out.iter_mut().zip(r.row(i)) {
+                    *y = x.to_f32();
+                }
+            }
+            KvRows::Int8(r) => r.fmt.dequantize(r.row(i), out),
+        }
+    }
+
+    /// `n` rows of `head_dim` from `p`, in `q8`'s format where given, else elements of `E`.
+    ///
+    /// # Safety
+    /// `p` addresses `n` rows of that layout in memory that stays alive and unwritten for `'a`.
+    pub unsafe fn from_raw(p: *const u8, n: usize, head_dim: usize, q8: Option<Q8>) -> Self {
+        match q8 {
+            // SAFETY: by the contract.
+            Some(fmt) => KvRows::Int8(Q8Rows {
+                data: unsafe { std::slice::from_raw_parts(p, n * fmt.row_bytes()) },
+                len: n,
+                fmt,
+            }),
+            // SAFETY: by the contract.
+            None => KvRows::Plain(Rows {
+                data: unsafe { std::slice::from_raw_parts(p as *const E, n * head_dim) },
+                stride: head_dim,
+                len: n,
+                width: head_dim,
+            }),
+        }
+    }
+}
 
 /// Consecutive keys and values of one head, from position `pos` on.
 pub struct Segment<'a, E> {
     pub pos: usize,
     /// `[n, head_dim]`
-    pub k: Rows<'a, E>,
+    pub k: KvRows<'a, E>,
     /// `[n, head_dim]`
-    pub v: Rows<'a, E>,
+    pub v: KvRows<'a, E>,
+}
+
+impl<E: Element> Segment<'_, E> {
+    /// Positions held: `pos..pos + len()`.
+    pub fn len(&self) -> usize {
+        self.k.len()
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.k.len() == 0
+    }
 }
 
 /// Where the keys and values of one layer come from: the store, or explicit tensors.
@@ -43,7 +122,9 @@ pub trait KvSource<E: Element>: Sync {
     /// kernel walks a range with it, so that a decode step allocates nothing. Sources
     /// override this default, which allocates.
     fn next_segment(&self, head: usize, a: usize, b: usize) -> Option<Segment<'_, E>> {
-        self.segments(head, a, b).into_iter().find(|s| s.k.len > 0)
+        self.segments(head, a, b)
+            .into_iter()
+            .find(|s| !s.is_empty())
     }
 }
 
@@ -52,6 +133,8 @@ pub struct HostLayer<'a, E> {
     pub(super) layer: &'a Layer,
     pub(super) block_size: usize,
     pub(super) head_dim: usize,
+    /// The int8 layout, for an int8 store.
+    pub(super) q8: Option<Q8>,
     pub(super) _e: std::marker::PhantomData<E>,
 }
 
@@ -72,7 +155,7 @@ impl<'a, E: Element> KvSource<E> for HostLayer<'a, E> {
         let mut out = Vec::new();
         let mut pos = a;
         while let Some(seg) = self.next_segment(head, pos, b) {
-            pos = seg.pos + seg.k.len;
+            pos = seg.pos + seg.len();
             out.push(seg);
         }
         out
@@ -89,14 +172,25 @@ impl<'a, E: Element> KvSource<E> for HostLayer<'a, E> {
         let (bi, off) = (rel / bs, rel % bs);
         let n = (bs - off).min(b - pos);
         let blk = &layer.heads[head][bi];
-        let rows = |m: &'a Mem| Rows {
-            data: &m
-                .heap()
-                .expect("a CPU store's blocks are heap memory")
-                .as_slice::<E>()[off * d..(off + n) * d],
-            stride: d,
-            len: n,
-            width: d,
+        let q8 = self.q8;
+        let rows = |m: &'a Mem| {
+            let buf = m.heap().expect("a CPU store's blocks are heap memory");
+            match q8 {
+                Some(fmt) => {
+                    let rb = fmt.row_bytes();
+                    KvRows::Int8(Q8Rows {
+                        data: &buf.as_bytes()[off * rb..(off + n) * rb],
+                        len: n,
+                        fmt,
+                    })
+                }
+                None => KvRows::Plain(Rows {
+                    data: &buf.as_slice::<E>()[off * d..(off + n) * d],
+                    stride: d,
+                    len: n,
+                    width: d,
+                }),
+            }
         };
         Some(Segment {
             pos,

@@ -65,6 +65,7 @@ fn run_case<E: Element>(c: &Case, seed: u64, tol: f64) {
         num_kv_heads: c.hkv,
         head_dim: c.d,
         dtype: E::DTYPE,
+        kv: crate::quant::KvFormat::Exact,
         block_size: 16,
         windows: vec![c.window],
         host_memory_limit: None,
@@ -88,6 +89,55 @@ fn run_case<E: Element>(c: &Case, seed: u64, tol: f64) {
     let got = attend(qv, &store.view::<E>(0).unwrap(), &params, sinks).unwrap();
     let err = rel_err(&got, &want);
     assert!(err < tol, "store {}: err {err}", describe(c));
+
+    // An int8 store: the op over its blocks equals the reference over the dequantized keys
+    // and values (read back from the store), up to summation order.
+    let mut q8 = CpuStore::new(StoreConfig {
+        kv: crate::quant::KvFormat::Int8,
+        ..store.config().clone()
+    })
+    .unwrap();
+    for (a, b) in [(0, split), (split, lk)] {
+        let take = |x: &[E]| -> Vec<E> {
+            (0..c.hkv)
+                .flat_map(|h| x[(h * lk + a) * c.d..(h * lk + b) * c.d].to_vec())
+                .collect()
+        };
+        q8.append(
+            0,
+            View3::contiguous(&take(&k), [c.hkv, b - a, c.d]),
+            View3::contiguous(&take(&v), [c.hkv, b - a, c.d]),
+        )
+        .unwrap();
+    }
+    let start = q8.retained_start(0).unwrap();
+    let (mut kd, mut vd) = (vec![0f64; c.hkv * lk * c.d], vec![0f64; c.hkv * lk * c.d]);
+    q8.read::<E>(0, start, lk, |h, i, kr, vr| {
+        let at = (h * lk + start + i) * c.d;
+        for j in 0..c.d {
+            kd[at + j] = kr[j] as f64;
+            vd[at + j] = vr[j] as f64;
+        }
+    })
+    .unwrap();
+    let want8 = reference(
+        &f64s(&q),
+        &kd,
+        &vd,
+        [hq, c.lq, c.d],
+        c.hkv,
+        lk,
+        scale as f64,
+        c.softcap.map(|x| x as f64),
+        c.window,
+        sinks64.as_deref(),
+    );
+    let got = attend(qv, &q8.view::<E>(0).unwrap(), &params, sinks).unwrap();
+    let err = rel_err(&got, &want8);
+    assert!(err < tol, "int8 store {}: err {err}", describe(c));
+    // And it is close to exact attention: keys and values within half a step of a group.
+    let err = rel_err(&got, &want);
+    assert!(err < 0.05, "int8 store vs exact {}: err {err}", describe(c));
 }
 
 fn describe(c: &Case) -> String {
@@ -348,6 +398,7 @@ fn compare_paths<E: Element>(c: &Case, seed: u64) {
         num_kv_heads: c.hkv,
         head_dim: c.d,
         dtype: E::DTYPE,
+        kv: crate::quant::KvFormat::Exact,
         block_size: 48,
         windows: vec![c.window],
         host_memory_limit: None,

@@ -17,6 +17,7 @@ fn cfg(block_size: usize, windows: Vec<Option<usize>>) -> StoreConfig {
         num_kv_heads: H,
         head_dim: D,
         dtype: DType::F32,
+        kv: crate::quant::KvFormat::Exact,
         block_size,
         windows,
         host_memory_limit: None,

@@ -10,6 +10,7 @@ fn cfg(block_size: usize, windows: Vec<Option<usize>>) -> StoreConfig {
         num_kv_heads: 2,
         head_dim: 4,
         dtype: DType::F32,
+        kv: crate::quant::KvFormat::Exact,
         block_size,
         windows,
         host_memory_limit: None,
