@@ -65,6 +65,7 @@ __device__ __forceinline__ T from_f(float f) { return f; }
 typedef unsigned char KV;
 #define ROW_KV ROW_BYTES
 static_assert(HEAD_DIM % QGROUP == 0 && QGROUP % VEC == 0, "a group holds whole vectors");
+static_assert(QGROUP == Q8_GROUP && ROW_BYTES == Q8_ROW_BYTES, "src/quant.rs's row layout");
 #else
 typedef T KV;
 #define ROW_KV HEAD_DIM
@@ -486,10 +487,11 @@ extern "C" __global__ void merge_partials(const float* __restrict__ o_part,
 #if defined(KV_INT8)
 // Quantizes the QGROUP values at x (16-byte aligned) into the int8 bytes at q (4-byte aligned)
 // and returns their scale's bf16 bits, by src/quant.rs's rule (the CPU's bytes are the same):
-// a non-finite value makes the scale NaN and every q 0; an all-zero group has scale 0 and q 0;
-// otherwise scale = amax / 127 rounded up to bf16 (so that |x| / scale <= 127) and q =
-// clamp(rint(x / scale), -127, 127). The divisions are IEEE (__fdiv_rn, whatever the flags)
-// and the rounding ties to even, so the bytes do not depend on the compiler's choices.
+// a non-finite value makes the scale NaN; otherwise scale = amax / 127 rounded up to bf16 (so
+// that |x| / scale <= 127; 0 for an all-zero group, or one so small that amax / 127 underflows);
+// q = 0 where the scale is NaN or 0, else clamp(rint(x / scale), -127, 127). The divisions are
+// IEEE (__fdiv_rn, whatever the flags) and the rounding ties to even, so the bytes do not
+// depend on the compiler's choices.
 __device__ __forceinline__ u16 quantize_group(const T* x, KV* q) {
     float f[QGROUP];
 #pragma unroll
@@ -501,13 +503,13 @@ __device__ __forceinline__ u16 quantize_group(const T* x, KV* q) {
         finite &= (__float_as_uint(f[i]) & 0x7f800000u) != 0x7f800000u;
         amax = fmaxf(amax, fabsf(f[i]));
     }
-    const bool zero = !finite || amax == 0.f;
-    unsigned s = finite ? 0u : 0x7fc00000u;  // the scale as f32 bits, low half zero
-    if (!zero) {
+    unsigned s = 0x7fc00000u;  // the scale as f32 bits, low half zero
+    if (finite) {
         s = __float_as_uint(__fdiv_rn(amax, 127.f));
         if (s & 0xffffu) s += 0x10000u;  // round up: never a larger |q| than 127
         s &= 0xffff0000u;
     }
+    const bool zero = s == 0u || s == 0x7fc00000u;
     const float sf = __uint_as_float(s);
 #pragma unroll
     for (int i = 0; i < QGROUP; i += 4) {
