@@ -2,15 +2,19 @@
 
 Every case of ``_tiny.CASES`` runs chunked prefill at two odd chunk sizes across its windows,
 greedy generation (a decode continuation) and the dense op under a ``DynamicCache``; float32
-logits within 1e-4 of eager. The general behaviour of the patched forward is tested on Llama.
+logits within 1e-4 of eager. With ``kv_dtype="int8"``: eager over the same int8 keys and values,
+and its distance from eager (the bounds say why). The general behaviour of the patched forward
+is tested on Llama.
 """
 
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import pytest
 import torch
+from _int8 import Int8DynamicCache
 from _tiny import (
     FAMILIES,
     IMAGE_TOKEN,
@@ -254,3 +258,72 @@ def test_gpt_oss_matches_eager() -> None:
     assert torch.equal(
         out, reference.generate(prompt(), max_new_tokens=NEW_TOKENS, do_sample=False)
     )
+
+
+# --- kv_dtype="int8": the same function over int8 keys and values, and its distance from eager ---
+
+#: int8 against eager attention over the same int8 keys and values (``_int8.Int8DynamicCache``,
+#: the format in torch, checked bit for bit against the store in test_kv_dtype.py). Not 1e-4:
+#: headinfer's keys and values differ from eager's by float32 summation order (about 1e-7), so
+#: a value that close to a rounding boundary lands one step (up to amax/127 of its group) apart;
+#: a few do in a 300-token prompt, moving these peaked tiny models' logits by up to 3e-4
+#: (measured: ministral 2.7e-4; most families 3e-7, where none landed apart).
+INT8_SAME_TOL = 1e-3
+#: int8 against eager over the exact keys and values. Each stored value is within half a step,
+#: scale / 2 <= amax / 254 (rounded up to bf16: at most 0.4% of its group's largest magnitude),
+#: about twice the relative error of keeping keys and values in bfloat16 (2^-9 of each value).
+#: These tiny models' q/k weights are sharpened 4x (peaked attention, sensitive to key errors):
+#: over 3 layers that measured 1e-3 to 1.5e-2 of the logits' range, 2-4x what bfloat16 keys
+#: and values give, and 3.2e-2 where it flips a MoE router's choice of experts (mixtral; bf16
+#: keys and values flip it too: 3.9e-2). The bound keeps a margin over that worst case.
+INT8_TOL = 5e-2
+
+
+@cache
+def _int8_eager(family: str) -> tuple[torch.Tensor, Any]:
+    """Eager attention over int8 keys and values: the prompt's logits, and greedy generation."""
+    reference = _pair(family)[1]
+    name = cache_kwarg_name(reference)
+    with torch.no_grad():
+        logits = reference(prompt(), **{name: Int8DynamicCache(config=reference.config)}).logits
+    int8_cache = Int8DynamicCache(config=reference.config)
+    out = generate_scores(reference, NEW_TOKENS, **{name: int8_cache})
+    return logits, out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_is_eager_over_int8_keys_and_values(family: str) -> None:
+    model, _ = _pair(family)
+    logits, reference = _int8_eager(family)
+    with headinfer.patch(model, chunk_size=97, block_size=16, kv_dtype="int8"):
+        with torch.no_grad():
+            got = model(prompt(), logits_to_keep=0)
+        out = _generate(model)
+    assert _returned_cache(got).store.kv_dtype == "int8"
+    assert rel_err(got.logits, logits) < INT8_SAME_TOL
+    assert torch.equal(out.sequences, reference.sequences)
+    assert max(rel_err(g, r) for g, r in zip(out.scores, reference.scores)) < INT8_SAME_TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_close_to_eager(family: str) -> None:
+    # Greedy tokens equal eager's, up to a step where eager's two best logits are closer than
+    # the int8 error of that step's logits could have reordered (a near tie, where any error
+    # may pick the other token); every step's logits up to there within INT8_TOL.
+    model, _ = _pair(family)
+    with headinfer.patch(model, chunk_size=97, block_size=16, kv_dtype="int8"):
+        with torch.no_grad():
+            logits = model(prompt(), logits_to_keep=0).logits
+        out = _generate(model)
+    assert rel_err(logits, _eager_logits(family)) < INT8_TOL
+    sequences, scores = _eager_generate(family)
+    for step, (got, ref) in enumerate(zip(out.scores, scores)):
+        assert rel_err(got, ref) < INT8_TOL, step
+        at = PROMPT_LEN + step
+        if out.sequences[0, at] != sequences[0, at]:
+            best = ref[0].topk(2).values
+            margin, error = float(best[0] - best[1]), float((got - ref).abs().max())
+            assert margin <= 2 * error, (step, margin, error)
+            break
+    else:
+        assert torch.equal(out.sequences, sequences)

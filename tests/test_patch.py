@@ -129,6 +129,9 @@ BAD_SETTINGS = [
     ({"cpu_heads": -1}, ValueError, "cpu_heads"),
     ({"cpu_heads": 3}, ValueError, "cpu_heads"),  # the tiny model has 2 kv heads
     ({"cpu_heads": 1.0}, TypeError, "cpu_heads"),
+    ({"kv_dtype": "fp8"}, ValueError, "kv_dtype"),
+    ({"kv_dtype": "float16"}, ValueError, "kv_dtype"),
+    ({"kv_dtype": 8}, TypeError, "kv_dtype"),
 ]
 
 

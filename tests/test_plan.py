@@ -9,7 +9,15 @@ from _tiny import CASES, MULTIMODAL, have, tiny_config, tiny_model, tiny_multimo
 import headinfer
 from headinfer import planner
 from headinfer.floor_rates import Rates
-from headinfer.plan import attention_flops, make_plan, parameter_count, parse_dtype
+from headinfer.kv_dtype import kv_token_bytes
+from headinfer.plan import (
+    attention_flops,
+    longest_context,
+    longest_figures,
+    make_plan,
+    parameter_count,
+    parse_dtype,
+)
 from headinfer.plan_report import render_plan
 from headinfer.spec import model_spec
 
@@ -149,7 +157,8 @@ def test_render_plan_lists_every_place() -> None:
     assert "tiny (gemma2)" in text and "with a 40-token window" in text
 
 
-def test_runtime_and_plan_share_the_planner(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kv_dtype", ["exact", "int8"])
+def test_runtime_and_plan_share_the_planner(monkeypatch: pytest.MonkeyPatch, kv_dtype: str) -> None:
     # plan_memory (the CUDA cache's) and make_plan (headinfer plan) give the same split when
     # the weights torch holds are the weights the config implies. Fake the CUDA queries.
     config = tiny_config("qwen2")
@@ -158,10 +167,11 @@ def test_runtime_and_plan_share_the_planner(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: weights)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: weights)
     spec = model_spec(config)
-    roomy = make_plan(config, context=450, gpu_budget=1 << 40, chunk_size=128)["prefill"]
+    kw = {"context": 450, "chunk_size": 128, "kv_dtype": kv_dtype}
+    roomy = make_plan(config, gpu_budget=1 << 40, **kw)["prefill"]
     # A budget with room for half the KV beside the prefill's fixed part: some on each side.
     budget = roomy["gpu_bytes"] - roomy["kv_total_bytes"] // 2
-    planned = make_plan(config, context=450, gpu_budget=budget, chunk_size=128)
+    planned = make_plan(config, gpu_budget=budget, **kw)
     assert 0 < planned["prefill"]["kv_device_bytes"] < planned["kv_total_bytes"]
     for prefill in (True, False):
         runtime = planner.plan_memory(
@@ -173,6 +183,64 @@ def test_runtime_and_plan_share_the_planner(monkeypatch: pytest.MonkeyPatch) -> 
             chunk_size=128,
             gpu_budget=budget,
             prefill=prefill,
+            kv_dtype=kv_dtype,
         )
         phase = planned["prefill" if prefill else "decode"]
         assert {k: phase[k] for k in runtime.figures} == runtime.figures
+
+
+def test_int8_plan_counts_int8_bytes() -> None:
+    # The same plan but for the KV's bytes: weights, working set, staging (the prefill
+    # stages the past dequantized, in the model's dtype) and margin are the exact plan's.
+    config = tiny_config("mistral")
+    spec = model_spec(config)
+    kw = {"context": 400, "chunk_size": 64, "dtype": "bf16"}
+    roomy = make_plan(config, gpu_budget=4 << 30, **kw)
+    # Room for half the exact KV: the int8 KV has the same room and puts less on the host.
+    budget = roomy["prefill"]["gpu_bytes"] - roomy["kv_total_bytes"] // 2
+    exact = make_plan(config, gpu_budget=budget, **kw)
+    int8 = make_plan(config, gpu_budget=budget, kv_dtype="int8", **kw)
+    assert (exact["kv_dtype"], int8["kv_dtype"]) == ("exact", "int8")
+    per_token = kv_token_bytes(spec.num_kv_heads, spec.head_dim, "bfloat16", "int8")
+    assert int8["kv_bytes_per_token_layer"] == per_token < exact["kv_bytes_per_token_layer"]
+    ratio = (int8["kv_bytes_per_token_layer"], exact["kv_bytes_per_token_layer"])
+    assert int8["kv_total_bytes"] * ratio[1] == exact["kv_total_bytes"] * ratio[0]
+    for phase in ("prefill", "decode"):
+        e, q = exact[phase], int8[phase]
+        for key in ("weight_bytes", "activation_bytes", "staging_bytes", "margin_bytes"):
+            assert e[key] == q[key], (phase, key)
+        assert e["fits_gpu"] == q["fits_gpu"] and e["heads_per_group"] == q["heads_per_group"]
+        assert q["kv_device_bytes"] + q["kv_host_bytes"] == q["kv_total_bytes"]
+        assert q["gpu_bytes"] <= budget
+    p_exact, p_int8 = exact["prefill"], int8["prefill"]
+    assert p_exact["kv_host_bytes"] > 0 and p_int8["kv_device_bytes"] == p_exact["kv_device_bytes"]
+    assert p_int8["kv_host_bytes"] < p_exact["kv_host_bytes"]
+    text = render_plan(int8)
+    assert "bfloat16, int8 KV" in text and "int8 with its scales" in text
+    assert "int8" not in render_plan(exact)
+    with pytest.raises(ValueError, match="^kv_dtype: "):
+        make_plan(config, gpu_budget=budget, kv_dtype="fp8", **kw)
+
+
+def test_longest_context_per_kv_dtype() -> None:
+    config = tiny_config("llama")
+    kw = {"gpu_budget": 4 << 30, "chunk_size": 64, "dtype": "bfloat16"}
+    host = 64 << 20
+    exact = longest_context(config, host_bytes=host, **kw)
+    int8 = longest_context(config, host_bytes=host, kv_dtype="int8", **kw)
+    assert exact is not None and int8 is not None
+    # The tiny Llama's rows of 16 values: 32 bytes in bf16, 24 in int8 (values, a scale,
+    # padding to 8 bytes). At most 32/24 times as many tokens: the prefill's staging (the past
+    # dequantized, in bf16) grows with the context and leaves less room for KV on the GPU.
+    assert exact < int8 <= exact * 32 / 24
+    for kv_dtype, n in (("exact", exact), ("int8", int8)):
+        fits = make_plan(config, context=n, kv_dtype=kv_dtype, **kw)["host_kv_bytes"]
+        over = make_plan(config, context=n + 1, kv_dtype=kv_dtype, **kw)["host_kv_bytes"]
+        assert fits <= host < over, kv_dtype
+    plan = make_plan(config, context=1000, **kw)
+    longest = longest_figures(config, plan, host, kv_dtypes=("exact", "int8"))
+    assert longest["kv_dtype"] == "exact" and longest["with_host"] == exact
+    assert longest["by_kv_dtype"]["int8"]["with_host"] == int8
+    resident = longest["by_kv_dtype"]["int8"]["resident"]
+    assert resident == longest_context(config, resident=True, kv_dtype="int8", **kw)
+    assert resident > longest["resident"]

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .device import resolve_device
+from .kv_dtype import KV_DTYPES
 from .plan import parse_dtype
 from .sizes import parse_bytes, parse_context
 
 __all__ = [
     "add_device",
     "add_gpu_budget",
+    "add_kv_dtype",
     "context",
     "device",
     "dtype",
@@ -114,6 +116,18 @@ def add_gpu_budget(parser: argparse.ArgumentParser) -> None:
         type=size,
         metavar="SIZE",
         help="GPU memory the process may use in all, e.g. 20GiB (default: the free memory)",
+    )
+
+
+def add_kv_dtype(parser: argparse.ArgumentParser, what: str = "the cache holds") -> None:
+    """``--kv-dtype {exact,int8}`` (default ``exact``)."""
+    parser.add_argument(
+        "--kv-dtype",
+        choices=KV_DTYPES,
+        default="exact",
+        help=f"how {what} keys and values: exact (default: as the model computes them) or "
+        "int8 (opt-in, lossy: 8-bit with a scale per 32 values, about half the bytes of "
+        "bf16; README's '8-bit KV cache' gives its measured loss)",
     )
 
 

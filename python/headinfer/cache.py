@@ -38,6 +38,7 @@ from .distributed import (
 )
 from .errors import HeadInferError
 from .host_memory import check_host_memory, mem_available, pair_bytes
+from .kv_dtype import check_kv_dtype, store_kv_dtype
 from .planner import (
     DIRECT_ROWS,
     GpuPlan,
@@ -295,6 +296,11 @@ class HeadInferCache(Cache):
             reuse on models with sliding windows (Mistral, Qwen2, Gemma-2). Those layers then
             hold the whole context, as full-attention layers do; attention still sees only
             the window.
+        kv_dtype: how the store holds keys and values: ``"exact"`` as the model computes
+            them, or ``"int8"`` (opt-in, lossy: 8-bit with a bfloat16 scale per group of at
+            most 32 values of each token's key or value vector, dequantized on load, float32
+            accumulation; about half the bytes of bfloat16). Default ``None``: what
+            ``patch()`` was given, else ``"exact"``.
 
     Several GPUs: a model whose layers ``device_map`` puts on several devices gets one store
     per device (``stores``), each holding the KV of that device's layers, planned and streamed
@@ -316,6 +322,7 @@ class HeadInferCache(Cache):
         gpu_budget: int | str | dict[Any, int | str] | None = None,
         cpu_heads: int | str | None = None,
         croppable: bool = False,
+        kv_dtype: str | None = None,
     ) -> None:
         device = None
         devices = None
@@ -335,6 +342,8 @@ class HeadInferCache(Cache):
                     gpu_budget = settings.gpu_budget
                 if cpu_heads is None:
                     cpu_heads = settings.cpu_heads
+                if kv_dtype is None:
+                    kv_dtype = settings.kv_dtype
                 self.chunk_size = settings.chunk_size
             if dtype is None:
                 dtype = getattr(model_or_config, "dtype", None)
@@ -348,6 +357,8 @@ class HeadInferCache(Cache):
         #: ``cpu_heads`` as checked (``None`` or ``"auto"``: the planner decides
         #: from measured rates; an int: the override), see ``share_plan``.
         self.cpu_heads = check_cpu_heads(cpu_heads, self.spec.num_kv_heads)
+        #: ``"exact"`` or ``"int8"``: how the store holds keys and values.
+        self.kv_dtype = check_kv_dtype(kv_dtype)
         #: The CPU share's plan, made with the first CUDA store (``None`` until then).
         self._share: SharePlan | None = None
         #: The first decode steps' check of a rate-based share (``None``: no such share).
@@ -527,15 +538,18 @@ class HeadInferCache(Cache):
             # croppable: window layers keep every token, so crop() can always go back.
             windows=[None] * len(layers) if self.croppable else windows,
             host_memory_limit=limit,
+            kv_dtype=store_kv_dtype(self.kv_dtype),
             **cuda,
         )
         logger.debug(
-            "KVStore on %s: layers %s x %d kv heads x %d, %s, blocks of %d, windows %s",
+            "KVStore on %s: layers %s x %d kv heads x %d, %s (kv_dtype %s), blocks of %d, "
+            "windows %s",
             device,
             layers,
             spec.num_kv_heads,
             spec.head_dim,
             dtype,
+            self.kv_dtype,
             store.block_size,
             windows,
         )
@@ -856,6 +870,7 @@ class HeadInferCache(Cache):
             gpu_budget=budget_for(self.gpu_budget, part.device),
             held_by_store=part.store.device_bytes_reserved(),
             prefill=prefill,
+            kv_dtype=self.kv_dtype,
         )
 
     def _apply_plan(self, part: DeviceStore, plan: GpuPlan) -> None:
@@ -1037,7 +1052,8 @@ class HeadInferCache(Cache):
     def __repr__(self) -> str:
         return (
             f"HeadInferCache({self.spec.family}, layers={self.spec.num_layers}, "
-            f"seq_len={self.get_seq_length()}, bytes_used={self.bytes_used()})"
+            f"seq_len={self.get_seq_length()}, bytes_used={self.bytes_used()}"
+            + (")" if self.kv_dtype == "exact" else f", kv_dtype={self.kv_dtype})")
         )
 
 

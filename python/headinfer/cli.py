@@ -40,6 +40,7 @@ from .floor_rates import Rates, plan_rates
 from .model_config import ModelNotFoundError, load_config
 from .plan import (
     DEFAULT_CHUNK_SIZE,
+    KV_DTYPES,
     SPLITS,
     default_budget,
     fits,
@@ -143,6 +144,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)",
     )
     opt.add_device(gen)
+    opt.add_kv_dtype(gen)
     gen.add_argument(
         "--gpus",
         type=opt.positive,
@@ -178,6 +180,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         metavar="DTYPE",
         help="bf16 (default), fp16, fp32",
     )
+    opt.add_kv_dtype(plan, "the planned cache holds")
     plan.add_argument(
         "--force",
         action="store_true",
@@ -352,6 +355,7 @@ def _plan(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
             label=label,
             gpus=args.gpus,
             split=args.split,
+            kv_dtype=args.kv_dtype,
         )
     except UnsupportedModelError as exc:
         sub.error(f"--gpus {args.gpus} --split {args.split}: {exc}" if args.gpus > 1 else str(exc))
@@ -367,7 +371,9 @@ def _plan(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
             )
     plan["gpu_budget_source"] = source
     plan["machine"] = machine_figures(plan)
-    plan["longest_context"] = longest_figures(config, plan, plan["machine"]["ram_available_bytes"])
+    plan["longest_context"] = longest_figures(
+        config, plan, plan["machine"]["ram_available_bytes"], kv_dtypes=KV_DTYPES
+    )
     plan["fits"] = fits(plan)
     if args.plot:
         try:
@@ -486,14 +492,24 @@ def _generate(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
         device = str(model.device)  # where the inputs go: the first layer's GPU, or this rank's
     main_rank = is_main_rank()
     try:
-        headinfer.patch(model, chunk_size=args.chunk_size, gpu_budget=args.gpu_budget)
+        headinfer.patch(
+            model,
+            chunk_size=args.chunk_size,
+            gpu_budget=args.gpu_budget,
+            kv_dtype=args.kv_dtype,
+        )
     except headinfer.GpuNotSupportedError as exc:
         if args.device != "auto" or spread[1] is not None:
             sub.error(str(exc))
         print(f"{exc}; running on the CPU instead", file=sys.stderr)
         device = "cpu"
         model.to(device)
-        headinfer.patch(model, chunk_size=args.chunk_size, gpu_budget=args.gpu_budget)
+        headinfer.patch(
+            model,
+            chunk_size=args.chunk_size,
+            gpu_budget=args.gpu_budget,
+            kv_dtype=args.kv_dtype,
+        )
 
     if args.chat:
         if getattr(tokenizer, "chat_template", None) is None:
@@ -517,7 +533,10 @@ def _generate(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
             "lower --max-new-tokens"
         )
 
-    cache = headinfer.HeadInferCache(model)
+    try:
+        cache = headinfer.HeadInferCache(model)
+    except ValueError as exc:  # e.g. kv_dtype="int8" where the device cannot hold it
+        sub.error(f"--kv-dtype {args.kv_dtype}: {exc}" if "kv_dtype" in str(exc) else str(exc))
     cache.expected_new_tokens = args.max_new_tokens
     # Under torchrun every rank generates (their attention all-reduces); rank 0 prints.
     streamer = _TimedStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -563,7 +582,8 @@ def _generate(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
     ]
     mem = cache.memory()
     lines.append(
-        f"KV cache: {format_bytes(mem['used'])} for {cache.get_seq_length():,} tokens: "
+        f"KV cache{'' if args.kv_dtype == 'exact' else f' ({args.kv_dtype})'}: "
+        f"{format_bytes(mem['used'])} for {cache.get_seq_length():,} tokens: "
         f"{format_bytes(mem['device_used'])} on the GPU, "
         f"{format_bytes(mem['used'] - mem['device_used'])} in host memory; blocks reserved: "
         f"{format_bytes(mem['host_reserved'])} host, {format_bytes(mem['device_reserved'])} GPU"

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from . import _core
 from .errors import OutOfHostMemoryError
+from .kv_dtype import kv_row_bytes
 from .sizes import format_bytes
 
 __all__ = ["blocks_for", "check_host_memory", "mem_available", "pair_bytes"]
@@ -32,8 +33,8 @@ def mem_available() -> int | None:
 
 
 def pair_bytes(store: _core.KVStore) -> int:
-    """Bytes of one block of keys and its block of values."""
-    return 2 * store.block_size * store.head_dim * _ELEM_BYTES[store.dtype]
+    """Bytes of one block of keys and its block of values (in the store's ``kv_dtype``)."""
+    return 2 * store.block_size * kv_row_bytes(store.head_dim, store.dtype, store.kv_dtype)
 
 
 def blocks_for(context: int, windows: Sequence[int | None], block_size: int) -> int:
@@ -91,6 +92,3 @@ def check_host_memory(
     exc.needed = fresh
     exc.available = available
     raise exc
-
-
-_ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

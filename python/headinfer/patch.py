@@ -33,6 +33,7 @@ from .checks import (
 )
 from .device import check_device
 from .distributed import check_gpu_budget
+from .kv_dtype import check_kv_dtype
 from .planner import release_torch_caps
 from .prefill import CACHE_NAMES, cache_kwarg_name, forward_params, patched_forward
 from .settings import PatchSettings
@@ -110,6 +111,7 @@ def _snapshot(model: torch.nn.Module) -> dict[str, Any] | None:
         "block_size": settings.block_size,
         "gpu_budget": settings.gpu_budget,
         "cpu_heads": settings.cpu_heads,
+        "kv_dtype": settings.kv_dtype,
         "host_memory_limit": settings.host_memory_limit,
         "progress": settings.progress,
         "progress_delay": settings.progress_delay,
@@ -178,6 +180,7 @@ def patch(
     *,
     gpu_budget: int | str | dict[Any, int | str] | None = None,
     cpu_heads: int | str | None = None,
+    kv_dtype: str = "exact",
     host_memory_limit: int | str | None = None,
     progress: bool = True,
     progress_delay: float = 2.0,
@@ -209,6 +212,12 @@ def patch(
             split only where predicted faster, kept only where the first decode steps measure
             it faster); an int forces kv heads ``0..cpu_heads``; 0 turns it off (see
             ``HeadInferCache`` and its ``share_plan()``).
+        kv_dtype: how the caches ``generate()`` makes hold keys and values: ``"exact"`` (the
+            default) as the model computes them; ``"int8"`` (opt-in, lossy) 8-bit, with a
+            bfloat16 scale per group of at most 32 values of each token's key or value
+            vector: about half the bytes per token of bfloat16 (a quarter of float32), so
+            about twice the context fits the same host memory (README's "8-bit KV cache":
+            the measured loss).
         host_memory_limit: bytes each cache may reserve (an int or a size like ``"64GiB"``;
             default: what the host has).
         progress: show a progress bar over prefill chunks when prefill takes a while
@@ -231,6 +240,7 @@ def patch(
     budget = check_gpu_budget(gpu_budget)
     host_memory_limit = check_size(host_memory_limit, "host_memory_limit")
     cpu_heads = check_cpu_heads(cpu_heads, spec.num_kv_heads)
+    kv_dtype = check_kv_dtype(kv_dtype)
     param = next(model.parameters(), None)
     if param is not None:
         check_device(param, "the model")
@@ -245,6 +255,7 @@ def patch(
         settings.host_memory_limit = host_memory_limit
         settings.gpu_budget = budget
         settings.cpu_heads = cpu_heads
+        settings.kv_dtype = kv_dtype
         settings.progress = progress
         settings.progress_delay = progress_delay
         return model
@@ -258,6 +269,7 @@ def patch(
         host_memory_limit=host_memory_limit,
         gpu_budget=budget,
         cpu_heads=cpu_heads,
+        kv_dtype=kv_dtype,
         progress=progress,
         progress_delay=progress_delay,
         cache_name=cache_kwarg_name(model),
@@ -280,11 +292,12 @@ def patch(
     model.__class__ = _patched_class(type(model))
     model.__dict__.setdefault(_WITH, _WithState()).pending = before
     logger.info(
-        "patched %s (%s), chunk_size=%d, block_size=%s",
+        "patched %s (%s), chunk_size=%d, block_size=%s, kv_dtype=%s",
         type(model).__name__,
         spec.family,
         chunk_size,
         block_size or "auto",
+        kv_dtype,
     )
     return model
 

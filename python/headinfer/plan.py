@@ -18,17 +18,20 @@ Floors, at the rates of ``floor_rates`` (the H200's, or this machine's measured 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
 from .floor_rates import Rates
 from .host_memory import mem_available as _mem_available
+from .kv_dtype import KV_DTYPES, check_kv_dtype, kv_row_bytes
 from .planner import DEFAULT_CONTEXT_BYTES, DEFAULT_MARGIN, DEFAULT_STAGING_CAP, plan_figures
 from .spec import ModelSpec, model_spec, rank_spec
 
 __all__ = [
     "CONTEXT_SEARCH_LIMIT",
     "DEFAULT_CHUNK_SIZE",
+    "KV_DTYPES",
     "SPLITS",
     "attention_flops",
     "default_budget",
@@ -188,6 +191,7 @@ def _phases(
     context: int,
     chunk_size: int,
     gpu_budget: int,
+    row_bytes: int,
 ) -> dict[str, dict[str, Any]]:
     phases = {
         phase: plan_figures(
@@ -200,7 +204,8 @@ def _phases(
             # As the runtime does where NVML cannot measure it: the CUDA context comes first.
             gpu_budget=max(gpu_budget - DEFAULT_CONTEXT_BYTES, 0),
             prefill=phase == "prefill",
-        ).to_dict()
+            kv_row_bytes=row_bytes,
+        )
         for phase in ("prefill", "decode")
     }
     for figures in phases.values():
@@ -236,12 +241,16 @@ def make_plan(
     label: str | None = None,
     gpus: int = 1,
     split: str = "layers",
+    kv_dtype: str = "exact",
+    params: int | None = None,
 ) -> dict[str, Any]:
     """Every figure of ``headinfer plan``, from the config alone (JSON-ready, bytes as ints).
 
     ``prefill`` and ``decode`` are the Rust planner's splits of ``gpu_budget`` for the two
     phases (the runtime replans when the phase changes: decode needs no staging, so more KV
-    stays on the GPU). Weights: ``parameter_count(config)`` elements of ``dtype``.
+    stays on the GPU). Weights: ``parameter_count(config)`` elements of ``dtype``; KV:
+    ``kv_dtype``'s bytes per token (``"exact"``: ``dtype``; ``"int8"``: 8-bit with scales).
+    ``params``: ``parameter_count(config)`` where the caller counted it already.
 
     With ``gpus > 1`` the model is spread over that many GPUs (``split``: see ``gpu_shares``),
     ``gpu_budget`` is each GPU's, and ``per_gpu`` holds each GPU's plan; ``prefill`` and
@@ -256,10 +265,12 @@ def make_plan(
         raise ValueError(f"chunk_size: must be positive, got {chunk_size}")
     rates = rates or Rates()
     dtype = parse_dtype(dtype)
+    kv_dtype = check_kv_dtype(kv_dtype)
     elem = _ELEM_BYTES[dtype]
     spec = model_spec(config)
+    row_bytes = kv_row_bytes(spec.head_dim, dtype, kv_dtype)
     text = _text_config(config)
-    params = parameter_count(config)
+    params = parameter_count(config) if params is None else params
     weight_bytes = params * elem
     per_gpu = []
     for share in gpu_shares(config, spec, params, gpus, split):
@@ -272,6 +283,7 @@ def make_plan(
             context=context,
             chunk_size=chunk_size,
             gpu_budget=gpu_budget,
+            row_bytes=row_bytes,
         )
         share.update(
             num_layers=sub.num_layers,
@@ -307,6 +319,7 @@ def make_plan(
         "full_attention_layers": len(full),
         "max_position_embeddings": spec.max_positions,
         "dtype": dtype,
+        "kv_dtype": kv_dtype,
         "elem_bytes": elem,
         "params": params,
         "weight_bytes": weight_bytes,
@@ -315,7 +328,7 @@ def make_plan(
         "gpu_budget": gpu_budget,
         "margin_bytes": DEFAULT_MARGIN,
         "staging_cap": DEFAULT_STAGING_CAP,
-        "kv_bytes_per_token_layer": 2 * spec.num_kv_heads * spec.head_dim * elem,
+        "kv_bytes_per_token_layer": 2 * spec.num_kv_heads * row_bytes,
         "kv_total_bytes": phases["prefill"]["kv_total_bytes"],
         "prefill": phases["prefill"],
         "decode": phases["decode"],
@@ -390,6 +403,7 @@ def longest_context(
     resident: bool = False,
     gpus: int = 1,
     split: str = "layers",
+    kv_dtype: str = "exact",
 ) -> int | None:
     """The longest context, in tokens, whose plan fits ``gpu_budget`` and ``host_bytes``.
 
@@ -399,6 +413,7 @@ def longest_context(
     on the GPU). Returns 0 when not even one token fits, ``None`` when there is no limit below
     ``CONTEXT_SEARCH_LIMIT`` tokens (no RAM figure, or only sliding-window layers).
     """
+    params = parameter_count(config)  # once, not once per context tried
 
     def ok(context: int) -> bool:
         plan = make_plan(
@@ -409,6 +424,8 @@ def longest_context(
             dtype=dtype,
             gpus=gpus,
             split=split,
+            kv_dtype=kv_dtype,
+            params=params,
         )
         if not plan["prefill"]["fits_gpu"]:
             return False
@@ -442,9 +459,16 @@ def default_budget() -> tuple[int, str]:
     return DEFAULT_BUDGET_WITHOUT_GPU, "24 GiB (no GPU here; set --gpu-budget)"
 
 
-def longest_figures(config: Any, plan: dict[str, Any], host_bytes: int | None) -> dict[str, Any]:
+def longest_figures(
+    config: Any,
+    plan: dict[str, Any],
+    host_bytes: int | None,
+    kv_dtypes: Sequence[str] = (),
+) -> dict[str, Any]:
     """``plan``'s ``longest_context`` entry: the longest context under its budget and
-    ``host_bytes`` of host RAM, and the longest with no KV on the host."""
+    ``host_bytes`` of host RAM (``with_host``), and the longest with no KV on the host
+    (``resident``), in the plan's ``kv_dtype``; ``by_kv_dtype``: both figures for each of
+    ``kv_dtypes`` too (``headinfer plan`` gives ``KV_DTYPES``: what 8-bit KV would hold)."""
     kwargs = {
         "gpu_budget": plan["gpu_budget"],
         "chunk_size": plan["chunk_size"],
@@ -452,8 +476,18 @@ def longest_figures(config: Any, plan: dict[str, Any], host_bytes: int | None) -
         "gpus": plan.get("gpus", 1),
         "split": plan.get("split", "layers"),
     }
+    own = plan.get("kv_dtype", "exact")
+    by_kv_dtype = {}
+    for kv_dtype in dict.fromkeys((own, *kv_dtypes)):
+        by_kv_dtype[kv_dtype] = {
+            "with_host": longest_context(
+                config, host_bytes=host_bytes, kv_dtype=kv_dtype, **kwargs
+            ),
+            "resident": longest_context(config, resident=True, kv_dtype=kv_dtype, **kwargs),
+        }
     return {
-        "with_host": longest_context(config, host_bytes=host_bytes, **kwargs),
-        "resident": longest_context(config, resident=True, **kwargs),
+        **by_kv_dtype[own],
         "host_bytes": host_bytes,
+        "kv_dtype": own,
+        "by_kv_dtype": by_kv_dtype,
     }

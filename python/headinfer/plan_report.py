@@ -34,6 +34,7 @@ def _seconds(s: float) -> str:
 def render_plan(plan: dict[str, Any]) -> str:
     """The human-readable report of ``make_plan`` (and ``machine`` figures, if present)."""
     p, d = plan["prefill"], plan["decode"]
+    kv_dtype = plan.get("kv_dtype", "exact")
     windows = sorted({w for w in plan["windows"] if w is not None})
     sliding = plan["num_layers"] - plan["full_attention_layers"]
     geometry = (
@@ -43,7 +44,8 @@ def render_plan(plan: dict[str, Any]) -> str:
     )
     lines = [
         f"model     {plan['model']} ({plan['family']}): {geometry}, "
-        f"{_count(plan['params'])} parameters, {plan['dtype']}",
+        f"{_count(plan['params'])} parameters, {plan['dtype']}"
+        + (f", {kv_dtype} KV" if kv_dtype != "exact" else ""),
     ]
     ctx = f"context   {plan['context']:,} tokens"
     limit = plan["max_position_embeddings"]
@@ -81,6 +83,7 @@ def render_plan(plan: dict[str, Any]) -> str:
     per_token = plan["kv_bytes_per_token_layer"] * plan["num_layers"]
     lines.append(
         f"  (KV: {per_token:,} bytes per token over all layers"
+        + (f", {kv_dtype} with its scales" if kv_dtype != "exact" else "")
         + (", window layers hold at most window + chunk" if sliding else "")
         + ")"
     )
@@ -180,11 +183,21 @@ def _render_longest(longest: dict[str, Any]) -> str:
         else "this budget (host RAM unknown: no limit from it)"
     )
     resident = longest["resident"]
-    return f"longest context: {_tokens(longest['with_host'])} tokens ({where}); " + (
+    line = f"longest context: {_tokens(longest['with_host'])} tokens ({where}); " + (
         f"{_tokens(resident)} with every KV byte on the GPU"
         if resident
         else "none with every KV byte on the GPU"
     )
+    by_kv_dtype = longest.get("by_kv_dtype") or {}
+    if len(by_kv_dtype) < 2:
+        return line
+    rows = [line, f"  {'KV dtype':<12}{'with host RAM':>20}{'all KV on the GPU':>22}"]
+    for kv_dtype, figures in by_kv_dtype.items():
+        rows.append(
+            f"  {kv_dtype:<12}{_tokens(figures['with_host']):>20}"
+            f"{_tokens(figures['resident']) if figures['resident'] else 'none':>22}"
+        )
+    return "\n".join(rows)
 
 
 #: The parts of the GPU budget in the plot, bottom to top: (plan key, label, colour).
@@ -253,7 +266,11 @@ def plot_plan(
     bars.set_ylabel("GiB")
     tallest = max(sum(plan[p][k] for k, _, _ in _PARTS) + plan[p]["kv_host_bytes"] for p in phases)
     bars.set_ylim(0, max(tallest / gib, budget) * 1.2)
-    bars.set_title(f"{plan['model']}: {plan['context']:,} tokens, {plan['dtype']}")
+    kv = plan.get("kv_dtype", "exact")
+    bars.set_title(
+        f"{plan['model']}: {plan['context']:,} tokens, {plan['dtype']}"
+        + (f", {kv} KV" if kv != "exact" else "")
+    )
     bars.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
 
     # Longest context against the GPU budget: from what weights, working set and margin need,
@@ -266,6 +283,7 @@ def plot_plan(
         "dtype": plan["dtype"],
         "gpus": plan.get("gpus", 1),
         "split": plan.get("split", "layers"),
+        "kv_dtype": plan.get("kv_dtype", "exact"),
     }
     resident = [
         longest_context(config, gpu_budget=int(b), resident=True, **kwargs) for b in budgets

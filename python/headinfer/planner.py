@@ -16,6 +16,7 @@ import torch
 
 from . import _core
 from .errors import OutOfDeviceMemoryError
+from .kv_dtype import kv_row_bytes as row_bytes
 from .share import (
     REPROBE_ENV,
     ShareRates,
@@ -85,7 +86,8 @@ def plan_figures(
     prefill: bool = True,
     margin: int = DEFAULT_MARGIN,
     staging_cap: int = DEFAULT_STAGING_CAP,
-) -> _core.Plan:
+    kv_row_bytes: int | None = None,
+) -> dict[str, Any]:
     """The Rust planner's split of ``gpu_budget`` bytes for ``context`` tokens; pure arithmetic.
 
     The one call into ``_core.plan`` that both the runtime (``plan_memory``) and
@@ -95,11 +97,16 @@ def plan_figures(
         config: the model's (text) config: ``hidden_size``, ``intermediate_size``,
             ``vocab_size``.
         spec: its ``ModelSpec`` (layers, heads, head size, windows).
-        elem_bytes: bytes per element of activations and KV.
+        elem_bytes: bytes per element of activations (and of the prefill's staged KV, which
+            readers dequantize into the model's dtype).
         weight_bytes: bytes of the weights on the GPU.
+        kv_row_bytes: bytes the store holds per token per kv head for its keys (as many for
+            its values): ``kv_dtype.kv_row_bytes``. Default: ``head_dim * elem_bytes`` (the
+            exact format).
 
     Returns:
-        ``_core.plan``'s typed ``Plan`` (``.to_dict()`` for JSON).
+        ``_core.plan``'s figures (``Plan.to_dict()``), its KV bytes counted in
+        ``kv_row_bytes`` rows.
     """
     if hasattr(config, "get_text_config"):  # a multimodal wrapper's figures are its text tower's
         config = config.get_text_config(decoder=True)
@@ -118,7 +125,7 @@ def plan_figures(
         weight_bytes=weight_bytes,
         windows=list(spec.windows),
     )
-    return _core.plan(
+    figures = _core.plan(
         shape,
         context=max(context, 1),
         chunk_size=chunk_size,
@@ -126,7 +133,23 @@ def plan_figures(
         margin=margin,
         staging_cap=staging_cap,
         prefill=prefill,
+    ).to_dict()
+    exact_row = spec.head_dim * elem_bytes
+    if kv_row_bytes is not None and kv_row_bytes != exact_row:
+        _recount_kv(figures, gpu_budget, exact_row, kv_row_bytes)
+    return figures
+
+
+def _recount_kv(figures: dict[str, Any], gpu_budget: int, exact_row: int, row: int) -> None:
+    # The Rust planner counts the KV at `exact_row` bytes per token and kv head; the same
+    # tokens in rows of `row` bytes, on the GPU as far as the room it left (the budget less
+    # what it gave everything else) holds them, the rest on the host.
+    total = figures["kv_total_bytes"] // exact_row * row
+    fixed = sum(
+        figures[k] for k in ("weight_bytes", "activation_bytes", "staging_bytes", "margin_bytes")
     )
+    device = min(max(gpu_budget - fixed, 0), total)
+    figures.update(kv_total_bytes=total, kv_device_bytes=device, kv_host_bytes=total - device)
 
 
 def _config_int(config: Any, name: str, default: int) -> int:
@@ -197,6 +220,7 @@ def plan_memory(
     gpu_budget: int | None,
     held_by_store: int = 0,
     prefill: bool = True,
+    kv_dtype: str = "exact",
 ) -> GpuPlan:
     """Split the GPU budget for ``context`` tokens (the Rust planner in ``src/plan.rs``).
 
@@ -205,7 +229,8 @@ def plan_memory(
     first, and the rest is split between torch (weights, working set, staging, margin) and the
     store's KV blocks. The default budget is everything this process could use (free memory
     plus what torch and the store already hold). A prefill needs room for a chunk's activations
-    and the staging buffers; decode gives that room to the KV.
+    and the staging buffers; decode gives that room to the KV. The KV bytes are counted in
+    ``kv_dtype`` (``"exact"`` or ``"int8"``).
 
     Raises:
         OutOfDeviceMemoryError: the budget cannot hold the weights, the working set of this
@@ -223,6 +248,7 @@ def plan_memory(
         # Free memory already excludes the context and everything else the driver holds.
         fixed, how = 0, "outside the default budget"
         budget = free + held_by_torch + held_by_store
+    dtype_name = str(dtype).removeprefix("torch.")
     figures = plan_figures(
         config,
         spec,
@@ -232,7 +258,8 @@ def plan_memory(
         chunk_size=chunk_size,
         gpu_budget=max(budget, 0),
         prefill=prefill,
-    ).to_dict()
+        kv_row_bytes=row_bytes(spec.head_dim, dtype_name, kv_dtype),
+    )
     figures["context_bytes"] = fixed
     need = weights + figures["activation_bytes"] + figures["staging_bytes"] + DEFAULT_MARGIN
     if budget < need:

@@ -24,6 +24,8 @@ class PatchSettings:
     host_memory_limit: int | None
     gpu_budget: int | dict[int, int] | None
     cpu_heads: int | str | None
+    #: ``"exact"`` or ``"int8"`` (``kv_dtype.KV_DTYPES``): how the caches it makes store KV.
+    kv_dtype: str
     progress: bool
     progress_delay: float
     #: The model forward's keyword for the cache: "cache" (>= 5.24) or "past_key_values".

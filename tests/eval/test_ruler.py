@@ -179,6 +179,7 @@ def test_run_headinfer_matches_standard_attention(
     assert summary["benchmark"] == "ruler" and summary["samples_file"] == "ruler.jsonl"
     assert summary["config"]["model"] == "smollm2" and summary["config"]["chunk_size"] == 1024
     assert summary["config"]["dtype"] == "float32" and summary["config"]["gpu_budget"] is None
+    assert summary["config"]["kv_dtype"] == "exact"
     assert summary["versions"]["headinfer"] == headinfer.__version__
     assert summary["versions"]["torch"] and summary["versions"]["transformers"]
     assert "T" in summary["date"]
@@ -210,6 +211,7 @@ def test_run_more_tasks_at_1k(
 def test_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     cases = [["--tasks", "nope"], ["--lengths", "1024,x"], ["--lengths", "0"]]
     cases += [["--device", "mps"], ["--dtype", "int8"], ["--gpu-budget", "lots"]]
+    cases += [["--kv-dtype", "fp8"]]
     for argv in cases:
         with pytest.raises(SystemExit) as exc:
             ruler.main(argv)
@@ -217,6 +219,28 @@ def test_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert "unknown task(s) nope" in err and "comma-separated integers" in err
     assert "not 'mps'" in err and "bf16, fp16 or fp32" in err and "20GiB" in err
+    assert "--kv-dtype: invalid choice: 'fp8'" in err
+
+
+def test_kv_dtype_reaches_the_patch() -> None:
+    # --kv-dtype int8: the runs through headinfer use int8 caches; standard attention is the
+    # model unpatched (its own exact cache), as --compare standard runs it.
+    from _tiny import tiny_model
+
+    from headinfer.eval._common import Generator
+
+    args = ruler._parser().parse_args(["--kv-dtype", "int8"])
+    assert args.kv_dtype == "int8"
+    assert ruler._parser().parse_args([]).kv_dtype == "exact"
+    model = tiny_model("llama")
+    with Generator(model, None, 64, "cpu", kv_dtype=args.kv_dtype) as generator:
+        generator._use_headinfer(True)
+        assert model._headinfer.kv_dtype == "int8"
+        generator._use_headinfer(False)
+        assert not headinfer.is_patched(model)
+        generator._use_headinfer(True)
+        assert model._headinfer.kv_dtype == "int8"
+    assert not headinfer.is_patched(model)
 
 
 def test_dtype_short_names() -> None:

@@ -2,7 +2,8 @@
 headinfer and through standard attention, command-line options and JSON lines output.
 
 ``Generator`` runs one model both ways: ``generate(ids, n)`` through headinfer (the model is
-patched with ``headinfer.patch(model, chunk_size=...)``), ``generate(ids, n, standard=True)``
+patched with ``headinfer.patch(model, chunk_size=..., kv_dtype=...)``), ``generate(ids, n,
+standard=True)``
 through the same model unpatched (standard attention, transformers' own cache). It patches and
 unpatches the model as needed and ``close()`` leaves it as it found it.
 """
@@ -176,6 +177,8 @@ class Generator:
         tokenizer: its tokenizer (for decoding).
         chunk_size: headinfer's prefill chunk, in tokens.
         device: where the inputs go (the model's device).
+        gpu_budget: ``patch``'s ``gpu_budget``.
+        kv_dtype: ``patch``'s ``kv_dtype``: ``"exact"`` or ``"int8"``.
     """
 
     def __init__(
@@ -185,6 +188,7 @@ class Generator:
         chunk_size: int,
         device: str,
         gpu_budget: int | None = None,
+        kv_dtype: str = "exact",
     ) -> None:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size: must be positive, got {chunk_size}")
@@ -196,19 +200,28 @@ class Generator:
             # Spread over GPUs (--gpus, torchrun): inputs go to the first layer's, or this rank's.
             self.device = str(model.device)
         self.gpu_budget = gpu_budget
+        self.kv_dtype = kv_dtype
         self._was_patched = headinfer.is_patched(model)
         self._announced = False
+
+    def _patch(self) -> None:
+        headinfer.patch(
+            self.model,
+            chunk_size=self.chunk_size,
+            gpu_budget=self.gpu_budget,
+            kv_dtype=self.kv_dtype,
+        )
 
     def _use_headinfer(self, on: bool) -> None:
         if on == headinfer.is_patched(self.model):
             return
         if on and not self._announced:
-            headinfer.patch(self.model, chunk_size=self.chunk_size, gpu_budget=self.gpu_budget)
+            self._patch()
             self._announced = True
             return
         with _quiet_library():
             if on:
-                headinfer.patch(self.model, chunk_size=self.chunk_size, gpu_budget=self.gpu_budget)
+                self._patch()
             else:
                 headinfer.unpatch(self.model)
 
@@ -250,7 +263,8 @@ class Generator:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--device``, ``--dtype``, ``--chunk-size``, ``--gpu-budget``, ``-v``."""
+    """``--model``, ``--device``, ``--dtype``, ``--chunk-size``, ``--gpu-budget``,
+    ``--kv-dtype``, ``--gpus``, ``-v``."""
     parser.add_argument(
         "--model",
         default=SMOLLM2,
@@ -268,6 +282,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--chunk-size", type=int, default=4096, help="headinfer's prefill chunk (4096)"
     )
     _command.add_gpu_budget(parser)
+    _command.add_kv_dtype(parser, "headinfer's cache holds")
     parser.add_argument(
         "--gpus",
         type=int,
@@ -297,6 +312,7 @@ def run_config(args: argparse.Namespace, device: str, dtype: torch.dtype) -> dic
             "dtype": str(dtype).removeprefix("torch."),
             "chunk_size": args.chunk_size,
             "gpu_budget": args.gpu_budget,
+            "kv_dtype": args.kv_dtype,
             "gpus": args.gpus,
             "max_new_tokens": args.max_new_tokens,
         },

@@ -353,7 +353,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             max_context = positions - args.max_new_tokens - overhead
             if max_context <= 0:
                 parser.error(f"--max-new-tokens: {args.max_new_tokens} leaves no room for a prompt")
-        generator = Generator(model, tokenizer, args.chunk_size, device, args.gpu_budget)
+        generator = Generator(
+            model, tokenizer, args.chunk_size, device, args.gpu_budget, args.kv_dtype
+        )
         with common.records_file(args.out, "a") as write, generator:
             bar = tqdm(todo, desc="LongBench v2", unit="item", file=sys.stderr)
             for item in bar:

@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     compare = args.compare == "standard"
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    generator = Generator(model, tokenizer, args.chunk_size, device, args.gpu_budget)
+    generator = Generator(model, tokenizer, args.chunk_size, device, args.gpu_budget, args.kv_dtype)
     with common.records_file(args.out, "w") as write, generator:
         bar = tqdm(samples, desc="RULER", unit="sample", file=sys.stderr)
         for sample in bar:
@@ -276,6 +276,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     title = (
         f"RULER: {args.model}, {len(args.tasks)} task(s) x {len(args.lengths)} length(s) x "
         f"{args.samples} sample(s), seed {args.seed}, {device}, chunk_size {args.chunk_size}, "
+        f"kv_dtype {args.kv_dtype}, "
         f"{time.perf_counter() - start:.0f} s"
     )
     if not is_main_rank():  # under torchrun every rank runs; rank 0 prints and writes
