@@ -1,10 +1,12 @@
-// headinfer's GPU kernels, compiled at run time by NVRTC once per (device, dtype, head_dim).
+// headinfer's GPU kernels, compiled at run time by NVRTC once per (device, dtype, head_dim,
+// KV format).
 //
 // Defines set by the compiler call (src/cuda/kernels.rs):
 //   HEAD_DIM   elements per head row
 //   ELEM_BF16 | ELEM_F16 | ELEM_F32   the element type T of K, V, Q and the output
+//   KV_INT8    (optional) the blocks hold 8-bit rows (below); q, k, v inputs and outputs stay T
 //
-// KV rows live in blocks of `block_size` tokens, each block `[block_size, HEAD_DIM]`
+// KV rows live in blocks of `block_size` tokens, each block `[block_size, ROW_KV]` KV units
 // contiguous, in device memory or in mapped pinned host memory (the kernel reads either the
 // same way: the host's through PCIe). A layer's block table is
 // `table[head][block][2]` (key pointer, value pointer), indexed by absolute block number
@@ -51,6 +53,24 @@ __device__ __forceinline__ T from_f(float f) { return f; }
 #define NWARPS 4
 #define NEG_INF (-__int_as_float(0x7f800000))
 
+// What a block row holds. Exact: HEAD_DIM elements of T. KV_INT8 (src/quant.rs writes the same
+// bytes on the CPU): ROW_BYTES bytes, HEAD_DIM int8 values, then one bf16 scale (little-endian)
+// per group of QGROUP = gcd(HEAD_DIM, 32) values, then zeros up to a multiple of 8. A group
+// holds whole VEC-vectors (HEAD_DIM is a multiple of VEC, so QGROUP is), so each lane's VEC
+// values share one scale.
+#if defined(KV_INT8)
+#define QGROUP (HEAD_DIM % 32 == 0 ? 32 : HEAD_DIM % 16 == 0 ? 16 : HEAD_DIM % 8 == 0 ? 8 : 4)
+#define NGROUPS (HEAD_DIM / QGROUP)
+#define ROW_BYTES ((HEAD_DIM + 2 * NGROUPS + 7) / 8 * 8)
+typedef unsigned char KV;
+#define ROW_KV ROW_BYTES
+static_assert(HEAD_DIM % QGROUP == 0 && QGROUP % VEC == 0, "a group holds whole vectors");
+static_assert(QGROUP == Q8_GROUP && ROW_BYTES == Q8_ROW_BYTES, "src/quant.rs's row layout");
+#else
+typedef T KV;
+#define ROW_KV HEAD_DIM
+#endif
+
 // Kv heads 0..heads leave their keys from from[h] on to the CPU (attention over host memory
 // computed there at the same time); the kernel reads only the keys before.
 #define MAX_CPU_HEADS 16
@@ -63,14 +83,14 @@ struct CpuShare {
 // Bit 0 of a block's key address in the table marks a host block (mapped pinned memory);
 // block addresses are 16-byte aligned, so the bit is free. Every reader masks it off.
 #define HOST_BIT 1ull
-__device__ __forceinline__ const T* addr(u64 e) { return (const T*)(e & ~HOST_BIT); }
+__device__ __forceinline__ const KV* addr(u64 e) { return (const KV*)(e & ~HOST_BIT); }
 
 struct KvSrc {
     const u64* table;  // [heads][max_blocks][2], or 0 for dense
     int max_blocks;
     int block_size;
-    const T* k;        // dense only
-    const T* v;
+    const KV* k;       // dense only (exact kernels only: int8 KV lives in blocks)
+    const KV* v;
     long long s0, s1;  // dense only: element strides of head and position
 };
 
@@ -92,14 +112,14 @@ struct TableRows {
         }
     }
     // Whether key `pos` is read here; its rows in *k, *v.
-    __device__ __forceinline__ bool at(long long pos, const T** k, const T** v) {
+    __device__ __forceinline__ bool at(long long pos, const KV** k, const KV** v) {
         if (!s.table) {
             *k = s.k + h * s.s0 + pos * s.s1;
             *v = s.v + h * s.s0 + pos * s.s1;
             return true;
         }
         load(pos / s.block_size);
-        long long off = (pos % s.block_size) * HEAD_DIM;
+        long long off = (pos % s.block_size) * ROW_KV;
         *k = addr(ek) + off;
         *v = addr(ev) + off;
         return !(skip_host && (ek & HOST_BIT));
@@ -118,12 +138,12 @@ struct TableRows {
 
 // Contiguous rows of one kv head from position pos0 on (a staged copy in device memory).
 struct FlatRows {
-    const T* k;
-    const T* v;
+    const KV* k;
+    const KV* v;
     long long pos0;
-    __device__ __forceinline__ bool at(long long pos, const T** kr, const T** vr) {
-        *kr = k + (pos - pos0) * HEAD_DIM;
-        *vr = v + (pos - pos0) * HEAD_DIM;
+    __device__ __forceinline__ bool at(long long pos, const KV** kr, const KV** vr) {
+        *kr = k + (pos - pos0) * ROW_KV;
+        *vr = v + (pos - pos0) * ROW_KV;
         return true;
     }
     __device__ __forceinline__ long long next(long long jw, int, int) { return jw; }
@@ -134,6 +154,52 @@ __device__ __forceinline__ void unpack(const uint4& u, float* f) {
 #pragma unroll
     for (int i = 0; i < VEC; i++) f[i] = to_f(t[i]);
 }
+
+// One lane's load of a block row: the VEC values of vector `vi`. Exact: one 16-byte vector of
+// T. KV_INT8: VEC int8 values (8 or 4 bytes, aligned: ROW_BYTES is a multiple of 8 and VEC
+// divides vi * VEC) and their group's scale, dequantized in registers by unpack_kv.
+#if defined(KV_INT8)
+#if defined(ELEM_F32)
+typedef unsigned QBits;  // VEC = 4 values
+#else
+typedef uint2 QBits;  // VEC = 8 values
+#endif
+struct Packed {
+    QBits q;
+    u16 s;
+};
+__device__ __forceinline__ Packed load_kv(const KV* row, int vi) {
+    Packed p;
+    p.q = *(const QBits*)(row + vi * VEC);
+    p.s = *(const u16*)(row + HEAD_DIM + 2 * (vi * VEC / QGROUP));
+    return p;
+}
+__device__ __forceinline__ Packed zero_kv() {
+    Packed p;
+    p.q = QBits{};
+    p.s = 0;
+    return p;
+}
+__device__ __forceinline__ unsigned qword(const unsigned& q, int) { return q; }
+__device__ __forceinline__ unsigned qword(const uint2& q, int i) { return i == 0 ? q.x : q.y; }
+// Value = (float)q * (float)scale: exact in f32 (7 + 8 significant bits), so every reader that
+// dequantizes gets the same floats.
+__device__ __forceinline__ void unpack_kv(const Packed& p, float* f) {
+    const float s = __uint_as_float(((unsigned)p.s) << 16);
+#pragma unroll
+    for (int i = 0; i < VEC; i++) {
+        const int b = (int)(qword(p.q, i / 4) << (24 - 8 * (i % 4))) >> 24;  // sign-extended
+        f[i] = (float)b * s;
+    }
+}
+#else
+typedef uint4 Packed;
+__device__ __forceinline__ Packed load_kv(const KV* row, int vi) {
+    return *(const uint4*)(row + vi * VEC);
+}
+__device__ __forceinline__ Packed zero_kv() { return make_uint4(0, 0, 0, 0); }
+__device__ __forceinline__ void unpack_kv(const Packed& p, float* f) { unpack(p, f); }
+#endif
 
 // One CTA's attention of R query rows (row0.. of kv head kvh's group x q_len rows) over the
 // keys ka..kb of `rows`, then the CTA's partial written to slot `slot` of `slots`:
@@ -188,22 +254,22 @@ __device__ __forceinline__ void attend_cta(const T* __restrict__ q, long long q_
         if (jw >= kb) break;
         const long long j0 = jw + kslot;
         // Two keys per step, both loads issued before any use: more bytes in flight.
-        uint4 kv[2][VPL], vv[2][VPL];
+        Packed kv[2][VPL], vv[2][VPL];
         bool have[2];
 #pragma unroll
         for (int u = 0; u < 2; u++) {
             long long j = j0 + u * stride;
-            const T *kr, *vr;
+            const KV *kr, *vr;
             have[u] = j < kb && rows.at(j < kb ? j : ka, &kr, &vr);
 #pragma unroll
             for (int v = 0; v < VPL; v++) {
                 int vi = sub + v * LPK;
                 if (have[u] && vi < NV) {
-                    kv[u][v] = *(const uint4*)(kr + vi * VEC);
-                    vv[u][v] = *(const uint4*)(vr + vi * VEC);
+                    kv[u][v] = load_kv(kr, vi);
+                    vv[u][v] = load_kv(vr, vi);
                 } else {
-                    kv[u][v] = make_uint4(0, 0, 0, 0);
-                    vv[u][v] = make_uint4(0, 0, 0, 0);
+                    kv[u][v] = zero_kv();
+                    vv[u][v] = zero_kv();
                 }
             }
         }
@@ -212,8 +278,8 @@ __device__ __forceinline__ void attend_cta(const T* __restrict__ q, long long q_
         for (int u = 0; u < 2; u++) {
 #pragma unroll
             for (int v = 0; v < VPL; v++) {
-                unpack(kv[u][v], kf[u] + v * VEC);
-                unpack(vv[u][v], vf[u] + v * VEC);
+                unpack_kv(kv[u][v], kf[u] + v * VEC);
+                unpack_kv(vv[u][v], vf[u] + v * VEC);
             }
         }
 #pragma unroll
@@ -323,8 +389,8 @@ ATTEND_PARTIAL(4)
 ATTEND_PARTIAL(8)
 
 // Host blocks staged in device memory by the copy engine: each unit is `n` consecutive keys
-// of kv head `head` from position `pos` on, rows contiguous at k and v; it is cut into `subs`
-// pieces of at most `sub_len` keys, each a CTA writing slot `slot + sub`.
+// of kv head `head` from position `pos` on, rows (of ROW_KV) contiguous at k and v; it is cut
+// into `subs` pieces of at most `sub_len` keys, each a CTA writing slot `slot + sub`.
 #define MAX_UNITS 48
 struct Unit {
     u64 k, v;
@@ -351,7 +417,7 @@ __device__ void attend_staged_impl(const T* q, long long q_s0, long long q_s1, i
     if (sub >= u.subs) return;
     const long long ka = u.pos + (long long)sub * units.sub_len;
     const long long kb = min(u.pos + u.n, ka + units.sub_len);
-    FlatRows rows{(const T*)u.k, (const T*)u.v, u.pos};
+    FlatRows rows{(const KV*)u.k, (const KV*)u.v, u.pos};
     attend_cta<R>(q, q_s0, q_s1, q_len, rows, seq_len, ka, kb, u.head, blockIdx.y * R, group,
                   scale, softcap, window, u.slot + sub, slots, o_part, ml_part);
 }
@@ -418,6 +484,106 @@ extern "C" __global__ void merge_partials(const float* __restrict__ o_part,
     out[qh * o_s0 + qi * o_s1 + d] = from_f(O / L);
 }
 
+#if defined(KV_INT8)
+// Quantizes the QGROUP values at x (16-byte aligned) into the int8 bytes at q (4-byte aligned)
+// and returns their scale's bf16 bits, by src/quant.rs's rule (the CPU's bytes are the same):
+// a non-finite value makes the scale NaN; otherwise scale = amax / 127 rounded up to bf16 (so
+// that |x| / scale <= 127; 0 for an all-zero group, or one so small that amax / 127 underflows);
+// q = 0 where the scale is NaN or 0, else clamp(rint(x / scale), -127, 127). The divisions are
+// IEEE (__fdiv_rn, whatever the flags) and the rounding ties to even, so the bytes do not
+// depend on the compiler's choices.
+__device__ __forceinline__ u16 quantize_group(const T* x, KV* q) {
+    float f[QGROUP];
+#pragma unroll
+    for (int i = 0; i < QGROUP / VEC; i++) unpack(*(const uint4*)(x + i * VEC), f + i * VEC);
+    float amax = 0.f;
+    bool finite = true;
+#pragma unroll
+    for (int i = 0; i < QGROUP; i++) {
+        finite &= (__float_as_uint(f[i]) & 0x7f800000u) != 0x7f800000u;
+        amax = fmaxf(amax, fabsf(f[i]));
+    }
+    unsigned s = 0x7fc00000u;  // the scale as f32 bits, low half zero
+    if (finite) {
+        s = __float_as_uint(__fdiv_rn(amax, 127.f));
+        if (s & 0xffffu) s += 0x10000u;  // round up: never a larger |q| than 127
+        s &= 0xffff0000u;
+    }
+    const bool zero = s == 0u || s == 0x7fc00000u;
+    const float sf = __uint_as_float(s);
+#pragma unroll
+    for (int i = 0; i < QGROUP; i += 4) {
+        unsigned w = 0;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int b = zero ? 0 : max(-127, min(127, __float2int_rn(__fdiv_rn(f[i + e], sf))));
+            w |= ((unsigned)b & 0xffu) << (8 * e);
+        }
+        *(unsigned*)(q + i) = w;
+    }
+    return (u16)(s >> 16);
+}
+
+// Writes n tokens of keys and values into their blocks, quantized: one thread per group of
+// QGROUP values of a key row and of a value row; group 0's thread also zeroes the row's tail.
+//   k, v [heads, n, HEAD_DIM] with element strides (s0, s1, 1), 16-byte aligned rows
+// grid ceil(heads * n * NGROUPS / 256), block 256. Token t goes to position pos0 + t.
+extern "C" __global__ void append_kv(const T* __restrict__ k, long long k_s0, long long k_s1,
+                                     const T* __restrict__ v, long long v_s0, long long v_s1,
+                                     int heads, int n, long long pos0, const u64* table,
+                                     int max_blocks, int block_size) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)heads * n * NGROUPS) return;
+    int g = idx % NGROUPS;
+    long long t = (idx / NGROUPS) % n;
+    int h = idx / ((long long)NGROUPS * n);
+    long long pos = pos0 + t;
+    const u64* e = table + ((long long)h * max_blocks + pos / block_size) * 2;
+    long long off = (pos % block_size) * ROW_BYTES;
+    KV* kr = (KV*)addr(e[0]) + off;
+    KV* vr = (KV*)addr(e[1]) + off;
+    const T* kx = k + h * k_s0 + t * k_s1 + g * QGROUP;
+    const T* vx = v + h * v_s0 + t * v_s1 + g * QGROUP;
+    ((u16*)(kr + HEAD_DIM))[g] = quantize_group(kx, kr + g * QGROUP);
+    ((u16*)(vr + HEAD_DIM))[g] = quantize_group(vx, vr + g * QGROUP);
+    if (g == 0) {
+#pragma unroll
+        for (int i = HEAD_DIM + 2 * NGROUPS; i < ROW_BYTES; i++) {
+            kr[i] = 0;
+            vr[i] = 0;
+        }
+    }
+}
+
+// Positions a..a+n of heads h0..h0+heads out of the blocks, dequantized into T (each value
+// (float)q * (float)scale, rounded to T as every other output is).
+//   ko [heads, n, HEAD_DIM] with element strides (k_s0, k_s1, 1), 16-byte aligned rows
+//   vo [heads, n, HEAD_DIM] with element strides (v_s0, v_s1, 1), 16-byte aligned rows
+// grid ceil(heads * n * NV / 256), block 256.
+__device__ __forceinline__ uint4 dequantize_vec(const Packed& p) {
+    float f[VEC];
+    unpack_kv(p, f);
+    uint4 u;
+    T* t = (T*)&u;
+#pragma unroll
+    for (int i = 0; i < VEC; i++) t[i] = from_f(f[i]);
+    return u;
+}
+extern "C" __global__ void gather_kv(const u64* table, int max_blocks, int block_size, int h0,
+                                     int heads, long long a, int n, T* ko, long long k_s0,
+                                     long long k_s1, T* vo, long long v_s0, long long v_s1) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)heads * n * NV) return;
+    int vi = idx % NV;
+    long long t = (idx / NV) % n;
+    int h = idx / ((long long)NV * n);
+    long long pos = a + t;
+    const u64* e = table + ((long long)(h0 + h) * max_blocks + pos / block_size) * 2;
+    long long off = (pos % block_size) * ROW_BYTES;
+    *(uint4*)(ko + h * k_s0 + t * k_s1 + vi * VEC) = dequantize_vec(load_kv(addr(e[0]) + off, vi));
+    *(uint4*)(vo + h * v_s0 + t * v_s1 + vi * VEC) = dequantize_vec(load_kv(addr(e[1]) + off, vi));
+}
+#else
 // Writes n tokens of keys and values into their blocks.
 //   k, v [heads, n, HEAD_DIM] with element strides (s0, s1, 1), 16-byte aligned rows
 // grid ceil(heads * n * NV / 256), block 256. Token t goes to position pos0 + t.
@@ -455,3 +621,4 @@ extern "C" __global__ void gather_kv(const u64* table, int max_blocks, int block
     *(uint4*)(ko + h * k_s0 + t * k_s1 + vi * VEC) = *(const uint4*)(addr(e[0]) + off);
     *(uint4*)(vo + h * v_s0 + t * v_s1 + vi * VEC) = *(const uint4*)(addr(e[1]) + off);
 }
+#endif

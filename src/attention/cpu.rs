@@ -505,6 +505,28 @@ unsafe fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
     m.fill(f32::NEG_INFINITY);
     l.fill(0.0);
 
+    // The online softmax of rows `r0..r1` over a tile's scores (`n` keys from `c0`).
+    macro_rules! softmax {
+        ($n:expr, $c0:expr, $r0:expr, $r1:expr) => {{
+            let (n, c0) = ($n, $c0);
+            for r in $r0..$r1 {
+                let (lo, hi) = bounds[r];
+                let sr: &mut [f32; TK] = (&mut s[r * TK..(r + 1) * TK]).try_into().expect("TK");
+                softmax_tile(
+                    sr,
+                    n,
+                    c0,
+                    lo,
+                    hi,
+                    params.softcap,
+                    &mut m[r],
+                    &mut l[r],
+                    &mut o[r * d..(r + 1) * d],
+                );
+            }
+        }};
+    }
+
     // One tile: keys `kr`, values `vr` (`Rows` of any element type), `n` keys from `c0`,
     // seen by rows `r0..r1`. A macro, not a function: it is instantiated for the store's
     // element type and for f32 (int8 tiles, dequantized first), inside this ISA-compiled body.
@@ -534,21 +556,7 @@ unsafe fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
                     }
                 }
             }
-            for r in r0..r1 {
-                let (lo, hi) = bounds[r];
-                let sr: &mut [f32; TK] = (&mut s[r * TK..(r + 1) * TK]).try_into().expect("TK");
-                softmax_tile(
-                    sr,
-                    n,
-                    c0,
-                    lo,
-                    hi,
-                    params.softcap,
-                    &mut m[r],
-                    &mut l[r],
-                    &mut o[r * d..(r + 1) * d],
-                );
-            }
+            softmax!(n, c0, r0, r1);
             // SAFETY: K's instruction set is the CPU's (this function's contract).
             unsafe {
                 if direct {
@@ -585,8 +593,17 @@ unsafe fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
             let r1 = r0 + bounds[r0..].iter().take_while(|b| sees(b)).count();
             match (seg.k.slice(off, off + n), seg.v.slice(off, off + n)) {
                 (KvRows::Plain(kr), KvRows::Plain(vr)) => tile!(&kr, &vr, n, c0, r0, r1),
+                (KvRows::Int8(kr), KvRows::Int8(vr)) if direct => {
+                    // Few rows (decode): dequantized as the SIMD kernels load them.
+                    // SAFETY: K's instruction set is the CPU's (this function's contract).
+                    unsafe { K::scores(&qf[r0 * d..r1 * d], r1 - r0, &kr, n, &mut s[r0 * TK..]) };
+                    softmax!(n, c0, r0, r1);
+                    // SAFETY: as above.
+                    unsafe { K::pv(&s[r0 * TK..], r1 - r0, &vr, n, &mut o[r0 * d..r1 * d]) };
+                }
                 (KvRows::Int8(kr), KvRows::Int8(vr)) => {
-                    // Dequantized once per tile into f32 (in L1), then the f32 kernels.
+                    // Many rows (prefill): dequantized once per tile into f32 (in L1), then
+                    // the f32 path, which transposes the keys.
                     kr.dequantize(n, &mut kq[..n * d]);
                     vr.dequantize(n, &mut vq[..n * d]);
                     tile!(&f32_rows(kq, n, d), &f32_rows(vq, n, d), n, c0, r0, r1)

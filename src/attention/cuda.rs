@@ -5,6 +5,7 @@ use super::args::{self, Params};
 use crate::cuda::kernels::{AttendLaunch, KvSrc};
 use crate::cuda::Stream;
 use crate::error::{Error, Result};
+use crate::quant::KvFormat;
 use crate::store::{CudaStore, DeviceLayer};
 use crate::tensor::{DType, DevTensor};
 
@@ -92,7 +93,8 @@ pub unsafe fn attend_dense(
     let [hq, lq, d] = q_shape;
     let launch = args::launch(hq, lq, kv.num_kv_heads, kv.kv_len, 0, params, sinks)?;
     let gpu = crate::cuda::gpu(ordinal)?;
-    let kernels = gpu.kernels(dtype, d)?;
+    // Dense keys and values are the caller's tensors, never int8 blocks.
+    let kernels = gpu.kernels(dtype, d, KvFormat::Exact)?;
     let src = KvSrc {
         table: 0,
         max_blocks: 0,

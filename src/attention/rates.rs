@@ -20,6 +20,7 @@ use crate::cuda::kernels::KvSrc;
 use crate::cuda::memory::{DeviceBuf, PinnedBuf};
 use crate::cuda::{driver_err, gpu, Stream};
 use crate::error::{Error, Result};
+use crate::quant::KvFormat;
 use crate::tensor::{DType, DevTensor, Element, View3};
 use cudarc::driver::result as cu;
 use cudarc::driver::sys;
@@ -250,7 +251,7 @@ pub fn measure_gpu(
     }
     let g = gpu(ordinal)?;
     g.bind()?;
-    let kernels = g.kernels(dtype, head_dim)?;
+    let kernels = g.kernels(dtype, head_dim, KvFormat::Exact)?;
     let l2 = g
         .context()
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)

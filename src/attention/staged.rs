@@ -16,7 +16,8 @@ use crate::tensor::DevTensor;
 /// Partial slots per query row that the plan aims at (longer heads get longer CTAs).
 pub const MAX_SLOTS: usize = 128;
 
-/// The plan for `spans` (bytes per key row `row_bytes`) in `ring`'s pieces.
+/// The plan for `spans` (bytes per key row `row_bytes`, as stored: `StoreConfig::row_bytes`,
+/// so an int8 store's pieces carry its 8-bit rows) in `ring`'s pieces.
 pub fn plan(spans: &[StagedSpan], row_bytes: usize, ring: &StagingRing) -> StagingPlan {
     // Each span's `block` becomes its index in `spans`, so units find their addresses at once.
     let s: Vec<_> = spans

@@ -17,11 +17,15 @@
 //! unit tests' tolerance): one that disagrees gives way to the next one down, and the reason
 //! is kept (`choice`, `_core.cpu_isa_failures()`).
 //!
+//! Int8 rows (`Q8Rows`, the 8-bit KV format) go through the same kernels: each vector of
+//! values is sign-extended, converted and multiplied by its group's scale as it loads.
+//!
 //! Every path accumulates in f32; they differ only in summation order. AVX-512's bf16 dot
 //! product (`vdpbf16ps`) is not used: it would need the scaled queries and the probabilities
 //! rounded to bf16, which changes the function.
 
 use super::math::TK;
+use crate::quant::Q8Rows;
 use crate::tensor::{Element, Rows};
 use std::sync::OnceLock;
 
@@ -152,34 +156,177 @@ pub(crate) trait Kernels: Sized {
     ///
     /// # Safety
     /// The CPU supports this instruction set (`Isa::supported`). Lengths are checked here.
-    unsafe fn scores<E: Element>(q: &[f32], rows: usize, k: &Rows<'_, E>, n: usize, s: &mut [f32]);
+    unsafe fn scores<T: Tile>(q: &[f32], rows: usize, k: &T, n: usize, s: &mut [f32]);
 
     /// `o[r] += sum_{j < n} p[r][j] * v.row(j)` for `r < rows`.
     ///
     /// # Safety
     /// As `scores`.
-    unsafe fn pv<E: Element>(p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]);
+    unsafe fn pv<T: Tile>(p: &[f32], rows: usize, v: &T, n: usize, o: &mut [f32]);
+}
+
+/// Key or value rows as the kernels read them: `Rows` of an element type (converted to f32
+/// as they load) or int8 rows (`Q8Rows`, dequantized as they load: each value times its
+/// group's scale, one multiply per vector).
+pub(crate) trait Tile: Sync {
+    /// Values per row.
+    fn width(&self) -> usize;
+    /// Panics unless rows `0..n` are in bounds: what makes the raw loads below safe.
+    fn check(&self, n: usize);
+    /// Row `j`, columns `i..i + w` (`w <= L::N`; `i` a multiple of `L::N`), as f32 lanes;
+    /// the lanes past `w` are zero.
+    ///
+    /// # Safety
+    /// As `Lanes`; row `j` was checked (`check`) and the columns are below `width`.
+    unsafe fn load<L: Lanes>(&self, j: usize, i: usize, w: usize) -> L::V;
+    /// Row `j`'s value `i` as f32 (tests).
+    #[cfg(test)]
+    fn value(&self, j: usize, i: usize) -> f32;
+    /// `Kernels::scores`, portable.
+    fn scalar_scores(&self, q: &[f32], rows: usize, n: usize, s: &mut [f32]);
+    /// `Kernels::pv`, portable.
+    fn scalar_pv(&self, p: &[f32], rows: usize, n: usize, o: &mut [f32]);
+}
+
+impl<E: Element> Tile for Rows<'_, E> {
+    #[inline(always)]
+    fn width(&self) -> usize {
+        self.width
+    }
+
+    #[inline(always)]
+    fn check(&self, n: usize) {
+        assert!(
+            n <= TK && n <= self.len,
+            "{n} keys of a tile of {} rows",
+            self.len
+        );
+        assert!(self.stride >= self.width);
+        assert!(n == 0 || (n - 1) * self.stride + self.width <= self.data.len());
+    }
+
+    #[inline(always)]
+    unsafe fn load<L: Lanes>(&self, j: usize, i: usize, w: usize) -> L::V {
+        // SAFETY: by the contract, row j's columns i..i + w are in bounds.
+        unsafe { load_w::<L, E>(self.data.as_ptr().add(j * self.stride + i), w) }
+    }
+
+    #[cfg(test)]
+    fn value(&self, j: usize, i: usize) -> f32 {
+        self.row(j)[i].to_f32()
+    }
+
+    fn scalar_scores(&self, q: &[f32], rows: usize, n: usize, s: &mut [f32]) {
+        scalar_scores(q, rows, self, n, s)
+    }
+
+    fn scalar_pv(&self, p: &[f32], rows: usize, n: usize, o: &mut [f32]) {
+        scalar_pv(p, rows, self, n, o)
+    }
+}
+
+impl Tile for Q8Rows<'_> {
+    #[inline(always)]
+    fn width(&self) -> usize {
+        self.fmt.head_dim
+    }
+
+    #[inline(always)]
+    fn check(&self, n: usize) {
+        assert!(
+            n <= TK && n <= self.len,
+            "{n} keys of a tile of {} rows",
+            self.len
+        );
+        assert!(self.data.len() >= n * self.fmt.row_bytes());
+    }
+
+    #[inline(always)]
+    unsafe fn load<L: Lanes>(&self, j: usize, i: usize, w: usize) -> L::V {
+        let fmt = self.fmt;
+        // SAFETY: by the contract, row j is in bounds; its values i..i + w and the scales of
+        // their groups lie within its `row_bytes`.
+        unsafe {
+            let row = self.data.as_ptr().add(j * fmt.row_bytes());
+            let scale = |c: usize| {
+                let at = row.add(fmt.head_dim + 2 * (c / fmt.group)) as *const u16;
+                f32::from_bits((at.read_unaligned() as u32) << 16)
+            };
+            let s = if fmt.group.is_multiple_of(L::N) || w <= fmt.group - i % fmt.group {
+                // The lanes share one group (the common case: groups of 32 or 16).
+                L::splat(scale(i))
+            } else {
+                let mut f = [0f32; 16];
+                for (c, x) in f.iter_mut().enumerate().take(w) {
+                    *x = scale(i + c);
+                }
+                load_w::<L, f32>(f.as_ptr(), L::N)
+            };
+            L::mul(L::load_i8(row.add(i) as *const i8, w), s)
+        }
+    }
+
+    #[cfg(test)]
+    fn value(&self, j: usize, i: usize) -> f32 {
+        let row = self.row(j);
+        (row[i] as i8) as f32 * self.fmt.scale(row, i / self.fmt.group)
+    }
+
+    fn scalar_scores(&self, q: &[f32], rows: usize, n: usize, s: &mut [f32]) {
+        let (d, g) = (self.fmt.head_dim, self.fmt.group);
+        self.check(n);
+        assert!(q.len() >= rows * d && s.len() >= rows.saturating_sub(1) * TK + n);
+        for j in 0..n {
+            let row = self.row(j);
+            for r in 0..rows {
+                let qr = &q[r * d..(r + 1) * d];
+                let mut acc = 0f32;
+                for (gi, (qs, ks)) in qr.chunks_exact(g).zip(row[..d].chunks_exact(g)).enumerate() {
+                    let dot: f32 = qs.iter().zip(ks).map(|(a, &b)| a * (b as i8) as f32).sum();
+                    acc += dot * self.fmt.scale(row, gi);
+                }
+                s[r * TK + j] = acc;
+            }
+        }
+    }
+
+    fn scalar_pv(&self, p: &[f32], rows: usize, n: usize, o: &mut [f32]) {
+        let (d, g) = (self.fmt.head_dim, self.fmt.group);
+        self.check(n);
+        assert!(p.len() >= rows.saturating_sub(1) * TK + n && o.len() >= rows * d);
+        for j in 0..n {
+            let row = self.row(j);
+            for r in 0..rows {
+                let pj = p[r * TK + j];
+                let orow = &mut o[r * d..(r + 1) * d];
+                for (gi, (os, vs)) in orow
+                    .chunks_exact_mut(g)
+                    .zip(row[..d].chunks_exact(g))
+                    .enumerate()
+                {
+                    let c = pj * self.fmt.scale(row, gi);
+                    for (y, &x) in os.iter_mut().zip(vs) {
+                        *y += c * (x as i8) as f32;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Panics unless `rows` rows of `a` (`a_width` each), `n` rows of `kv` and `rows` rows of
 /// `b` (`b_width` each) are in bounds: what makes the raw-pointer loops below safe.
 #[inline(always)]
-fn check_lengths<E>(
+fn check_lengths<T: Tile>(
     a: &[f32],
     a_width: usize,
     rows: usize,
-    kv: &Rows<'_, E>,
+    kv: &T,
     n: usize,
     b: &[f32],
     b_width: usize,
 ) {
-    assert!(
-        n <= TK && n <= kv.len,
-        "{n} keys of a tile of {} rows",
-        kv.len
-    );
-    assert!(kv.stride >= kv.width);
-    assert!(n == 0 || (n - 1) * kv.stride + kv.width <= kv.data.len());
+    kv.check(n);
     assert!(a.len() >= rows * a_width && b.len() >= rows * b_width);
 }
 
@@ -189,12 +336,12 @@ pub(crate) struct Scalar;
 impl Kernels for Scalar {
     const FMA: bool = false;
 
-    unsafe fn scores<E: Element>(q: &[f32], rows: usize, k: &Rows<'_, E>, n: usize, s: &mut [f32]) {
-        scalar_scores(q, rows, k, n, s)
+    unsafe fn scores<T: Tile>(q: &[f32], rows: usize, k: &T, n: usize, s: &mut [f32]) {
+        k.scalar_scores(q, rows, n, s)
     }
 
-    unsafe fn pv<E: Element>(p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]) {
-        scalar_pv(p, rows, v, n, o)
+    unsafe fn pv<T: Tile>(p: &[f32], rows: usize, v: &T, n: usize, o: &mut [f32]) {
+        v.scalar_pv(p, rows, n, o)
     }
 }
 
@@ -296,6 +443,10 @@ pub(crate) trait Lanes {
     unsafe fn load<E: Element>(p: *const E) -> Self::V;
     /// The `n < N` elements at `p`, as f32, in the first `n` lanes; the others zero.
     unsafe fn load_part<E: Element>(p: *const E, n: usize) -> Self::V;
+    /// `a * b`, per lane.
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    /// The `w <= N` int8 values at `p`, as f32, in the first `w` lanes; the others zero.
+    unsafe fn load_i8(p: *const i8, w: usize) -> Self::V;
     /// Writes the `N` lanes to `p`.
     unsafe fn store(p: *mut f32, v: Self::V);
     /// Writes the first `n < N` lanes to `p`.
@@ -324,16 +475,16 @@ macro_rules! simd_kernels {
     // `Kernels::scores` (`a`: `q`, `b`: `s`) or `Kernels::pv` (`a`: `p`, `b`: `o`).
     (@entry $features:literal, $name:ident, $pv:literal) => {
         #[target_feature(enable = $features)]
-        unsafe fn $name<E: $crate::tensor::Element>(
+        unsafe fn $name<T: $crate::cpu::simd::Tile>(
             a: &[f32],
             rows: usize,
-            kv: &$crate::tensor::Rows<'_, E>,
+            kv: &T,
             n: usize,
             b: &mut [f32],
         ) {
             // SAFETY: compiled for the set, which the caller vouches for; the body checks the
             // lengths.
-            unsafe { $crate::cpu::simd::lanes_kernel::<Self, E, $pv>(a, rows, kv, n, b) }
+            unsafe { $crate::cpu::simd::lanes_kernel::<Self, T, $pv>(a, rows, kv, n, b) }
         }
     };
 }
@@ -395,24 +546,24 @@ unsafe fn store_w<L: Lanes>(p: *mut f32, w: usize, v: L::V) {
 /// As `Lanes` (compiled into the set's entry point, on a CPU with the set). Lengths are
 /// checked here.
 #[inline(always)]
-pub(crate) unsafe fn lanes_kernel<L: Lanes, E: Element, const PV: bool>(
+pub(crate) unsafe fn lanes_kernel<L: Lanes, T: Tile, const PV: bool>(
     a: &[f32],
     rows: usize,
-    kv: &Rows<'_, E>,
+    kv: &T,
     n: usize,
     b: &mut [f32],
 ) {
-    let d = kv.width;
+    let d = kv.width();
     let (aw, bw) = if PV { (TK, d) } else { (d, TK) };
     check_lengths(a, aw, rows, kv, n, b, bw);
-    let (a, kvp, kvs, b) = (a.as_ptr(), kv.data.as_ptr(), kv.stride, b.as_mut_ptr());
+    let (a, b) = (a.as_ptr(), b.as_mut_ptr());
     for r0 in (0..rows).step_by(4) {
         let rb = (rows - r0).min(4);
         // SAFETY: rows r0..r0 + rb of a and b and the n rows of kv are in bounds (checked
         // above); the set is the CPU's by the contract.
         unsafe {
             let (a, b) = (a.add(r0 * aw), b.add(r0 * bw));
-            by_rows!(L::WIDE, rb, row_block::<L, E, PV>(a, d, kvp, kvs, n, b))
+            by_rows!(L::WIDE, rb, row_block::<L, T, PV>(a, d, kv, n, b))
         }
     }
 }
@@ -422,34 +573,32 @@ pub(crate) unsafe fn lanes_kernel<L: Lanes, E: Element, const PV: bool>(
 /// # Safety
 /// As `lanes_kernel`, for `R` rows.
 #[inline(always)]
-unsafe fn row_block<L: Lanes, E: Element, const PV: bool, const R: usize, const J: usize>(
+unsafe fn row_block<L: Lanes, T: Tile, const PV: bool, const R: usize, const J: usize>(
     a: *const f32,
     d: usize,
-    kv: *const E,
-    kvs: usize,
+    kv: &T,
     n: usize,
     b: *mut f32,
 ) {
     // SAFETY: by the contract.
     unsafe {
         if PV {
-            cols::<L, E, R, J>(a, kv, kvs, n, b, d)
+            cols::<L, T, R, J>(a, kv, n, b, d)
         } else {
-            keys::<L, E, R, J>(a, d, kv, kvs, n, b)
+            keys::<L, T, R, J>(a, d, kv, n, b)
         }
     }
 }
 
-/// `R` rows of `q` (`d` apart) against keys `0..n` (`ks` apart), `J` keys at a time.
+/// `R` rows of `q` (`d` apart) against keys `0..n`, `J` keys at a time.
 ///
 /// # Safety
 /// As `lanes_kernel` (scores), for `R` rows.
 #[inline(always)]
-unsafe fn keys<L: Lanes, E: Element, const R: usize, const J: usize>(
+unsafe fn keys<L: Lanes, T: Tile, const R: usize, const J: usize>(
     q: *const f32,
     d: usize,
-    k: *const E,
-    ks: usize,
+    k: &T,
     n: usize,
     s: *mut f32,
 ) {
@@ -457,27 +606,27 @@ unsafe fn keys<L: Lanes, E: Element, const R: usize, const J: usize>(
     // SAFETY: keys j..j + J (then j) are below n: in bounds by the contract.
     unsafe {
         while j + J <= n {
-            block::<L, E, R, J>(q, d, k.add(j * ks), ks, s.add(j));
+            block::<L, T, R, J>(q, d, k, j, s.add(j));
             j += J;
         }
         while j < n {
-            block::<L, E, R, 1>(q, d, k.add(j * ks), ks, s.add(j));
+            block::<L, T, R, 1>(q, d, k, j, s.add(j));
             j += 1;
         }
     }
 }
 
-/// Scores of `R` rows against `J` keys: `s[r * TK + jj]`. The last `d % N` columns are one
-/// partial step.
+/// Scores of `R` rows against keys `j0..j0 + J`: `s[r * TK + jj]`. The last `d % N` columns
+/// are one partial step.
 ///
 /// # Safety
-/// As `lanes_kernel` (scores), for `R` rows and `J` keys.
+/// As `lanes_kernel` (scores), for `R` rows and those `J` keys.
 #[inline(always)]
-unsafe fn block<L: Lanes, E: Element, const R: usize, const J: usize>(
+unsafe fn block<L: Lanes, T: Tile, const R: usize, const J: usize>(
     q: *const f32,
     d: usize,
-    k: *const E,
-    ks: usize,
+    k: &T,
+    j0: usize,
     s: *mut f32,
 ) {
     const { assert!(R * J <= 16) };
@@ -487,11 +636,11 @@ unsafe fn block<L: Lanes, E: Element, const R: usize, const J: usize>(
         let mut acc = [[L::zero(); J]; R];
         let mut i = 0;
         while i + L::N <= d {
-            dot_step::<L, E, R, J>(&mut acc, q, d, k, ks, i, L::N);
+            dot_step::<L, T, R, J>(&mut acc, q, d, k, j0, i, L::N);
             i += L::N;
         }
         if i < d {
-            dot_step::<L, E, R, J>(&mut acc, q, d, k, ks, i, d - i);
+            dot_step::<L, T, R, J>(&mut acc, q, d, k, j0, i, d - i);
         }
         let mut all = [L::zero(); 16];
         for (r, a) in acc.iter().enumerate() {
@@ -507,19 +656,19 @@ unsafe fn block<L: Lanes, E: Element, const R: usize, const J: usize>(
     }
 }
 
-/// `acc[r][jj] += q[r][i..i + w] * k[jj][i..i + w]` lane by lane (`w <= N`; lanes past `w`
-/// add zero).
+/// `acc[r][jj] += q[r][i..i + w] * k[j0 + jj][i..i + w]` lane by lane (`w <= N`; lanes past
+/// `w` add zero).
 ///
 /// # Safety
 /// As `block`, for columns `i..i + w`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dot_step<L: Lanes, E: Element, const R: usize, const J: usize>(
+unsafe fn dot_step<L: Lanes, T: Tile, const R: usize, const J: usize>(
     acc: &mut [[L::V; J]; R],
     q: *const f32,
     d: usize,
-    k: *const E,
-    ks: usize,
+    k: &T,
+    j0: usize,
     i: usize,
     w: usize,
 ) {
@@ -527,7 +676,7 @@ unsafe fn dot_step<L: Lanes, E: Element, const R: usize, const J: usize>(
     unsafe {
         let mut kv = [L::zero(); J];
         for (jj, x) in kv.iter_mut().enumerate() {
-            *x = load_w::<L, E>(k.add(jj * ks + i), w);
+            *x = k.load::<L>(j0 + jj, i, w);
         }
         for (r, a) in acc.iter_mut().enumerate() {
             let qv = load_w::<L, f32>(q.add(r * d + i), w);
@@ -543,10 +692,9 @@ unsafe fn dot_step<L: Lanes, E: Element, const R: usize, const J: usize>(
 /// # Safety
 /// As `lanes_kernel` (`p . V`), for `R` rows.
 #[inline(always)]
-unsafe fn cols<L: Lanes, E: Element, const R: usize, const B: usize>(
+unsafe fn cols<L: Lanes, T: Tile, const R: usize, const B: usize>(
     p: *const f32,
-    v: *const E,
-    vs: usize,
+    v: &T,
     n: usize,
     o: *mut f32,
     d: usize,
@@ -555,29 +703,30 @@ unsafe fn cols<L: Lanes, E: Element, const R: usize, const B: usize>(
     // SAFETY: columns i..i + N * B (then i..i + N, then i..d) are below d.
     unsafe {
         while i + L::N * B <= d {
-            cblock::<L, E, R, B>(p, v.add(i), vs, n, o.add(i), d, L::N);
+            cblock::<L, T, R, B>(p, v, i, n, o.add(i), d, L::N);
             i += L::N * B;
         }
         while i + L::N <= d {
-            cblock::<L, E, R, 1>(p, v.add(i), vs, n, o.add(i), d, L::N);
+            cblock::<L, T, R, 1>(p, v, i, n, o.add(i), d, L::N);
             i += L::N;
         }
         if i < d {
-            cblock::<L, E, R, 1>(p, v.add(i), vs, n, o.add(i), d, d - i);
+            cblock::<L, T, R, 1>(p, v, i, n, o.add(i), d, d - i);
         }
     }
 }
 
-/// Columns `0..N * B` of `R` output rows, in registers over the `n` keys; with `w < N`
-/// (only with `B == 1`), columns `0..w`.
+/// Columns `i0..i0 + N * B` of `R` output rows (`o` points at column `i0`), in registers
+/// over the `n` keys; with `w < N` (only with `B == 1`), columns `i0..i0 + w`.
 ///
 /// # Safety
 /// As `lanes_kernel` (`p . V`), for `R` rows and the columns named.
 #[inline(always)]
-unsafe fn cblock<L: Lanes, E: Element, const R: usize, const B: usize>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn cblock<L: Lanes, T: Tile, const R: usize, const B: usize>(
     p: *const f32,
-    v: *const E,
-    vs: usize,
+    v: &T,
+    i0: usize,
     n: usize,
     o: *mut f32,
     d: usize,
@@ -596,7 +745,7 @@ unsafe fn cblock<L: Lanes, E: Element, const R: usize, const B: usize>(
         for j in 0..n {
             let mut vv = [L::zero(); B];
             for (b, x) in vv.iter_mut().enumerate() {
-                *x = load_w::<L, E>(v.add(j * vs + b * L::N), w);
+                *x = v.load::<L>(j, i0 + b * L::N, w);
             }
             for (r, a) in acc.iter_mut().enumerate() {
                 let pr = L::splat(*p.add(r * TK + j));

@@ -1,10 +1,15 @@
 //! The kernels of `kernels/attention.cu`: compiled by NVRTC once per (device, dtype,
-//! head_dim), loaded once (a cudarc module), launched on the caller's stream through cudarc's
-//! launch builder over a borrowed stream. Every launch site is the same three steps: check the
-//! arguments, push them in the kernel's order, `launch`.
+//! head_dim, KV format), loaded once (a cudarc module), launched on the caller's stream through
+//! cudarc's launch builder over a borrowed stream. Every launch site is the same three steps:
+//! check the arguments, push them in the kernel's order, `launch`.
+//!
+//! The int8 format's kernels (`KvFormat::Int8`, `-DKV_INT8`) take and give the same T tensors
+//! (queries, appended keys and values, outputs) and hold `src/quant.rs`'s rows in the blocks:
+//! `append` quantizes, `gather` dequantizes, the attention kernels dequantize as they load.
 
 use super::{driver_err, Gpu, Stream};
 use crate::error::{Error, Result};
+use crate::quant::{KvFormat, Q8};
 use crate::tensor::{DType, DevTensor};
 use crate::testing::{self, FailPoint};
 use cudarc::driver::result as cu;
@@ -170,9 +175,15 @@ fn fits(arg: &str, what: &str, v: usize, max: usize) -> Result<()> {
     Ok(())
 }
 
-/// PTX of `kernels/attention.cu` for `dtype`, `head_dim` and compute capability
-/// `major.minor`. Needs NVRTC only (no GPU), so it is tested on machines without one.
-pub fn compile_ptx(dtype: DType, head_dim: usize, major: i32, minor: i32) -> Result<String> {
+/// PTX of `kernels/attention.cu` for `dtype`, `head_dim`, blocks of format `kv` and compute
+/// capability `major.minor`. Needs NVRTC only (no GPU), so it is tested on machines without one.
+pub fn compile_ptx(
+    dtype: DType,
+    head_dim: usize,
+    kv: KvFormat,
+    major: i32,
+    minor: i32,
+) -> Result<String> {
     let vec = 16 / dtype.size();
     if head_dim == 0 || !head_dim.is_multiple_of(vec) || head_dim > 1024 {
         return Err(Error::value(
@@ -191,13 +202,22 @@ pub fn compile_ptx(dtype: DType, head_dim: usize, major: i32, minor: i32) -> Res
         DType::BF16 => "-DELEM_BF16",
         DType::F16 => "-DELEM_F16",
     };
+    let mut options = vec![
+        format!("-DHEAD_DIM={head_dim}"),
+        elem.to_string(),
+        "-std=c++17".into(),
+    ];
+    if kv == KvFormat::Int8 {
+        // The kernel derives the row layout itself and checks it against src/quant.rs's
+        // (static_assert), so the two cannot drift apart.
+        let q8 = Q8::new(head_dim);
+        options.push("-DKV_INT8".into());
+        options.push(format!("-DQ8_GROUP={}", q8.group));
+        options.push(format!("-DQ8_ROW_BYTES={}", q8.row_bytes()));
+    }
     let opts = CompileOptions {
         arch: Some(arch),
-        options: vec![
-            format!("-DHEAD_DIM={head_dim}"),
-            elem.to_string(),
-            "-std=c++17".into(),
-        ],
+        options,
         name: Some("attention.cu".into()),
         ..Default::default()
     };
@@ -209,7 +229,7 @@ pub fn compile_ptx(dtype: DType, head_dim: usize, major: i32, minor: i32) -> Res
     Ok(ptx.to_src())
 }
 
-/// The loaded kernels of one (device, dtype, head_dim).
+/// The loaded kernels of one (device, dtype, head_dim, KV format).
 pub struct Kernels {
     ctx: Arc<CudaContext>,
     /// `attend_partial_r4`, `attend_partial_r8`.
@@ -221,14 +241,15 @@ pub struct Kernels {
     gather_kv: CudaFunction,
     pub head_dim: usize,
     pub dtype: DType,
+    pub kv: KvFormat,
     sm_count: usize,
 }
 
 impl Kernels {
-    /// Compiles and loads the kernels for `dtype` and `head_dim` on `gpu`.
-    pub fn compile(gpu: &Gpu, dtype: DType, head_dim: usize) -> Result<Self> {
+    /// Compiles and loads the kernels for `dtype`, `head_dim` and blocks of format `kv` on `gpu`.
+    pub fn compile(gpu: &Gpu, dtype: DType, head_dim: usize, kv: KvFormat) -> Result<Self> {
         let (major, minor) = gpu.compute_capability;
-        let ptx = compile_ptx(dtype, head_dim, major, minor)?;
+        let ptx = compile_ptx(dtype, head_dim, kv, major, minor)?;
         let ctx = gpu.context().clone();
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
@@ -247,12 +268,22 @@ impl Kernels {
             ctx,
             head_dim,
             dtype,
+            kv,
             sm_count: gpu.sm_count,
         })
     }
 
     fn vec(&self) -> usize {
         16 / self.dtype.size()
+    }
+
+    /// Threads of `append_kv` per token and head: one per 16-byte vector (exact), one per
+    /// group of values sharing a scale (int8).
+    fn append_threads_per_row(&self) -> usize {
+        match self.kv {
+            KvFormat::Exact => self.head_dim / self.vec(),
+            KvFormat::Int8 => Q8::new(self.head_dim).groups(),
+        }
     }
 
     /// cudarc's view of the caller's stream, borrowed (never destroyed by us).
@@ -532,8 +563,8 @@ impl Kernels {
         freed2.map_err(|e| driver_err("freeing workspace", e))
     }
 
-    /// Writes `n` tokens of `k` and `v` (`[heads, n, head_dim]`) at positions `pos0..` of the
-    /// layer whose block table is at `table`.
+    /// Writes `n` tokens of `k` and `v` (`[heads, n, head_dim]`, T) at positions `pos0..` of
+    /// the layer whose block table is at `table` (int8: quantized into its rows).
     ///
     /// # Safety
     /// As for `attend`; every block the positions fall in must be in the table.
@@ -550,7 +581,7 @@ impl Kernels {
         max_blocks: usize,
         block_size: usize,
     ) -> Result<()> {
-        let total = heads * n * (self.head_dim / self.vec());
+        let total = heads * n * self.append_threads_per_row();
         if total == 0 {
             return Ok(());
         }
@@ -572,7 +603,7 @@ impl Kernels {
     }
 
     /// Copies positions `a..a + n` of heads `h0..h0 + heads` into `ko` and `vo`
-    /// (`[heads, n, head_dim]`, each with its own strides).
+    /// (`[heads, n, head_dim]` T, each with its own strides); int8 rows are dequantized.
     ///
     /// # Safety
     /// As for `append`.
@@ -623,7 +654,7 @@ impl Kernels {
         unsafe { Self::launch("gather_kv", b, Self::flat(total)) }
     }
 
-    /// One thread per 16-byte vector, 256 a block.
+    /// `total` threads, 256 a block.
     fn flat(total: usize) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (total.div_ceil(256) as u32, 1, 1),

@@ -14,6 +14,7 @@ pub mod ring;
 pub mod stream;
 
 use crate::error::{Error, Result};
+use crate::quant::KvFormat;
 use crate::tensor::DType;
 use cudarc::driver::result as cu;
 use cudarc::driver::{sys, CudaContext, DriverError};
@@ -29,7 +30,8 @@ pub struct Gpu {
     pub ordinal: usize,
     pub sm_count: usize,
     pub compute_capability: (i32, i32),
-    kernels: Mutex<HashMap<(DType, usize), Arc<Kernels>>>,
+    /// Keyed by (dtype, head_dim, int8 format).
+    kernels: Mutex<HashMap<(DType, usize, bool), Arc<Kernels>>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -107,15 +109,17 @@ impl Gpu {
         &self.ctx
     }
 
-    /// The kernels for `dtype` and `head_dim`, compiled by NVRTC on first use.
-    pub fn kernels(&self, dtype: DType, head_dim: usize) -> Result<Arc<Kernels>> {
+    /// The kernels for `dtype`, `head_dim` and blocks of format `kv`, compiled by NVRTC on
+    /// first use.
+    pub fn kernels(&self, dtype: DType, head_dim: usize, kv: KvFormat) -> Result<Arc<Kernels>> {
+        let key = (dtype, head_dim, kv == KvFormat::Int8);
         let mut map = self.kernels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(k) = map.get(&(dtype, head_dim)) {
+        if let Some(k) = map.get(&key) {
             return Ok(k.clone());
         }
         self.bind()?;
-        let k = Arc::new(Kernels::compile(self, dtype, head_dim)?);
-        map.insert((dtype, head_dim), k.clone());
+        let k = Arc::new(Kernels::compile(self, dtype, head_dim, kv)?);
+        map.insert(key, k.clone());
         Ok(k)
     }
 

@@ -12,6 +12,7 @@ use crate::cuda::ring::StagingRing;
 use crate::cuda::stream::{self, Stream};
 use crate::cuda::{Gpu, Kernels};
 use crate::error::{Error, Result};
+use crate::quant::KvFormat;
 use crate::tensor::{DType, DevTensor};
 use std::sync::Arc;
 
@@ -71,14 +72,8 @@ impl CudaStore {
     /// append (the block table is pinned at once).
     pub fn new(cfg: StoreConfig, cuda: CudaConfig) -> Result<Self> {
         cfg.validate(Some(&cuda))?;
-        if cfg.kv != crate::quant::KvFormat::Exact {
-            return Err(Error::value(
-                "kv_dtype",
-                "int8 KV blocks are not supported on CUDA devices yet",
-            ));
-        }
         let gpu = crate::cuda::gpu(cuda.ordinal)?;
-        let kernels = gpu.kernels(cfg.dtype, cfg.head_dim)?;
+        let kernels = gpu.kernels(cfg.dtype, cfg.head_dim, cfg.kv)?;
         let max_blocks = cuda.max_len.div_ceil(cfg.block_size);
         let table = DeviceTable::new(&gpu, cfg.num_layers, cfg.num_kv_heads, max_blocks)?;
         let n = cfg.block_bytes();
@@ -186,11 +181,11 @@ impl CudaStore {
     }
 
     /// Sets the bytes of each staging buffer (a multiple of 16 holding at least one key and
-    /// one value row); a ring already made is freed once the device is done with it, and made
-    /// again at the next use. Smaller pieces cut blocks across pieces (tests); larger ones
-    /// take more device memory.
+    /// one value row, as stored: int8 rows are smaller); a ring already made is freed once the
+    /// device is done with it, and made again at the next use. Smaller pieces cut blocks
+    /// across pieces (tests); larger ones take more device memory.
     pub fn set_staging_piece_bytes(&mut self, bytes: usize) -> Result<()> {
-        let row = self.cfg.head_dim * self.cfg.dtype.size();
+        let row = self.cfg.row_bytes();
         if bytes < 2 * row || !bytes.is_multiple_of(16) {
             return Err(Error::value(
                 "staging_piece_bytes",
@@ -223,7 +218,8 @@ impl CudaStore {
         self.backend.handoff.as_ref().and_then(Handoff::take_error)
     }
 
-    /// Appends `n` tokens from device tensors `key`, `value` (`[num_kv_heads, n, head_dim]`).
+    /// Appends `n` tokens from device tensors `key`, `value` (`[num_kv_heads, n, head_dim]`,
+    /// the store's dtype; an int8 store quantizes them as it writes).
     ///
     /// # Safety
     /// The tensors must be valid device memory of that shape and strides, alive until
@@ -265,7 +261,8 @@ impl CudaStore {
     }
 
     /// Copies positions `a..b` of kv heads `h0..h0 + heads` of `layer` into device tensors
-    /// `key_out`, `value_out` (`[heads, b - a, head_dim]`, each with its own strides).
+    /// `key_out`, `value_out` (`[heads, b - a, head_dim]` of the store's dtype, each with its
+    /// own strides); an int8 store's rows come out dequantized.
     ///
     /// # Safety
     /// As for `append_cuda`.
@@ -302,10 +299,12 @@ impl CudaStore {
         c.gpu.bind()?;
         let d = self.cfg.head_dim;
         let es = self.cfg.dtype.size();
-        if key_out.s1 == d as i64 && value_out.s1 == d as i64 {
+        let exact = self.cfg.kv == KvFormat::Exact;
+        if exact && key_out.s1 == d as i64 && value_out.s1 == d as i64 {
             // Rows contiguous in each output: one copy-engine transfer per block run, so the
             // copy needs no SMs and overlaps the attention kernels of a previous unit. Each
-            // output is addressed with its own strides.
+            // output is addressed with its own strides. (Int8 rows are not the outputs'
+            // bytes: the kernel dequantizes them.)
             let bs = self.cfg.block_size;
             let row = d * es;
             for hi in 0..heads {

@@ -11,7 +11,8 @@
 //! moves it by O(1). Padding that a kernel must not read is NaN, and so are outputs it must
 //! not write.
 
-use super::{Choice, Isa, Job, Kernels, TK};
+use super::{Choice, Isa, Job, Kernels, Tile, TK};
+use crate::quant::{Q8Rows, Q8};
 use crate::tensor::{Element, Rows};
 use half::{bf16, f16};
 
@@ -40,7 +41,8 @@ pub(crate) const SELF_CHECK: Shapes<'static> = Shapes {
     seed: 0x5e1f,
 };
 
-/// `Job`: `K`'s kernels against the f64 reference over the shapes, in f32, bf16 and f16.
+/// `Job`: `K`'s kernels against the f64 reference over the shapes, in f32, bf16 and f16,
+/// and over int8 rows (the reference sums their dequantized values).
 /// `Err` describes the first disagreement.
 pub(crate) struct Compare<'a>(pub Shapes<'a>);
 
@@ -52,7 +54,8 @@ impl Job for Compare<'_> {
         unsafe {
             compare_dtype::<K, f32>(&self.0, self.0.seed)?;
             compare_dtype::<K, bf16>(&self.0, self.0.seed + 1)?;
-            compare_dtype::<K, f16>(&self.0, self.0.seed + 2)
+            compare_dtype::<K, f16>(&self.0, self.0.seed + 2)?;
+            compare_int8::<K>(&self.0, self.0.seed + 3)
         }
     }
 }
@@ -112,6 +115,54 @@ unsafe fn compare_dtype<K: Kernels, E: Element>(
     Ok(())
 }
 
+/// # Safety
+/// The CPU supports `K`'s set.
+unsafe fn compare_int8<K: Kernels>(shapes: &Shapes<'_>, seed: u64) -> Result<(), String> {
+    let mut x = Values(seed);
+    for &d in shapes.dims {
+        for &rows in shapes.rows {
+            for &n in shapes.keys {
+                // SAFETY: by the contract.
+                unsafe { compare_q8::<K>(d, rows, n, &mut x) }
+                    .map_err(|e| format!("int8 d={d} rows={rows} n={n}: {e}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One problem over `n` int8 rows of width `d`.
+///
+/// # Safety
+/// The CPU supports `K`'s set.
+unsafe fn compare_q8<K: Kernels>(
+    d: usize,
+    rows: usize,
+    n: usize,
+    x: &mut Values,
+) -> Result<(), String> {
+    let fmt = Q8::new(d);
+    let rb = fmt.row_bytes();
+    let mut data = vec![0u8; n * rb];
+    let mut kf = vec![0f64; n * d];
+    let (mut row, mut deq) = (vec![0f32; d], vec![0f32; d]);
+    for j in 0..n {
+        row.iter_mut().for_each(|v| *v = 2.0 * x.next());
+        fmt.quantize(&row, &mut data[j * rb..(j + 1) * rb]);
+        fmt.dequantize(&data[j * rb..(j + 1) * rb], &mut deq);
+        for (y, &v) in kf[j * d..(j + 1) * d].iter_mut().zip(&deq) {
+            *y = v as f64;
+        }
+    }
+    let kv = Q8Rows {
+        data: &data,
+        len: n,
+        fmt,
+    };
+    // SAFETY: by the contract.
+    unsafe { check_tile::<K, _>(&kv, &|j, i| kf[j * d + i], d, rows, n, x) }
+}
+
 /// One problem: scores and `p . V` of `rows` rows over `n` keys of width `d`, `d + pad` apart.
 ///
 /// # Safety
@@ -142,7 +193,23 @@ unsafe fn compare<K: Kernels, E: Element>(
     };
     // Element (j, i) as f64, converted once: the reference sums in f64.
     let kf: Vec<f64> = data.iter().map(|e| e.to_f32() as f64).collect();
-    let at = |j: usize, i: usize| kf[j * stride + i];
+    // SAFETY: by the contract.
+    unsafe { check_tile::<K, _>(&kv, &|j, i| kf[j * stride + i], d, rows, n, x) }
+}
+
+/// `K::scores` and `K::pv` over the `n` rows of `kv` (width `d`), whose value (j, i) is
+/// `at(j, i)`, against the f64 sums.
+///
+/// # Safety
+/// The CPU supports `K`'s set.
+unsafe fn check_tile<K: Kernels, T: Tile>(
+    kv: &T,
+    at: &dyn Fn(usize, usize) -> f64,
+    d: usize,
+    rows: usize,
+    n: usize,
+    x: &mut Values,
+) -> Result<(), String> {
     // `terms` (j or i) -> (term, ...): the exact sum and the sum of magnitudes, then whether
     // `got` lies within `TOL` of that magnitude.
     let close = |got: f32, start: f64, terms: &mut dyn Iterator<Item = f64>| {
@@ -158,7 +225,7 @@ unsafe fn compare<K: Kernels, E: Element>(
     let q: Vec<f32> = (0..rows * d).map(|_| 2.0 * x.next()).collect();
     let mut got = vec![f32::NAN; rows * TK];
     // SAFETY: the CPU supports K's set (the contract); the kernel checks the lengths.
-    unsafe { K::scores(&q, rows, &kv, n, &mut got) };
+    unsafe { K::scores(&q, rows, kv, n, &mut got) };
     for r in 0..rows {
         for j in 0..TK {
             let g = got[r * TK + j];
@@ -185,7 +252,7 @@ unsafe fn compare<K: Kernels, E: Element>(
     let o0: Vec<f32> = (0..rows * d).map(|_| x.next()).collect();
     let mut got = o0.clone();
     // SAFETY: as for the scores.
-    unsafe { K::pv(&p, rows, &kv, n, &mut got) };
+    unsafe { K::pv(&p, rows, kv, n, &mut got) };
     for r in 0..rows {
         for i in 0..d {
             let g = got[r * d + i];

@@ -92,6 +92,29 @@ impl Lanes for Avx2 {
     }
 
     #[inline(always)]
+    unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: AVX, present by the contract.
+        unsafe { _mm256_mul_ps(a, b) }
+    }
+
+    /// Sign-extended to 32 bits, then converted (exact: |q| <= 127).
+    #[inline(always)]
+    unsafe fn load_i8(p: *const i8, w: usize) -> __m256 {
+        // SAFETY: `p` addresses w bytes (the contract): 8 in one 64-bit load, fewer through
+        // a zeroed buffer; AVX2 present.
+        unsafe {
+            let b = if w == 8 {
+                _mm_loadl_epi64(p as *const __m128i)
+            } else {
+                let mut buf = [0i8; 16];
+                std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), w.min(8));
+                _mm_loadu_si128(buf.as_ptr() as *const __m128i)
+            };
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))
+        }
+    }
+
+    #[inline(always)]
     unsafe fn store(p: *mut f32, v: __m256) {
         // SAFETY: `p` addresses 8 f32; AVX present; by the contract.
         unsafe { _mm256_storeu_ps(p, v) }
@@ -185,6 +208,28 @@ impl Lanes for Avx512 {
                 }
                 DType::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16)),
             }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: AVX-512 F, present by the contract.
+        unsafe { _mm512_mul_ps(a, b) }
+    }
+
+    /// Sign-extended to 32 bits, then converted (exact: |q| <= 127); a masked load for
+    /// `w < 16` (no fault past the row).
+    #[inline(always)]
+    unsafe fn load_i8(p: *const i8, w: usize) -> __m512 {
+        // SAFETY: `p` addresses w bytes (the contract); the mask's lanes only. AVX-512 F, and
+        // BW + VL for the masked byte load.
+        unsafe {
+            let b = if w == 16 {
+                _mm_loadu_si128(p as *const __m128i)
+            } else {
+                _mm_maskz_loadu_epi8(first(w), p)
+            };
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))
         }
     }
 

@@ -98,6 +98,20 @@ impl<const N: usize, const WIDE: bool> Lanes for Emu<N, WIDE> {
             }
         })
     }
+    unsafe fn mul(a: [f32; N], b: [f32; N]) -> [f32; N] {
+        std::array::from_fn(|i| a[i] * b[i])
+    }
+    unsafe fn load_i8(p: *const i8, w: usize) -> [f32; N] {
+        assert!(w <= N);
+        // SAFETY: `p` addresses w bytes (the contract); no other is read.
+        std::array::from_fn(|i| {
+            if i < w {
+                (unsafe { *p.add(i) }) as f32
+            } else {
+                0.0
+            }
+        })
+    }
     unsafe fn store(p: *mut f32, v: [f32; N]) {
         // SAFETY: `p` addresses N f32 (the contract).
         unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, N) }
@@ -117,13 +131,13 @@ impl<const N: usize, const WIDE: bool> Lanes for Emu<N, WIDE> {
 
 impl<const N: usize, const WIDE: bool> Kernels for Emu<N, WIDE> {
     const FMA: bool = true;
-    unsafe fn scores<E: Element>(q: &[f32], rows: usize, k: &Rows<'_, E>, n: usize, s: &mut [f32]) {
+    unsafe fn scores<T: Tile>(q: &[f32], rows: usize, k: &T, n: usize, s: &mut [f32]) {
         // SAFETY: portable code; the body checks the lengths.
-        unsafe { lanes_kernel::<Self, E, false>(q, rows, k, n, s) }
+        unsafe { lanes_kernel::<Self, T, false>(q, rows, k, n, s) }
     }
-    unsafe fn pv<E: Element>(p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]) {
+    unsafe fn pv<T: Tile>(p: &[f32], rows: usize, v: &T, n: usize, o: &mut [f32]) {
         // SAFETY: as `scores`.
-        unsafe { lanes_kernel::<Self, E, true>(p, rows, v, n, o) }
+        unsafe { lanes_kernel::<Self, T, true>(p, rows, v, n, o) }
     }
 }
 

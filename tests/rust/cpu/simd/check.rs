@@ -13,19 +13,19 @@ type DroppedKey = Broken<false>;
 
 impl<const TAIL: bool> Kernels for Broken<TAIL> {
     const FMA: bool = false;
-    unsafe fn scores<E: Element>(q: &[f32], rows: usize, k: &Rows<'_, E>, n: usize, s: &mut [f32]) {
+    unsafe fn scores<T: Tile>(q: &[f32], rows: usize, k: &T, n: usize, s: &mut [f32]) {
         // SAFETY: portable code.
         unsafe { Scalar::scores(q, rows, k, n, s) };
-        let d = k.width;
+        let d = k.width();
         for r in 0..rows {
             for j in 0..n {
                 if TAIL {
-                    s[r * TK + j] -= q[r * d + d - 1] * k.row(j)[d - 1].to_f32();
+                    s[r * TK + j] -= q[r * d + d - 1] * k.value(j, d - 1);
                 }
             }
         }
     }
-    unsafe fn pv<E: Element>(p: &[f32], rows: usize, v: &Rows<'_, E>, n: usize, o: &mut [f32]) {
+    unsafe fn pv<T: Tile>(p: &[f32], rows: usize, v: &T, n: usize, o: &mut [f32]) {
         let n = if TAIL { n } else { n.saturating_sub(1) };
         // SAFETY: portable code.
         unsafe { Scalar::pv(p, rows, v, n, o) }

@@ -1,0 +1,216 @@
+"""The 8-bit KV mode against the exact one on the Llama-3-8B shape: capacity, decode, prefill,
+and the logits' error, beside this host's floors.
+
+A Llama-3-8B-shaped model (random bf16 weights) patched with the defaults; run it under
+``shared/peers/card.py --gib 24`` for an emulated 24 GiB card. This host's rates first (the
+copy engine alone, and the CPU's read beside the copy engine: the "host floor" divides the host
+KV bytes by their sum). Then:
+
+- ``--loss-context`` (e.g. 131072): the last position's logits after a chunked prefill with the
+  exact cache, with the int8 cache, and after a one-shot prefill (one chunk) with the exact
+  cache: the int8 error relative to exact, beside bf16's own noise (chunked vs one-shot). The
+  one-shot prefill needs the whole card: run this phase without ``card.py``;
+- ``--exact-context`` (e.g. 716800): one prefill and ``--steps`` greedy decode steps with the
+  exact cache (the defaults), its memory released after;
+- ``--contexts`` (e.g. 716800,1048576): one int8 cache, prefilled to the first context,
+  decoded, then prefilled on to the next (the cache grows; nothing is prefilled twice), and so
+  on. At a context the exact run also reached, the greedy tokens are compared.
+
+    python benchmarks/bench_kv_int8.py --loss-context 131072 --exact-context 0 --contexts ""
+    python card.py --gib 24 -- python benchmarks/bench_kv_int8.py --exact-context 716800 \\
+        --contexts 716800,1048576
+
+Writes $OUT/bench_kv_int8.json (the loss phase alone: bench_kv_int8_loss.json; or ./...),
+updated after each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import gc
+import json
+import os
+import time
+
+import torch
+from _common import decode, h2d_gbs, llama8b
+from bench_decode import host_read_beside_copy
+
+import headinfer
+from headinfer import _core
+from headinfer.prefill import cache_kwarg_name
+
+
+def prefill(model, cache, name: str, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Seconds to run ``ids`` (``[1, n]``) into ``cache`` (chunked by the patch), and the last
+    position's logits (f32)."""
+    with torch.inference_mode():
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{name: cache})
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, out.logits[:, -1].float()
+
+
+def floors(cache, rates: tuple[float, float, float]) -> dict:
+    """The cache's host KV bytes and their floors: over the copy engine alone, and over the
+    copy engine and the CPU at once."""
+    gbs, cpu_gbs, copy_beside = rates
+    mem = cache.memory()
+    host = mem["used"] - mem["device_used"]
+    return {
+        "kv_gib": round(mem["used"] / 2**30, 2),
+        "host_kv_gib": round(host / 2**30, 2),
+        "pcie_floor_s": round(host / (gbs * 1e9), 4),
+        "host_floor_s": round(host / ((copy_beside + cpu_gbs) * 1e9), 4),
+    }
+
+
+def release(cache) -> None:
+    """Frees a cache's memory, host and device, pinned pool included (the next cache's blocks
+    may have another size)."""
+    cache.crop(0)
+    del cache
+    gc.collect()
+    torch.cuda.empty_cache()
+    _core.release_pinned_pool()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="716800,1048576", help="int8 contexts, ascending")
+    ap.add_argument("--exact-context", type=int, default=716800, help="0: none")
+    ap.add_argument("--loss-context", type=int, default=0, help="0: no logit-error phase")
+    ap.add_argument("--steps", type=int, default=6, help="timed decode steps")
+    ap.add_argument("--watchdog", type=float, default=900, help="seconds per phase")
+    args = ap.parse_args()
+    only_loss = not args.contexts and not args.exact_context
+    out_name = "bench_kv_int8_loss.json" if only_loss else "bench_kv_int8.json"
+    out_path = os.path.join(os.environ.get("OUT", "."), out_name)
+    cpu_gbs, copy_beside = host_read_beside_copy()
+    gbs = h2d_gbs()
+    if hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache()
+    rates = (gbs, cpu_gbs, copy_beside)
+    res: dict = {
+        "device": torch.cuda.get_device_name(),
+        "copy_engine_gbs": round(gbs, 1),
+        "cpu_read_beside_copy_gbs": round(cpu_gbs, 1),
+        "copy_beside_cpu_gbs": round(copy_beside, 1),
+    }
+    print(json.dumps(res), flush=True)
+
+    def save() -> None:
+        with open(out_path, "w") as f:
+            json.dump(res, f, indent=1)
+
+    cfg, model = llama8b()
+    headinfer.patch(model, chunk_size=4096)
+    name = cache_kwarg_name(model)
+    contexts = [int(c) for c in args.contexts.split(",") if c]
+    longest = max(contexts + [args.exact_context, args.loss_context])
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (1, longest), device="cuda")
+
+    if args.loss_context:
+        faulthandler.dump_traceback_later(args.watchdog, exit=True)
+        n = args.loss_context
+        logits = {}
+        for label, kv, chunk in [
+            ("exact", None, 4096),
+            ("int8", "int8", 4096),
+            ("exact_one_shot", None, n),
+        ]:
+            headinfer.unpatch(model)
+            headinfer.patch(model, chunk_size=chunk)
+            cache = headinfer.HeadInferCache(model, kv_dtype=kv)
+            secs, logits[label] = prefill(model, cache, name, ids[:, :n])
+            print(f"loss phase: {label} prefill {n} in {secs:.1f} s", flush=True)
+            release(cache)
+        headinfer.unpatch(model)
+        headinfer.patch(model, chunk_size=4096)
+        ref = logits["exact"]
+
+        def rel(x: torch.Tensor) -> float:
+            return float((x - ref).norm() / ref.norm())
+
+        res["loss"] = {
+            "context": n,
+            "int8_rel_logit_err": rel(logits["int8"]),
+            "bf16_noise_rel_logit_err": rel(logits["exact_one_shot"]),
+            "int8_same_argmax": bool(logits["int8"].argmax() == ref.argmax()),
+            "int8_max_abs_err": float((logits["int8"] - ref).abs().max()),
+            "bf16_noise_max_abs_err": float((logits["exact_one_shot"] - ref).abs().max()),
+        }
+        print(json.dumps(res["loss"]), flush=True)
+        save()
+        faulthandler.cancel_dump_traceback_later()
+
+    exact_tokens = None
+    if args.exact_context:
+        faulthandler.dump_traceback_later(args.watchdog, exit=True)
+        n = args.exact_context
+        cache = headinfer.HeadInferCache(model)
+        cache.expected_new_tokens = 16 + args.steps
+        secs, logits = prefill(model, cache, name, ids[:, :n])
+        print(f"exact: prefill {n} in {secs:.1f} s", flush=True)
+        first = logits.argmax(-1, keepdim=True)
+        r = {"context": n, "prefill_s": round(secs, 2), **floors(cache, rates)}
+        tokens, _, spt = decode(model, cache, name, first, 8 + args.steps, skip=8)
+        exact_tokens = tokens
+        r.update(
+            s_per_token=round(spt, 4),
+            x_host_floor=round(spt / r["host_floor_s"], 3),
+            share=cache.share_plan()["mode"],
+            tokens=tokens,
+        )
+        res["exact"] = r
+        print(json.dumps(r), flush=True)
+        save()
+        release(cache)
+        faulthandler.cancel_dump_traceback_later()
+
+    if not contexts:
+        return
+    cache = headinfer.HeadInferCache(model, kv_dtype="int8")
+    cache.expected_new_tokens = 16 + args.steps
+    done = 0
+    res["int8"] = []
+    prefill_total = 0.0
+    for n in contexts:
+        faulthandler.dump_traceback_later(args.watchdog, exit=True)
+        cache.crop(done)  # drop the decoded tokens: the prompt goes on from `done`
+        try:
+            secs, logits = prefill(model, cache, name, ids[:, done:n])
+        except Exception as e:  # noqa: BLE001 - recorded: the capacity is the finding
+            res["int8"].append({"context": n, "error": f"{type(e).__name__}: {e}"})
+            print(f"int8: prefill to {n} failed: {e!r}", flush=True)
+            save()
+            break
+        prefill_total += secs
+        done = n
+        print(f"int8: prefill {n} ({prefill_total:.1f} s in all)", flush=True)
+        first = logits.argmax(-1, keepdim=True)
+        r = {"context": n, "prefill_s_cumulative": round(prefill_total, 2), **floors(cache, rates)}
+        tokens, _, spt = decode(model, cache, name, first, 8 + args.steps, skip=8)
+        r.update(
+            s_per_token=round(spt, 4),
+            x_host_floor=round(spt / r["host_floor_s"], 3),
+            share=cache.share_plan()["mode"],
+            tokens=tokens,
+        )
+        if exact_tokens is not None and n == args.exact_context:
+            r["same_tokens_as_exact"] = sum(a == b for a, b in zip(tokens, exact_tokens))
+            r["x_exact_decode"] = round(spt / res["exact"]["s_per_token"], 3)
+            r["x_exact_prefill"] = round(prefill_total / res["exact"]["prefill_s"], 3)
+        res["int8"].append(r)
+        print(json.dumps(r), flush=True)
+        save()
+        faulthandler.cancel_dump_traceback_later()
+    res["nvml_note"] = "peak device memory: card.py's report"
+    save()
+
+
+if __name__ == "__main__":
+    main()
