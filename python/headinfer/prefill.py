@@ -67,11 +67,12 @@ def warn_cache_not_headinfer(model: torch.nn.Module, settings: PatchSettings, wh
     if settings.warned_cache:
         return
     settings.warned_cache = True
+    kept = "" if settings.kv_dtype == "exact" else f", nor in kv_dtype={settings.kv_dtype!r}"
     warnings.warn(
         f"{what} given to a model patched by headinfer: its keys and values stay in that cache, "
-        "not in headinfer's store (nothing is offloaded by headinfer, and GPU memory grows with "
-        "the context); pass a headinfer.HeadInferCache(model), or no cache and generate() "
-        "makes one. Warned once per model.",
+        f"not in headinfer's store{kept} (nothing is offloaded by headinfer, and GPU memory "
+        "grows with the context); pass a headinfer.HeadInferCache(model), or no cache and "
+        "generate() makes one. Warned once per model.",
         UserWarning,
         stacklevel=user_stacklevel(),
     )
