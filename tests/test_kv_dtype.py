@@ -110,9 +110,9 @@ def test_a_cache_of_transformers_warns_that_it_is_not_int8() -> None:
 
     model = headinfer.patch(tiny_model("llama"), kv_dtype="int8")
     cache = DynamicCache(config=model.config)
-    with pytest.warns(UserWarning, match="not in headinfer's store, nor in kv_dtype='int8'"):
-        with torch.no_grad():
-            model(prompt(20), **{_cache_name(model): cache})
+    said = "not in headinfer's store, nor in kv_dtype='int8'"
+    with torch.no_grad(), pytest.warns(UserWarning, match=said):
+        model(prompt(20), **{_cache_name(model): cache})
 
 
 def test_with_patch_restores_the_kv_dtype() -> None:
