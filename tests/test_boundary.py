@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _reference import reference
 from _tiny import prompt, tiny_model
 
 import headinfer
@@ -158,6 +159,38 @@ def test_strides_never_stepped_are_not_judged() -> None:
     _core.attention(q, k, v, got, 0.3)
     _core.attention(q, k.contiguous(), v, want, 0.3)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("rows", ["repeated", "overlapping"])
+@pytest.mark.parametrize("q_len", [1, 40])
+def test_keys_and_values_whose_rows_are_closer_than_head_dim_are_read(
+    rows: str, q_len: int
+) -> None:
+    # Found by the storage-swap test (a `resize_` seen half done): key and value views whose
+    # rows repeat (stride 0 over the sequence, `expand`) or overlap (a row stride below
+    # head_dim, `as_strided`) are legal inputs, and the CPU kernel's entry check asserted rows
+    # at least a row apart: PanicException, a BaseException, out of `_core.attention` (the
+    # store copies rows on append, so `KVStore.attend` never reads them so; checked too).
+    h, length, d = 2, 48, 16
+    base = torch.randn(h, length * d)
+    if rows == "repeated":
+        k = base[:, :d].reshape(h, 1, d).expand(h, length, d)
+        v = base[:, d : 2 * d].reshape(h, 1, d).expand(h, length, d)
+    else:
+        k = base.as_strided((h, length, d), (length * d, d // 2, 1))
+        v = base.as_strided((h, length, d), (length * d, d // 2, 1), storage_offset=3)
+    q = torch.randn(2 * h, q_len, d)
+    got, want = torch.empty(2 * h, q_len, d), torch.empty(2 * h, q_len, d)
+    _core.attention(q, k, v, got, 0.25)
+    _core.attention(q, k.contiguous(), v.contiguous(), want, 0.25)
+    assert torch.equal(got, want)
+    err = (got.double() - reference(q, k, v, 0.25)).abs().max().item()
+    assert err < 1e-5, err
+    store = _core.KVStore(1, h, d, "float32")
+    store.append(0, k, v)
+    from_store = torch.empty(2 * h, q_len, d)
+    store.attend(0, q, from_store, 0.25)
+    assert (from_store - got).abs().max().item() < 1e-5
 
 
 # --- B2: gradients ---------------------------------------------------------------------------
