@@ -128,6 +128,7 @@ def main() -> None:
             secs, logits[label] = prefill(model, cache, name, ids[:, :n])
             print(f"loss phase: {label} prefill {n} in {secs:.1f} s", flush=True)
             release(cache)
+            del cache
         headinfer.unpatch(model)
         headinfer.patch(model, chunk_size=4096)
         ref = logits["exact"]
@@ -157,7 +158,8 @@ def main() -> None:
         print(f"exact: prefill {n} in {secs:.1f} s", flush=True)
         first = logits.argmax(-1, keepdim=True)
         r = {"context": n, "prefill_s": round(secs, 2), **floors(cache, rates)}
-        tokens, _, spt = decode(model, cache, name, first, 8 + args.steps, skip=8)
+        with torch.inference_mode():
+            tokens, _, spt = decode(model, cache, name, first, 8 + args.steps, skip=8)
         exact_tokens = tokens
         r.update(
             s_per_token=round(spt, 4),
@@ -169,6 +171,7 @@ def main() -> None:
         print(json.dumps(r), flush=True)
         save()
         release(cache)
+        del cache  # this frame's reference too, or its blocks stay allocated
         faulthandler.cancel_dump_traceback_later()
 
     if not contexts:
@@ -193,7 +196,8 @@ def main() -> None:
         print(f"int8: prefill {n} ({prefill_total:.1f} s in all)", flush=True)
         first = logits.argmax(-1, keepdim=True)
         r = {"context": n, "prefill_s_cumulative": round(prefill_total, 2), **floors(cache, rates)}
-        tokens, _, spt = decode(model, cache, name, first, 8 + args.steps, skip=8)
+        with torch.inference_mode():
+            tokens, _, spt = decode(model, cache, name, first, 8 + args.steps, skip=8)
         r.update(
             s_per_token=round(spt, 4),
             x_host_floor=round(spt / r["host_floor_s"], 3),

@@ -8,7 +8,9 @@ every 100th the model unpatched and patched again. After every call the process'
 host bytes headinfer reports (the stores' blocks of every live cache, and the pinned pool) and,
 on a GPU, NVML's device memory of this process are sampled. Every call is also replayed on
 fresh objects (a new cache, the same seed) and its tokens compared: equal, or the call counts
-as a mismatch.
+as a mismatch. With ``--tracemalloc`` the Python heap that tracemalloc traces is sampled too,
+and the allocation sites that grew most between the end of warm-up and the end are printed (what
+RSS alone cannot say: whether a climb is Python objects, and whose).
 
 At the end it prints the growth after warm-up (the highest sample in the last tenth of the calls
 less the highest in the tenth right after warm-up, so a plateau reads 0) as a share of the peak,
@@ -16,7 +18,9 @@ and exits 1 when any replay differed or growth is above ``--max-growth`` (1% by 
 
     python benchmarks/soak.py --model smollm2 --calls 1000            # the CPU soak
     python benchmarks/soak.py --model tiny-llama --calls 200          # GPU (CUDA if present)
-    python benchmarks/soak.py --model llama8b --min-len 8192 --max-len 32768 --calls 200
+    python benchmarks/soak.py --model llama8b --min-len 8192 --max-len 32768 --calls 200 \
+        --time-limit 500                                     # Llama-3-8B's shape, H100: ~6 min
+    python benchmarks/soak.py --model tiny-llama --calls 300 --tracemalloc   # + Python's heap
 
 ``--json`` writes every sample; ``--plot`` draws memory against call number.
 """
@@ -32,6 +36,7 @@ import random
 import string
 import sys
 import time
+import tracemalloc
 import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -105,6 +110,72 @@ class Sample:
     device_blocks: int
     nvml: int | None
     live_caches: int
+    #: tracemalloc's current traced bytes (``--tracemalloc``; ``None`` without it).
+    traced: int | None = None
+
+
+class PyHeap:
+    """The Python heap by tracemalloc (``--tracemalloc``): the traced bytes after each call, and
+    snapshots at the end of warm-up and at the end whose difference names the sites that grew.
+    Only allocations made after ``start`` are traced: the model's load is not counted."""
+
+    def __init__(self, frames: int | None) -> None:
+        self.frames = frames
+        self.warm: tracemalloc.Snapshot | None = None
+        if frames:
+            tracemalloc.start(frames)
+
+    def traced(self) -> int | None:
+        return tracemalloc.get_traced_memory()[0] if self.frames else None
+
+    def snapshot(self) -> tracemalloc.Snapshot:
+        # Garbage that a collection would free is not growth; tracemalloc's own allocations
+        # and the import machinery's are not the soak's.
+        gc.collect()
+        return tracemalloc.take_snapshot().filter_traces(
+            [
+                tracemalloc.Filter(False, tracemalloc.__file__),
+                tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
+                tracemalloc.Filter(False, "<frozen importlib._bootstrap_external>"),
+                tracemalloc.Filter(False, "<unknown>"),
+            ]
+        )
+
+    def mark_warm(self) -> None:
+        if self.frames:
+            self.warm = self.snapshot()
+
+    def growth(self, top: int = 10) -> list[dict[str, Any]]:
+        """The ``top`` sites whose traced bytes grew most since ``mark_warm`` (printed too)."""
+        if not self.frames or self.warm is None:
+            return []
+        key = "lineno" if self.frames == 1 else "traceback"
+        diff = self.snapshot().compare_to(self.warm, key)
+        grown = sorted((d for d in diff if d.size_diff > 0), key=lambda d: -d.size_diff)[:top]
+        overhead = tracemalloc.get_tracemalloc_memory()
+        print(
+            f"\ntracemalloc: the {len(grown)} sites that grew most after warm-up (of "
+            f"{len(diff)}; tracemalloc's own memory, in RSS too: {overhead / 2**20:.1f} MiB)"
+        )
+        rows = []
+        for d in grown:
+            # The allocating line first (a traceback runs from the oldest frame).
+            frames = [f"{f.filename}:{f.lineno}" for f in reversed(d.traceback)]
+            print(
+                f"  {d.size_diff / 2**10:+10.1f} KiB {d.count_diff:+7d} blocks "
+                f"(now {d.size / 2**10:.1f} KiB)  {frames[0]}"
+            )
+            for f in frames[1:]:
+                print(f"{'':41s}{f}")
+            rows.append(
+                {
+                    "site": frames,
+                    "size_diff": d.size_diff,
+                    "count_diff": d.count_diff,
+                    "size": d.size,
+                }
+            )
+        return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +228,8 @@ def load(name: str, device: torch.device, max_len: int) -> tuple[Any, Any]:
         )
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif name == "llama8b":
+        # Llama-3-8B's shape with random weights: nothing is downloaded (the GPU machine has no
+        # network), and every call is checked against a fresh run, not against real weights.
         cfg = LlamaConfig(
             hidden_size=4096,
             intermediate_size=14336,
@@ -218,6 +291,8 @@ class Soak:
     doc_ids: torch.Tensor | None = None
     doc_uses: int = 0
     pipe: Any = None
+    #: What ``patch`` was given (``repatch`` gives it again).
+    patch_kwargs: dict[str, Any] = field(default_factory=dict)
     #: Prompts of the longest length (the first calls: warm-up meets the high-water mark of
     #: each kind's activations, so later growth is not a longer prompt arriving late).
     longest: bool = False
@@ -342,7 +417,7 @@ class Soak:
         settings = self.model._headinfer
         headinfer.unpatch(self.model)
         assert not headinfer.is_patched(self.model)
-        headinfer.patch(self.model, chunk_size=settings.chunk_size)
+        headinfer.patch(self.model, **{**self.patch_kwargs, "chunk_size": settings.chunk_size})
 
     def call(self, i: int) -> tuple[str, int, bool]:
         seed = self.rng.randrange(1 << 30)
@@ -399,6 +474,8 @@ def plot(samples: list[Sample], path: str, title: str, warmup: int) -> None:
         ("store host blocks (live caches)", [s.store_host for s in samples]),
         ("pinned (headinfer)", [s.pinned for s in samples]),
     ]
+    if samples and samples[0].traced is not None:
+        series.append(("Python heap (tracemalloc)", [s.traced or 0 for s in samples]))
     if samples and samples[0].nvml is not None:
         series.append(("device (NVML)", [s.nvml or 0 for s in samples]))
         series.append(("device KV blocks", [s.device_blocks for s in samples]))
@@ -445,6 +522,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=6000)
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=None, help="patch(chunk_size=...)")
+    p.add_argument(
+        "--gpu-budget",
+        default=None,
+        help="patch(gpu_budget=...), e.g. 24GiB: less KV on the GPU, more in pinned host blocks",
+    )
     p.add_argument("--warmup", type=float, default=0.1, help="share of the calls (0.1)")
     p.add_argument("--max-growth", type=float, default=0.01, help="of the peak (0.01)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -454,6 +536,16 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="stop after this many seconds (the figures are then of the calls done)",
+    )
+    p.add_argument(
+        "--tracemalloc",
+        type=int,
+        nargs="?",
+        const=1,
+        default=None,
+        metavar="FRAMES",
+        help="sample the Python heap (tracemalloc) after each call and print the 10 sites that\n"
+        "grew most after warm-up; FRAMES > 1 groups them by tracebacks that deep (slower)",
     )
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
@@ -465,11 +557,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tok = load(args.model, device, args.max_len)
-    kwargs = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
+    kwargs: dict[str, Any] = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
+    if args.gpu_budget is not None:
+        kwargs["gpu_budget"] = args.gpu_budget
     headinfer.patch(model, **kwargs)
-    soak = Soak(model, tok, args, device, rng=random.Random(args.seed))
+    soak = Soak(model, tok, args, device, rng=random.Random(args.seed), patch_kwargs=kwargs)
     nvml = Nvml(device)
     warmup = int(args.calls * args.warmup)
+    heap = PyHeap(args.tracemalloc)
+    if warmup == 0:
+        heap.mark_warm()
     samples: list[Sample] = []
     start = time.perf_counter()
     print(
@@ -498,8 +595,11 @@ def main(argv: list[str] | None = None) -> int:
             device_blocks=_core.device_block_bytes(),
             nvml=nvml.used(),
             live_caches=len(_CACHES),
+            traced=heap.traced(),
         )
         samples.append(s)
+        if i == warmup - 1:
+            heap.mark_warm()
         if not ok:
             print(f"call {i} ({kind}, {n} tokens): NOT EXACT against a fresh run")
         if i % 10 == 0 or i == args.calls - 1:
@@ -507,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"call {i:5d} {kind:18s} {n:6d} tok {s.seconds:6.1f}s  rss {s.rss / 2**20:8.1f} "
                 f"MiB  store {s.store_host / 2**20:7.1f} MiB  pinned {s.pinned / 2**20:6.1f} MiB"
                 + (f"  nvml {s.nvml / 2**20:8.1f} MiB" if s.nvml is not None else "")
+                + (f"  traced {s.traced / 2**20:7.1f} MiB" if s.traced is not None else "")
                 + f"  caches {s.live_caches}  ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
@@ -514,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
             dump(args.json, report(args, device, samples, warmup, start))
     result = report(args, device, samples, warmup, start)
     failed = summarize(args, samples, warmup, result)
+    if args.tracemalloc:
+        if heap.warm is None:
+            print("\ntracemalloc: the run stopped before the end of warm-up; no sites compared")
+        result["tracemalloc_top"] = heap.growth()
     if args.json:
         dump(args.json, result)
     if args.plot:
@@ -530,7 +635,7 @@ def summarize(
     wall = sum(s.seconds for s in samples)
     failed = bool(bad)
     print(f"\n{len(samples)} calls ({wall:.0f} s in calls); not exact: {len(bad)} {bad[:20]}")
-    for key in ("rss", "pinned", "device_blocks", "nvml", "store_host"):
+    for key in ("rss", "pinned", "device_blocks", "nvml", "store_host", "traced"):
         g, peak = growth(samples, key, warmup)
         if peak == 0:
             continue
@@ -538,8 +643,9 @@ def summarize(
         floor = floor_rise(samples, key, warmup)
         result[key] = {"growth": g, "peak": peak, "share": share, "floor_rise": floor}
         # store_host is what the live caches hold: the current document's size, which varies
-        # by design; it is reported, and its bound is the live cache count.
-        over = share > args.max_growth and key != "store_host"
+        # by design; it is reported, and its bound is the live cache count. traced (the Python
+        # heap) is a lead for reading RSS, not a target of its own.
+        over = share > args.max_growth and key not in ("store_host", "traced")
         failed |= over
         print(
             f"{key:14s} peak {peak / 2**20:9.1f} MiB  growth after warm-up "

@@ -44,6 +44,8 @@ INPUT_LAYOUTS = {
     "numpy": "ok",  # a numpy array through DLPack
     "size1_huge_stride": "ok",  # dims of size 1 with an absurd stride (never stepped)
     "broadcast": "either",  # stride 0 over heads (expand): aliasing rows in an input
+    "broadcast_rows": "ok",  # stride 0 over the sequence (expand): every row the first
+    "overlapping_rows": "ok",  # rows half a row apart (as_strided): each overlaps the next
     "read_only_numpy": "ok",  # inputs may be read-only
     "last_stride": "refuse",  # head_dim not of stride 1
     "flipped": "refuse",  # a negative stride (numpy)
@@ -62,6 +64,8 @@ OUTPUT_LAYOUTS = {
     "numpy": "ok",
     "size1_huge_stride": "ok",
     "broadcast": "refuse",  # rows that overlap each other
+    "broadcast_rows": "refuse",
+    "overlapping_rows": "refuse",
     "read_only_numpy": "refuse",
     "last_stride": "refuse",
     "flipped": "refuse",
@@ -127,6 +131,12 @@ def _lay_out(base: torch.Tensor, layout: str) -> tuple[Any, torch.Tensor]:
     elif layout == "broadcast":
         t = base[:1].expand(h, length, d)
         return t, base[:1].expand(h, length, d).clone()
+    elif layout == "broadcast_rows":
+        t = base[:, :1].expand(h, length, d)
+        return t, t.clone()
+    elif layout == "overlapping_rows":
+        t = base.as_strided((h, length, d), (length * d, max(d // 2, 1), 1))
+        return t, t.clone()
     elif layout == "last_stride":
         big = torch.empty(h, length, 2 * d, dtype=dtype)
         t = big[..., ::2]
@@ -163,6 +173,12 @@ def lay_out(name: str, base: torch.Tensor, layout: str, output: bool) -> Arg:
         verdict = "ok"
     if layout == "broadcast" and (base.shape[0] <= 1 or base.numel() == 0):
         verdict = "ok" if output else verdict
+    if layout == "broadcast_rows" and (base.shape[1] <= 1 or base.numel() == 0):
+        verdict = "ok"  # a stride over one row (or none) is never taken
+    if layout == "overlapping_rows" and (
+        base.shape[1] <= 1 or base.shape[2] <= 1 or not base.numel()
+    ):
+        verdict = "ok"  # one row (or none), or rows one element wide: nothing overlaps
     if layout == "flipped" and (base.shape[0] <= 1 or base.numel() == 0):
         verdict = "either"  # a negative stride over one element (or none) is never taken
     return Arg(name, passed, values, verdict, layout)

@@ -7,6 +7,7 @@ instead of ending the session.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _reference import reference
 from _tiny import prompt, tiny_model
 
 import headinfer
@@ -24,18 +26,54 @@ RO_ERROR = "is read-only memory"
 
 
 def run_isolated(code: str, timeout: float = 120) -> str:
-    """Runs ``code`` in a fresh interpreter; fails the test on a crash or a non-zero exit."""
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
+    """Runs ``code`` in a fresh interpreter; fails the test on a crash, a non-zero exit or a hang.
+
+    A hang fails with its stacks: at three quarters of ``timeout`` the child's faulthandler
+    prints every thread's Python stack (from a thread of its own, so even a deadlock that holds
+    the GIL prints), and at ``timeout`` the native stacks of every thread are taken with gdb
+    where it is installed, before the child is killed.
+    """
+    # On the line of the opening quotes, so that the stacks' line numbers are the code's.
+    code = textwrap.dedent(code)
+    watchdog = f"import faulthandler; faulthandler.dump_traceback_later({0.75 * timeout})"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", watchdog + ("" if code.startswith("\n") else "\n") + code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
     )
-    assert done.returncode == 0, (
-        f"subprocess exited with {done.returncode} (negative: killed by that signal)\n"
-        f"stdout: {done.stdout[-2000:]}\nstderr: {done.stderr[-2000:]}"
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        native = native_stacks(proc.pid)
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(
+            f"subprocess hung past {timeout} s\nstdout: {stdout[-2000:]}\n"
+            f"stderr (Python stacks): {stderr[-8000:]}\nnative stacks: {native[-12000:]}"
+        )
+    assert proc.returncode == 0, (
+        f"subprocess exited with {proc.returncode} (negative: killed by that signal)\n"
+        f"stdout: {stdout[-2000:]}\nstderr: {stderr[-4000:]}"
     )
-    return done.stdout
+    return stdout
+
+
+def native_stacks(pid: int) -> str:
+    """Every thread's native stack in process ``pid`` (gdb), or why there are none."""
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        return "(gdb is not installed)"
+    try:
+        done = subprocess.run(
+            [gdb, "-p", str(pid), "-batch", "-nx", "-ex", "thread apply all bt"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        return "(gdb timed out)"
+    return done.stdout + done.stderr
 
 
 def read_only_memmap(tmp_path: Path, shape: tuple[int, ...]) -> np.memmap:
@@ -160,6 +198,38 @@ def test_strides_never_stepped_are_not_judged() -> None:
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("rows", ["repeated", "overlapping"])
+@pytest.mark.parametrize("q_len", [1, 40])
+def test_keys_and_values_whose_rows_are_closer_than_head_dim_are_read(
+    rows: str, q_len: int
+) -> None:
+    # Found by the storage-swap test (a `resize_` seen half done): key and value views whose
+    # rows repeat (stride 0 over the sequence, `expand`) or overlap (a row stride below
+    # head_dim, `as_strided`) are legal inputs, and the CPU kernel's entry check asserted rows
+    # at least a row apart: PanicException, a BaseException, out of `_core.attention` (the
+    # store copies rows on append, so `KVStore.attend` never reads them so; checked too).
+    h, length, d = 2, 48, 16
+    base = torch.randn(h, length * d)
+    if rows == "repeated":
+        k = base[:, :d].reshape(h, 1, d).expand(h, length, d)
+        v = base[:, d : 2 * d].reshape(h, 1, d).expand(h, length, d)
+    else:
+        k = base.as_strided((h, length, d), (length * d, d // 2, 1))
+        v = base.as_strided((h, length, d), (length * d, d // 2, 1), storage_offset=3)
+    q = torch.randn(2 * h, q_len, d)
+    got, want = torch.empty(2 * h, q_len, d), torch.empty(2 * h, q_len, d)
+    _core.attention(q, k, v, got, 0.25)
+    _core.attention(q, k.contiguous(), v.contiguous(), want, 0.25)
+    assert torch.equal(got, want)
+    err = (got.double() - reference(q, k, v, 0.25)).abs().max().item()
+    assert err < 1e-5, err
+    store = _core.KVStore(1, h, d, "float32")
+    store.append(0, k, v)
+    from_store = torch.empty(2 * h, q_len, d)
+    store.attend(0, q, from_store, 0.25)
+    assert (from_store - got).abs().max().item() < 1e-5
+
+
 # --- B2: gradients ---------------------------------------------------------------------------
 
 
@@ -245,6 +315,13 @@ def test_storage_swapped_by_another_thread_does_not_crash() -> None:
     # Another thread swaps the storage of an argument (set_) or resizes it while the op runs
     # with the GIL released. The op must keep the memory it reads and writes alive: it may
     # see either storage and may raise, but must not crash. Before: 6 of 6 runs segfaulted.
+    # Each kind of churn runs for 0.4 s and on until a call has succeeded and the other thread
+    # has swapped at least once (on a loaded machine one `read` call can take seconds), 20 s
+    # at most; run_isolated's watchdog prints every thread's stack should anything hang. It
+    # hung in 1 of 4 full runs: `_core.attention` read a value tensor mid-`resize_` (shape
+    # and strides half updated: rows closer than head_dim), its kernel panicked on those rows
+    # (test_keys_and_values_whose_rows_are_closer_than_head_dim_are_read), and the churn
+    # thread, never stopped, kept the interpreter alive.
     out = run_isolated(
         """
         import threading, time, torch
@@ -265,35 +342,45 @@ def test_storage_swapped_by_another_thread_does_not_crash() -> None:
         for name, op in ops.items():
             for t in targets[name]:
                 for mode in ("set", "resize"):
-                    shape, stop = tuple(t.shape), threading.Event()
+                    shape, stop, swaps = tuple(t.shape), threading.Event(), [0]
 
-                    def churn(t=t, shape=shape, mode=mode, stop=stop):
+                    def churn(t=t, shape=shape, mode=mode, stop=stop, swaps=swaps):
                         while not stop.is_set():
                             if mode == "set":
                                 t.set_(torch.empty(shape))
                             else:
                                 t.resize_(0)
                                 t.resize_(shape)
+                            swaps[0] += 1
 
+                    # Stopped whatever the op raises: a churn thread left running (it is
+                    # not a daemon) kept the interpreter from exiting, and an op's panic
+                    # read as a hang until the timeout.
                     th = threading.Thread(target=churn)
                     th.start()
-                    end, calls = time.monotonic() + 0.4, 0
-                    while time.monotonic() < end:
-                        try:
-                            op()
-                            calls += 1
-                        except (ValueError, TypeError):
-                            pass  # a shape seen mid-resize
-                    stop.set()
-                    th.join()
-                    print(name, mode, calls)
+                    try:
+                        start, calls = time.monotonic(), 0
+                        while time.monotonic() - start < 20 and (
+                            time.monotonic() - start < 0.4 or not calls or not swaps[0]
+                        ):
+                            try:
+                                op()
+                                calls += 1
+                            except (ValueError, TypeError):
+                                pass  # a shape seen mid-resize, a storage swapped mid-import
+                    finally:
+                        stop.set()
+                        th.join()
+                    print(name, mode, calls, swaps[0], flush=True)
         """,
         timeout=300,
     )
     lines = out.strip().splitlines()
     assert len(lines) == 16, out
     # Every op ran to completion under every kind of churn (the churn must not simply make
-    # every call raise: then nothing would have been read or written while it ran).
+    # every call raise: then nothing would have been read or written while it ran), and the
+    # other thread did swap or resize meanwhile.
     for line in lines:
-        name, mode, calls = line.split()
+        name, mode, calls, swaps = line.split()
         assert int(calls) > 0, f"{name} never succeeded while another thread did {mode}_"
+        assert int(swaps) > 0, f"the other thread never ran {mode}_ while {name} was called"

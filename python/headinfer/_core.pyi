@@ -9,7 +9,8 @@ Outputs must be writable memory (a read-only array, memmap or DLPack export rais
 ``ValueError``) and share no memory with the inputs or each other. A tensor that requires grad
 raises ``HeadInferError`` (the op is not differentiable: run under ``torch.no_grad()``); a lazily
 negated view (``is_neg()``) raises ``TypeError``. Each tensor's storage is held until the call
-returns, so another thread swapping it (``set_``) cannot free memory under the op.
+returns, so another thread swapping it (``set_``) cannot free memory under the op; growing it
+(``resize_`` past its storage's bytes) while it is passed is a data race in torch itself.
 
 ``stream`` arguments are raw CUDA stream handles (``torch.cuda.current_stream().cuda_stream``);
 work on CUDA tensors is queued on that stream and the call returns without waiting. ``None``

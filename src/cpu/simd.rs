@@ -201,7 +201,7 @@ impl<E: Element> Tile for Rows<'_, E> {
             "{n} keys of a tile of {} rows",
             self.len
         );
-        assert!(self.stride >= self.width);
+        // Rows may be closer than their width (see `check_lengths`): only the end is bounded.
         assert!(n == 0 || (n - 1) * self.stride + self.width <= self.data.len());
     }
 
@@ -315,7 +315,10 @@ impl Tile for Q8Rows<'_> {
 }
 
 /// Panics unless `rows` rows of `a` (`a_width` each), `n` rows of `kv` and `rows` rows of
-/// `b` (`b_width` each) are in bounds: what makes the raw-pointer loops below safe.
+/// `b` (`b_width` each) are in bounds: what makes the raw-pointer loops below safe. The rows
+/// of `kv` may be closer than their width, even 0 apart: an input view may repeat a row
+/// (`expand` over the sequence) or overlap the next (`as_strided`), and the kernels only read
+/// them.
 #[inline(always)]
 fn check_lengths<T: Tile>(
     a: &[f32],

@@ -15,8 +15,9 @@ use pyo3::prelude::*;
 pub fn finish_out(py: Python<'_>, query: &Tensor3, out: &TensorArg, rows: &[f32]) -> PyResult<()> {
     let o = &out.t;
     o.expect_dtype("out", query.dtype).py_err(py)?;
-    // SAFETY: `out` was validated writable, on the CPU and not overlapping `query`, its
-    // capsule is alive for this call, and the GIL is held, so no Python code writes it.
+    // SAFETY: `out` was validated writable, on the CPU and not overlapping `query`, and its
+    // capsule and storage are held for this call, so its bytes stay allocated (short of
+    // another thread growing it in place, a data race in torch: see `TensorArg`).
     with_element!(o.dtype, E => unsafe { o.write_rows::<E>(rows) });
     Ok(())
 }

@@ -413,8 +413,9 @@ impl PyKvStore {
                     }
                 })
                 .py_err(py)?;
-            // SAFETY: both outputs were validated writable and disjoint, their capsules are
-            // alive in this frame, and the GIL is held while they are written.
+            // SAFETY: both outputs were validated writable and disjoint, and their capsules
+            // and storages are held in this frame, so their bytes stay allocated (short of
+            // another thread growing one in place, a data race in torch: see `TensorArg`).
             unsafe {
                 kt.write_same::<E>(|h, i, dst| dst.copy_from_slice(&kbuf[(h * n + i) * d..][..d]));
                 vt.write_same::<E>(|h, i, dst| dst.copy_from_slice(&vbuf[(h * n + i) * d..][..d]));

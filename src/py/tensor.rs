@@ -18,6 +18,12 @@ use pyo3::prelude::*;
 /// its storage: held until the call returns, so that another thread's `set_` (or anything
 /// else that swaps the tensor's storage) while the GIL is released cannot free the memory
 /// under the op. (torch's DLPack export references the tensor, not its storage.)
+///
+/// What holding the storage cannot cover: a `resize_` that grows the tensor past its
+/// storage's bytes reallocates that same storage's memory in place and frees the old bytes,
+/// in torch, without the GIL (so holding the GIL while writing `out` does not exclude it
+/// either). Like any two threads writing one tensor, that is a data race in torch itself;
+/// a `resize_` within the storage's bytes only changes the shape and is safe.
 pub struct TensorArg {
     pub t: Tensor3,
     _owner: ImportedDlpack,

@@ -65,6 +65,62 @@ fn a_tile_past_its_bounds_is_refused() {
     Isa::best().run(PastTheTile);
 }
 
+/// `K::scores` and `K::pv` over key rows `stride` apart (closer than their width, or 0: a row
+/// repeated), against the same rows laid out one after another.
+struct CloseRows {
+    stride: usize,
+}
+
+impl Job for CloseRows {
+    type Output = ();
+    unsafe fn run<K: Kernels>(self) {
+        let (d, n, rows) = (24, 9, 3);
+        let data: Vec<f32> = (0..(n - 1) * self.stride + d)
+            .map(|i| ((i * 7919) % 23) as f32 / 11.0 - 1.0)
+            .collect();
+        let close = Rows {
+            data: &data,
+            stride: self.stride,
+            len: n,
+            width: d,
+        };
+        let spread: Vec<f32> = (0..n).flat_map(|j| close.row(j).to_vec()).collect();
+        let apart = Rows {
+            data: &spread,
+            stride: d,
+            len: n,
+            width: d,
+        };
+        let q: Vec<f32> = (0..rows * d).map(|i| (i % 5) as f32 - 2.0).collect();
+        let p: Vec<f32> = (0..rows * TK).map(|i| (i % 3) as f32 / 3.0).collect();
+        let (mut s1, mut s2) = (vec![0f32; rows * TK], vec![0f32; rows * TK]);
+        let (mut o1, mut o2) = (vec![0f32; rows * d], vec![0f32; rows * d]);
+        // SAFETY: the CPU supports K's set (this function's contract).
+        unsafe {
+            K::scores(&q, rows, &close, n, &mut s1);
+            K::scores(&q, rows, &apart, n, &mut s2);
+            K::pv(&p, rows, &close, n, &mut o1);
+            K::pv(&p, rows, &apart, n, &mut o2);
+        }
+        assert_eq!(s1, s2, "scores, rows {} apart", self.stride);
+        assert_eq!(o1, o2, "pv, rows {} apart", self.stride);
+    }
+}
+
+#[test]
+fn rows_closer_than_their_width_are_read_as_laid_out() {
+    // Found by the boundary's thread test: a key or value view whose rows overlap (row stride
+    // below head_dim) or repeat (stride 0, `expand` over the sequence) is a legal input, and
+    // the entry check asserted rows at least a row apart: a panic across the boundary.
+    for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+        for stride in [0, 1, 8, 23] {
+            isa.run(CloseRows { stride });
+        }
+    }
+    // SAFETY: portable code.
+    unsafe { CloseRows { stride: 5 }.run::<Emu<16, true>>() };
+}
+
 /// Portable `Lanes` of `N` lanes (`[f32; N]`, fused multiply-adds): the generic kernels'
 /// blocking, tails and masks at the widths of AVX2 (8) and AVX-512 (16, wide blocks) on any
 /// CPU, so that the 16-lane logic is tested where AVX-512 cannot run.
