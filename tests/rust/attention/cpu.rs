@@ -71,21 +71,7 @@ fn run_case<E: Element>(c: &Case, seed: u64, tol: f64) {
         host_memory_limit: None,
     })
     .unwrap();
-    let split = c.past / 2;
-    for (a, b) in [(0, split), (split, lk)] {
-        let take = |x: &[E]| -> Vec<E> {
-            (0..c.hkv)
-                .flat_map(|h| x[(h * lk + a) * c.d..(h * lk + b) * c.d].to_vec())
-                .collect()
-        };
-        store
-            .append(
-                0,
-                View3::contiguous(&take(&k), [c.hkv, b - a, c.d]),
-                View3::contiguous(&take(&v), [c.hkv, b - a, c.d]),
-            )
-            .unwrap();
-    }
+    append_in_two(&mut store, &k, &v, c.hkv, lk, c.d, c.past / 2);
     let got = attend(qv, &store.view::<E>(0).unwrap(), &params, sinks).unwrap();
     let err = rel_err(&got, &want);
     assert!(err < tol, "store {}: err {err}", describe(c));
@@ -97,19 +83,7 @@ fn run_case<E: Element>(c: &Case, seed: u64, tol: f64) {
         ..store.config().clone()
     })
     .unwrap();
-    for (a, b) in [(0, split), (split, lk)] {
-        let take = |x: &[E]| -> Vec<E> {
-            (0..c.hkv)
-                .flat_map(|h| x[(h * lk + a) * c.d..(h * lk + b) * c.d].to_vec())
-                .collect()
-        };
-        q8.append(
-            0,
-            View3::contiguous(&take(&k), [c.hkv, b - a, c.d]),
-            View3::contiguous(&take(&v), [c.hkv, b - a, c.d]),
-        )
-        .unwrap();
-    }
+    append_in_two(&mut q8, &k, &v, c.hkv, lk, c.d, c.past / 2);
     let start = q8.retained_start(0).unwrap();
     let (mut kd, mut vd) = (vec![0f64; c.hkv * lk * c.d], vec![0f64; c.hkv * lk * c.d]);
     q8.read::<E>(0, start, lk, |h, i, kr, vr| {
@@ -138,6 +112,32 @@ fn run_case<E: Element>(c: &Case, seed: u64, tol: f64) {
     // And it is close to exact attention: keys and values within half a step of a group.
     let err = rel_err(&got, &want);
     assert!(err < 0.05, "int8 store vs exact {}: err {err}", describe(c));
+}
+
+/// Appends `k`, `v` (`[hkv, lk, d]`) to layer 0 of `store` in two chunks, split at `split`.
+fn append_in_two<E: Element>(
+    store: &mut CpuStore,
+    k: &[E],
+    v: &[E],
+    hkv: usize,
+    lk: usize,
+    d: usize,
+    split: usize,
+) {
+    for (a, b) in [(0, split), (split, lk)] {
+        let take = |x: &[E]| -> Vec<E> {
+            (0..hkv)
+                .flat_map(|h| x[(h * lk + a) * d..(h * lk + b) * d].to_vec())
+                .collect()
+        };
+        store
+            .append(
+                0,
+                View3::contiguous(&take(k), [hkv, b - a, d]),
+                View3::contiguous(&take(v), [hkv, b - a, d]),
+            )
+            .unwrap();
+    }
 }
 
 fn describe(c: &Case) -> String {
