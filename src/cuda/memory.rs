@@ -4,6 +4,11 @@
 //! reads it directly over PCIe, and the CPU can still read it fast (for attention computed on
 //! the host later). Pinning costs about 2 GB/s, so freed pinned buffers go to a process-wide
 //! pool, by size, and are reused by later caches; `release_pinned_pool` gives them back.
+//!
+//! KV blocks are carved from slabs (`PinnedBuf::take_block`): a million-token cache holds
+//! over a million blocks, and one driver allocation each costs time and, for the GPU's
+//! mapping of each, device memory the planner cannot see. A slab's memory is unpinned when
+//! the last buffer carved from it is dropped.
 
 use super::{driver_err, Gpu};
 use crate::error::{Error, Result};
@@ -13,41 +18,35 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// Page-locked host memory, mapped into the GPU's address space.
-pub struct PinnedBuf {
+/// Largest slab that blocks are carved from; the first slab of a size holds
+/// `FIRST_SLAB_BLOCKS` blocks and each next one twice as many, up to this.
+const MAX_SLAB_BYTES: usize = 64 << 20;
+const FIRST_SLAB_BLOCKS: usize = 16;
+/// Blocks in a slab start at multiples of this (the copy engine's and the kernels' loads
+/// want aligned rows).
+const SLAB_ALIGN: usize = 256;
+
+/// One allocation of page-locked host memory, mapped into the GPU's address space; unpinned
+/// when dropped (the last buffer in it gone).
+struct Pinned {
     host: *mut u8,
     dev: u64,
     len: usize,
 }
 
-// SAFETY: owned exclusively, like a `Box<[u8]>`; the pointers are plain addresses.
-unsafe impl Send for PinnedBuf {}
-// SAFETY: shared access only reads.
-unsafe impl Sync for PinnedBuf {}
+// SAFETY: owned exclusively (shared only through `Arc` by the buffers carved from it, which
+// touch disjoint ranges); the pointers are plain addresses.
+unsafe impl Send for Pinned {}
+// SAFETY: as above: no method mutates it.
+unsafe impl Sync for Pinned {}
 
-static PINNED_BYTES: AtomicUsize = AtomicUsize::new(0);
-static POOL: OnceLock<Mutex<HashMap<usize, Vec<PinnedBuf>>>> = OnceLock::new();
-
-fn pool() -> &'static Mutex<HashMap<usize, Vec<PinnedBuf>>> {
-    POOL.get_or_init(|| Mutex::new(HashMap::new()))
-}
-
-impl PinnedBuf {
-    /// `len` bytes, from the pool if it has a buffer of that size, else freshly pinned.
-    pub fn take(gpu: &Gpu, len: usize) -> Result<Self> {
-        if let Some(b) = pool()
-            .lock()
-            .expect("pool")
-            .get_mut(&len)
-            .and_then(|v| v.pop())
-        {
-            return Ok(b);
-        }
+impl Pinned {
+    fn new(gpu: &Gpu, len: usize) -> Result<Self> {
         gpu.bind()?;
         let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
         // SAFETY: a plain allocation call; the result is checked.
         let host = unsafe { cu::malloc_host(len, flags) }.map_err(|e| Error::OutOfHostMemory {
-            what: format!("pinning a {len}-byte KV block ({e:?})"),
+            what: format!("pinning {len} bytes of KV blocks ({e:?})"),
             needed: len,
             available: crate::cpu::memory::available_bytes().unwrap_or(0),
         })? as *mut u8;
@@ -60,7 +59,123 @@ impl PinnedBuf {
             return Err(driver_err("mapping pinned memory", e));
         }
         PINNED_BYTES.fetch_add(len, Ordering::Relaxed);
-        Ok(PinnedBuf { host, dev, len })
+        Ok(Pinned { host, dev, len })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `malloc_host` in `new`, freed once: every buffer carved from it
+        // held an `Arc` to it, and the last one is gone.
+        let _ = unsafe { cu::free_host(self.host as *mut _) };
+        PINNED_BYTES.fetch_sub(self.len, Ordering::Relaxed);
+    }
+}
+
+/// Page-locked host memory, mapped into the GPU's address space: a whole allocation, or a
+/// block carved from a slab.
+pub struct PinnedBuf {
+    host: *mut u8,
+    dev: u64,
+    len: usize,
+    /// Bytes of its allocation it occupies: `len`, rounded up to `SLAB_ALIGN` in a slab.
+    span: usize,
+    /// The allocation it lies in (`None` for `empty`).
+    _mem: Option<Arc<Pinned>>,
+}
+
+// SAFETY: owns its range exclusively, like a `Box<[u8]>`; the pointers are plain addresses.
+unsafe impl Send for PinnedBuf {}
+// SAFETY: shared access only reads.
+unsafe impl Sync for PinnedBuf {}
+
+static PINNED_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// The slab blocks of one size are being carved from, and where the next one starts.
+struct Carver {
+    slab: Arc<Pinned>,
+    next: usize,
+}
+
+impl Carver {
+    /// Bytes of the slab not carved yet (pinned, free for the next blocks).
+    fn left(&self) -> usize {
+        self.slab.len - self.next
+    }
+}
+
+#[derive(Default)]
+struct Pool {
+    /// Buffers given back, by length.
+    free: HashMap<usize, Vec<PinnedBuf>>,
+    /// Per block length, the slab being carved.
+    carvers: HashMap<usize, Carver>,
+}
+
+static POOL: OnceLock<Mutex<Pool>> = OnceLock::new();
+
+fn pool() -> std::sync::MutexGuard<'static, Pool> {
+    POOL.get_or_init(|| Mutex::new(Pool::default()))
+        .lock()
+        .expect("pool")
+}
+
+impl PinnedBuf {
+    /// `len` bytes, from the pool if it has a buffer of that size, else freshly pinned in an
+    /// allocation of its own.
+    pub fn take(gpu: &Gpu, len: usize) -> Result<Self> {
+        if let Some(b) = pool().free.get_mut(&len).and_then(|v| v.pop()) {
+            return Ok(b);
+        }
+        let mem = Arc::new(Pinned::new(gpu, len)?);
+        Ok(PinnedBuf {
+            host: mem.host,
+            dev: mem.dev,
+            len,
+            span: len,
+            _mem: Some(mem),
+        })
+    }
+
+    /// `len` bytes for a KV block: from the pool if it has a buffer of that size, else carved
+    /// from a slab (a new slab, twice the last one's size up to `MAX_SLAB_BYTES`, when the
+    /// current one is used up).
+    pub fn take_block(gpu: &Gpu, len: usize) -> Result<Self> {
+        let stride = len.next_multiple_of(SLAB_ALIGN);
+        let mut pool = pool();
+        if let Some(b) = pool.free.get_mut(&len).and_then(|v| v.pop()) {
+            return Ok(b);
+        }
+        let room = pool.carvers.get(&len).is_some_and(|c| c.left() >= stride);
+        if !room {
+            let last = pool.carvers.get(&len).map_or(0, |c| c.slab.len);
+            let want = (2 * last).max(FIRST_SLAB_BLOCKS * stride);
+            let bytes = (want.min(MAX_SLAB_BYTES) / stride).max(1) * stride;
+            // Where a whole slab cannot be pinned, one block may still be.
+            let slab = match Pinned::new(gpu, bytes) {
+                Ok(s) => s,
+                Err(_) if bytes > stride => Pinned::new(gpu, stride)?,
+                Err(e) => return Err(e),
+            };
+            pool.carvers.insert(
+                len,
+                Carver {
+                    slab: Arc::new(slab),
+                    next: 0,
+                },
+            );
+        }
+        let c = pool.carvers.get_mut(&len).expect("carver made above");
+        let off = c.next;
+        c.next += stride;
+        Ok(PinnedBuf {
+            // SAFETY: `off + len <= slab.len`: the carver had `stride >= len` bytes left.
+            host: unsafe { c.slab.host.add(off) },
+            dev: c.slab.dev + off as u64,
+            len,
+            span: stride,
+            _mem: Some(c.slab.clone()),
+        })
     }
 
     /// No memory (what an owner leaves behind after giving its buffer back).
@@ -69,6 +184,8 @@ impl PinnedBuf {
             host: std::ptr::null_mut(),
             dev: 0,
             len: 0,
+            span: 0,
+            _mem: None,
         }
     }
 
@@ -77,12 +194,7 @@ impl PinnedBuf {
         if self.len == 0 {
             return;
         }
-        pool()
-            .lock()
-            .expect("pool")
-            .entry(self.len)
-            .or_default()
-            .push(self);
+        pool().free.entry(self.len).or_default().push(self);
     }
 
     pub fn dev_ptr(&self) -> u64 {
@@ -102,40 +214,23 @@ impl PinnedBuf {
     }
 }
 
-impl Drop for PinnedBuf {
-    fn drop(&mut self) {
-        if self.host.is_null() {
-            return;
-        }
-        // SAFETY: allocated by `malloc_host` in `take`, freed once; nothing else owns it.
-        let _ = unsafe { cu::free_host(self.host as *mut _) };
-        PINNED_BYTES.fetch_sub(self.len, Ordering::Relaxed);
-    }
-}
-
 /// Bytes of pinned memory allocated by headinfer: in caches and in the pool.
 pub fn pinned_bytes() -> usize {
     PINNED_BYTES.load(Ordering::Relaxed)
 }
 
-/// Bytes of pinned memory held in the pool, free for reuse.
+/// Bytes of pinned memory held in the pool, free for reuse: buffers given back (with their
+/// alignment padding), and the slabs' bytes not carved yet.
 pub fn pooled_bytes() -> usize {
-    pool()
-        .lock()
-        .expect("pool")
-        .iter()
-        .map(|(len, v)| len * v.len())
-        .sum()
+    let pool = pool();
+    let given: usize = pool.free.values().flatten().map(|b| b.span).sum();
+    given + pool.carvers.values().map(Carver::left).sum::<usize>()
 }
 
-/// Unpins every pooled buffer.
+/// Drops every pooled buffer and the slabs being carved: each allocation is unpinned once no
+/// cache holds a buffer in it.
 pub fn release_pinned_pool() {
-    let drained: Vec<Vec<PinnedBuf>> = pool()
-        .lock()
-        .expect("pool")
-        .drain()
-        .map(|(_, v)| v)
-        .collect();
+    let drained = std::mem::take(&mut *pool());
     drop(drained);
 }
 

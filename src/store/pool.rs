@@ -115,7 +115,7 @@ impl Allocator for PinnedAlloc {
         Placement::Host
     }
     fn alloc(&self, bytes: usize) -> Result<Mem> {
-        PinnedBuf::take(&self.0, bytes).map(Mem::Pinned)
+        PinnedBuf::take_block(&self.0, bytes).map(Mem::Pinned)
     }
 }
 
