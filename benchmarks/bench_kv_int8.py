@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--exact-context", type=int, default=716800, help="0: none")
     ap.add_argument("--loss-context", type=int, default=0, help="0: no logit-error phase")
     ap.add_argument("--steps", type=int, default=6, help="timed decode steps")
+    ap.add_argument("--gpu-budget", default=None, help="patch(gpu_budget=...), e.g. 23GiB")
     ap.add_argument("--watchdog", type=float, default=900, help="seconds per phase")
     args = ap.parse_args()
     only_loss = not args.contexts and not args.exact_context
@@ -106,7 +107,7 @@ def main() -> None:
             json.dump(res, f, indent=1)
 
     cfg, model = llama8b()
-    headinfer.patch(model, chunk_size=4096)
+    headinfer.patch(model, chunk_size=4096, gpu_budget=args.gpu_budget)
     name = cache_kwarg_name(model)
     contexts = [int(c) for c in args.contexts.split(",") if c]
     longest = max(contexts + [args.exact_context, args.loss_context])
@@ -123,14 +124,14 @@ def main() -> None:
             ("exact_one_shot", None, n),
         ]:
             headinfer.unpatch(model)
-            headinfer.patch(model, chunk_size=chunk)
+            headinfer.patch(model, chunk_size=chunk, gpu_budget=args.gpu_budget)
             cache = headinfer.HeadInferCache(model, kv_dtype=kv)
             secs, logits[label] = prefill(model, cache, name, ids[:, :n])
             print(f"loss phase: {label} prefill {n} in {secs:.1f} s", flush=True)
             release(cache)
             del cache
         headinfer.unpatch(model)
-        headinfer.patch(model, chunk_size=4096)
+        headinfer.patch(model, chunk_size=4096, gpu_budget=args.gpu_budget)
         ref = logits["exact"]
 
         def rel(x: torch.Tensor) -> float:

@@ -118,3 +118,48 @@ def test_budget_below_working_set_refused_before_prefill():
     del model
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def test_prefill_after_decode_gives_torch_back_the_demoted_room():
+    """Decode fills the room a prefill's activations had with promoted blocks; the next prefill
+    demotes them, and torch's cap must grow back to what that prefill's plan gives torch, or
+    torch runs out under its own cap (seen extending an int8 cache to 1M tokens with a budget).
+    """
+    from headinfer.planner import DEFAULT_MARGIN
+    from headinfer.prefill import cache_kwarg_name
+
+    model = _model()
+    weights = torch.cuda.memory_allocated()
+    budget = weights + int(4.5 * GIB)  # KV at 104K tokens: 3.25 GiB, more than the room left
+    headinfer.patch(model, chunk_size=4096, gpu_budget=budget)
+    cache = headinfer.HeadInferCache(model)
+    name = cache_kwarg_name(model)
+    n = 96 * 1024
+    ids = torch.randint(0, 32000, (1, n + 1 + 8192), device="cuda")
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids[:, :n], use_cache=True, logits_to_keep=1, **{name: cache})
+            model(input_ids=ids[:, n : n + 1], use_cache=True, **{name: cache})  # decode
+            held_decode = cache.memory()["device_reserved"]
+            out = model(
+                input_ids=ids[:, n + 1 :], use_cache=True, logits_to_keep=1, **{name: cache}
+            )
+        torch.cuda.synchronize()
+        assert cache.get_seq_length() == ids.shape[1]
+        assert torch.isfinite(out.logits).all()
+        held = cache.memory()["device_reserved"]
+        assert held < held_decode, "the second prefill should have demoted blocks"
+        plan = cache._plan
+        assert plan is not None and plan.prefill
+        f = plan.figures
+        need = f["weight_bytes"] + f["activation_bytes"] + f["staging_bytes"] + DEFAULT_MARGIN
+        cap = torch.cuda.get_per_process_memory_fraction(0) * torch.cuda.mem_get_info()[1]
+        assert cap >= need - (16 << 20), (
+            f"torch capped at {cap / GIB:.2f} GiB, plan needs {need / GIB:.2f}"
+        )
+        assert cap + held + f["context_bytes"] <= budget + (16 << 20)
+    finally:
+        headinfer.unpatch(model)
+    del model, cache
+    gc.collect()
+    torch.cuda.empty_cache()
