@@ -31,6 +31,7 @@ import faulthandler
 import gc
 import json
 import os
+import threading
 import time
 
 import torch
@@ -39,7 +40,43 @@ from bench_decode import host_read_beside_copy
 
 import headinfer
 from headinfer import _core
+from headinfer.planner import process_device_bytes
 from headinfer.prefill import cache_kwarg_name
+
+
+class MemoryTrace:
+    """Polls this process's device memory (NVML) every 20 ms on a thread of its own, and keeps
+    each phase's highest sample with what it was made of: torch's reserved bytes, headinfer's
+    device blocks, and the rest (the CUDA context, kernels, stream-ordered workspaces)."""
+
+    def __init__(self) -> None:
+        self.phase = "start"
+        self.peaks: dict[str, dict] = {}
+        self._stop = threading.Event()
+        self._dev = torch.device("cuda", torch.cuda.current_device())
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            used = process_device_bytes(self._dev)
+            if used is None:
+                return  # NVML cannot report this process: card.py's peak is all there is
+            torch_res = torch.cuda.memory_reserved(self._dev)
+            blocks = _core.device_block_bytes()
+            peak = self.peaks.get(self.phase)
+            if peak is None or used > peak["nvml_gib"] * 2**30:
+                self.peaks[self.phase] = {
+                    "nvml_gib": round(used / 2**30, 3),
+                    "torch_reserved_gib": round(torch_res / 2**30, 3),
+                    "device_blocks_gib": round(blocks / 2**30, 3),
+                    "other_gib": round((used - torch_res - blocks) / 2**30, 3),
+                }
+
+    def stop(self) -> dict[str, dict]:
+        self._stop.set()
+        self._thread.join()
+        return self.peaks
 
 
 def prefill(model, cache, name: str, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -102,9 +139,12 @@ def main() -> None:
     }
     print(json.dumps(res), flush=True)
 
+    trace = MemoryTrace()
+
     def save() -> None:
+        # dict() copies in one step under the GIL: the trace thread may add a phase meanwhile.
         with open(out_path, "w") as f:
-            json.dump(res, f, indent=1)
+            json.dump({**res, "memory_peaks": dict(trace.peaks)}, f, indent=1)
 
     cfg, model = llama8b()
     headinfer.patch(model, chunk_size=4096, gpu_budget=args.gpu_budget)
@@ -153,12 +193,14 @@ def main() -> None:
     if args.exact_context:
         faulthandler.dump_traceback_later(args.watchdog, exit=True)
         n = args.exact_context
+        trace.phase = f"exact prefill {n}"
         cache = headinfer.HeadInferCache(model)
         cache.expected_new_tokens = 16 + args.steps
         secs, logits = prefill(model, cache, name, ids[:, :n])
         print(f"exact: prefill {n} in {secs:.1f} s", flush=True)
         first = logits.argmax(-1, keepdim=True)
         r = {"context": n, "prefill_s": round(secs, 2), **floors(cache, rates)}
+        trace.phase = f"exact decode {n}"
         with torch.inference_mode():
             tokens, _, spt = decode(model, cache, name, first, 8 + args.steps, skip=8)
         exact_tokens = tokens
@@ -185,6 +227,7 @@ def main() -> None:
     for n in contexts:
         faulthandler.dump_traceback_later(args.watchdog, exit=True)
         cache.crop(done)  # drop the decoded tokens: the prompt goes on from `done`
+        trace.phase = f"int8 prefill {n}"
         try:
             secs, logits = prefill(model, cache, name, ids[:, done:n])
         except Exception as e:  # noqa: BLE001 - recorded: the capacity is the finding
@@ -197,6 +240,7 @@ def main() -> None:
         print(f"int8: prefill {n} ({prefill_total:.1f} s in all)", flush=True)
         first = logits.argmax(-1, keepdim=True)
         r = {"context": n, "prefill_s_cumulative": round(prefill_total, 2), **floors(cache, rates)}
+        trace.phase = f"int8 decode {n}"
         with torch.inference_mode():
             tokens, _, spt = decode(model, cache, name, first, 8 + args.steps, skip=8)
         r.update(
@@ -213,7 +257,8 @@ def main() -> None:
         print(json.dumps(r), flush=True)
         save()
         faulthandler.cancel_dump_traceback_later()
-    res["nvml_note"] = "peak device memory: card.py's report"
+    res["nvml_note"] = "peak device memory: card.py's report; per phase: memory_peaks"
+    print(json.dumps(trace.stop()), flush=True)
     save()
 
 
