@@ -16,7 +16,29 @@ use crate::cuda::kernels::MAX_CPU_HEADS;
 use crate::error::{Error, Result};
 use crate::store::DeviceLayer;
 use crate::store::LayerPlacement;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The CPU share's thread pools, by thread count (`SharePolicy::set_threads`).
+static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+
+fn shared_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+    let mut pools = POOLS
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .expect("pools");
+    if let Some(p) = pools.get(&threads) {
+        return Ok(p.clone());
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("headinfer-share-{i}"))
+        .build()
+        .map_err(|e| Error::value("share_threads", format!("no thread pool: {e}")))?;
+    let pool = Arc::new(pool);
+    pools.insert(threads, pool.clone());
+    Ok(pool)
+}
 
 /// Below this many host tokens in a head, the hand-off costs more than the CPU saves (the
 /// `cpu_heads` override only; measured rates decide for themselves).
@@ -300,17 +322,15 @@ impl SharePolicy {
         Ok(())
     }
 
-    /// A pool of `threads` threads for the CPU share (0: rayon's global pool).
+    /// A pool of `threads` threads for the CPU share (0: rayon's global pool). Pools are
+    /// shared by every store of the process and kept for its life, one per thread count: a
+    /// pool per store spawned and joined as many threads per `generate()` call (each call's
+    /// cache has a store), and the process's RSS climbed about 1-3 MiB a call on the GPU host.
     pub fn set_threads(&mut self, threads: usize) -> Result<()> {
         self.pool = if threads == 0 {
             None
         } else {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .thread_name(|i| format!("headinfer-share-{i}"))
-                .build()
-                .map_err(|e| Error::value("share_threads", format!("no thread pool: {e}")))?;
-            Some(Arc::new(pool))
+            Some(shared_pool(threads)?)
         };
         Ok(())
     }

@@ -454,3 +454,26 @@ fn the_reader_is_the_faster_measured_one_and_the_copy_engine_unmeasured() {
     .unwrap();
     assert!(ce.cpu_bytes < zc.cpu_bytes, "{ce:?} vs {zc:?}");
 }
+
+#[test]
+fn stores_share_one_pool_per_thread_count() {
+    // A pool per store spawned and joined its threads once per `generate()` call.
+    let (mut a, mut b, mut c) = (
+        SharePolicy::default(),
+        SharePolicy::default(),
+        SharePolicy::default(),
+    );
+    a.set_threads(2).unwrap();
+    b.set_threads(2).unwrap();
+    c.set_threads(5).unwrap();
+    let (pa, pb, pc) = (a.pool.unwrap(), b.pool.unwrap(), c.pool.unwrap());
+    assert!(Arc::ptr_eq(&pa, &pb));
+    assert!(!Arc::ptr_eq(&pa, &pc));
+    assert_eq!(pc.current_num_threads(), 5);
+    // Threads stay: a pool dropped by every store is the same pool the next store gets.
+    let first = Arc::as_ptr(&pa);
+    drop((pa, pb));
+    let mut d = SharePolicy::default();
+    d.set_threads(2).unwrap();
+    assert_eq!(Arc::as_ptr(d.pool.as_ref().unwrap()), first);
+}
