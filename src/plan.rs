@@ -15,8 +15,12 @@ pub struct ModelShape {
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub vocab_size: usize,
-    /// Bytes per element of activations and KV.
+    /// Bytes per element of activations (and of the prefill's staged KV, which readers
+    /// dequantize into the model's dtype).
     pub elem_bytes: usize,
+    /// Bytes the store holds per token per kv head for its keys (as many for its values):
+    /// `head_dim * elem_bytes` exact, `KvFormat::row_bytes` in 8 bits.
+    pub kv_row_bytes: usize,
     /// Bytes of the weights on the GPU.
     pub weight_bytes: usize,
     /// Per layer, the sliding window (`None`: full attention).
@@ -66,7 +70,7 @@ pub struct Plan {
 impl ModelShape {
     /// KV bytes of one token of one layer (keys and values of every kv head).
     pub fn kv_bytes_per_token_layer(&self) -> usize {
-        2 * self.num_kv_heads * self.head_dim * self.elem_bytes
+        2 * self.num_kv_heads * self.kv_row_bytes
     }
 
     /// KV bytes held at `context` tokens: window layers hold at most their window plus a

@@ -445,6 +445,21 @@ def _shape(**kw: object) -> _core.ModelShape:
     return _core.ModelShape(**base)
 
 
+def test_plan_counts_kv_in_the_store_row_bytes() -> None:
+    # int8 rows of a Llama-3-8B head (136 bytes) against bf16's 256: the planner counts the
+    # stored bytes, the staging stays at the model's dtype (staged rows are dequantized).
+    int8_row = _core.kv_row_bytes(128, "bfloat16", "int8")
+    exact, int8 = _shape(), _shape(kv_row_bytes=int8_row)
+    assert int8.kv_bytes_per_token_layer == 2 * 8 * int8_row
+    kw: dict = dict(context=1 << 20, chunk_size=8192, gpu_budget=24 << 30, margin=1 << 29)
+    pe, pq = (
+        _core.plan(exact, staging_cap=1 << 30, **kw),
+        _core.plan(int8, staging_cap=1 << 30, **kw),
+    )
+    assert pq.kv_total_bytes * 256 == pe.kv_total_bytes * int8_row
+    assert (pq.staging_bytes, pq.kv_device_bytes) == (pe.staging_bytes, pe.kv_device_bytes)
+
+
 def test_plan_is_typed_and_its_dict_has_every_figure() -> None:
     shape = _shape()
     assert shape.kv_bytes_per_token_layer * shape.num_layers == 131_072

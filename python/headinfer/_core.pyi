@@ -354,9 +354,12 @@ class ModelShape:
     Args:
         num_layers, num_q_heads, num_kv_heads, head_dim, hidden_size, intermediate_size,
             vocab_size: from the model's config.
-        elem_bytes: bytes per element of activations and KV.
+        elem_bytes: bytes per element of activations (and of the prefill's staged KV, which
+            readers dequantize into the model's dtype).
         weight_bytes: bytes of the weights on the GPU.
         windows: per layer, the sliding window (``None``: full attention).
+        kv_row_bytes: bytes the store holds per token per kv head for its keys (as many for
+            its values): ``kv_row_bytes()``; default ``head_dim * elem_bytes`` (exact).
     """
 
     def __new__(
@@ -372,6 +375,7 @@ class ModelShape:
         elem_bytes: int,
         weight_bytes: int,
         windows: Sequence[int | None],
+        kv_row_bytes: int | None = None,
     ) -> ModelShape: ...
     @property
     def num_layers(self) -> int: ...

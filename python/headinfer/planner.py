@@ -124,6 +124,7 @@ def plan_figures(
         elem_bytes=elem_bytes,
         weight_bytes=weight_bytes,
         windows=list(spec.windows),
+        kv_row_bytes=kv_row_bytes,
     )
     figures = _core.plan(
         shape,
@@ -134,22 +135,7 @@ def plan_figures(
         staging_cap=staging_cap,
         prefill=prefill,
     ).to_dict()
-    exact_row = spec.head_dim * elem_bytes
-    if kv_row_bytes is not None and kv_row_bytes != exact_row:
-        _recount_kv(figures, gpu_budget, exact_row, kv_row_bytes)
     return figures
-
-
-def _recount_kv(figures: dict[str, Any], gpu_budget: int, exact_row: int, row: int) -> None:
-    # The Rust planner counts the KV at `exact_row` bytes per token and kv head; the same
-    # tokens in rows of `row` bytes, on the GPU as far as the room it left (the budget less
-    # what it gave everything else) holds them, the rest on the host.
-    total = figures["kv_total_bytes"] // exact_row * row
-    fixed = sum(
-        figures[k] for k in ("weight_bytes", "activation_bytes", "staging_bytes", "margin_bytes")
-    )
-    device = min(max(gpu_budget - fixed, 0), total)
-    figures.update(kv_total_bytes=total, kv_device_bytes=device, kv_host_bytes=total - device)
 
 
 def _config_int(config: Any, name: str, default: int) -> int:

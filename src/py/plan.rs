@@ -15,7 +15,7 @@ pub struct PyModelShape {
 #[pymethods]
 impl PyModelShape {
     #[new]
-    #[pyo3(signature = (*, num_layers, num_q_heads, num_kv_heads, head_dim, hidden_size, intermediate_size, vocab_size, elem_bytes, weight_bytes, windows))]
+    #[pyo3(signature = (*, num_layers, num_q_heads, num_kv_heads, head_dim, hidden_size, intermediate_size, vocab_size, elem_bytes, weight_bytes, windows, kv_row_bytes=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         num_layers: usize,
@@ -28,9 +28,11 @@ impl PyModelShape {
         elem_bytes: usize,
         weight_bytes: usize,
         windows: Vec<Option<usize>>,
+        kv_row_bytes: Option<usize>,
     ) -> Self {
         PyModelShape {
             inner: ModelShape {
+                kv_row_bytes: kv_row_bytes.unwrap_or(head_dim * elem_bytes),
                 num_layers,
                 num_q_heads,
                 num_kv_heads,

@@ -12,6 +12,7 @@ fn llama8b() -> ModelShape {
         intermediate_size: 14336,
         vocab_size: 128256,
         elem_bytes: 2,
+        kv_row_bytes: 256,
         weight_bytes: 16_060_000_000,
         windows: vec![None; 32],
     }
@@ -139,4 +140,23 @@ fn decode_gives_the_working_set_to_the_kv() {
         dec.kv_device_bytes - pre.kv_device_bytes,
         pre.activation_bytes + pre.staging_bytes - dec.activation_bytes
     );
+}
+
+#[test]
+fn int8_rows_hold_more_tokens_in_the_same_room_and_stage_as_exact() {
+    // Rows of 136 bytes (int8 values and bf16 scales at head_dim 128) against 256: the same
+    // device room holds 256 / 136 as many tokens; the prefill still stages dequantized rows,
+    // so the working set and staging are those of the exact format.
+    let exact = llama8b();
+    let int8 = ModelShape {
+        kv_row_bytes: 136,
+        ..llama8b()
+    };
+    let r = req(1 << 20, 24 * GIB);
+    let (pe, pq) = (plan(&exact, &r).unwrap(), plan(&int8, &r).unwrap());
+    assert_eq!(pq.kv_total_bytes * 256, pe.kv_total_bytes * 136);
+    assert_eq!(pq.staging_bytes, pe.staging_bytes);
+    assert_eq!(pq.heads_per_group, pe.heads_per_group);
+    assert_eq!(pq.kv_device_bytes, pe.kv_device_bytes);
+    assert!(pq.kv_host_bytes < pe.kv_host_bytes);
 }
