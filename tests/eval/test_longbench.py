@@ -249,6 +249,25 @@ def test_resume_runs_only_what_is_missing(
     assert "3 item(s) (0 run now, 3 from" in capsys.readouterr().out
 
 
+def test_resume_refuses_results_of_another_kv_dtype(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One file mixing exact and int8 answers would score neither mode.
+    item = load_data(FIXTURE)[0]
+    out = tmp_path / "results.jsonl"
+    record = {k: item[k] for k in FIELDS if k != "context"}
+    record.update(response="(earlier)", pred=None, judge=False, kv_dtype="int8")
+    out.write_text(json.dumps(record) + "\n")
+    argv = ["--data", str(FIXTURE), "--out", str(out), "--device", "cpu"]
+    assert longbench.main(argv) == 2
+    assert "holds results of --kv-dtype int8, not exact" in capsys.readouterr().err
+    # A record from before the 8-bit mode (no kv_dtype) is exact, so int8 refuses it too.
+    del record["kv_dtype"]
+    out.write_text(json.dumps(record) + "\n")
+    assert longbench.main([*argv, "--kv-dtype", "int8"]) == 2
+    assert "holds results of --kv-dtype exact, not int8" in capsys.readouterr().err
+
+
 def test_only_rank_0_prints_and_writes(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

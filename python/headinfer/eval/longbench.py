@@ -15,7 +15,8 @@ at temperature 0.1), so that headinfer and standard attention can be compared to
 with ``--compare standard``.
 
 With ``--out``, each item's result is one JSON line, written as soon as it is done; rerunning
-with the same ``--out`` skips the ``_id``\\ s already there and scores everything in the file.
+with the same ``--out`` skips the ``_id``\\ s already there and scores everything in the file
+(each record names its ``--kv-dtype``; a file of another one is refused).
 """
 
 from __future__ import annotations
@@ -327,6 +328,15 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    # Records before the 8-bit mode carry no kv_dtype: they are exact.
+    other = sorted({r.get("kv_dtype", "exact") for r in earlier} - {args.kv_dtype})
+    if other:
+        print(
+            f"error: {args.out} holds results of --kv-dtype {', '.join(other)}, not "
+            f"{args.kv_dtype}; use another --out",
+            file=sys.stderr,
+        )
+        return 2
     todo = [item for item in data if item["_id"] not in done]
     if done:
         logger.info(
@@ -365,6 +375,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                 pred = extract_answer(got.text)
                 record = {k: item[k] for k in FIELDS if k != "context"}
                 record.update(
+                    kv_dtype=args.kv_dtype,
                     prompt_tokens=len(ids),
                     truncated=cut,
                     response=got.text.strip(),
