@@ -150,6 +150,33 @@ def test_the_prediction_is_plans(
         assert expect["rates_source"].startswith("H200 constants")
 
 
+def test_an_int8_check_measures_and_predicts_int8(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    default_config().save_pretrained(tmp_path)
+    common = ["--model", str(tmp_path), "--context", "64K", "--gpu-budget", "20GiB"]
+    run(["plan", *common, "--json", "--kv-dtype", "int8"])
+    plan = json.loads(capsys.readouterr().out)
+    assert run(["check", *common, "--json", "--no-self-test", "--kv-dtype", "int8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # The CPU share's rate over int8 rows (in their stored bytes), saved under the int8 key.
+    assert report["rates"]["kv_dtype"] == "int8" and report["rates"]["rates"]["cpu"] > 0
+    if GPU:
+        assert report["rates"]["key"].endswith(" | kv_dtype int8")
+    expect = report["expect"]
+    assert expect["kv_dtype"] == "int8"
+    assert expect["kv_host_bytes"] == plan["decode"]["kv_host_bytes"]
+    assert expect["decode_s_per_token"] == plan["floors"]["decode_s_per_token"]
+    # The text says so too; an exact check says nothing of a kv dtype.
+    assert run(["check", *common, "--no-self-test", "--kv-dtype", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "the CPU share over int8 KV" in out
+    assert "65,536 tokens, bfloat16, int8 KV" in out
+    assert run(["check", *common, "--no-self-test"]) == 0
+    out = capsys.readouterr().out
+    assert "int8 KV" not in out and "65,536 tokens, bfloat16\n" in out
+
+
 def test_the_default_model_is_the_llama_3_8b_shape(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["check", "--no-self-test", "--gpu-budget", "20GiB"]) == 0
     out = capsys.readouterr().out

@@ -6,16 +6,21 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
+from _rates import CoreStandIn
 
-from headinfer import _core
+from headinfer import _core, share
 from headinfer.share import (
     RATES_FILE_ENV,
     RATES_VERSION,
     ShareRates,
+    cpu_model,
+    kv_label,
     load_rates,
     machine_key,
+    measure_rates,
     physical_cores,
     rates_path,
     save_rates,
@@ -129,6 +134,80 @@ def test_machine_keys_tell_machines_and_shapes_apart() -> None:
     assert a != machine_key("NVIDIA H100", **kw)
     assert a != machine_key("NVIDIA H200", **{**kw, "head_dim": 64})
     assert a != machine_key("NVIDIA H200", **{**kw, "threads": 7})
+
+
+KEY_SHAPE = {"dtype": "bfloat16", "head_dim": 128, "group": 4, "threads": 15, "cores": 16}
+
+
+def test_machine_keys_tell_kv_dtypes_apart_and_keep_exact_keys() -> None:
+    exact = machine_key("NVIDIA H100", **KEY_SHAPE)
+    # An exact store's key is the one written before kv dtypes were part of keys.
+    assert exact == (
+        f"NVIDIA H100 | {cpu_model()} | 16 cores | 15 threads | bfloat16 | head_dim 128 | group 4"
+    )
+    assert machine_key("NVIDIA H100", **KEY_SHAPE, kv_dtype="exact") == exact
+    assert machine_key("NVIDIA H100", **KEY_SHAPE, kv_dtype=None) == exact
+    int8 = machine_key("NVIDIA H100", **KEY_SHAPE, kv_dtype="int8")
+    assert int8 == exact + " | kv_dtype int8"
+    assert machine_key("NVIDIA H100", **KEY_SHAPE, kv_dtype=" INT8") == int8
+    with pytest.raises(ValueError, match="^kv_dtype: "):
+        machine_key("NVIDIA H100", **KEY_SHAPE, kv_dtype="int4")
+
+
+def test_an_older_files_exact_entry_still_serves_exact_stores(tmp_path: Path) -> None:
+    # A file as the previous version wrote it: version 2, keys without a kv dtype.
+    path = tmp_path / "rates.json"
+    exact = machine_key("NVIDIA H100", **KEY_SHAPE)
+    entry = {"pcie": 51e9, "cpu": 40e9, "device": 2.5e12, "handoff": 1e-4, "copy": 0.0}
+    path.write_text(json.dumps({exact: {**entry, "version": 2, "measured": 0.0}}))
+    assert load_rates(exact, path) == H200
+    # An int8 store's entry is its own: not there yet (measured, then saved beside it).
+    int8 = machine_key("NVIDIA H100", **KEY_SHAPE, kv_dtype="int8")
+    assert load_rates(int8, path) is None
+    slower = ShareRates(pcie=51e9, cpu=25e9, device=2.5e12, handoff=1e-4)
+    save_rates(int8, slower, path)
+    assert load_rates(int8, path) == slower and load_rates(exact, path) == H200
+
+
+def test_the_cpu_probe_measures_the_kv_dtype_it_is_given() -> None:
+    kw: dict[str, Any] = {"threads": 1, "bytes": 4 << 20, "seconds": 0}
+    for kv_dtype in (None, "bfloat16", "int8"):
+        rate, fixed = _core.measure_cpu_rate("bfloat16", 128, 4, kv_dtype=kv_dtype, **kw)
+        assert rate > 1e6 and 0 < fixed < 1.0, kv_dtype
+    rate, fixed = _core.measure_cpu_rate("float32", 80, 1, kv_dtype="int8", **kw)
+    assert rate > 1e6 and 0 < fixed < 1.0
+    # As KVStore's kv_dtype: None or the dtype's own name is exact ("exact" is the Python
+    # layer's word, which share.measure_rates turns into None).
+    for bad in ("int4", "float16", "exact"):
+        with pytest.raises(ValueError, match="^kv_dtype: .*int8"):
+            _core.measure_cpu_rate("bfloat16", 128, 4, kv_dtype=bad, **kw)
+    with pytest.raises(TypeError):
+        _core.measure_cpu_rate("bfloat16", 128, 4, kv_dtype=8, **kw)  # type: ignore[arg-type]
+
+
+def test_measure_rates_passes_the_kv_dtype_to_the_cpu_probe(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    core = CoreStandIn()
+    monkeypatch.setattr(share, "_core", core)
+    shape: dict[str, Any] = {"dtype": "bfloat16", "head_dim": 128, "group": 4, "threads": 1}
+    with caplog.at_level(logging.INFO, logger="headinfer"):
+        exact = measure_rates(0, **shape)
+        int8 = measure_rates(0, **shape, kv_dtype="int8")
+        measure_rates(0, **shape, kv_dtype=None)
+    # The store's argument: None for exact (as before), "int8" for int8; beside GPU 0's copies.
+    assert [c["kv_dtype"] for c in core.cpu_calls] == [None, "int8", None]
+    assert all(c["beside_copy"] == 0 and c["threads"] == 1 for c in core.cpu_calls)
+    for r in (exact, int8):
+        assert r.cpu > 1e6 and r.handoff > 0 and (r.pcie, r.device, r.copy) == (51e9, 2.5e12, 55e9)
+    # The log says which KV the CPU's rate was measured over.
+    assert "exact bfloat16 KV" in caplog.text and "int8 KV" in caplog.text
+    with pytest.raises(ValueError, match="^kv_dtype: "):
+        measure_rates(0, **shape, kv_dtype="int4")
+    assert len(core.cpu_calls) == 3
+    assert (
+        kv_label("float16", "exact") == "exact float16" and kv_label("bfloat16", "int8") == "int8"
+    )
 
 
 def test_the_cpu_probe_measures_this_host() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _rates import CoreStandIn
 from _tiny import tiny_config, tiny_model
 
 import headinfer
@@ -115,7 +116,14 @@ def test_auto_measures_once_then_reads_the_file(probe: Probe, tmp_path: Path) ->
     assert first.mode == "rates" and first.rates == H200 and first.threads == 15
     assert first.rates_source is not None and first.rates_source.startswith("measured now")
     assert probe.calls == [
-        {"device_index": 0, "dtype": "bfloat16", "head_dim": 128, "group": 4, "threads": 15}
+        {
+            "device_index": 0,
+            "dtype": "bfloat16",
+            "head_dim": 128,
+            "group": 4,
+            "threads": 15,
+            "kv_dtype": "exact",
+        }
     ]
     key = machine_key("NVIDIA H200", dtype="bfloat16", head_dim=128, group=4, threads=15, cores=16)
     assert load_rates(key, path) == H200
@@ -133,6 +141,71 @@ def test_auto_measures_once_then_reads_the_file(probe: Probe, tmp_path: Path) ->
     )
     assert load_rates(key, path) == probe.rates
     assert len(probe.calls) == 3
+
+
+def test_an_int8_store_has_rates_of_its_own(probe: Probe, tmp_path: Path) -> None:
+    path = tmp_path / "rates.json"
+    exact = plan_share("auto", group=4, cores=16, path=path, **SHAPE)
+    assert exact.rates == H200 and probe.calls[-1]["kv_dtype"] == "exact"
+    # The int8 kernel on the CPU reads fewer stored bytes per second: measured for int8.
+    probe.rates = ShareRates(pcie=51e9, cpu=25e9, device=2.5e12, handoff=1e-4)
+    int8 = plan_share("auto", group=4, cores=16, path=path, kv_dtype="int8", **SHAPE)
+    assert int8.mode == "rates" and int8.rates == probe.rates
+    assert probe.calls[-1] == {
+        "device_index": 0,
+        "dtype": "bfloat16",
+        "head_dim": 128,
+        "group": 4,
+        "threads": 15,
+        "kv_dtype": "int8",
+    }
+    key = machine_key("NVIDIA H200", dtype="bfloat16", head_dim=128, group=4, threads=15, cores=16)
+    assert load_rates(key, path) == H200
+    assert load_rates(key + " | kv_dtype int8", path) == probe.rates
+    # Each is read from the file from now on, the exact store's unchanged.
+    assert plan_share("auto", group=4, cores=16, path=path, **SHAPE).rates == H200
+    again = plan_share("auto", group=4, cores=16, path=path, kv_dtype="int8", **SHAPE)
+    assert again.rates == probe.rates and again.rates_source == f"cached in {path}"
+    assert len(probe.calls) == 2
+
+
+def test_an_int8_cache_asks_for_int8_rates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a CUDA store's cache asks for, through the real planner, rates file and CPU probe;
+    # no GPU here: its name and its probe's rates are stood in for.
+    import torch
+
+    from headinfer import share
+
+    core = CoreStandIn()
+    monkeypatch.setattr(share, "_core", core)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA H200")
+    monkeypatch.setenv("HEADINFER_RATES_FILE", str(tmp_path / "rates.json"))
+    monkeypatch.delenv("HEADINFER_REPROBE", raising=False)
+    config = tiny_config("llama")
+    plans = {}
+    for kv_dtype in ("exact", "int8", "exact", "int8"):
+        cache = headinfer.HeadInferCache(config, kv_dtype=kv_dtype, cpu_heads="auto")
+        plans[kv_dtype] = cache._plan_share(0, torch.bfloat16, 16)
+    # Measured once each (then read from the file), the CPU's kernel over the store's format.
+    head_dim = config.hidden_size // config.num_attention_heads
+    group = config.num_attention_heads // config.num_key_value_heads
+    assert [c["kv_dtype"] for c in core.cpu_calls] == [None, "int8"]
+    for c in core.cpu_calls:
+        assert (c["dtype"], c["head_dim"], c["group"], c["threads"]) == (
+            "bfloat16",
+            head_dim,
+            group,
+            15,
+        )
+    for plan in plans.values():
+        assert plan.mode == "rates" and plan.rates is not None and plan.rates.cpu > 0
+    assert plans["exact"].rates != plans["int8"].rates  # two probes of the CPU
+    key = machine_key(
+        "NVIDIA H200", dtype="bfloat16", head_dim=head_dim, group=group, threads=15, cores=16
+    )
+    saved = json.loads((tmp_path / "rates.json").read_text())
+    assert sorted(saved) == [key, key + " | kv_dtype int8"]
+    assert saved[key + " | kv_dtype int8"]["cpu"] == plans["int8"].rates.cpu
 
 
 def test_reprobe_from_the_environment(

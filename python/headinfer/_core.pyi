@@ -441,14 +441,18 @@ def measure_cpu_rate(
     bytes: int = 268435456,
     seconds: float = 0.25,
     beside_copy: int | None = None,
+    kv_dtype: str | None = None,
 ) -> tuple[float, float]:
     """Time the CPU share's kernel: decode attention of ``group`` query heads per kv head over
-    ``bytes`` of keys and values (8 kv heads of ``head_dim``, ``dtype``) in host memory, on a
-    pool of ``threads`` threads (0: rayon's global pool), for about ``seconds`` (3 to 16 runs);
-    with ``beside_copy`` (a GPU index), while that GPU's copy engine moves pinned memory to it
-    (as in a shared decode step). Returns ``(bytes_per_s, fixed_s)``: the median run's rate,
-    and the seconds of a step over one block per head plus the hand-off's latency (the share's
-    fixed cost)."""
+    ``bytes`` of keys and values (8 kv heads of ``head_dim``, ``dtype``) in host memory, held
+    as ``kv_dtype`` says (as ``KVStore``'s: ``None`` or ``dtype``'s own name exactly,
+    ``"int8"`` in the 8-bit rows, quantized by the store's quantizer; anything else is a
+    ``ValueError`` naming ``kv_dtype``), on a pool of ``threads`` threads (0: rayon's global
+    pool), for about ``seconds`` (3 to 16 runs); with ``beside_copy`` (a GPU index), while that
+    GPU's copy engine moves pinned memory to it (as in a shared decode step). Returns
+    ``(bytes_per_s, fixed_s)``: the median run's rate in bytes as the store holds them
+    (``kv_row_bytes`` per row: the bytes the share's policy splits), and the seconds of a step
+    over one block per head plus the hand-off's latency (the share's fixed cost)."""
 
 def measure_gpu_rates(
     device: int, dtype: str, head_dim: int, group: int

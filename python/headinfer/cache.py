@@ -518,15 +518,7 @@ class HeadInferCache(Cache):
             }
             device = torch.device("cuda", index)
             prefill = PrefillState(device)
-            share = plan_share(
-                self.cpu_heads,
-                device_index=index,
-                gpu_name=torch.cuda.get_device_name(index),
-                dtype=store_dtype(dtype),
-                head_dim=spec.head_dim,
-                group=spec.num_q_heads // spec.num_kv_heads,
-                cores=cores,
-            )
+            share = self._plan_share(index, dtype, cores)
             if self._share is None:
                 self._share = share
         store = _core.KVStore(
@@ -563,6 +555,22 @@ class HeadInferCache(Cache):
             if share.mode == "rates" and share.trial and self._trial is None:
                 self._trial = ShareTrial()
         return DeviceStore(device, layers, store, prefill)
+
+    def _plan_share(self, index: int, dtype: torch.dtype, cores: int) -> SharePlan:
+        """The CPU share's plan for a store of ``dtype`` on GPU ``index`` with ``cores``
+        physical cores (``planner.plan_share``), from this machine's rates for the store's
+        shape and ``kv_dtype`` (an int8 store's CPU rate is its int8 kernel's)."""
+        spec = self.spec
+        return plan_share(
+            self.cpu_heads,
+            device_index=index,
+            gpu_name=torch.cuda.get_device_name(index),
+            dtype=store_dtype(dtype),
+            head_dim=spec.head_dim,
+            group=spec.num_q_heads // spec.num_kv_heads,
+            cores=cores,
+            kv_dtype=self.kv_dtype,
+        )
 
     @staticmethod
     def _rates_tuple(share: SharePlan, on: bool) -> tuple[float, ...]:

@@ -256,6 +256,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     check.add_argument(
         "--dtype", type=opt.dtype, default="bfloat16", metavar="DTYPE", help="bf16 (default)"
     )
+    opt.add_kv_dtype(check, "the cache to measure and predict for holds")
     opt.add_gpu_budget(check)
     check.add_argument(
         "--no-self-test", action="store_true", help="skip the self-test (environment and rates)"
@@ -412,6 +413,7 @@ def _check(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
             dtype=args.dtype,
             self_test=not args.no_self_test,
             say=say,
+            kv_dtype=args.kv_dtype,
         )
     except UnsupportedModelError as exc:
         sub.error(f"--model {args.model}: {exc}")

@@ -22,6 +22,7 @@ import torch
 
 from . import _core
 from .host_memory import mem_available
+from .kv_dtype import check_kv_dtype, store_kv_dtype
 from .share import (
     cpu_model,
     machine_key,
@@ -125,11 +126,15 @@ def measure_h2d(device: int = 0, nbytes: int = H2D_BYTES, repeats: int = H2D_REP
     return nbytes / best
 
 
-def measure(*, dtype: str, head_dim: int, group: int, save: bool = True) -> dict[str, Any]:
+def measure(
+    *, dtype: str, head_dim: int, group: int, save: bool = True, kv_dtype: str = "exact"
+) -> dict[str, Any]:
     """This machine's rates for decode of ``dtype`` KV with heads of ``head_dim`` and ``group``
-    query heads per kv head, measured now (a few seconds).
+    query heads per kv head, held as ``kv_dtype`` (``"exact"`` or ``"int8"``: the CPU share's
+    rate is its kernel's over that format, in its stored bytes), measured now (a few seconds).
 
-    Returns ``{"rates": {name: bytes/s or s}, "seconds", "key", "saved_to", "gpu"}``: with a
+    Returns ``{"rates": {name: bytes/s or s}, "seconds", "key", "saved_to", "gpu",
+    "kv_dtype"}``: with a
     GPU, every field of ``share.ShareRates`` (the CPU share's inputs: the decode kernel over
     host memory, ``pcie``; over device memory, ``device``; the CPU share, ``cpu``; its fixed
     cost, ``handoff``; and any other the probes measure) plus ``h2d_copy``, the pinned
@@ -137,15 +142,27 @@ def measure(*, dtype: str, head_dim: int, group: int, save: bool = True) -> dict
     Without a GPU: the CPU share's rate alone, not saved (the rates file is a GPU host's).
     """
     start = time.perf_counter()
+    kv_dtype = check_kv_dtype(kv_dtype)
     threads = max(share_threads(), 1)
-    out: dict[str, Any] = {"key": None, "saved_to": None, "gpu": None, "threads": threads}
+    out: dict[str, Any] = {
+        "key": None,
+        "saved_to": None,
+        "gpu": None,
+        "threads": threads,
+        "kv_dtype": kv_dtype,
+    }
     rates: dict[str, float] = {}
     if torch.cuda.is_available() and _core.cuda_status() is None:
         index = torch.cuda.current_device()
         name = torch.cuda.get_device_name(index)
         out["gpu"] = name
         share = measure_rates(
-            index, dtype=dtype, head_dim=head_dim, group=group, threads=share_threads()
+            index,
+            dtype=dtype,
+            head_dim=head_dim,
+            group=group,
+            threads=share_threads(),
+            kv_dtype=kv_dtype,
         )
         rates.update({f.name: float(getattr(share, f.name)) for f in dataclasses.fields(share)})
         rates["h2d_copy"] = measure_h2d(index)
@@ -156,6 +173,7 @@ def measure(*, dtype: str, head_dim: int, group: int, save: bool = True) -> dict
             group=group,
             threads=share_threads(),
             cores=physical_cores(),
+            kv_dtype=kv_dtype,
         )
         out["key"] = key
         if save:
@@ -164,7 +182,9 @@ def measure(*, dtype: str, head_dim: int, group: int, save: bool = True) -> dict
             except OSError as exc:
                 logger.warning("could not save the rates to %s: %s", rates_path(), exc)
     else:
-        cpu, fixed = _core.measure_cpu_rate(dtype, head_dim, group, threads=threads)
+        cpu, fixed = _core.measure_cpu_rate(
+            dtype, head_dim, group, threads=threads, kv_dtype=store_kv_dtype(kv_dtype)
+        )
         rates.update({"cpu": cpu, "handoff": fixed})
     out["rates"] = rates
     out["seconds"] = time.perf_counter() - start

@@ -20,6 +20,7 @@ from .kv_dtype import kv_row_bytes as row_bytes
 from .share import (
     REPROBE_ENV,
     ShareRates,
+    kv_label,
     load_rates,
     machine_key,
     measure_rates,
@@ -347,6 +348,7 @@ def plan_share(
     cores: int | None = None,
     reprobe: bool | None = None,
     path: Any = None,
+    kv_dtype: str = "exact",
 ) -> SharePlan:
     """The CPU share's plan for a CUDA store (the planner owns the decision), with the rates
     that also choose how the GPU reads host blocks (the faster of the copy engine and
@@ -358,8 +360,10 @@ def plan_share(
     faster (and the first decode steps' timings keep it only where it is: ``ShareTrial``); an
     int is an override (0: off). The rates come from the rates file (``share``), or are
     measured now (about a second) and saved there; ``reprobe`` (default: the
-    ``HEADINFER_REPROBE`` variable) measures again. A probe that fails costs speed, never
-    results: the share stays off and the GPU reads host blocks by the copy engine.
+    ``HEADINFER_REPROBE`` variable) measures again. ``kv_dtype`` is the store's
+    (``"exact"`` or ``"int8"``): the CPU's rate is its kernel's over that format, an entry of
+    its own in the file. A probe that fails costs speed, never results: the share stays off
+    and the GPU reads host blocks by the copy engine.
     """
     cores = physical_cores() if cores is None else cores
     threads = share_threads(cores)
@@ -374,6 +378,7 @@ def plan_share(
         cores=cores,
         reprobe=reprobe,
         path=path,
+        kv_dtype=kv_dtype,
     )
     common: dict[str, Any] = {
         "cores": cores,
@@ -404,12 +409,13 @@ def plan_share(
         return SharePlan("off", "the CPU's measured rate is 0", **common)
     logger.info(
         "CPU share on %d threads, rates %s: GPU over PCIe %.1f GB/s zero-copy, %.1f GB/s copy "
-        "engine; CPU %.1f GB/s; resident %.0f GB/s; hand-off %.0f us",
+        "engine; CPU %.1f GB/s (%s KV); resident %.0f GB/s; hand-off %.0f us",
         threads,
         source,
         rates.pcie / 1e9,
         rates.copy / 1e9,
         rates.cpu / 1e9,
+        kv_label(dtype, kv_dtype),
         rates.device / 1e9,
         rates.handoff * 1e6,
     )
@@ -432,13 +438,20 @@ def _share_rates(
     cores: int,
     reprobe: bool | None,
     path: Any,
+    kv_dtype: str,
 ) -> tuple[ShareRates | None, str]:
-    """This machine's rates from the rates file, else measured now and saved; ``(None,
-    why)`` where measuring failed."""
+    """This machine's rates for a store of ``kv_dtype`` from the rates file, else measured now
+    and saved; ``(None, why)`` where measuring failed."""
     if reprobe is None:
         reprobe = os.environ.get(REPROBE_ENV, "") not in ("", "0")
     key = machine_key(
-        gpu_name, dtype=dtype, head_dim=head_dim, group=group, threads=threads, cores=cores
+        gpu_name,
+        dtype=dtype,
+        head_dim=head_dim,
+        group=group,
+        threads=threads,
+        cores=cores,
+        kv_dtype=kv_dtype,
     )
     where = rates_path() if path is None else path
     rates = None if reprobe else load_rates(key, where)
@@ -446,7 +459,12 @@ def _share_rates(
         return rates, f"cached in {where}"
     try:
         rates = measure_rates(
-            device_index, dtype=dtype, head_dim=head_dim, group=group, threads=threads
+            device_index,
+            dtype=dtype,
+            head_dim=head_dim,
+            group=group,
+            threads=threads,
+            kv_dtype=kv_dtype,
         )
     except Exception as exc:  # a probe that fails costs speed, never results
         logger.warning("measuring the decode rates failed (the CPU share stays off): %s", exc)

@@ -4,7 +4,7 @@ Four parts, in order (each reported as it finishes, progress on stderr):
 
 1. the environment (``machine.environment``);
 2. this machine's rates, measured now and saved where the runtime and ``headinfer plan`` read
-   them (``machine.measure``);
+   them (``machine.measure``), the CPU share's over KV held as ``kv_dtype`` says;
 3. the exactness self-test of every supported family (``selftest.run_self_test``);
 4. what to expect for ``model`` at ``context`` tokens under ``gpu_budget``: the plan of
    ``headinfer plan`` (the same planner, with the rates it would use now, so after step 2 this
@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .floor_rates import plan_rates
+from .kv_dtype import check_kv_dtype
 from .machine import environment, measure
 from .plan import (
     DEFAULT_CHUNK_SIZE,
@@ -82,11 +83,12 @@ def expect(
     dtype: str = "bfloat16",
     chunk_size: int | None = None,
     rates: dict[str, float] | None = None,
+    kv_dtype: str = "exact",
 ) -> dict[str, Any]:
     """What to expect for ``config``: ``headinfer plan``'s figures for the same inputs (its
-    rates: this machine's where measured), and with this run's measured GPU rates, an
-    estimate of a decode step with the GPU alone (resident KV at the device rate, host KV at
-    the decode kernel's host rate)."""
+    rates: this machine's where measured; KV bytes of ``kv_dtype``), and with this run's
+    measured GPU rates, an estimate of a decode step with the GPU alone (resident KV at the
+    device rate, host KV at the decode kernel's host rate)."""
 
     source = ""
     if gpu_budget is None:
@@ -100,6 +102,7 @@ def expect(
         dtype=dtype,
         rates=plan_rates(config, dtype),
         label=label,
+        kv_dtype=kv_dtype,
     )
     ram = machine_figures(plan)["ram_available_bytes"]  # as `plan` reads it
     longest = longest_figures(config, plan, ram)
@@ -107,6 +110,7 @@ def expect(
     out: dict[str, Any] = {
         "model": label,
         "dtype": dtype,
+        "kv_dtype": plan["kv_dtype"],
         "context": context,
         "gpu_budget": gpu_budget,
         "gpu_budget_source": source,
@@ -165,8 +169,11 @@ def run_check(
     save: bool = True,
     self_test: bool = True,
     say: Callable[[str], None] | None = None,
+    kv_dtype: str = "exact",
 ) -> dict[str, Any]:
-    """The report of ``headinfer check`` (see the module docstring); ``say`` gets progress."""
+    """The report of ``headinfer check`` (see the module docstring); ``say`` gets progress.
+    ``kv_dtype`` (``"exact"`` or ``"int8"``): the KV format the CPU share's rate is measured
+    over and the prediction plans."""
 
     def note(text: str) -> None:
         if say is not None:
@@ -175,6 +182,7 @@ def run_check(
     start = time.perf_counter()
     config = default_config() if config is None else config
     spec = model_spec(config)  # UnsupportedModelError before anything is measured
+    kv_dtype = check_kv_dtype(kv_dtype)
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     note("environment...")
     report["environment"] = environment()
@@ -184,6 +192,7 @@ def run_check(
         head_dim=spec.head_dim,
         group=spec.num_q_heads // spec.num_kv_heads,
         save=save,
+        kv_dtype=kv_dtype,
     )
     results: list[Result] = []
     if self_test:
@@ -205,6 +214,7 @@ def run_check(
         dtype=dtype,
         chunk_size=chunk_size,
         rates=report["rates"]["rates"],
+        kv_dtype=kv_dtype,
     )
     report["seconds"] = time.perf_counter() - start
     return report
@@ -270,7 +280,9 @@ def render(report: dict[str, Any]) -> str:
     ]
     r = report["rates"]
     where = f"on {r['gpu']}" if r["gpu"] else "no GPU: the CPU share's rate only"
-    lines.append(f"rates (measured now in {r['seconds']:.1f} s, {where})")
+    kv = r.get("kv_dtype", "exact")
+    over = "" if kv == "exact" else f", the CPU share over {kv} KV"
+    lines.append(f"rates (measured now in {r['seconds']:.1f} s, {where}{over})")
     for name, value in r["rates"].items():
         lines.append(f"  {_RATE_NAMES.get(name, name):<40}{_rate(name, value):>14}")
     if r["saved_to"]:
@@ -295,7 +307,8 @@ def render(report: dict[str, Any]) -> str:
         f", {e['gpu_budget_source']}" if e["gpu_budget_source"] else ""
     )
     lines += [
-        f"what to expect: {e['model']}, {e['context']:,} tokens, {e['dtype']}",
+        f"what to expect: {e['model']}, {e['context']:,} tokens, {e['dtype']}"
+        + ("" if e.get("kv_dtype", "exact") == "exact" else f", {e['kv_dtype']} KV"),
         f"  GPU budget          {budget}",
         f"  KV in decode        {format_bytes(e['kv_device_bytes'])} on the GPU, "
         f"{format_bytes(e['kv_host_bytes'])} in host memory"

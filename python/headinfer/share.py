@@ -6,8 +6,10 @@ The decision itself is the planner's (``planner.plan_share``); the per-step spli
 
 Rates file: ``$HEADINFER_RATES_FILE``, else ``$XDG_CACHE_HOME/headinfer/rates.json``, else
 ``~/.cache/headinfer/rates.json``; one entry per key (GPU name, CPU model, physical cores,
-share threads, dtype, head size, GQA group). ``HEADINFER_REPROBE=1`` measures again and
-rewrites the entry.
+share threads, dtype, head size, GQA group, and for a store of another ``kv_dtype`` than
+``"exact"``, that kv dtype: the CPU's kernel over int8 rows reads fewer stored bytes per second
+than over exact ones, so an int8 store has rates of its own, and an exact store's key is what
+it always was). ``HEADINFER_REPROBE=1`` measures again and rewrites the entry.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from . import _core
+from .kv_dtype import check_kv_dtype, store_kv_dtype
 
 __all__ = [
     "REPROBE_ENV",
     "RATES_FILE_ENV",
     "ShareRates",
     "cpu_model",
+    "kv_label",
     "load_rates",
     "machine_key",
     "measure_rates",
@@ -53,7 +57,8 @@ RATES_VERSION = 2
 class ShareRates:
     """What the policy balances: bytes of keys and values read per second by the GPU kernel
     from host blocks in place (``pcie``: zero-copy), by the CPU share's threads while the copy
-    engine runs (``cpu``), by the GPU from its own memory (``device``), the seconds a shared
+    engine runs (``cpu``: bytes as the store holds them, over rows of its ``kv_dtype``), by
+    the GPU from its own memory (``device``), the seconds a shared
     step costs whatever its size (``handoff``), and bytes per second the copy engine stages
     host blocks into device memory (``copy``; 0: not measured). The GPU reads host blocks by
     the faster of ``copy`` and ``pcie``.
@@ -132,13 +137,24 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 
 def machine_key(
-    gpu_name: str, *, dtype: str, head_dim: int, group: int, threads: int, cores: int
+    gpu_name: str,
+    *,
+    dtype: str,
+    head_dim: int,
+    group: int,
+    threads: int,
+    cores: int,
+    kv_dtype: str | None = "exact",
 ) -> str:
-    """The rates file's key of one (machine, kernel shape)."""
-    return (
+    """The rates file's key of one (machine, kernel shape, ``kv_dtype``): an exact store's
+    key names no kv dtype (as before it was part of the key, so files written then still
+    serve exact stores); another's ends with ``| kv_dtype int8``."""
+    key = (
         f"{gpu_name} | {cpu_model()} | {cores} cores | {threads} threads | {dtype} | "
         f"head_dim {head_dim} | group {group}"
     )
+    kv_dtype = check_kv_dtype(kv_dtype)
+    return key if kv_dtype == "exact" else f"{key} | kv_dtype {kv_dtype}"
 
 
 def rates_path() -> Path:
@@ -193,29 +209,51 @@ def save_rates(key: str, rates: ShareRates, path: Path | None = None) -> Path:
 
 
 def measure_rates(
-    device_index: int, *, dtype: str, head_dim: int, group: int, threads: int
+    device_index: int,
+    *,
+    dtype: str,
+    head_dim: int,
+    group: int,
+    threads: int,
+    kv_dtype: str | None = "exact",
 ) -> ShareRates:
     """Measures the rates (about a second): on GPU ``device_index``, the decode kernel over
     64 MiB of pinned memory and a few L2 caches' worth of device memory, and the copy engine
     over the same pinned memory; the CPU share's kernel on ``threads`` threads over 256 MiB of
-    host keys and values while the copy engine runs (as in a shared step; all transient: see
-    ``src/attention/rates.rs``)."""
+    host keys and values held as a store of ``kv_dtype`` holds them (``"exact"`` or
+    ``"int8"``: its rate is in those stored bytes) while the copy engine runs (as in a shared
+    step; all transient: see ``src/attention/rates.rs``). The GPU's probes read ``dtype``
+    rows whatever ``kv_dtype`` is."""
+    kv_dtype = check_kv_dtype(kv_dtype)
     start = time.perf_counter()
     pcie, device, copy = _core.measure_gpu_rates(device_index, dtype, head_dim, group)
     cpu, fixed = _core.measure_cpu_rate(
-        dtype, head_dim, group, threads=threads, beside_copy=device_index
+        dtype,
+        head_dim,
+        group,
+        threads=threads,
+        beside_copy=device_index,
+        kv_dtype=store_kv_dtype(kv_dtype),
     )
     rates = ShareRates(pcie=pcie, cpu=cpu, device=device, handoff=fixed, copy=copy)
     logger.info(
         "decode rates measured in %.2f s: GPU over PCIe %.1f GB/s zero-copy, %.1f GB/s by the "
-        "copy engine; CPU (%d threads, beside the copy engine) %.1f GB/s; GPU resident "
+        "copy engine; CPU (%d threads, %s KV, beside the copy engine) %.1f GB/s; GPU resident "
         "%.0f GB/s; hand-off %.0f us",
         time.perf_counter() - start,
         pcie / 1e9,
         copy / 1e9,
         threads,
+        kv_label(dtype, kv_dtype),
         cpu / 1e9,
         device / 1e9,
         fixed * 1e6,
     )
     return rates
+
+
+def kv_label(dtype: str, kv_dtype: str | None) -> str:
+    """How logs and reports name what a store of ``dtype`` holds as ``kv_dtype``:
+    ``"int8"``, or ``"exact bfloat16"``."""
+    kv_dtype = check_kv_dtype(kv_dtype)
+    return f"exact {dtype}" if kv_dtype == "exact" else kv_dtype

@@ -3,7 +3,10 @@
 //!
 //! - The CPU: the share's own kernel (`cpu::attend_lse`) over keys and values in host memory
 //!   larger than any last-level cache, on the share's thread pool, timed for a fraction of a
-//!   second; and the same over one block per head, for the fixed cost of a step.
+//!   second; and the same over one block per head, for the fixed cost of a step. The keys and
+//!   values are held as the store holds them (`KvFormat`): as elements, or in the int8 rows
+//!   of `quant` (whose kernel is compute-bound: it reads fewer stored bytes per second), and
+//!   the rate is in stored bytes, the bytes the policy splits.
 //! - The GPU: the decode kernel over keys and values in mapped pinned memory (read over PCIe,
 //!   as host blocks are) and in device memory (as resident blocks are), and the copy engine
 //!   moving the same pinned memory in block-sized copies (as the staged path does), timed with
@@ -20,7 +23,8 @@ use crate::cuda::kernels::KvSrc;
 use crate::cuda::memory::{DeviceBuf, PinnedBuf};
 use crate::cuda::{driver_err, gpu, Stream};
 use crate::error::{Error, Result};
-use crate::quant::KvFormat;
+use crate::quant::{KvFormat, Q8Rows, Q8};
+use crate::store::view::{KvRows, KvSource, Segment};
 use crate::tensor::{DType, DevTensor, Element, View3};
 use cudarc::driver::result as cu;
 use cudarc::driver::sys;
@@ -48,15 +52,21 @@ pub struct CpuRate {
     pub fixed_s: f64,
 }
 
-/// A zeroed-ish host vector of `n` elements (a small pattern, so no NaN or overflow), filled
-/// in parallel; `OutOfHostMemory` where the allocation fails.
-fn filled<E: Element>(n: usize) -> Result<Vec<E>> {
-    let mut v: Vec<E> = Vec::new();
+/// An empty vector with room for `n` elements; `OutOfHostMemory` where the allocation fails.
+fn reserved<T>(n: usize) -> Result<Vec<T>> {
+    let mut v: Vec<T> = Vec::new();
     v.try_reserve_exact(n).map_err(|_| Error::OutOfHostMemory {
         what: "the CPU share's rate probe".into(),
-        needed: n.saturating_mul(std::mem::size_of::<E>()),
+        needed: n.saturating_mul(std::mem::size_of::<T>()),
         available: crate::cpu::memory::available_bytes().unwrap_or(0),
     })?;
+    Ok(v)
+}
+
+/// A host vector of `n` elements of a small pattern (so no NaN or overflow), filled in
+/// parallel; `OutOfHostMemory` where the allocation fails.
+fn filled<E: Element>(n: usize) -> Result<Vec<E>> {
+    let mut v = reserved::<E>(n)?;
     v.resize(n, E::default());
     v.par_chunks_mut(1 << 16)
         .enumerate()
@@ -68,10 +78,170 @@ fn filled<E: Element>(n: usize) -> Result<Vec<E>> {
     Ok(v)
 }
 
+/// Distinct rows the int8 probe quantizes; its buffers repeat them (the kernel's time does not
+/// depend on the values, and quantizing every row would cost more than the timing itself).
+const PATTERN_ROWS: usize = 61;
+
+/// `rows` rows of `fmt`'s int8 format, each a row of `E` quantized by `Q8::quantize` (the
+/// store's own quantizer), copied in parallel; `OutOfHostMemory` where the allocation fails.
+fn quantized<E: Element>(fmt: Q8, rows: usize) -> Result<Vec<u8>> {
+    let (d, rb) = (fmt.head_dim, fmt.row_bytes());
+    let mut pattern = vec![0u8; PATTERN_ROWS * rb];
+    for (r, out) in pattern.chunks_exact_mut(rb).enumerate() {
+        // Groups of different magnitudes, so their scales differ.
+        let x: Vec<E> = (0..d)
+            .map(|i| {
+                let scale = (1 + (r + i / fmt.group) % 5) as f32 / 256.0;
+                E::from_f32((((r + i) % 17) as f32 - 8.0) * scale)
+            })
+            .collect();
+        fmt.quantize(&x, out);
+    }
+    let mut v = reserved::<u8>(rows.saturating_mul(rb))?;
+    v.resize(rows * rb, 0);
+    const CHUNK: usize = 1 << 10;
+    v.par_chunks_mut(CHUNK * rb)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (i, row) in chunk.chunks_exact_mut(rb).enumerate() {
+                let r = (c * CHUNK + i) % PATTERN_ROWS;
+                row.copy_from_slice(&pattern[r * rb..(r + 1) * rb]);
+            }
+        });
+    Ok(v)
+}
+
+/// The int8 probe's keys and values: `[heads, len]` rows each, head after head, as one
+/// segment per head (as `DenseKv` gives the exact probe's).
+struct Q8Kv<'a> {
+    k: &'a [u8],
+    v: &'a [u8],
+    heads: usize,
+    len: usize,
+    fmt: Q8,
+}
+
+impl Q8Kv<'_> {
+    /// Head `head`'s rows of `data`, positions `a..b`.
+    fn rows<'s>(&self, data: &'s [u8], head: usize, a: usize, b: usize) -> Q8Rows<'s> {
+        let rb = self.fmt.row_bytes();
+        Q8Rows {
+            data: &data[head * self.len * rb..(head + 1) * self.len * rb],
+            len: self.len,
+            fmt: self.fmt,
+        }
+        .slice(a, b)
+    }
+}
+
+impl<E: Element> KvSource<E> for Q8Kv<'_> {
+    fn num_kv_heads(&self) -> usize {
+        self.heads
+    }
+    fn head_dim(&self) -> usize {
+        self.fmt.head_dim
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn start(&self) -> usize {
+        0
+    }
+    fn segments(&self, head: usize, a: usize, b: usize) -> Vec<Segment<'_, E>> {
+        self.next_segment(head, a, b).into_iter().collect()
+    }
+    fn next_segment(&self, head: usize, a: usize, b: usize) -> Option<Segment<'_, E>> {
+        let b = b.min(self.len);
+        (a < b).then(|| Segment {
+            pos: a,
+            k: KvRows::Int8(self.rows(self.k, head, a, b)),
+            v: KvRows::Int8(self.rows(self.v, head, a, b)),
+        })
+    }
+}
+
+/// The CPU probe's keys and values, `[PROBE_HEADS, tokens]` rows each, as a store holds them.
+enum ProbeKv<E> {
+    Exact {
+        k: Vec<E>,
+        v: Vec<E>,
+        head_dim: usize,
+    },
+    Int8 {
+        k: Vec<u8>,
+        v: Vec<u8>,
+        fmt: Q8,
+    },
+}
+
+impl<E: Element> ProbeKv<E> {
+    fn new(format: KvFormat, head_dim: usize, tokens: usize) -> Result<Self> {
+        let rows = PROBE_HEADS * tokens;
+        Ok(match format {
+            KvFormat::Exact => ProbeKv::Exact {
+                k: filled::<E>(rows * head_dim)?,
+                v: filled::<E>(rows * head_dim)?,
+                head_dim,
+            },
+            KvFormat::Int8 => {
+                let fmt = Q8::new(head_dim);
+                ProbeKv::Int8 {
+                    k: quantized::<E>(fmt, rows)?,
+                    v: quantized::<E>(fmt, rows)?,
+                    fmt,
+                }
+            }
+        })
+    }
+
+    /// Seconds of one decode step of `query` over the first `n` positions of every head,
+    /// through `attend_lse` (the entry the share's worker and a CPU store's reads take).
+    fn time(&self, query: View3<'_, E>, params: &Params, n: usize) -> Result<f64> {
+        let t = match self {
+            ProbeKv::Exact { k, v, head_dim } => {
+                let d = *head_dim;
+                let kv = DenseKv::new(
+                    View3::contiguous(&k[..PROBE_HEADS * n * d], [PROBE_HEADS, n, d]),
+                    View3::contiguous(&v[..PROBE_HEADS * n * d], [PROBE_HEADS, n, d]),
+                )?;
+                let t = Instant::now();
+                attend_lse(query, &kv, params, None)?;
+                t
+            }
+            ProbeKv::Int8 { k, v, fmt } => {
+                let rb = fmt.row_bytes();
+                let kv = Q8Kv {
+                    k: &k[..PROBE_HEADS * n * rb],
+                    v: &v[..PROBE_HEADS * n * rb],
+                    heads: PROBE_HEADS,
+                    len: n,
+                    fmt: *fmt,
+                };
+                let t = Instant::now();
+                attend_lse(query, &kv, params, None)?;
+                t
+            }
+        };
+        Ok(t.elapsed().as_secs_f64())
+    }
+}
+
+/// The CPU probe's tokens per head for about `bytes` of stored keys and values (at least
+/// one), and the bytes they take as `format` stores them (`KvFormat::row_bytes` per row): what
+/// its rate is counted in, the bytes the policy splits.
+fn probe_size(format: KvFormat, head_dim: usize, dtype: DType, bytes: usize) -> (usize, usize) {
+    // Stored bytes of one token's key and value rows of one head.
+    let row = 2 * format.row_bytes(head_dim, dtype);
+    let tokens = (bytes / (PROBE_HEADS * row)).max(1);
+    (tokens, PROBE_HEADS * tokens * row)
+}
+
 /// Times decode attention of `group` query heads per kv head over `bytes` of keys and values
-/// (`head_dim` wide, `E`) on the CPU, on `pool` (rayon's global pool where `None`), for about
-/// `seconds` (at least 3 runs after a warm-up, at most 16).
+/// held as `format` says (`head_dim` wide, of `E`, or int8 rows quantized from `E`) on the
+/// CPU, on `pool` (rayon's global pool where `None`), for about `seconds` (at least 3 runs
+/// after a warm-up, at most 16). Bytes are the stored bytes (`KvFormat::row_bytes` per row).
 pub fn measure_cpu<E: Element>(
+    format: KvFormat,
     head_dim: usize,
     group: usize,
     bytes: usize,
@@ -84,27 +254,17 @@ pub fn measure_cpu<E: Element>(
             "head_dim and group must be positive",
         ));
     }
-    let row = 2 * head_dim * std::mem::size_of::<E>();
-    let tokens = (bytes / (PROBE_HEADS * row)).max(1);
+    let (tokens, stored) = probe_size(format, head_dim, E::DTYPE, bytes);
     let run = || -> Result<CpuRate> {
-        let k = filled::<E>(PROBE_HEADS * tokens * head_dim)?;
-        let v = filled::<E>(PROBE_HEADS * tokens * head_dim)?;
+        let kv = ProbeKv::<E>::new(format, head_dim, tokens)?;
         let q = filled::<E>(PROBE_HEADS * group * head_dim)?;
         let params = Params {
             scale: 1.0 / (head_dim as f32).sqrt(),
             softcap: None,
             window: None,
         };
-        let shape = [PROBE_HEADS * group, 1, head_dim];
-        let time = |n: usize| -> Result<f64> {
-            let kv = DenseKv::new(
-                View3::contiguous(&k[..PROBE_HEADS * n * head_dim], [PROBE_HEADS, n, head_dim]),
-                View3::contiguous(&v[..PROBE_HEADS * n * head_dim], [PROBE_HEADS, n, head_dim]),
-            )?;
-            let t = Instant::now();
-            attend_lse(View3::contiguous(&q, shape), &kv, &params, None)?;
-            Ok(t.elapsed().as_secs_f64())
-        };
+        let query = View3::contiguous(&q, [PROBE_HEADS * group, 1, head_dim]);
+        let time = |n: usize| kv.time(query, &params, n);
         // The fixed cost: the same over one block's worth of keys per head.
         let small = tokens.min(256);
         time(tokens)?; // warm-up: page faults, the pool's threads
@@ -119,13 +279,41 @@ pub fn measure_cpu<E: Element>(
         let mut fixed: Vec<f64> = (0..5).map(|_| time(small)).collect::<Result<_>>()?;
         fixed.sort_by(f64::total_cmp);
         Ok(CpuRate {
-            bytes_per_s: (PROBE_HEADS * tokens * row) as f64 / median,
+            bytes_per_s: stored as f64 / median,
             fixed_s: fixed[2] + HANDOFF_LATENCY,
         })
     };
     match pool {
         Some(p) => p.install(run),
         None => run(),
+    }
+}
+
+/// The CPU probe as `_core.measure_cpu_rate` runs it: `measure_cpu` for keys and values of
+/// `dtype` held as `kv_dtype` names them (`KvFormat::parse`: `None` or `dtype`'s own name
+/// exact, `"int8"` the 8-bit rows; anything else an error naming `kv_dtype`, before any GPU
+/// work), with GPU `beside_copy`'s copy engine busy meanwhile where given
+/// (`with_copy_engine_busy`).
+#[allow(clippy::too_many_arguments)]
+pub fn measure_cpu_as(
+    dtype: DType,
+    kv_dtype: Option<&str>,
+    head_dim: usize,
+    group: usize,
+    bytes: usize,
+    seconds: f64,
+    pool: Option<&rayon::ThreadPool>,
+    beside_copy: Option<usize>,
+) -> Result<CpuRate> {
+    let format = KvFormat::parse("kv_dtype", kv_dtype, dtype)?;
+    let measure = || {
+        crate::with_element!(dtype, E => {
+            measure_cpu::<E>(format, head_dim, group, bytes, seconds, pool)
+        })
+    };
+    match beside_copy {
+        Some(ordinal) => with_copy_engine_busy(ordinal, measure)?,
+        None => measure(),
     }
 }
 

@@ -4,19 +4,19 @@
 
 use super::errors::IntoPyResult;
 use crate::attention::policy::{balance, Rates, SharePolicy};
-use crate::attention::rates::{measure_cpu, measure_gpu, with_copy_engine_busy};
+use crate::attention::rates::{measure_cpu_as, measure_gpu};
 use crate::cuda::kernels::MAX_CPU_HEADS;
 use crate::error::Error;
 use crate::store::{HeadPlacement, LayerPlacement};
 use crate::tensor::DType;
-use crate::with_element;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-/// `(bytes_per_s, fixed_s)` of the CPU share's kernel on `threads` threads, with the copy
-/// engine of GPU `beside_copy` busy meanwhile where given. See `_core.pyi`.
+/// `(bytes_per_s, fixed_s)` of the CPU share's kernel on `threads` threads over keys and values
+/// held as `kv_dtype` says, with the copy engine of GPU `beside_copy` busy meanwhile where
+/// given. See `_core.pyi`.
 #[pyfunction]
-#[pyo3(signature = (dtype, head_dim, group, threads=0, bytes=268435456, seconds=0.25, beside_copy=None))]
+#[pyo3(signature = (dtype, head_dim, group, threads=0, bytes=268435456, seconds=0.25, beside_copy=None, kv_dtype=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn measure_cpu_rate(
     py: Python<'_>,
@@ -27,6 +27,7 @@ pub fn measure_cpu_rate(
     bytes: usize,
     seconds: f64,
     beside_copy: Option<usize>,
+    kv_dtype: Option<&str>,
 ) -> PyResult<(f64, f64)> {
     let dtype = DType::parse("dtype", dtype).py_err(py)?;
     if !seconds.is_finite() || seconds < 0.0 {
@@ -38,14 +39,18 @@ pub fn measure_cpu_rate(
     }
     let mut policy = SharePolicy::default();
     policy.set_threads(threads).py_err(py)?;
-    let measure = || {
-        with_element!(dtype, E => {
-            measure_cpu::<E>(head_dim, group, bytes, seconds, policy.pool.as_deref())
-        })
-    };
-    py.detach(|| match beside_copy {
-        Some(ordinal) => with_copy_engine_busy(ordinal, measure).and_then(|r| r),
-        None => measure(),
+    let pool = policy.pool.as_deref();
+    py.detach(|| {
+        measure_cpu_as(
+            dtype,
+            kv_dtype,
+            head_dim,
+            group,
+            bytes,
+            seconds,
+            pool,
+            beside_copy,
+        )
     })
     .map(|r| (r.bytes_per_s, r.fixed_s))
     .py_err(py)

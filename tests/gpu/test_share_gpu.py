@@ -380,6 +380,26 @@ def test_the_default_plan_on_this_machine_is_visible_and_exact(monkeypatch, tmp_
         assert plan["rates"]["pcie"] > 0 and plan["threads"] >= 7
 
 
+def test_an_int8_cache_measures_the_cpus_int8_rate(monkeypatch, tmp_path):
+    """The CPU's probe over int8 rows runs beside the copy engine, and an int8 cache's rates
+    are measured over them and saved under the int8 key."""
+    import json
+
+    rate, fixed = _core.measure_cpu_rate(
+        "bfloat16", 128, 4, threads=2, bytes=32 << 20, seconds=0.05, beside_copy=0, kv_dtype="int8"
+    )
+    assert rate > 1e6 and 0 < fixed < 1.0
+    monkeypatch.setenv("HEADINFER_RATES_FILE", str(tmp_path / "rates.json"))
+    model = tiny_model("llama").to(DEV)
+    headinfer.patch(model, chunk_size=97, block_size=16, cpu_heads="auto", kv_dtype="int8")
+    cache = headinfer.HeadInferCache(model)
+    with torch.no_grad():
+        model(prompt().to(DEV), use_cache=True, **{cache_kwarg_name(model): cache})
+    saved = json.loads((tmp_path / "rates.json").read_text())
+    assert len(saved) == 1 and next(iter(saved)).endswith(" | kv_dtype int8"), saved
+    assert cache.share_plan()["rates"]["cpu"] == next(iter(saved.values()))["cpu"]
+
+
 def _forced_rates(monkeypatch, ratio):
     """Every new cache shares by rates giving the CPU about ratio / (1 + ratio) of the host
     bytes (free hand-off), on 2 threads, whatever this host's cores and measured rates."""
