@@ -893,9 +893,10 @@ class HeadInferCache(Cache):
             if torch.cuda.memory_reserved(device) > cap:
                 torch.cuda.empty_cache()
         moved = store.rebalance(torch.cuda.current_stream(device).cuda_stream)
-        if budget is not None and moved[1]:
-            # Demoted blocks were freed: torch's share grows back to what the plan gives it
-            # (the cap above still counted them, and a prefill after decode would run out).
+        if budget is not None:
+            # Demoted (and trimmed) blocks were freed: torch's share grows back to what the
+            # plan gives it (the cap above still counted them, and a prefill after decode
+            # would run out under it).
             cap_torch(device, budget, plan, store.device_bytes_reserved())
         logger.info(
             "%s: %s of %d tokens planned: %.2f of %.2f GiB of KV on the GPU, head groups "
