@@ -110,21 +110,24 @@ def test_this_two_core_machine_keeps_auto_off(probe: Probe, tmp_path: Path) -> N
     assert p.mode == "off" and p.cores == physical_cores()
 
 
+def _probed(kv_dtype: str) -> dict[str, object]:
+    """What ``plan_share`` asks the probe for SHAPE's store (group 4, 15 threads)."""
+    return {
+        "device_index": 0,
+        "dtype": "bfloat16",
+        "head_dim": 128,
+        "group": 4,
+        "threads": 15,
+        "kv_dtype": kv_dtype,
+    }
+
+
 def test_auto_measures_once_then_reads_the_file(probe: Probe, tmp_path: Path) -> None:
     path = tmp_path / "rates.json"
     first = plan_share("auto", group=4, cores=16, path=path, **SHAPE)
     assert first.mode == "rates" and first.rates == H200 and first.threads == 15
     assert first.rates_source is not None and first.rates_source.startswith("measured now")
-    assert probe.calls == [
-        {
-            "device_index": 0,
-            "dtype": "bfloat16",
-            "head_dim": 128,
-            "group": 4,
-            "threads": 15,
-            "kv_dtype": "exact",
-        }
-    ]
+    assert probe.calls == [_probed("exact")]
     key = machine_key("NVIDIA H200", dtype="bfloat16", head_dim=128, group=4, threads=15, cores=16)
     assert load_rates(key, path) == H200
     second = plan_share("auto", group=4, cores=16, path=path, **SHAPE)
@@ -151,14 +154,7 @@ def test_an_int8_store_has_rates_of_its_own(probe: Probe, tmp_path: Path) -> Non
     probe.rates = ShareRates(pcie=51e9, cpu=25e9, device=2.5e12, handoff=1e-4)
     int8 = plan_share("auto", group=4, cores=16, path=path, kv_dtype="int8", **SHAPE)
     assert int8.mode == "rates" and int8.rates == probe.rates
-    assert probe.calls[-1] == {
-        "device_index": 0,
-        "dtype": "bfloat16",
-        "head_dim": 128,
-        "group": 4,
-        "threads": 15,
-        "kv_dtype": "int8",
-    }
+    assert probe.calls[-1] == _probed("int8")
     key = machine_key("NVIDIA H200", dtype="bfloat16", head_dim=128, group=4, threads=15, cores=16)
     assert load_rates(key, path) == H200
     assert load_rates(key + " | kv_dtype int8", path) == probe.rates
