@@ -583,6 +583,26 @@ extern "C" __global__ void gather_kv(const u64* table, int max_blocks, int block
     *(uint4*)(ko + h * k_s0 + t * k_s1 + vi * VEC) = dequantize_vec(load_kv(addr(e[0]) + off, vi));
     *(uint4*)(vo + h * v_s0 + t * v_s1 + vi * VEC) = dequantize_vec(load_kv(addr(e[1]) + off, vi));
 }
+
+// The prefill's gather through the copy engine: a staged piece's units (each `n` rows of head
+// `head` from position `pos` on, keys at k and values at v, ROW_BYTES apart) dequantized into
+// rows pos - a.. of ko and vo (as gather_kv's, head relative to the gather's first).
+// grid (units.count, ceil(most rows of a unit * NV / 256)), block 256.
+extern "C" __global__ void dequant_staged(Units units, long long a, T* ko, long long k_s0,
+                                          long long k_s1, T* vo, long long v_s0,
+                                          long long v_s1) {
+    const Unit& u = units.u[blockIdx.x];
+    long long idx = (long long)blockIdx.y * blockDim.x + threadIdx.x;
+    if (idx >= (long long)u.n * NV) return;
+    int vi = idx % NV;
+    long long t = idx / NV;
+    long long o = u.pos - a + t;
+    long long off = t * ROW_BYTES;
+    *(uint4*)(ko + u.head * k_s0 + o * k_s1 + vi * VEC) =
+        dequantize_vec(load_kv((const KV*)u.k + off, vi));
+    *(uint4*)(vo + u.head * v_s0 + o * v_s1 + vi * VEC) =
+        dequantize_vec(load_kv((const KV*)u.v + off, vi));
+}
 #else
 // Writes n tokens of keys and values into their blocks.
 //   k, v [heads, n, HEAD_DIM] with element strides (s0, s1, 1), 16-byte aligned rows

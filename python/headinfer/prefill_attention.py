@@ -4,9 +4,10 @@ A prefill chunk is compute-bound, so it runs the fastest exact fused attention t
 (measured in ``benchmarks/probe_prefill_attention.py``): the chunk's keys over themselves
 (square causal) and over the stored past (no mask) as two cuDNN calls merged by their
 log-sum-exp. The past of the next (layer, head group) is copied out of the store on a side
-stream while this one computes, into one of two staging buffers. Gemma-2's soft-capping (which
-fused kernels lack) runs headinfer's kernel over the staged keys; sliding windows run SDPA with
-a band mask. gpt-oss's sink logits join the two-part merge as one more logit with no value
+stream while this one computes, into one of two staging buffers (by the copy engine; an int8
+store's rows go through its staging ring and are dequantized on the device). Gemma-2's
+soft-capping (which fused kernels lack) runs headinfer's kernel over the staged keys; sliding
+windows run SDPA with a band mask. gpt-oss's sink logits join the two-part merge as one more logit with no value
 (once per row); its windowed layers run headinfer's kernel, which takes them.
 """
 
@@ -104,7 +105,9 @@ class PrefillState:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.side = torch.cuda.Stream(device)
+        # High priority: an int8 store's gather runs a short dequantizing kernel per staged
+        # piece here, which must not queue behind the chunk's attention kernels.
+        self.side = torch.cuda.Stream(device, priority=-1)
         # (layer, h0, n, lo, end) -> (k, v, event) staged on the side stream
         self.staged: dict[
             tuple[int, int, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]

@@ -5,10 +5,11 @@
 //! host memory are slow (0.63 of the copy engine on some hosts), this moves host KV at the
 //! copy engine's rate.
 
-use crate::cuda::kernels::{AttendLaunch, Kernels, StagedWs, Unit, Units, MAX_UNITS};
-use crate::cuda::ring::{Copy, StagingRing};
+use crate::cuda::kernels::{AttendLaunch, Kernels, StagedWs, MAX_UNITS};
+use crate::cuda::ring::StagingRing;
 use crate::cuda::Stream;
 use crate::error::Result;
+use crate::store::stage_piece;
 use crate::store::staging::{self, StagingPlan};
 use crate::store::view::StagedSpan;
 use crate::tensor::DevTensor;
@@ -52,42 +53,10 @@ pub unsafe fn run(
         ring.mark_appended(stream)?;
     }
     for piece in &plan.pieces {
-        let mut copies = Vec::with_capacity(2 * piece.units.len());
-        for u in &piece.units {
-            let s = &spans[u.span.block];
-            let bytes = u.span.n * row_bytes;
-            let skip = (u.span.row * row_bytes) as u64;
-            copies.push(Copy {
-                offset: u.offset,
-                src: s.k + skip,
-                bytes,
-            });
-            copies.push(Copy {
-                offset: u.offset + bytes,
-                src: s.v + skip,
-                bytes,
-            });
-        }
-        // SAFETY: the sources are the spans' blocks (the caller's bound); every copy lies
-        // within the piece (the planner's).
-        let staged = unsafe { ring.stage(stream, &copies, piece.fresh)? };
-        let mut units = Units {
-            count: piece.units.len() as i32,
-            sub_len: plan.sub_len as i32,
-            u: [Unit::default(); MAX_UNITS],
-        };
-        for (dst, u) in units.u.iter_mut().zip(&piece.units) {
-            let k = staged.ptr + u.offset as u64;
-            *dst = Unit {
-                k,
-                v: k + (u.span.n * row_bytes) as u64,
-                pos: u.span.pos as i64,
-                n: u.span.n as i32,
-                head: u.span.head as i32,
-                slot: u.slot as i32,
-                subs: u.subs as i32,
-            };
-        }
+        // SAFETY: the spans' blocks stay allocated and unwritten until the stream ran this
+        // work (the caller's bound); fresh pieces wait for the appends (`mark_appended`).
+        let (staged, units) =
+            unsafe { stage_piece(ring, stream, piece, spans, row_bytes, plan.sub_len)? };
         // SAFETY: the units address the staged buffer, which stays the caller stream's until
         // the release below; the caller vouches for the query; `ws` holds the plan's slots.
         unsafe { kernels.attend_staged(stream, query, launch, &units, ws)? };

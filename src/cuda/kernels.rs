@@ -239,6 +239,8 @@ pub struct Kernels {
     merge_partials: CudaFunction,
     append_kv: CudaFunction,
     gather_kv: CudaFunction,
+    /// `dequant_staged`: int8 modules only.
+    dequant_staged: Option<CudaFunction>,
     pub head_dim: usize,
     pub dtype: DType,
     pub kv: KvFormat,
@@ -265,6 +267,10 @@ impl Kernels {
             merge_partials: get("merge_partials")?,
             append_kv: get("append_kv")?,
             gather_kv: get("gather_kv")?,
+            dequant_staged: match kv {
+                KvFormat::Int8 => Some(get("dequant_staged")?),
+                KvFormat::Exact => None,
+            },
             ctx,
             head_dim,
             dtype,
@@ -652,6 +658,61 @@ impl Kernels {
         b.arg(&vo.ptr).arg(&vo.s0).arg(&vo.s1);
         // SAFETY: the arguments match `gather_kv`'s parameters; the caller vouches for them.
         unsafe { Self::launch("gather_kv", b, Self::flat(total)) }
+    }
+
+    /// Dequantizes staged int8 `units` (each `n` rows of head `head` from position `pos` on,
+    /// in device memory at `k` and `v`) into rows `pos - a..` of `ko` and `vo`
+    /// (`[heads, n, head_dim]` T, each with its own strides, as for `gather`). Int8 kernels
+    /// only.
+    ///
+    /// # Safety
+    /// As for `append`; every unit's `k`, `v` hold its `n` rows until the stream has run this
+    /// work, and its rows lie in the outputs.
+    pub unsafe fn dequant_staged(
+        &self,
+        stream: Stream,
+        units: &Units,
+        a: usize,
+        ko: DevTensor,
+        vo: DevTensor,
+    ) -> Result<()> {
+        let Some(f) = &self.dequant_staged else {
+            return Err(Error::value(
+                "kv_dtype",
+                "staged rows are dequantized only by an int8 store's kernels",
+            ));
+        };
+        let count = units.count.max(0) as usize;
+        if count == 0 {
+            return Ok(());
+        }
+        if count > MAX_UNITS {
+            return Err(Error::value("units", "more than MAX_UNITS in one launch"));
+        }
+        let most = units.u[..count]
+            .iter()
+            .map(|u| u.n.max(0))
+            .max()
+            .unwrap_or(0) as usize;
+        let ctas = (most * (self.head_dim / self.vec())).div_ceil(256);
+        if ctas == 0 {
+            return Ok(());
+        }
+        fits("units", "thread blocks per unit", ctas, GRID_YZ_MAX)?;
+        let aa = a as i64;
+        let s = self.borrow(stream);
+        let mut b = s.launch_builder(f);
+        b.arg(units).arg(&aa);
+        b.arg(&ko.ptr).arg(&ko.s0).arg(&ko.s1);
+        b.arg(&vo.ptr).arg(&vo.s0).arg(&vo.s1);
+        let cfg = LaunchConfig {
+            grid_dim: (count as u32, ctas as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `dequant_staged`'s parameters; the caller vouches for
+        // the addresses.
+        unsafe { Self::launch("dequant_staged", b, cfg) }
     }
 
     /// `total` threads, 256 a block.

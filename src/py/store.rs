@@ -514,7 +514,7 @@ impl PyKvStore {
     #[pyo3(signature = (layer, head_start, num_heads, start, end, key_out, value_out, stream=None))]
     #[allow(clippy::too_many_arguments)]
     fn gather(
-        &self,
+        &mut self,
         py: Python<'_>,
         layer: usize,
         head_start: usize,
@@ -530,7 +530,7 @@ impl PyKvStore {
         let vo = TensorArg::import(value_out, "value_out", true, s)?;
         self.check_device("key_out", &ko.t).py_err(py)?;
         self.check_device("value_out", &vo.t).py_err(py)?;
-        let Inner::Cuda(store) = &self.inner else {
+        let Inner::Cuda(store) = &mut self.inner else {
             return Err(Error::type_(
                 "key_out",
                 "gather copies on the GPU from a CUDA store; a CPU store has read",

@@ -4,11 +4,13 @@
 
 use super::pool::{Block, BlockPool, DeviceAlloc, PinnedAlloc, Placement};
 use super::residency::{self, Move};
+use super::staging::{self, Piece, Span};
 use super::table::DeviceTable;
-use super::view::DeviceLayer;
+use super::view::{DeviceLayer, StagedSpan};
 use super::{Backend, CudaConfig, CudaStore, KvStore, StoreConfig};
 use crate::cuda::handoff::Handoff;
-use crate::cuda::ring::StagingRing;
+use crate::cuda::kernels::{Unit, Units, MAX_UNITS};
+use crate::cuda::ring::{Copy, Staged, StagingRing};
 use crate::cuda::stream::{self, Stream};
 use crate::cuda::{Gpu, Kernels};
 use crate::error::{Error, Result};
@@ -65,6 +67,75 @@ impl Backend for Cuda {
     fn max_len(&self) -> Option<usize> {
         Some(self.max_len)
     }
+}
+
+impl Cuda {
+    /// The copy engine's staging ring, made on first use.
+    fn ring_mut(&mut self) -> Result<&mut StagingRing> {
+        if self.ring.is_none() {
+            self.ring = Some(StagingRing::new(
+                &self.gpu,
+                STAGING_BUFFERS,
+                self.piece_bytes,
+            )?);
+        }
+        Ok(self.ring.as_mut().expect("made above"))
+    }
+}
+
+/// Queues one planned piece on `ring`: each unit's key rows copied to its offset and its value
+/// rows after them (`row_bytes` each, as stored), `stream` ordered after the copies; returns
+/// the buffer (to `release` once read) and the units as the kernels take them, addressing it.
+/// `spans` are the ones the plan was given, each unit's `span.block` its index there.
+///
+/// # Safety
+/// The spans' blocks must stay allocated and unwritten (but for fresh ones, by appends queued
+/// on `stream` before the ring's last `mark_appended`) until `stream` has run the copies.
+pub unsafe fn stage_piece(
+    ring: &mut StagingRing,
+    stream: Stream,
+    piece: &Piece,
+    spans: &[StagedSpan],
+    row_bytes: usize,
+    sub_len: usize,
+) -> Result<(Staged, Units)> {
+    let mut copies = Vec::with_capacity(2 * piece.units.len());
+    for u in &piece.units {
+        let s = &spans[u.span.block];
+        let bytes = u.span.n * row_bytes;
+        let skip = (u.span.row * row_bytes) as u64;
+        copies.push(Copy {
+            offset: u.offset,
+            src: s.k + skip,
+            bytes,
+        });
+        copies.push(Copy {
+            offset: u.offset + bytes,
+            src: s.v + skip,
+            bytes,
+        });
+    }
+    // SAFETY: the sources are the spans' blocks (the caller's bound); every copy lies within
+    // the piece (the planner's).
+    let staged = unsafe { ring.stage(stream, &copies, piece.fresh)? };
+    let mut units = Units {
+        count: piece.units.len() as i32,
+        sub_len: sub_len.min(i32::MAX as usize) as i32,
+        u: [Unit::default(); MAX_UNITS],
+    };
+    for (dst, u) in units.u.iter_mut().zip(&piece.units) {
+        let k = staged.ptr + u.offset as u64;
+        *dst = Unit {
+            k,
+            v: k + (u.span.n * row_bytes) as u64,
+            pos: u.span.pos as i64,
+            n: u.span.n as i32,
+            head: u.span.head as i32,
+            slot: u.slot as i32,
+            subs: u.subs as i32,
+        };
+    }
+    Ok((staged, units))
 }
 
 impl CudaStore {
@@ -146,12 +217,8 @@ impl CudaStore {
         if handoff && self.backend.handoff.is_none() {
             self.backend.handoff = Some(Handoff::new(&self.backend.gpu, self.cfg.num_layers)?);
         }
-        if ring && self.backend.ring.is_none() {
-            self.backend.ring = Some(StagingRing::new(
-                &self.backend.gpu,
-                STAGING_BUFFERS,
-                self.backend.piece_bytes,
-            )?);
+        if ring {
+            self.backend.ring_mut()?;
         }
         let c = &mut self.backend;
         let view = DeviceLayer {
@@ -262,13 +329,16 @@ impl CudaStore {
 
     /// Copies positions `a..b` of kv heads `h0..h0 + heads` of `layer` into device tensors
     /// `key_out`, `value_out` (`[heads, b - a, head_dim]` of the store's dtype, each with its
-    /// own strides); an int8 store's rows come out dequantized.
+    /// own strides); an int8 store's rows come out dequantized. The copy engine moves the
+    /// stored bytes (int8: through the staging ring, then a kernel dequantizes them in device
+    /// memory), so a prefill's gather needs no SMs to read host memory and overlaps the
+    /// attention kernels queued on other streams.
     ///
     /// # Safety
     /// As for `append_cuda`.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn gather(
-        &self,
+        &mut self,
         layer: usize,
         h0: usize,
         heads: usize,
@@ -337,21 +407,73 @@ impl CudaStore {
             }
             return Ok(());
         }
-        // SAFETY: the caller vouches for the outputs; the table covers `start..len`.
-        unsafe {
-            c.kernels.gather(
-                stream,
-                c.table.layer_addr(layer),
-                c.table.max_blocks,
-                self.cfg.block_size,
-                h0,
-                heads,
-                a,
-                b - a,
-                key_out,
-                value_out,
-            )
+        if exact {
+            // SAFETY: the caller vouches for the outputs; the table covers `start..len`.
+            return unsafe {
+                c.kernels.gather(
+                    stream,
+                    c.table.layer_addr(layer),
+                    c.table.max_blocks,
+                    self.cfg.block_size,
+                    h0,
+                    heads,
+                    a,
+                    b - a,
+                    key_out,
+                    value_out,
+                )
+            };
         }
+        // Int8: every block run of the range a span, staged piece by piece.
+        let rb = self.cfg.row_bytes();
+        let bs = self.cfg.block_size;
+        let mut spans = Vec::new();
+        for hi in 0..heads {
+            let blocks = &l.heads[h0 + hi];
+            let mut pos = a;
+            while pos < b {
+                let rel = pos - l.start;
+                let (bi, off) = (rel / bs, rel % bs);
+                let n = (bs - off).min(b - pos);
+                let blk = &blocks[bi];
+                let span = Span {
+                    head: hi,
+                    block: spans.len(),
+                    row: off,
+                    pos,
+                    n,
+                    // Every copy waits for the appends queued on `stream` so far.
+                    fresh: true,
+                };
+                spans.push(StagedSpan {
+                    span,
+                    k: blk.k.dev_ptr(),
+                    v: blk.v.dev_ptr(),
+                });
+                pos += n;
+            }
+        }
+        if spans.is_empty() {
+            return Ok(());
+        }
+        let kernels = c.kernels.clone();
+        let ring = self.backend.ring_mut()?;
+        let flat: Vec<Span> = spans.iter().map(|s| s.span).collect();
+        let plan = staging::plan(&flat, rb, ring.piece_bytes(), MAX_UNITS, 1);
+        ring.mark_appended(stream)?;
+        for piece in &plan.pieces {
+            // SAFETY: the spans are this layer's blocks, which stay allocated until the
+            // device is quiesced (crop, clear and rebalance do that before freeing or moving);
+            // the appends that wrote them are ordered before the copies (`mark_appended`).
+            let (staged, units) =
+                unsafe { stage_piece(ring, stream, piece, &spans, rb, plan.sub_len)? };
+            // SAFETY: the units address the staged buffer, which stays the stream's until the
+            // release below; their rows `pos - a..` lie in the caller's validated outputs.
+            let run = unsafe { kernels.dequant_staged(stream, &units, a, key_out, value_out) };
+            ring.release(staged, stream)?;
+            run?;
+        }
+        Ok(())
     }
 
     /// Bytes of device memory new blocks may fill.

@@ -59,7 +59,8 @@ def _process_bytes(handle) -> int | None:
     return None
 
 
-def test_nvml_peak_within_budget_during_generate():
+@pytest.mark.parametrize(("kv_dtype", "room_gib"), [("exact", 4.5), ("int8", 3.0)])
+def test_nvml_peak_within_budget_during_generate(kv_dtype, room_gib):
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(0))
     model = _model()
@@ -67,10 +68,10 @@ def test_nvml_peak_within_budget_during_generate():
     if _process_bytes(handle) is None:
         pytest.skip("NVML does not report this process (container process ids differ)")
     weights = torch.cuda.memory_allocated()
-    # KV: 16 layers x 4 heads x 128 x 2 x 2 B = 32 KiB a token; 96K tokens = 3 GiB, of which
-    # the budget leaves room for about half on the GPU.
-    budget = weights + int(4.5 * GIB)
-    headinfer.patch(model, chunk_size=4096, gpu_budget=budget)
+    # KV: 16 layers x 4 heads x 128 x 2 x 2 B = 32 KiB a token (int8: 17 KiB); 96K tokens =
+    # 3 GiB (1.6 GiB), of which the budget leaves room for about half on the GPU.
+    budget = weights + int(room_gib * GIB)
+    headinfer.patch(model, chunk_size=4096, gpu_budget=budget, kv_dtype=kv_dtype)
     peak = 0
     running = True
 

@@ -8,8 +8,8 @@
   staged by the copy engine, the CPU share) against the CPU store's op over the same bytes:
   equal up to f32 summation order (f32 outputs within 1e-5; 16-bit outputs within one rounding
   of the output dtype), and against float64 attention over the dequantized keys and values.
-- The prefill path: chunks appended, the stored past gathered (always through the kernel for
-  int8), prefill attention of each chunk.
+- The prefill path: chunks appended, the stored past gathered (for int8: staged by the copy
+  engine and dequantized by a kernel in device memory), prefill attention of each chunk.
 - The exact mode is unchanged: its own kernels (not the int8 ones) and its bytes as given.
 """
 
@@ -255,14 +255,18 @@ def test_decode_with_the_cpu_share_matches_the_cpu_store():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("device_blocks", [0, 100])
-def test_chunked_prefill_through_gather(dtype, device_blocks):
+@pytest.mark.parametrize("piece_rows", [None, 50])
+def test_chunked_prefill_through_gather(dtype, device_blocks, piece_rows):
     """What the prefill path does per chunk: append it, gather the stored past into T tensors
-    (through the kernel: int8 rows are not the outputs' bytes), attend; the gathered past
-    equals the CPU's, and the store's own prefill attention (q_len = chunk) agrees with
+    (int8 rows are not the outputs' bytes: the copy engine stages them piece by piece and a
+    kernel dequantizes them; 50-row pieces cut blocks across pieces), attend; the gathered
+    past equals the CPU's, and the store's own prefill attention (q_len = chunk) agrees with
     float64 over it."""
     torch.manual_seed(3)
     hkv, g, d, n, block, chunk = 2, 3, 128, 1100, 64, 300
-    cuda, cpu, _ = _pair(hkv, d, dtype, n=n, block=block, device_blocks=device_blocks)
+    cuda, cpu, _ = _pair(
+        hkv, d, dtype, n=n, block=block, device_blocks=device_blocks, piece_rows=piece_rows
+    )
     k = (torch.randn(hkv, n, d, device=DEV) * 2).to(dtype)
     v = torch.randn(hkv, n, d, device=DEV).to(dtype)
     scale = d**-0.5
@@ -275,6 +279,29 @@ def test_chunked_prefill_through_gather(dtype, device_blocks):
         _same(vg, vc)
         q = torch.randn(hkv * g, b - a, d, device=DEV).to(dtype)
         _check_attention(cuda, cpu, q, dtype, scale, None, None)
+    # One head from inside a block to inside another, into strided outputs.
+    kk = torch.zeros(1, 700, 2 * d, dtype=dtype, device=DEV)[..., d:]
+    vv = torch.zeros(1, 700, 3 * d, dtype=dtype, device=DEV)[..., :d]
+    cuda.gather(0, 1, 1, 99, 799, kk, vv)
+    torch.cuda.synchronize()
+    _same(kk.cpu(), kc[1:, 99:799])
+    _same(vv.cpu(), vc[1:, 99:799])
+
+
+def test_a_window_layers_gather_starts_at_its_retained_keys():
+    """A sliding window drops whole blocks below it: the gather of what is retained starts at
+    the layer's first held position, inside the block table's later entries."""
+    torch.manual_seed(5)
+    hkv, d, block, window = 2, 64, 32, 70
+    cuda, cpu, _ = _pair(hkv, d, torch.bfloat16, n=400, block=block, device_blocks=2, window=window)
+    k = torch.randn(hkv, 400, d, device=DEV).bfloat16()
+    for a in range(0, 400, 100):
+        _append(cuda, cpu, k[:, a : a + 100], -k[:, a : a + 100])
+    lo = cuda.retained_start(0)
+    assert 0 < lo <= 400 - window
+    (kg, vg), (kc, vc) = _stored(cuda, cpu, lo, 400, torch.bfloat16)
+    _same(kg, kc)
+    _same(vg, vc)
 
 
 def test_the_staging_piece_counts_int8_rows():
