@@ -7,8 +7,9 @@ log-sum-exp. The past of the next (layer, head group) is copied out of the store
 stream while this one computes, into one of two staging buffers (by the copy engine; an int8
 store's rows go through its staging ring and are dequantized on the device). Gemma-2's
 soft-capping (which fused kernels lack) runs headinfer's kernel over the staged keys; sliding
-windows run SDPA with a band mask. gpt-oss's sink logits join the two-part merge as one more logit with no value
-(once per row); its windowed layers run headinfer's kernel, which takes them.
+windows run SDPA with a band mask. gpt-oss's sink logits join the two-part merge as one more
+logit with no value (once per row); its windowed layers run headinfer's kernel, which takes
+them.
 """
 
 from __future__ import annotations
