@@ -38,7 +38,7 @@ from .distributed import (
 )
 from .errors import HeadInferError
 from .host_memory import check_host_memory, mem_available, pair_bytes
-from .kv_dtype import check_kv_dtype, store_kv_dtype
+from .kv_dtype import check_kv_dtype, kv_row_bytes, store_kv_dtype
 from .planner import (
     DIRECT_ROWS,
     GpuPlan,
@@ -67,8 +67,11 @@ SPLIT_RECHECK = 256
 #: Set to "copy" or "zero-copy": how the GPU reads host blocks in decode, whatever the rates
 #: say (default "auto": the faster measured; for benchmarks and diagnosis).
 HOST_READER_ENV = "HEADINFER_HOST_READER"
-#: Bytes per block on the GPU path: large enough that every copy and every kernel read of a
-#: block is a long run (1 MiB: 4096 tokens of a 128-dim bf16 head).
+#: Most bytes per block (of keys, or of values) on the GPU path, as stored: large enough that
+#: every copy and every kernel read of a block is a long run (1 MiB: 4096 tokens of a 128-dim
+#: bf16 head, 7710 of its int8 rows). At most 1 MiB, as close as a row allows: the driver packs
+#: device allocations into 2 MiB pages, so a block of 0.53 MiB (4096 int8 rows) took 0.67 MiB
+#: of device memory (three a page), and the process went over its gpu_budget (NVML, H100).
 GPU_BLOCK_BYTES = 1 << 20
 #: Shortest sequence a CUDA store is sized for (more when max_position_embeddings says so).
 DEFAULT_MAX_LEN = 1 << 20
@@ -505,9 +508,9 @@ class HeadInferCache(Cache):
         block_size = self._block_size
         if device.type == "cuda":
             check_device(torch.empty(0, device=device), "the cache's device")
-            elem = torch.empty((), dtype=dtype).element_size()
             if block_size is None:
-                block_size = max(DEFAULT_BLOCK_SIZE, GPU_BLOCK_BYTES // (spec.head_dim * elem))
+                row = kv_row_bytes(spec.head_dim, store_dtype(dtype), self.kv_dtype)
+                block_size = max(DEFAULT_BLOCK_SIZE, GPU_BLOCK_BYTES // row)
             index = device.index if device.index is not None else torch.cuda.current_device()
             cuda = {
                 "device": index,
