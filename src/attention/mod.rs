@@ -66,7 +66,8 @@ pub unsafe fn attend_cuda(
     }
     let kernels = store.kernels().clone();
     store.gpu().bind()?;
-    let parts = store.decode_parts(layer, split.is_some(), staged)?;
+    let parts = store.decode_parts(layer, lq, split.is_some(), staged)?;
+    let (fresh_from, prior_writes) = (parts.fresh_from, parts.prior_writes);
     let view = parts.view;
     let mut handoff = parts.handoff;
     let launch = cuda::layer_launch(&view, hq, lq, params, sinks)?;
@@ -103,7 +104,7 @@ pub unsafe fn attend_cuda(
     let mut ws = None;
     if let Some(ring) = parts.ring {
         let until = split.as_ref().map_or(&[][..], |s| &s.from[..]);
-        let spans = view.host_spans(launch.lo, until, view.len() - lq);
+        let spans = view.host_spans(launch.lo, until, fresh_from);
         if !spans.is_empty() {
             let plan = staged::plan(&spans, row_bytes, ring);
             // SAFETY: the context is bound; the caller's stream.
@@ -113,7 +114,16 @@ pub unsafe fn attend_cuda(
                     // until its next step (which drains this one before freeing any).
                     result = unsafe {
                         staged::run(
-                            &kernels, ring, &spans, &plan, row_bytes, query, &launch, &w, stream,
+                            &kernels,
+                            ring,
+                            &spans,
+                            &plan,
+                            row_bytes,
+                            query,
+                            &launch,
+                            &w,
+                            prior_writes,
+                            stream,
                         )
                     };
                     ws = Some(w);

@@ -7,6 +7,7 @@
 
 use crate::cuda::kernels::{AttendLaunch, Kernels, StagedWs, MAX_UNITS};
 use crate::cuda::ring::StagingRing;
+use crate::cuda::stream::Event;
 use crate::cuda::Stream;
 use crate::error::Result;
 use crate::store::stage_piece;
@@ -29,9 +30,10 @@ pub fn plan(spans: &[StagedSpan], row_bytes: usize, ring: &StagingRing) -> Stagi
     staging::plan(&s, row_bytes, ring.piece_bytes(), MAX_UNITS, MAX_SLOTS)
 }
 
-/// Queues `plan` on `stream`: each piece's copies on the ring's stream, then its attention into
-/// `ws` (allocated for the plan's slots). `spans` are the ones `plan` was given (its units name
-/// them by index).
+/// Queues `plan` on `stream`: each piece's copies on the ring's stream (after `prior_writes`,
+/// the writes of every block not fresh, and fresh pieces after the step's appends), then its
+/// attention into `ws` (allocated for the plan's slots). `spans` are the ones `plan` was given
+/// (its units name them by index).
 ///
 /// # Safety
 /// `query` must be a valid device tensor of the launch's shape alive until `stream` has run
@@ -47,8 +49,10 @@ pub unsafe fn run(
     query: DevTensor,
     launch: &AttendLaunch,
     ws: &StagedWs,
+    prior_writes: &Event,
     stream: Stream,
 ) -> Result<()> {
+    ring.copy_after(prior_writes)?;
     if plan.pieces.iter().any(|p| p.fresh) {
         ring.mark_appended(stream)?;
     }

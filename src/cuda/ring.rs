@@ -89,6 +89,13 @@ impl StagingRing {
         self.bufs.len() * self.piece_bytes
     }
 
+    /// Orders every copy queued from now on after `writes` (the writes of the blocks they
+    /// read that another stream queued earlier).
+    pub fn copy_after(&self, writes: &Event) -> Result<()> {
+        self.gpu.bind()?;
+        writes.wait_on(self.copy)
+    }
+
     /// Marks the end of the current step's appends of a layer on `stream`: pieces staged
     /// `fresh` from now on copy after it.
     pub fn mark_appended(&self, stream: Stream) -> Result<()> {

@@ -11,7 +11,7 @@ use super::{Backend, CudaConfig, CudaStore, KvStore, StoreConfig};
 use crate::cuda::handoff::Handoff;
 use crate::cuda::kernels::{Unit, Units, MAX_UNITS};
 use crate::cuda::ring::{Copy, Staged, StagingRing};
-use crate::cuda::stream::{self, Stream};
+use crate::cuda::stream::{self, Event, Stream};
 use crate::cuda::{Gpu, Kernels};
 use crate::error::{Error, Result};
 use crate::quant::KvFormat;
@@ -38,7 +38,29 @@ pub struct Cuda {
     ring: Option<StagingRing>,
     /// Bytes of each staging buffer.
     piece_bytes: usize,
+    /// Per layer, what orders the copy engine's reads of its blocks after the writes.
+    writes: Vec<Writes>,
 }
+
+/// The appends of one layer as the copy engine must see them. The copy engine reads on a
+/// stream of its own, and a decode step copies blocks that earlier appends wrote before the
+/// caller's stream reaches the step (to overlap the copies with earlier layers): those copies
+/// wait for `prior`, recorded after every append but the latest; positions from `from` on
+/// (the latest append's) count as written in the step (`fresh`: they wait for the step's
+/// appends). Without it a copy could read a block whose append was still queued (seen on a
+/// busy GPU: a decode right after one append of every position read stale rows).
+struct Writes {
+    /// Recorded after every append of the layer but the latest (never recorded: none).
+    prior: Event,
+    /// Recorded after the latest append.
+    last: Event,
+    /// The latest append's first position.
+    from: usize,
+}
+
+// SAFETY: events are opaque driver tokens and the driver's calls on them are thread-safe;
+// shared access only queues waits on them (recording takes `&mut self`).
+unsafe impl Sync for Writes {}
 
 /// What one decode step of a layer works with: the layer's view, and the mechanisms asked for
 /// (made on first use).
@@ -46,6 +68,11 @@ pub struct DecodeParts<'a> {
     pub view: DeviceLayer<'a>,
     pub handoff: Option<&'a mut Handoff>,
     pub ring: Option<&'a mut StagingRing>,
+    /// Host blocks holding positions from here on were written in this step (`host_spans`'s
+    /// `fresh_from`): the latest append's, and at least the step's `q_len` last.
+    pub fresh_from: usize,
+    /// The writes of every earlier position, for the copy engine to wait on.
+    pub prior_writes: &'a Event,
 }
 
 impl Backend for Cuda {
@@ -147,6 +174,16 @@ impl CudaStore {
         let kernels = gpu.kernels(cfg.dtype, cfg.head_dim, cfg.kv)?;
         let max_blocks = cuda.max_len.div_ceil(cfg.block_size);
         let table = DeviceTable::new(&gpu, cfg.num_layers, cfg.num_kv_heads, max_blocks)?;
+        gpu.bind()?;
+        let writes = (0..cfg.num_layers)
+            .map(|_| {
+                Ok(Writes {
+                    prior: Event::new()?,
+                    last: Event::new()?,
+                    from: 0,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let n = cfg.block_bytes();
         let host = BlockPool::new(Box::new(PinnedAlloc(gpu.clone())), n, usize::MAX);
         let device = BlockPool::new(
@@ -163,6 +200,7 @@ impl CudaStore {
             handoff: None,
             ring: None,
             piece_bytes: STAGING_PIECE_BYTES,
+            writes,
         };
         KvStore::assemble(cfg, host, device, backend)
     }
@@ -210,6 +248,7 @@ impl CudaStore {
     pub fn decode_parts(
         &mut self,
         layer: usize,
+        q_len: usize,
         handoff: bool,
         ring: bool,
     ) -> Result<DecodeParts<'_>> {
@@ -227,10 +266,13 @@ impl CudaStore {
             max_blocks: c.table.max_blocks,
             block_size: self.cfg.block_size,
         };
+        let w = &c.writes[layer];
         Ok(DecodeParts {
+            fresh_from: w.from.min(view.len().saturating_sub(q_len)),
             view,
             handoff: if handoff { c.handoff.as_mut() } else { None },
             ring: if ring { c.ring.as_mut() } else { None },
+            prior_writes: &w.prior,
         })
     }
 
@@ -324,7 +366,12 @@ impl CudaStore {
             )?
         };
         self.layers[layer].len += n;
-        Ok(())
+        // The latest append's event becomes the prior writes' (a wait captures the record
+        // current when it is queued, so the swap leaves queued waits as they were).
+        let w = &mut self.backend.writes[layer];
+        std::mem::swap(&mut w.prior, &mut w.last);
+        w.from = len;
+        w.last.record(stream)
     }
 
     /// Copies positions `a..b` of kv heads `h0..h0 + heads` of `layer` into device tensors

@@ -207,6 +207,30 @@ def test_lengths_that_split_unevenly(n):
     assert (out.double() - ref).abs().max().item() <= 2 * torch_error(q, k, v, d**-0.5, ref) + 1e-6
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_the_copy_engine_waits_for_appends_still_queued(split):
+    """The copy engine reads host blocks on a stream of its own: a decode step queued right
+    after appends that the GPU has not run yet (the stream held back by a long kernel) sees the
+    appended rows, not what the reused blocks held before. ``split``: the positions come in
+    two appends (a prefill, then the step's token), else in one."""
+    torch.manual_seed(11)
+    hkv, g, d, n = 2, 4, 128, 4000
+    k, v = (torch.randn(hkv, n, d, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    store = make_store(hkv, d, torch.bfloat16, block=256, budget=0, max_len=n + 1)
+    store.host_reader = "copy"
+    stream = torch.cuda.current_stream().cuda_stream
+    fill(store, 0, -k, -v, [n])  # stale rows the blocks keep after the crop
+    torch.cuda.synchronize()
+    store.crop(0)
+    q = torch.randn(hkv * g, 1, d, device=DEV, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    torch.cuda._sleep(2_000_000_000)  # about a second: the appends below wait behind it
+    fill(store, 0, k, v, [n - 1, 1] if split else [n])
+    store.attend(0, q, out, d**-0.5, stream=stream)
+    ref = reference(q, k, v, d**-0.5)
+    assert (out.double() - ref).abs().max().item() <= 2 * torch_error(q, k, v, d**-0.5, ref) + 1e-6
+
+
 def test_rebalance_moves_blocks_both_ways_and_keeps_results():
     torch.manual_seed(4)
     hkv, g, d, n, block = 2, 4, 128, 2000, 128
