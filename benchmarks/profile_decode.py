@@ -9,6 +9,8 @@ kind of GPU work (decode kernels, staged pieces, merges, copies, the model's own
 the idle gaps; writes the Chrome traces (gzipped) and a JSON summary to $OUT.
 
     python card.py --gib 24 -- python benchmarks/profile_decode.py --context 131072
+    python card.py --gib 24 -- python benchmarks/profile_decode.py --context 716800 \
+        --kv-dtype int8 --gpu-budget 23GiB
 """
 
 from __future__ import annotations
@@ -77,16 +79,22 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--warmup", type=int, default=9)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--kv-dtype", default="exact", choices=("exact", "int8"))
+    ap.add_argument("--gpu-budget", default=None, help="patch(gpu_budget=...), e.g. 23GiB")
     args = ap.parse_args()
     cfg, model = llama8b()
-    headinfer.patch(model, chunk_size=4096)
+    headinfer.patch(model, chunk_size=4096, gpu_budget=args.gpu_budget)
     name = cache_kwarg_name(model)
-    cache = headinfer.HeadInferCache(model)
+    cache = headinfer.HeadInferCache(model, kv_dtype=args.kv_dtype)
     cache.expected_new_tokens = 2 * (args.warmup + args.steps) + 2
     torch.manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (1, args.context), device="cuda")
     out_dir = os.environ.get("OUT", ".")
-    summary = {"device": torch.cuda.get_device_name(), "context": args.context}
+    summary = {
+        "device": torch.cuda.get_device_name(),
+        "context": args.context,
+        "kv_dtype": args.kv_dtype,
+    }
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{name: cache})
         nxt = out.logits[:, -1:].argmax(-1)
@@ -112,12 +120,13 @@ def main() -> None:
             summary[mode] = summarize(prof, args.steps, wall)
             summary[mode]["reader"] = cache.store.host_reader_used
             print(mode, json.dumps(summary[mode]), flush=True)
-            trace = os.path.join(out_dir, f"decode_{mode}_{args.context}.json")
+            trace = os.path.join(out_dir, f"decode_{mode}_{args.kv_dtype}_{args.context}.json")
             prof.export_chrome_trace(trace)
             with open(trace, "rb") as f, gzip.open(trace + ".gz", "wb") as g:
                 shutil.copyfileobj(f, g)
             os.remove(trace)
-    with open(os.path.join(out_dir, f"profile_decode_{args.context}.json"), "w") as f:
+    result = f"profile_decode_{args.kv_dtype}_{args.context}.json"
+    with open(os.path.join(out_dir, result), "w") as f:
         json.dump(summary, f, indent=1)
 
 
