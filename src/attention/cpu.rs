@@ -654,15 +654,24 @@ fn softmax_tile(
             }
         }
     }
+    // Eight lanes of partial maxima and sums, chunk by chunk: indexed by `j % 8` instead,
+    // the compiler kept them in memory, a scalar load and store per key.
     let mut m8 = [f32::NEG_INFINITY; 8];
-    for (j, &x) in s.iter().enumerate() {
-        m8[j % 8] = m8[j % 8].max(x);
+    for c in s.chunks_exact(8) {
+        for (m, &x) in m8.iter_mut().zip(c) {
+            *m = m.max(x);
+        }
     }
     let m_new = m8.iter().fold(*m, |a, &b| a.max(b));
+    // An unchanged max (most tiles, once the first has set it) rescales by exp(0) = 1
+    // exactly: no libm call. (Infinite maxima give NaN here, and exp keeps it.)
+    let dm = *m - m_new;
     let alpha = if *m == f32::NEG_INFINITY {
         0.0
+    } else if dm == 0.0 {
+        1.0
     } else {
-        (*m - m_new).exp()
+        dm.exp()
     };
     for x in s.iter_mut() {
         *x -= m_new;
@@ -676,8 +685,10 @@ fn softmax_tile(
         }
     }
     let mut sum8 = [0f32; 8];
-    for (j, &x) in s.iter().enumerate() {
-        sum8[j % 8] += x;
+    for c in s.chunks_exact(8) {
+        for (a, &x) in sum8.iter_mut().zip(c) {
+            *a += x;
+        }
     }
     *l = *l * alpha + sum8.iter().sum::<f32>();
     *m = m_new;
