@@ -215,6 +215,8 @@ struct TaskScratch {
     /// Int8 rows: a key tile and a value tile dequantized (`[TK, head_dim]` each).
     kq: Vec<f32>,
     vq: Vec<f32>,
+    /// Int8 decode: the kernels' scratch.
+    q8: Vec<f32>,
 }
 
 fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
@@ -486,6 +488,7 @@ unsafe fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
     let s = &mut sc.s[..rows * TK];
     let (kt, vf) = (&mut sc.kt, &mut sc.vf);
     let (kq, vq) = (&mut sc.kq, &mut sc.vq);
+    let q8 = &mut sc.q8;
     // Row r is query q0 + r / g of q head kvh * g + r % g.
     for r in 0..rows {
         let src = q.row(t.kvh * g + r % g, t.q0 + r / g);
@@ -594,12 +597,15 @@ unsafe fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
             match (seg.k.slice(off, off + n), seg.v.slice(off, off + n)) {
                 (KvRows::Plain(kr), KvRows::Plain(vr)) => tile!(&kr, &vr, n, c0, r0, r1),
                 (KvRows::Int8(kr), KvRows::Int8(vr)) if direct => {
-                    // Few rows (decode): dequantized as the SIMD kernels load them.
+                    // Few rows (decode): the int8 decode kernels, which read the rows in
+                    // place.
+                    let (qr, sr) = (&qf[r0 * d..r1 * d], &mut s[r0 * TK..]);
                     // SAFETY: K's instruction set is the CPU's (this function's contract).
-                    unsafe { K::scores(&qf[r0 * d..r1 * d], r1 - r0, &kr, n, &mut s[r0 * TK..]) };
+                    unsafe { K::q8_scores(qr, r1 - r0, &kr, n, sr, q8) };
                     softmax!(n, c0, r0, r1);
+                    let (sr, or) = (&s[r0 * TK..], &mut o[r0 * d..r1 * d]);
                     // SAFETY: as above.
-                    unsafe { K::pv(&s[r0 * TK..], r1 - r0, &vr, n, &mut o[r0 * d..r1 * d]) };
+                    unsafe { K::q8_pv(sr, r1 - r0, &vr, n, or, q8) };
                 }
                 (KvRows::Int8(kr), KvRows::Int8(vr)) => {
                     // Many rows (prefill): dequantized once per tile into f32 (in L1), then
