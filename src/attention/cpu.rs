@@ -632,6 +632,28 @@ fn f32_rows(data: &[f32], n: usize, d: usize) -> Rows<'_, f32> {
     }
 }
 
+/// `x`'s values combined by `f` (a maximum or a sum, `init` its identity): in 16 lanes of
+/// partial results, chunk by chunk, then the lanes by halves, so that it vectorises and its
+/// dependency chains are short. (Indexed by `j % 8`, the lanes were kept in memory: a
+/// scalar load and store per key; folded one by one, a chain of 8 steps per tile and row.)
+#[inline(always)]
+fn fold_tile(x: &[f32; TK], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 16];
+    for c in x.chunks_exact(16) {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = f(*a, v);
+        }
+    }
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] = f(acc[i], acc[i + w]);
+        }
+    }
+    acc[0]
+}
+
 /// One row's online-softmax step over a tile of scores `s` (keys `c0..c0 + n`, of which
 /// it sees `lo..hi`): turns `s` into the tile's probabilities against the new running max
 /// `m`, updates the running sum `l` and rescales the output row `o` to the new max.
@@ -660,15 +682,9 @@ fn softmax_tile(
             }
         }
     }
-    // Eight lanes of partial maxima and sums, chunk by chunk: indexed by `j % 8` instead,
-    // the compiler kept them in memory, a scalar load and store per key.
-    let mut m8 = [f32::NEG_INFINITY; 8];
-    for c in s.chunks_exact(8) {
-        for (m, &x) in m8.iter_mut().zip(c) {
-            *m = m.max(x);
-        }
-    }
-    let m_new = m8.iter().fold(*m, |a, &b| a.max(b));
+    // The largest score, NaN ignored (as `f32::max`, written as a comparison so that it
+    // vectorises: a NaN compares false).
+    let m_new = fold_tile(s, f32::NEG_INFINITY, |a, b| if b > a { b } else { a }).max(*m);
     // An unchanged max (most tiles, once the first has set it) rescales by exp(0) = 1
     // exactly: no libm call. (Infinite maxima give NaN here, and exp keeps it.)
     let dm = *m - m_new;
@@ -690,13 +706,7 @@ fn softmax_tile(
             }
         }
     }
-    let mut sum8 = [0f32; 8];
-    for c in s.chunks_exact(8) {
-        for (a, &x) in sum8.iter_mut().zip(c) {
-            *a += x;
-        }
-    }
-    *l = *l * alpha + sum8.iter().sum::<f32>();
+    *l = *l * alpha + fold_tile(s, 0.0, |a, b| a + b);
     *m = m_new;
     if alpha != 1.0 {
         o.iter_mut().for_each(|x| *x *= alpha);
