@@ -577,12 +577,14 @@ unsafe fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
         }};
     }
 
-    let mut at = t.a;
-    while let Some(seg) = kv.next_segment(t.kvh, at, t.b) {
+    let mut next = kv.next_segment(t.kvh, t.a, t.b);
+    while let Some(seg) = next.take() {
         if seg.is_empty() {
             break;
         }
-        at = seg.pos + seg.len();
+        // The segment after this one, known now: its first rows are the ones to bring into
+        // cache during this one's last tile (int8 decode).
+        next = kv.next_segment(t.kvh, seg.pos + seg.len(), t.b);
         let mut off = 0;
         while off < seg.len() {
             let n = TK.min(seg.len() - off);
@@ -598,14 +600,30 @@ unsafe fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
                 (KvRows::Plain(kr), KvRows::Plain(vr)) => tile!(&kr, &vr, n, c0, r0, r1),
                 (KvRows::Int8(kr), KvRows::Int8(vr)) if direct => {
                     // Few rows (decode): the int8 decode kernels, which read the rows in
-                    // place.
+                    // place and bring the next tile's in meanwhile: the rest of this
+                    // segment, else the start of the next (another block, elsewhere).
+                    let end = off + n;
+                    let (ka, va) = match &next {
+                        _ if end < seg.len() => {
+                            let b = (end + TK).min(seg.len());
+                            (seg.k.slice(end, b), seg.v.slice(end, b))
+                        }
+                        Some(nx) => (
+                            nx.k.slice(0, TK.min(nx.len())),
+                            nx.v.slice(0, TK.min(nx.len())),
+                        ),
+                        None => (seg.k.slice(end, end), seg.v.slice(end, end)),
+                    };
+                    let (KvRows::Int8(ka), KvRows::Int8(va)) = (ka, va) else {
+                        unreachable!("a layer's segments share one format")
+                    };
                     let (qr, sr) = (&qf[r0 * d..r1 * d], &mut s[r0 * TK..]);
                     // SAFETY: K's instruction set is the CPU's (this function's contract).
-                    unsafe { K::q8_scores(qr, r1 - r0, &kr, n, sr, q8) };
+                    unsafe { K::q8_scores(qr, r1 - r0, &kr, n, sr, q8, &ka) };
                     softmax!(n, c0, r0, r1);
                     let (sr, or) = (&s[r0 * TK..], &mut o[r0 * d..r1 * d]);
                     // SAFETY: as above.
-                    unsafe { K::q8_pv(sr, r1 - r0, &vr, n, or, q8) };
+                    unsafe { K::q8_pv(sr, r1 - r0, &vr, n, or, q8, &va) };
                 }
                 (KvRows::Int8(kr), KvRows::Int8(vr)) => {
                     // Many rows (prefill): dequantized once per tile into f32 (in L1), then

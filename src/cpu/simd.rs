@@ -171,6 +171,8 @@ pub(crate) trait Kernels: Sized {
     unsafe fn pv<T: Tile>(p: &[f32], rows: usize, v: &T, n: usize, o: &mut [f32]);
 
     /// `scores` over int8 rows, for few query rows (a decode), with `sc` as scratch.
+    /// `ahead`: the rows to bring into cache meanwhile (the next tile's, which may lie in
+    /// another block); the generic kernels bring in those that follow `k` in memory.
     ///
     /// # Safety
     /// As `scores`.
@@ -181,13 +183,15 @@ pub(crate) trait Kernels: Sized {
         n: usize,
         s: &mut [f32],
         sc: &mut Vec<f32>,
+        ahead: &Q8Rows<'_>,
     ) {
-        let _ = sc;
+        let _ = (sc, ahead);
         // SAFETY: by the contract.
         unsafe { Self::scores(q, rows, k, n, s) }
     }
 
-    /// `pv` over int8 rows, for few query rows (a decode), with `sc` as scratch.
+    /// `pv` over int8 rows, for few query rows (a decode), with `sc` as scratch and `ahead`
+    /// as for `q8_scores`.
     ///
     /// # Safety
     /// As `scores`.
@@ -198,8 +202,9 @@ pub(crate) trait Kernels: Sized {
         n: usize,
         o: &mut [f32],
         sc: &mut Vec<f32>,
+        ahead: &Q8Rows<'_>,
     ) {
-        let _ = sc;
+        let _ = (sc, ahead);
         // SAFETY: by the contract.
         unsafe { Self::pv(p, rows, v, n, o) }
     }

@@ -176,13 +176,13 @@ unsafe fn compare_q8<K: Kernels>(
     let mut sc = Vec::new();
     let mut q8_scores = |q: &[f32], s: &mut [f32]| {
         // SAFETY: as for the scores.
-        unsafe { K::q8_scores(q, rows, &kv, n, s, &mut sc) };
+        unsafe { K::q8_scores(q, rows, &kv, n, s, &mut sc, &kv) };
         Ok(())
     };
     let mut sc = Vec::new();
     let mut q8_pv = |p: &[f32], o: &mut [f32]| {
         // SAFETY: as for the scores.
-        unsafe { K::q8_pv(p, rows, &kv, n, o, &mut sc) };
+        unsafe { K::q8_pv(p, rows, &kv, n, o, &mut sc, &kv) };
         Ok(())
     };
     check_tile(&at, d, rows, n, x, &mut q8_scores, &mut q8_pv)

@@ -17,9 +17,17 @@
 //! Xeon, it runs one every two cycles with a latency of seven (a 16-lane FMA: two a cycle),
 //! and a key's scores cost 60 cycles with it against 44 for the generic f32 path.
 
-use super::{Tile, AHEAD, TK};
+use super::{Tile, TK};
 use crate::quant::{Q8Rows, Q8};
 use std::arch::x86_64::*;
+
+/// Brings rows `j..j + m` of `ahead` (those of them it holds) into cache.
+#[inline(always)]
+fn fetch(ahead: &Q8Rows<'_>, j: usize, m: usize) {
+    if j < ahead.len {
+        ahead.prefetch(j, m.min(ahead.len - j));
+    }
+}
 
 /// Whether these kernels take rows of this layout: one scale per vector of 16 values.
 pub(crate) fn fits(fmt: Q8) -> bool {
@@ -106,7 +114,8 @@ unsafe fn scales4(at: *const u8) -> __m128i {
 }
 
 /// `s[r][j] = q[r] . k.row(j)` for `r < rows`, `j < n` (`Kernels::scores`) over int8 keys
-/// (dequantized: `x * s`), with `sc` as scratch. Keys past `n` are not written.
+/// (dequantized: `x * s`), with `sc` as scratch, bringing the rows of `ahead` into cache as
+/// it goes (`Kernels::q8_scores`). Keys past `n` are not written.
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW/VL (`Isa::Avx512`). Lengths are checked here.
@@ -118,6 +127,7 @@ pub(crate) unsafe fn scores(
     n: usize,
     s: &mut [f32],
     sc: &mut Vec<f32>,
+    ahead: &Q8Rows<'_>,
 ) {
     let fmt = k.fmt;
     let d = fmt.head_dim;
@@ -149,9 +159,9 @@ pub(crate) unsafe fn scores(
             macro_rules! go {
                 ($r:literal) => {
                     if fmt.group == 16 {
-                        score_rows::<$r, 16>(q, k, n, sc, s)
+                        score_rows::<$r, 16>(q, k, n, sc, s, ahead)
                     } else {
-                        score_rows::<$r, 32>(q, k, n, sc, s)
+                        score_rows::<$r, 32>(q, k, n, sc, s, ahead)
                     }
                 };
             }
@@ -176,6 +186,7 @@ unsafe fn score_rows<const R: usize, const G: usize>(
     n: usize,
     sc: *const f32,
     s: *mut f32,
+    ahead: &Q8Rows<'_>,
 ) {
     // SAFETY: keys j..j + 4 (or fewer: below n) by the contract; s[r * TK + j0..j1] for
     // r < R, j1 <= n.
@@ -186,10 +197,10 @@ unsafe fn score_rows<const R: usize, const G: usize>(
             // Four keys at a time (fewer at the end): independent sums, and each load of a
             // query vector serves four.
             match n - j {
-                1 => score_keys::<R, G, 1>(q, k, j, sc, &mut part),
-                2 => score_keys::<R, G, 2>(q, k, j, sc, &mut part),
-                3 => score_keys::<R, G, 3>(q, k, j, sc, &mut part),
-                _ => score_keys::<R, G, 4>(q, k, j, sc, &mut part),
+                1 => score_keys::<R, G, 1>(q, k, j, sc, &mut part, ahead),
+                2 => score_keys::<R, G, 2>(q, k, j, sc, &mut part, ahead),
+                3 => score_keys::<R, G, 3>(q, k, j, sc, &mut part, ahead),
+                _ => score_keys::<R, G, 4>(q, k, j, sc, &mut part, ahead),
             }
             // A block of 16 keys complete (or the last, partial one): its scores.
             let j1 = (j + 4).min(n);
@@ -217,11 +228,12 @@ unsafe fn score_keys<const R: usize, const G: usize, const J: usize>(
     j: usize,
     sc: *const f32,
     part: &mut [[__m512; 16]; R],
+    ahead: &Q8Rows<'_>,
 ) {
     let (d, rb, gp) = (k.fmt.head_dim, k.fmt.row_bytes(), padded_groups(k.fmt));
     // SAFETY: by the contract.
     unsafe {
-        k.prefetch(j + AHEAD, J);
+        fetch(ahead, j, J);
         let row = k.data.as_ptr().add(j * rb);
         let sj = sc.add(j * gp);
         let mut acc = [[_mm512_setzero_ps(); J]; R];
@@ -247,7 +259,8 @@ unsafe fn score_keys<const R: usize, const G: usize, const J: usize>(
 }
 
 /// `o[r] += sum_{j < n} p[r][j] * v.row(j)` for `r < rows` (`Kernels::pv`) over int8
-/// values (dequantized: `x * s`), with `sc` as scratch.
+/// values (dequantized: `x * s`), with `sc` as scratch, bringing the rows of `ahead` into
+/// cache as it goes (`Kernels::q8_pv`).
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW/VL (`Isa::Avx512`). Lengths are checked here.
@@ -259,6 +272,7 @@ pub(crate) unsafe fn pv(
     n: usize,
     o: &mut [f32],
     sc: &mut Vec<f32>,
+    ahead: &Q8Rows<'_>,
 ) {
     let fmt = v.fmt;
     let d = fmt.head_dim;
@@ -283,9 +297,9 @@ pub(crate) unsafe fn pv(
             macro_rules! go {
                 ($r:literal) => {
                     if fmt.group == 16 {
-                        pv_rows::<$r, 16>(w, v, n, o)
+                        pv_rows::<$r, 16>(w, v, n, o, ahead)
                     } else {
-                        pv_rows::<$r, 32>(w, v, n, o)
+                        pv_rows::<$r, 32>(w, v, n, o, ahead)
                     }
                 };
             }
@@ -403,17 +417,18 @@ unsafe fn pv_rows<const R: usize, const G: usize>(
     v: &Q8Rows<'_>,
     n: usize,
     o: *mut f32,
+    ahead: &Q8Rows<'_>,
 ) {
     let d = v.fmt.head_dim;
     let mut c = 0;
     // SAFETY: columns c..c + 64 (then c..c + 16) are below d (a multiple of 16).
     unsafe {
         while c + 64 <= d {
-            pv_block::<R, G, 4>(w, v, n, o, c);
+            pv_block::<R, G, 4>(w, v, n, o, c, ahead);
             c += 64;
         }
         while c < d {
-            pv_block::<R, G, 1>(w, v, n, o, c);
+            pv_block::<R, G, 1>(w, v, n, o, c, ahead);
             c += 16;
         }
     }
@@ -430,6 +445,7 @@ unsafe fn pv_block<const R: usize, const G: usize, const B: usize>(
     n: usize,
     o: *mut f32,
     c0: usize,
+    ahead: &Q8Rows<'_>,
 ) {
     let (d, rb, gp) = (v.fmt.head_dim, v.fmt.row_bytes(), padded_groups(v.fmt));
     // SAFETY: o's rows r < R at r * d, columns c0..c0 + 16B <= d; key j's weights at
@@ -444,7 +460,7 @@ unsafe fn pv_block<const R: usize, const G: usize, const B: usize>(
         for j in 0..n {
             // Once per row: on the first pass over its columns.
             if c0 == 0 {
-                v.prefetch(j + AHEAD, 1);
+                fetch(ahead, j, 1);
             }
             let row = v.data.as_ptr().add(j * rb + c0);
             let x: [__m512; B] = std::array::from_fn(|b| {

@@ -27,11 +27,12 @@ simd_kernels!(
         n: usize,
         s: &mut [f32],
         sc: &mut Vec<f32>,
+        ahead: &Q8Rows<'_>,
     ) {
         if q8::fits(k.fmt) {
             // SAFETY: AVX-512 F/BW/VL by this function's contract; `scores` checks the
             // lengths.
-            unsafe { q8::scores(q, rows, k, n, s, sc) }
+            unsafe { q8::scores(q, rows, k, n, s, sc, ahead) }
         } else {
             // SAFETY: by the contract.
             unsafe { Self::scores(q, rows, k, n, s) }
@@ -44,10 +45,11 @@ simd_kernels!(
         n: usize,
         o: &mut [f32],
         sc: &mut Vec<f32>,
+        ahead: &Q8Rows<'_>,
     ) {
         if q8::fits(v.fmt) {
             // SAFETY: AVX-512 F/BW/VL by this function's contract; `pv` checks the lengths.
-            unsafe { q8::pv(p, rows, v, n, o, sc) }
+            unsafe { q8::pv(p, rows, v, n, o, sc, ahead) }
         } else {
             // SAFETY: by the contract.
             unsafe { Self::pv(p, rows, v, n, o) }

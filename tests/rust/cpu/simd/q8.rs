@@ -113,7 +113,7 @@ fn scores_match_the_dequantized_sums() {
                 let mut s = vec![f32::NAN; rows_n * TK];
                 let mut sc = Vec::new();
                 // SAFETY: AVX-512 (checked above); lengths are checked.
-                unsafe { scores(&q, rows_n, &kv, n, &mut s, &mut sc) };
+                unsafe { scores(&q, rows_n, &kv, n, &mut s, &mut sc, &kv) };
                 let mut deq = vec![0f32; d];
                 for j in 0..TK {
                     if j < n {
@@ -177,7 +177,7 @@ fn pv_matches_the_dequantized_sums() {
                 let mut o = o0.clone();
                 let mut w = Vec::new();
                 // SAFETY: AVX-512 (checked above); lengths are checked.
-                unsafe { pv(&p, rows_n, &kv, n, &mut o, &mut w) };
+                unsafe { pv(&p, rows_n, &kv, n, &mut o, &mut w, &kv) };
                 let deq: Vec<Vec<f32>> = (0..n)
                     .map(|j| {
                         let mut x = vec![0f32; d];
