@@ -458,8 +458,10 @@ unsafe fn pv_block<const R: usize, const G: usize, const B: usize>(
         // The weights of the block's first group; the others follow at fixed offsets.
         let w = w.add(c0 / G * 4);
         for j in 0..n {
-            // Once per row: on the first pass over its columns.
-            if c0 == 0 {
+            // Once per row, spread over the passes over the columns (passes of 64 columns
+            // each take row j % passes): issued in a burst, the prefetches fill the line
+            // fill buffers and wait.
+            if j % d.div_ceil(64) == c0 / 64 {
                 fetch(ahead, j, 1);
             }
             let row = v.data.as_ptr().add(j * rb + c0);
