@@ -215,6 +215,8 @@ struct TaskScratch {
     /// Int8 rows: a key tile and a value tile dequantized (`[TK, head_dim]` each).
     kq: Vec<f32>,
     vq: Vec<f32>,
+    /// Int8 decode: the kernels' scratch.
+    q8: Vec<f32>,
 }
 
 fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
@@ -486,6 +488,7 @@ unsafe fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
     let s = &mut sc.s[..rows * TK];
     let (kt, vf) = (&mut sc.kt, &mut sc.vf);
     let (kq, vq) = (&mut sc.kq, &mut sc.vq);
+    let q8 = &mut sc.q8;
     // Row r is query q0 + r / g of q head kvh * g + r % g.
     for r in 0..rows {
         let src = q.row(t.kvh * g + r % g, t.q0 + r / g);
@@ -574,12 +577,14 @@ unsafe fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
         }};
     }
 
-    let mut at = t.a;
-    while let Some(seg) = kv.next_segment(t.kvh, at, t.b) {
+    let mut next = kv.next_segment(t.kvh, t.a, t.b);
+    while let Some(seg) = next.take() {
         if seg.is_empty() {
             break;
         }
-        at = seg.pos + seg.len();
+        // The segment after this one, known now: its first rows are the ones to bring into
+        // cache during this one's last tile (int8 decode).
+        next = kv.next_segment(t.kvh, seg.pos + seg.len(), t.b);
         let mut off = 0;
         while off < seg.len() {
             let n = TK.min(seg.len() - off);
@@ -594,12 +599,31 @@ unsafe fn task_impl<E: Element, S: KvSource<E>, K: Kernels>(
             match (seg.k.slice(off, off + n), seg.v.slice(off, off + n)) {
                 (KvRows::Plain(kr), KvRows::Plain(vr)) => tile!(&kr, &vr, n, c0, r0, r1),
                 (KvRows::Int8(kr), KvRows::Int8(vr)) if direct => {
-                    // Few rows (decode): dequantized as the SIMD kernels load them.
+                    // Few rows (decode): the int8 decode kernels, which read the rows in
+                    // place and bring the next tile's in meanwhile: the rest of this
+                    // segment, else the start of the next (another block, elsewhere).
+                    let end = off + n;
+                    let (ka, va) = match &next {
+                        _ if end < seg.len() => {
+                            let b = (end + TK).min(seg.len());
+                            (seg.k.slice(end, b), seg.v.slice(end, b))
+                        }
+                        Some(nx) => (
+                            nx.k.slice(0, TK.min(nx.len())),
+                            nx.v.slice(0, TK.min(nx.len())),
+                        ),
+                        None => (seg.k.slice(end, end), seg.v.slice(end, end)),
+                    };
+                    let (KvRows::Int8(ka), KvRows::Int8(va)) = (ka, va) else {
+                        unreachable!("a layer's segments share one format")
+                    };
+                    let (qr, sr) = (&qf[r0 * d..r1 * d], &mut s[r0 * TK..]);
                     // SAFETY: K's instruction set is the CPU's (this function's contract).
-                    unsafe { K::scores(&qf[r0 * d..r1 * d], r1 - r0, &kr, n, &mut s[r0 * TK..]) };
+                    unsafe { K::q8_scores(qr, r1 - r0, &kr, n, sr, q8, &ka) };
                     softmax!(n, c0, r0, r1);
+                    let (sr, or) = (&s[r0 * TK..], &mut o[r0 * d..r1 * d]);
                     // SAFETY: as above.
-                    unsafe { K::pv(&s[r0 * TK..], r1 - r0, &vr, n, &mut o[r0 * d..r1 * d]) };
+                    unsafe { K::q8_pv(sr, r1 - r0, &vr, n, or, q8, &va) };
                 }
                 (KvRows::Int8(kr), KvRows::Int8(vr)) => {
                     // Many rows (prefill): dequantized once per tile into f32 (in L1), then
@@ -624,6 +648,28 @@ fn f32_rows(data: &[f32], n: usize, d: usize) -> Rows<'_, f32> {
         len: n,
         width: d,
     }
+}
+
+/// `x`'s values combined by `f` (a maximum or a sum, `init` its identity): in 16 lanes of
+/// partial results, chunk by chunk, then the lanes by halves, so that it vectorises and its
+/// dependency chains are short. (Indexed by `j % 8`, the lanes were kept in memory: a
+/// scalar load and store per key; folded one by one, a chain of 8 steps per tile and row.)
+#[inline(always)]
+fn fold_tile(x: &[f32; TK], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 16];
+    for c in x.chunks_exact(16) {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = f(*a, v);
+        }
+    }
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] = f(acc[i], acc[i + w]);
+        }
+    }
+    acc[0]
 }
 
 /// One row's online-softmax step over a tile of scores `s` (keys `c0..c0 + n`, of which
@@ -654,15 +700,18 @@ fn softmax_tile(
             }
         }
     }
-    let mut m8 = [f32::NEG_INFINITY; 8];
-    for (j, &x) in s.iter().enumerate() {
-        m8[j % 8] = m8[j % 8].max(x);
-    }
-    let m_new = m8.iter().fold(*m, |a, &b| a.max(b));
+    // The largest score, NaN ignored (as `f32::max`, written as a comparison so that it
+    // vectorises: a NaN compares false).
+    let m_new = fold_tile(s, f32::NEG_INFINITY, |a, b| if b > a { b } else { a }).max(*m);
+    // An unchanged max (most tiles, once the first has set it) rescales by exp(0) = 1
+    // exactly: no libm call. (Infinite maxima give NaN here, and exp keeps it.)
+    let dm = *m - m_new;
     let alpha = if *m == f32::NEG_INFINITY {
         0.0
+    } else if dm == 0.0 {
+        1.0
     } else {
-        (*m - m_new).exp()
+        dm.exp()
     };
     for x in s.iter_mut() {
         *x -= m_new;
@@ -675,11 +724,7 @@ fn softmax_tile(
             }
         }
     }
-    let mut sum8 = [0f32; 8];
-    for (j, &x) in s.iter().enumerate() {
-        sum8[j % 8] += x;
-    }
-    *l = *l * alpha + sum8.iter().sum::<f32>();
+    *l = *l * alpha + fold_tile(s, 0.0, |a, b| a + b);
     *m = m_new;
     if alpha != 1.0 {
         o.iter_mut().for_each(|x| *x *= alpha);

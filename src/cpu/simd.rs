@@ -18,11 +18,15 @@
 //! is kept (`choice`, `_core.cpu_isa_failures()`).
 //!
 //! Int8 rows (`Q8Rows`, the 8-bit KV format) go through the same kernels: each vector of
-//! values is sign-extended, converted and multiplied by its group's scale as it loads.
+//! values is sign-extended, converted and multiplied by its group's scale as it loads. A
+//! decode over them has kernels of its own (`Kernels::q8_scores`, `Kernels::q8_pv`), which
+//! AVX-512 implements in `q8` (the scales of a tile converted once, the scores reduced
+//! sixteen at a time) and the other sets by the generic ones.
 //!
-//! Every path accumulates in f32; they differ only in summation order. AVX-512's bf16 dot
-//! product (`vdpbf16ps`) is not used: it would need the scaled queries and the probabilities
-//! rounded to bf16, which changes the function.
+//! Every path accumulates in f32; they differ only in summation order (and `q8`'s `p . V`
+//! in where a scale's product is rounded). AVX-512's bf16 dot product (`vdpbf16ps`) is not
+//! used: for the probabilities it would need them rounded to bf16, which changes the
+//! function; for the scores over int8 keys it would be exact, but it is slower (see `q8`).
 
 use super::math::TK;
 use crate::quant::Q8Rows;
@@ -30,6 +34,8 @@ use crate::tensor::{Element, Rows};
 use std::sync::OnceLock;
 
 pub(crate) mod check;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod q8;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -163,6 +169,45 @@ pub(crate) trait Kernels: Sized {
     /// # Safety
     /// As `scores`.
     unsafe fn pv<T: Tile>(p: &[f32], rows: usize, v: &T, n: usize, o: &mut [f32]);
+
+    /// `scores` over int8 rows, for few query rows (a decode), with `sc` as scratch.
+    /// `ahead`: the rows to bring into cache meanwhile (the next tile's, which may lie in
+    /// another block); the generic kernels bring in those that follow `k` in memory.
+    ///
+    /// # Safety
+    /// As `scores`.
+    unsafe fn q8_scores(
+        q: &[f32],
+        rows: usize,
+        k: &Q8Rows<'_>,
+        n: usize,
+        s: &mut [f32],
+        sc: &mut Vec<f32>,
+        ahead: &Q8Rows<'_>,
+    ) {
+        let _ = (sc, ahead);
+        // SAFETY: by the contract.
+        unsafe { Self::scores(q, rows, k, n, s) }
+    }
+
+    /// `pv` over int8 rows, for few query rows (a decode), with `sc` as scratch and `ahead`
+    /// as for `q8_scores`.
+    ///
+    /// # Safety
+    /// As `scores`.
+    unsafe fn q8_pv(
+        p: &[f32],
+        rows: usize,
+        v: &Q8Rows<'_>,
+        n: usize,
+        o: &mut [f32],
+        sc: &mut Vec<f32>,
+        ahead: &Q8Rows<'_>,
+    ) {
+        let _ = (sc, ahead);
+        // SAFETY: by the contract.
+        unsafe { Self::pv(p, rows, v, n, o) }
+    }
 }
 
 /// Key or value rows as the kernels read them: `Rows` of an element type (converted to f32
@@ -508,11 +553,13 @@ pub(crate) trait Lanes {
 }
 
 /// `Kernels` for a `Lanes` set `$isa`: entry points compiled for `$features` (which must
-/// include everything `$isa`'s intrinsics need) around the generic bodies below.
+/// include everything `$isa`'s intrinsics need) around the generic bodies below, and the
+/// `Kernels` methods given after them (kernels of the set's own).
 macro_rules! simd_kernels {
-    ($isa:ty, $features:literal) => {
+    ($isa:ty, $features:literal $(, $extra:item)*) => {
         impl $crate::cpu::simd::Kernels for $isa {
             const FMA: bool = true;
+            $($extra)*
 
             #[target_feature(enable = $features)]
             unsafe fn run<J: $crate::cpu::simd::Job>(job: J) -> J::Output {

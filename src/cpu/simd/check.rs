@@ -11,7 +11,7 @@
 //! moves it by O(1). Padding that a kernel must not read is NaN, and so are outputs it must
 //! not write.
 
-use super::{Choice, Isa, Job, Kernels, Tile, TK};
+use super::{Choice, Isa, Job, Kernels, TK};
 use crate::quant::{Q8Rows, Q8};
 use crate::tensor::{Element, Rows};
 use half::{bf16, f16};
@@ -42,7 +42,8 @@ pub(crate) const SELF_CHECK: Shapes<'static> = Shapes {
 };
 
 /// `Job`: `K`'s kernels against the f64 reference over the shapes, in f32, bf16 and f16,
-/// and over int8 rows (the reference sums their dequantized values).
+/// and over int8 rows (the reference sums their dequantized values; the generic kernels
+/// and the int8 decode ones, `Kernels::q8_scores` and `q8_pv`).
 /// `Err` describes the first disagreement.
 pub(crate) struct Compare<'a>(pub Shapes<'a>);
 
@@ -131,7 +132,8 @@ unsafe fn compare_int8<K: Kernels>(shapes: &Shapes<'_>, seed: u64) -> Result<(),
     Ok(())
 }
 
-/// One problem over `n` int8 rows of width `d`.
+/// One problem over `n` int8 rows of width `d`: the generic kernels, then the int8 decode
+/// ones.
 ///
 /// # Safety
 /// The CPU supports `K`'s set.
@@ -159,8 +161,31 @@ unsafe fn compare_q8<K: Kernels>(
         len: n,
         fmt,
     };
-    // SAFETY: by the contract.
-    unsafe { check_tile::<K, _>(&kv, &|j, i| kf[j * d + i], d, rows, n, x) }
+    let at = |j: usize, i: usize| kf[j * d + i];
+    let mut scores = |q: &[f32], s: &mut [f32]| {
+        // SAFETY: the CPU supports K's set (the contract); the kernel checks the lengths.
+        unsafe { K::scores(q, rows, &kv, n, s) };
+        Ok(())
+    };
+    let mut pv = |p: &[f32], o: &mut [f32]| {
+        // SAFETY: as for the scores.
+        unsafe { K::pv(p, rows, &kv, n, o) };
+        Ok(())
+    };
+    check_tile(&at, d, rows, n, x, &mut scores, &mut pv)?;
+    let mut sc = Vec::new();
+    let mut q8_scores = |q: &[f32], s: &mut [f32]| {
+        // SAFETY: as for the scores.
+        unsafe { K::q8_scores(q, rows, &kv, n, s, &mut sc, &kv) };
+        Ok(())
+    };
+    let mut sc = Vec::new();
+    let mut q8_pv = |p: &[f32], o: &mut [f32]| {
+        // SAFETY: as for the scores.
+        unsafe { K::q8_pv(p, rows, &kv, n, o, &mut sc, &kv) };
+        Ok(())
+    };
+    check_tile(&at, d, rows, n, x, &mut q8_scores, &mut q8_pv)
 }
 
 /// One problem: scores and `p . V` of `rows` rows over `n` keys of width `d`, `d + pad` apart.
@@ -193,22 +218,41 @@ unsafe fn compare<K: Kernels, E: Element>(
     };
     // Element (j, i) as f64, converted once: the reference sums in f64.
     let kf: Vec<f64> = data.iter().map(|e| e.to_f32() as f64).collect();
-    // SAFETY: by the contract.
-    unsafe { check_tile::<K, _>(&kv, &|j, i| kf[j * stride + i], d, rows, n, x) }
+    let mut scores = |q: &[f32], s: &mut [f32]| {
+        // SAFETY: the CPU supports K's set (the contract); the kernel checks the lengths.
+        unsafe { K::scores(q, rows, &kv, n, s) };
+        Ok(())
+    };
+    let mut pv = |p: &[f32], o: &mut [f32]| {
+        // SAFETY: as for the scores.
+        unsafe { K::pv(p, rows, &kv, n, o) };
+        Ok(())
+    };
+    check_tile(
+        &|j, i| kf[j * stride + i],
+        d,
+        rows,
+        n,
+        x,
+        &mut scores,
+        &mut pv,
+    )
 }
 
-/// `K::scores` and `K::pv` over the `n` rows of `kv` (width `d`), whose value (j, i) is
-/// `at(j, i)`, against the f64 sums.
-///
-/// # Safety
-/// The CPU supports `K`'s set.
-unsafe fn check_tile<K: Kernels, T: Tile>(
-    kv: &T,
+/// What `check_tile` runs: a kernel on `(q, s)` or `(p, o)`.
+type Kernel<'a> = dyn FnMut(&[f32], &mut [f32]) -> Result<(), String> + 'a;
+
+/// `scores` (`Kernels::scores`' `q` and `s`) and `pv` (`Kernels::pv`'s `p` and `o`) over
+/// `n` rows of width `d` whose value (j, i) is `at(j, i)`, for `rows` query rows, against
+/// the f64 sums.
+fn check_tile(
     at: &dyn Fn(usize, usize) -> f64,
     d: usize,
     rows: usize,
     n: usize,
     x: &mut Values,
+    scores: &mut Kernel<'_>,
+    pv: &mut Kernel<'_>,
 ) -> Result<(), String> {
     // `terms` (j or i) -> (term, ...): the exact sum and the sum of magnitudes, then whether
     // `got` lies within `TOL` of that magnitude.
@@ -224,8 +268,7 @@ unsafe fn check_tile<K: Kernels, T: Tile>(
     // Scores: keys past n stay untouched (NaN).
     let q: Vec<f32> = (0..rows * d).map(|_| 2.0 * x.next()).collect();
     let mut got = vec![f32::NAN; rows * TK];
-    // SAFETY: the CPU supports K's set (the contract); the kernel checks the lengths.
-    unsafe { K::scores(&q, rows, kv, n, &mut got) };
+    scores(&q, &mut got)?;
     for r in 0..rows {
         for j in 0..TK {
             let g = got[r * TK + j];
@@ -251,8 +294,7 @@ unsafe fn check_tile<K: Kernels, T: Tile>(
     }
     let o0: Vec<f32> = (0..rows * d).map(|_| x.next()).collect();
     let mut got = o0.clone();
-    // SAFETY: as for the scores.
-    unsafe { K::pv(&p, rows, kv, n, &mut got) };
+    pv(&p, &mut got)?;
     for r in 0..rows {
         for i in 0..d {
             let g = got[r * d + i];

@@ -5,7 +5,8 @@
 //! element to 32 bits (`cvtepu16_epi32`) and shifting it left by 16 gives the f32 exactly;
 //! f16 goes through `cvtph_ps` (F16C, or AVX-512 F's 16-lane form), also exact.
 
-use super::{simd_kernels, Lanes};
+use super::{q8, simd_kernels, Lanes};
+use crate::quant::Q8Rows;
 use crate::tensor::{DType, Element};
 use std::arch::x86_64::*;
 
@@ -15,7 +16,46 @@ pub(crate) struct Avx2;
 pub(crate) struct Avx512;
 
 simd_kernels!(Avx2, "avx2,fma,f16c");
-simd_kernels!(Avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c");
+simd_kernels!(
+    Avx512,
+    "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
+    // The int8 decode kernels of `q8`, for the layouts they take; the generic ones otherwise.
+    unsafe fn q8_scores(
+        q: &[f32],
+        rows: usize,
+        k: &Q8Rows<'_>,
+        n: usize,
+        s: &mut [f32],
+        sc: &mut Vec<f32>,
+        ahead: &Q8Rows<'_>,
+    ) {
+        if q8::fits(k.fmt) {
+            // SAFETY: AVX-512 F/BW/VL by this function's contract; `scores` checks the
+            // lengths.
+            unsafe { q8::scores(q, rows, k, n, s, sc, ahead) }
+        } else {
+            // SAFETY: by the contract.
+            unsafe { Self::scores(q, rows, k, n, s) }
+        }
+    },
+    unsafe fn q8_pv(
+        p: &[f32],
+        rows: usize,
+        v: &Q8Rows<'_>,
+        n: usize,
+        o: &mut [f32],
+        sc: &mut Vec<f32>,
+        ahead: &Q8Rows<'_>,
+    ) {
+        if q8::fits(v.fmt) {
+            // SAFETY: AVX-512 F/BW/VL by this function's contract; `pv` checks the lengths.
+            unsafe { q8::pv(p, rows, v, n, o, sc, ahead) }
+        } else {
+            // SAFETY: by the contract.
+            unsafe { Self::pv(p, rows, v, n, o) }
+        }
+    }
+);
 
 /// Lane `i` of the result: the sum of the lanes of `v[i]`.
 ///

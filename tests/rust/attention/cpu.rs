@@ -575,3 +575,110 @@ fn into_buffers_matches_and_reused_scratch_leaves_no_trace() {
         }
     });
 }
+
+/// An int8 decode (few query rows: the kernels that read int8 rows in place) on every
+/// instruction set this CPU runs, against the f64 reference over the dequantized cache, for
+/// head dims each kernel takes (groups of 32 and 16, which AVX-512's `q8` kernels take, and
+/// groups of 8 or fewer, which it leaves to the generic ones) and GQA groups that leave row
+/// blocks of 1 to 3. The cache holds the values that need care: groups with a NaN or an
+/// infinity (a NaN scale: the rows that see them must come out NaN where the reference
+/// does, and only there), all-zero groups (a zero scale), and rows of large and of very
+/// small magnitudes.
+#[test]
+fn int8_decode_on_every_set_matches_the_dequantized_reference() {
+    use crate::cpu::simd::Isa;
+    let mut rng = Rng::new(41);
+    for d in [16, 48, 64, 80, 96, 128, 192, 256, 8, 72, 100] {
+        for g in [1, 2, 3, 4, 5, 7] {
+            let (hkv, lk) = (2, 150 + rng.below(200));
+            let lq = if g < 4 { 2 } else { 1 };
+            let hq = hkv * g;
+            let q: Vec<bf16> = rng
+                .vec(hq * lq * d, 2.0)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let mut k = rng.vec(hkv * lk * d, 2.0);
+            let mut v = rng.vec(hkv * lk * d, 1.0);
+            // Larger rows, not much larger: a peaked softmax or a few large outputs would
+            // hide an error in the other keys.
+            for (x, big) in [(&mut k, 3.0), (&mut v, 4.0)] {
+                for row in x.chunks_exact_mut(d) {
+                    match rng.below(20) {
+                        0 => row.iter_mut().take(d.min(32)).for_each(|y| *y = 0.0),
+                        1 => row.iter_mut().for_each(|y| *y *= big),
+                        2 => row.iter_mut().for_each(|y| *y *= 1e-30),
+                        _ => {}
+                    }
+                }
+            }
+            // A NaN and an infinity in head 0 only: in a value row (its group's columns of
+            // head 0's outputs become NaN) and, for odd g, in a key row (all of them do).
+            v[7 * d + d / 2] = f32::NAN;
+            v[9 * d] = f32::INFINITY;
+            if g % 2 == 1 {
+                k[5 * d + 1] = f32::NAN;
+            }
+            let k: Vec<bf16> = k.into_iter().map(bf16::from_f32).collect();
+            let v: Vec<bf16> = v.into_iter().map(bf16::from_f32).collect();
+            let mut store = CpuStore::new(StoreConfig {
+                num_layers: 1,
+                num_kv_heads: hkv,
+                head_dim: d,
+                dtype: bf16::DTYPE,
+                kv: crate::quant::KvFormat::Int8,
+                block_size: 48,
+                windows: vec![None],
+                host_memory_limit: None,
+            })
+            .unwrap();
+            append_in_two(&mut store, &k, &v, hkv, lk, d, lk / 3);
+            let (mut kd, mut vd) = (vec![0f64; hkv * lk * d], vec![0f64; hkv * lk * d]);
+            store
+                .read::<bf16>(0, 0, lk, |h, i, kr, vr| {
+                    let at = (h * lk + i) * d;
+                    for j in 0..d {
+                        kd[at + j] = kr[j] as f64;
+                        vd[at + j] = vr[j] as f64;
+                    }
+                })
+                .unwrap();
+            let scale = 1.0 / (d as f32).sqrt();
+            let q64: Vec<f64> = q.iter().map(|x| x.to_f32() as f64).collect();
+            let want = reference(
+                &q64,
+                &kd,
+                &vd,
+                [hq, lq, d],
+                hkv,
+                lk,
+                scale as f64,
+                None,
+                None,
+                None,
+            );
+            let params = Params {
+                scale,
+                softcap: None,
+                window: None,
+            };
+            let qv = View3::contiguous(&q, [hq, lq, d]);
+            let layer = store.view::<bf16>(0).unwrap();
+            let top = want
+                .iter()
+                .filter(|x| !x.is_nan())
+                .fold(0f64, |a, b| a.max(b.abs()));
+            for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+                let (got, _) =
+                    with_threads(2, || attend_lse_on(isa, qv, &layer, &params, None)).unwrap();
+                for (i, (&x, &w)) in got.iter().zip(&want).enumerate() {
+                    let what = format!("{isa:?} d={d} g={g} lk={lk} output {i}");
+                    assert_eq!(x.is_nan(), w.is_nan(), "{what}: {x} vs {w}");
+                    if !w.is_nan() {
+                        assert!((x as f64 - w).abs() <= 2e-5 * top, "{what}: {x} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //! and a set that fails it gives way to the next one down.
 
 use super::*;
-use crate::cpu::simd::Scalar;
+use crate::cpu::simd::{Scalar, Tile};
 
 /// The portable kernels broken as SIMD code breaks: with `TAIL`, the scores miss the last
 /// column's term (a dropped tail); else `p . V` misses the last key.
