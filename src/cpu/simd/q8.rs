@@ -457,12 +457,14 @@ unsafe fn pv_block<const R: usize, const G: usize, const B: usize>(
         });
         // The weights of the block's first group; the others follow at fixed offsets.
         let w = w.add(c0 / G * 4);
+        // Each row of `ahead` once, spread over the passes over the columns (passes of 64
+        // columns each take every `passes`-th row): issued in a burst, the prefetches fill
+        // the line fill buffers and wait.
+        let (passes, mut fetch_at) = (d.div_ceil(64), c0 / 64);
         for j in 0..n {
-            // Once per row, spread over the passes over the columns (passes of 64 columns
-            // each take row j % passes): issued in a burst, the prefetches fill the line
-            // fill buffers and wait.
-            if j % d.div_ceil(64) == c0 / 64 {
+            if j == fetch_at {
                 fetch(ahead, j, 1);
+                fetch_at += passes;
             }
             let row = v.data.as_ptr().add(j * rb + c0);
             let x: [__m512; B] = std::array::from_fn(|b| {
