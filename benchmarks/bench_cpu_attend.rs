@@ -1,7 +1,8 @@
 //! The CPU attention's decode rate per instruction set: one decode step (one query per q
 //! head) of one layer over `tokens` keys, Llama-3-8B's shape (8 kv heads, GQA group 4,
-//! head_dim 128), in bf16 and f16, with rayon's default pool (one thread per core). The rate
-//! is the KV bytes read (keys + values) per second of the whole call, merge included.
+//! head_dim 128), in bf16 and f16, and over a CPU store of the int8 format (bf16 queries),
+//! with rayon's default pool (one thread per core; `RAYON_NUM_THREADS` sets it). The rate is
+//! the stored KV bytes read (keys + values) per second of the whole call, merge included.
 //!
 //!     cargo bench --bench bench_cpu_attend -- [tokens=131072] [iters=10] [scalar,avx2,avx512]
 //!
@@ -12,6 +13,9 @@ use headinfer::attention::args::Params;
 use headinfer::attention::cpu::attend_lse_on;
 use headinfer::attention::cpu::DenseKv;
 use headinfer::cpu::simd::Isa;
+use headinfer::quant::KvFormat;
+use headinfer::store::view::KvSource;
+use headinfer::store::{CpuStore, StoreConfig};
 use headinfer::tensor::{Element, View3};
 use std::time::Instant;
 
@@ -42,19 +46,63 @@ fn run<E: Element>(tokens: usize, iters: usize, isas: &[Isa]) {
         View3::contiguous(&v, [KV_HEADS, tokens, HEAD_DIM]),
     )
     .expect("shapes");
-    let qv = View3::contiguous(&q, [KV_HEADS * GROUP, 1, HEAD_DIM]);
+    let bytes = 2.0 * (k.len() * std::mem::size_of::<E>()) as f64;
+    time(E::DTYPE.name(), &q, &kv, bytes, iters, isas);
+}
+
+/// Over a CPU store of the int8 format (blocks of 256 tokens, as `KVStore`'s default),
+/// quantized from bf16 keys and values, with bf16 queries.
+fn run_int8(tokens: usize, iters: usize, isas: &[Isa]) {
+    let k = fill::<bf16>(KV_HEADS * tokens * HEAD_DIM, 1);
+    let v = fill::<bf16>(KV_HEADS * tokens * HEAD_DIM, 2);
+    let q = fill::<bf16>(KV_HEADS * GROUP * HEAD_DIM, 3);
+    let mut store = CpuStore::new(StoreConfig {
+        num_layers: 1,
+        num_kv_heads: KV_HEADS,
+        head_dim: HEAD_DIM,
+        dtype: bf16::DTYPE,
+        kv: KvFormat::Int8,
+        block_size: 256,
+        windows: vec![None],
+        host_memory_limit: None,
+    })
+    .expect("store");
+    store
+        .append(
+            0,
+            View3::contiguous(&k, [KV_HEADS, tokens, HEAD_DIM]),
+            View3::contiguous(&v, [KV_HEADS, tokens, HEAD_DIM]),
+        )
+        .expect("append");
+    drop((k, v));
+    let row = KvFormat::Int8.row_bytes(HEAD_DIM, bf16::DTYPE);
+    let bytes = 2.0 * (KV_HEADS * tokens * row) as f64;
+    let layer = store.view::<bf16>(0).expect("view");
+    time("int8", &q, &layer, bytes, iters, isas);
+}
+
+/// Times `attend_lse_on` per instruction set over `kv` (`bytes` stored), each result checked
+/// against the first.
+fn time<E: Element, S: KvSource<E>>(
+    what: &str,
+    q: &[E],
+    kv: &S,
+    bytes: f64,
+    iters: usize,
+    isas: &[Isa],
+) {
+    let qv = View3::contiguous(q, [KV_HEADS * GROUP, 1, HEAD_DIM]);
     let params = Params {
         scale: 1.0 / (HEAD_DIM as f32).sqrt(),
         softcap: None,
         window: None,
     };
-    let bytes = 2.0 * (k.len() * std::mem::size_of::<E>()) as f64;
     let mut first: Option<Vec<f32>> = None;
     for &isa in isas {
         let mut times = Vec::with_capacity(iters);
         for i in 0..iters + 2 {
             let t0 = Instant::now();
-            let (out, _) = attend_lse_on(isa, qv, &kv, &params, None).expect("attend");
+            let (out, _) = attend_lse_on(isa, qv, kv, &params, None).expect("attend");
             let dt = t0.elapsed().as_secs_f64();
             // Two warm-up calls (page faults, scratch); every result checked against the first.
             if i >= 2 {
@@ -75,9 +123,10 @@ fn run<E: Element>(tokens: usize, iters: usize, isas: &[Isa]) {
         times.sort_by(f64::total_cmp);
         let (med, best) = (times[times.len() / 2], times[0]);
         println!(
-            "{:>5} {:>7} tokens={tokens} median {:.2} ms ({:.1} GB/s)  best {:.2} ms ({:.1} GB/s)",
-            E::DTYPE.name(),
+            "{:>5} {:>7} tokens={} median {:.2} ms ({:.1} GB/s)  best {:.2} ms ({:.1} GB/s)",
+            what,
             isa.name(),
+            kv.len(),
             med * 1e3,
             bytes / med / 1e9,
             best * 1e3,
@@ -112,4 +161,5 @@ fn main() {
     );
     run::<bf16>(tokens, iters, &isas);
     run::<f16>(tokens, iters, &isas);
+    run_int8(tokens, iters, &isas);
 }
