@@ -25,6 +25,9 @@ use std::cell::RefCell;
 const ROWS_PER_TASK: usize = 48;
 /// Shortest key range worth a task of its own when splitting along the sequence.
 const MIN_KEYS_PER_SPLIT: usize = 512;
+/// Tasks a thread gets in a call split along the sequence: enough that the last wave leaves
+/// little idle, few enough that each task's start (cold rows, its partial results) stays small.
+const TASKS_PER_THREAD: usize = 8;
 /// Below this many rows a task reads K and V in place instead of converting tiles.
 const DIRECT_BELOW_ROWS: usize = 8;
 
@@ -285,23 +288,35 @@ fn run_with<E: Element, S: KvSource<E>>(
     // Tasks: (kv head, query tile, key range), the key ranges of one tile adjacent.
     let CallScratch { tasks, o, m, l } = c;
     tasks.clear();
+    let range = |kvh: usize, t: usize| {
+        let (q0, q1) = (t * tq, ((t + 1) * tq).min(lq));
+        let lo = params
+            .window
+            .map_or(0, |w| (first_pos + q0 + 1).saturating_sub(w))
+            .max(kv.head_start(kvh));
+        (q0, q1, lo, (first_pos + q1).max(lo))
+    };
+    let base = hkv * ntiles;
+    // Fewer (head, tile) pairs than twice the threads (a decode): the key ranges are cut into
+    // about `TASKS_PER_THREAD` tasks a thread, of about equal keys, so that the threads finish
+    // together (two or three tasks a thread left one wave of a third of them idle: 32 tasks
+    // on 15 threads take three waves where 2.1 would do).
+    let per_task = if base >= 2 * threads {
+        usize::MAX
+    } else {
+        let keys: usize = (0..hkv)
+            .flat_map(|h| (0..ntiles).map(move |t| (h, t)))
+            .map(|(h, t)| {
+                let (_, _, lo, hi) = range(h, t);
+                hi - lo
+            })
+            .sum();
+        (keys / (threads * TASKS_PER_THREAD)).max(MIN_KEYS_PER_SPLIT)
+    };
     for kvh in 0..hkv {
         for t in 0..ntiles {
-            let (q0, q1) = (t * tq, ((t + 1) * tq).min(lq));
-            let lo = params
-                .window
-                .map_or(0, |w| (first_pos + q0 + 1).saturating_sub(w))
-                .max(kv.head_start(kvh));
-            let hi = (first_pos + q1).max(lo);
-            let base = hkv * ntiles;
-            let splits = if base >= 2 * threads {
-                1
-            } else {
-                (2 * threads)
-                    .div_ceil(base)
-                    .min((hi - lo).div_ceil(MIN_KEYS_PER_SPLIT))
-                    .max(1)
-            };
+            let (q0, q1, lo, hi) = range(kvh, t);
+            let splits = (hi - lo).div_ceil(per_task).max(1);
             let step = (hi - lo).div_ceil(splits).div_ceil(TK) * TK;
             let mut a = lo;
             loop {

@@ -205,6 +205,25 @@ fn decode_over_long_context_splits_and_merges() {
 }
 
 #[test]
+fn decode_on_many_threads_cuts_even_tasks_and_merges() {
+    // Eight heads, fifteen threads (the H100 host's share): each head's keys are cut into many
+    // tasks of about equal keys; one head's window makes its range shorter than the others'.
+    for (threads, window) in [(15, None), (15, Some(2500)), (3, None)] {
+        let c = Case {
+            hkv: 8,
+            g: 4,
+            d: 64,
+            lq: 1,
+            past: 20000,
+            window,
+            softcap: None,
+            sinks: false,
+        };
+        with_threads(threads, || run_case::<bf16>(&c, 11, 2e-5));
+    }
+}
+
+#[test]
 fn errors_name_the_argument() {
     let q = vec![0f32; 3 * 2 * 8];
     let k = vec![0f32; 2 * 4 * 8];
