@@ -104,6 +104,22 @@ def floors(cache, rates: tuple[float, float, float]) -> dict:
     }
 
 
+def share_figures(cache) -> dict:
+    """What the CPU share balanced by, in GB/s: the probe's CPU rate, the rate each store's
+    split used last (the probe's times the feedback of its own steps), what the share's tasks
+    computed at, and the feedback (factor, layer steps read, steps the GPU waited in)."""
+    plan = cache.share_plan()
+    probe = (plan.get("rates") or {}).get("cpu")
+    measured = [m and round(m[0] / 1e9, 1) for m in plan.get("cpu_measured", [])]
+    return {
+        "share": plan["mode"],
+        "cpu_probe_gbs": probe and round(probe / 1e9, 1),
+        "cpu_balanced_gbs": [r and round(r / 1e9, 1) for r in plan.get("cpu_rate", [])],
+        "cpu_measured_gbs": measured,
+        "feedback": plan.get("feedback"),
+    }
+
+
 def release(cache) -> None:
     """Frees a cache's memory, host and device, pinned pool included (the next cache's blocks
     may have another size)."""
@@ -207,7 +223,7 @@ def main() -> None:
         r.update(
             s_per_token=round(spt, 4),
             x_host_floor=round(spt / r["host_floor_s"], 3),
-            share=cache.share_plan()["mode"],
+            **share_figures(cache),
             tokens=tokens,
         )
         res["exact"] = r
@@ -215,6 +231,7 @@ def main() -> None:
         save()
         release(cache)
         del cache  # this frame's reference too, or its blocks stay allocated
+        _core.release_pinned_pool()  # and they went to the pool as it dropped
         faulthandler.cancel_dump_traceback_later()
 
     if not contexts:
@@ -246,7 +263,7 @@ def main() -> None:
         r.update(
             s_per_token=round(spt, 4),
             x_host_floor=round(spt / r["host_floor_s"], 3),
-            share=cache.share_plan()["mode"],
+            **share_figures(cache),
             tokens=tokens,
         )
         if exact_tokens is not None and n == args.exact_context:

@@ -155,6 +155,29 @@ class KVStore:
     @share_rates.setter
     def share_rates(self, rates: Sequence[float] | None) -> None: ...
     @property
+    def share_calibrate(self) -> bool:
+        """Whether each decode step's CPU share is balanced by ``share_rates``' ``cpu`` times
+        the feedback of the store's own shared steps (``share_feedback``: each layer's step
+        that made the GPU wait for the CPU's rows lowers it, one that did not raises it), so
+        that both sides finish together where the probes' rates are off; settable (default
+        on; off: the probe's rate alone)."""
+    @share_calibrate.setter
+    def share_calibrate(self, on: bool) -> None: ...
+    @property
+    def share_feedback(self) -> tuple[float, int, int]:
+        """``(factor, steps, waited)``: the feedback's factor on the probe's CPU rate (1 until
+        a shared step was read), the layers' shared steps read, and how many of them the GPU
+        waited for the CPU in."""
+    @property
+    def share_cpu_measured(self) -> tuple[float, int] | None:
+        """``(bytes per second, tasks)``: the rate of the CPU share's own tasks (keys and
+        values read over the seconds they computed, the most recent weighing most) and how
+        many ran; ``None`` before any."""
+    @property
+    def share_cpu_rate(self) -> float | None:
+        """The CPU rate (bytes per second) the next decode step's split balances by
+        (``share_calibrate``); ``None`` without ``share_rates``."""
+    @property
     def host_reader(self) -> str:
         """How the GPU reads host-resident blocks in decode: ``"auto"`` (the faster by
         ``share_rates``; the copy engine where none), ``"copy"`` (the copy engine stages them
@@ -508,8 +531,11 @@ def pinned_bytes() -> int:
 def pinned_pool_bytes() -> int:
     """Bytes of pinned host memory in the reuse pool."""
 
-def release_pinned_pool() -> None:
-    """Unpin the reuse pool (like ``torch.cuda.empty_cache()`` for headinfer's host memory)."""
+def release_pinned_pool(keep: int = 0) -> int:
+    """Unpin the reuse pool (like ``torch.cuda.empty_cache()`` for headinfer's host memory);
+    with ``keep``, all but its buffers for KV blocks of ``keep`` bytes (a store does this itself
+    when the host's free memory falls short of its next blocks: a cache of another KV format
+    dropped before leaves its blocks here). Returns the pooled bytes kept."""
 
 def device_block_bytes() -> int:
     """Bytes of device memory headinfer holds in KV blocks, over all caches."""

@@ -590,8 +590,13 @@ class HeadInferCache(Cache):
         ``device``, ``copy``; ``handoff`` in seconds) and where they came from; ``trial``: the
         first decode steps' timings with the share on and off, and the decision (``null``
         without a rate-based share); with CUDA stores, ``host_reader`` (per store: ``"copy"``
-        or ``"zero-copy"``, how the GPU reads host blocks) and ``split``: per layer, the first
-        key the CPU would take in each kv head now (``null``: the GPU alone).
+        or ``"zero-copy"``, how the GPU reads host blocks), ``split``: per layer, the first
+        key the CPU would take in each kv head now (``null``: the GPU alone), and per store
+        ``cpu_rate`` (what the split balances by now: the probe's rate times the feedback of
+        the store's own steps), ``feedback`` (``[factor, steps, waited]``: that factor, the
+        layers' shared steps read and those the GPU waited for the CPU in) and
+        ``cpu_measured`` (``[bytes per second, tasks]`` of the share's own tasks, ``null``
+        before any).
         """
         if self._share is None:
             plan = SharePlan(
@@ -612,6 +617,10 @@ class HeadInferCache(Cache):
                 part.store.cpu_split(local) if part.store.is_cuda else None
                 for part, local in self._where
             ]
+            cuda = [part.store for part in self._parts if part.store.is_cuda]
+            d["cpu_rate"] = [store.share_cpu_rate for store in cuda]
+            d["cpu_measured"] = [store.share_cpu_measured for store in cuda]
+            d["feedback"] = [store.share_feedback for store in cuda]
         return d
 
     @property

@@ -54,6 +54,12 @@ pub unsafe fn attend_cuda(
     let [hq, lq, _] = q_shape;
     let cfg = store.config().clone();
     let row_bytes = cfg.row_bytes();
+    // How this layer's last shared step ended moves the balance (`CpuMeter::feedback`).
+    if policy.calibrate {
+        if let Some(waited) = store.share_waited(layer)? {
+            policy.meter.feedback(waited);
+        }
+    }
     let (split, staged) = {
         let view = store.device_view(layer)?;
         let split = policy.split(lq, contiguous, &view, params.window, 2 * row_bytes);
@@ -81,8 +87,8 @@ pub unsafe fn attend_cuda(
             // SAFETY: forwarded from the caller (the policy splits contiguous decode queries).
             unsafe {
                 shared::queue_cpu::<E>(
-                    &view, h, layer, &cfg, query, launch.group, params, &s.from,
-                    policy.pool.clone(), stream,
+                    &view, h, layer, &cfg, query, launch.group, params, &s.from, policy,
+                    stream,
                 )
             }
         })?),
@@ -133,13 +139,20 @@ pub unsafe fn attend_cuda(
         }
     }
     let extra = match (cpu, handoff) {
-        (Some(c), Some(h)) => match h.wait_done(c.done, stream) {
-            Ok(()) => Some(c.extra),
-            Err(e) => {
-                result = result.and(Err(e));
-                None
+        (Some(c), Some(h)) => {
+            // Timed on both sides of the wait: whether the GPU waited for the CPU's rows.
+            let waited = h
+                .mark_gpu_part(layer, stream)
+                .and_then(|()| h.wait_done(c.done, stream))
+                .and_then(|()| h.mark_rows_in(layer, stream));
+            match waited {
+                Ok(()) => Some(c.extra),
+                Err(e) => {
+                    result = result.and(Err(e));
+                    None
+                }
             }
-        },
+        }
         _ => None,
     };
     // SAFETY: forwarded from the caller; the workspaces came from this call on this stream.

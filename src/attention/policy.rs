@@ -281,6 +281,114 @@ pub fn balance(rates: &Rates, layer: &LayerPlacement, max_heads: usize) -> Optio
     })
 }
 
+/// Seconds the GPU may wait for the CPU's rows and still count as the side that finished last
+/// (the stream's wait and the timing events take a few microseconds themselves).
+pub const WAIT_EPS: f64 = 20e-6;
+/// How far one layer's shared step moves the balance: the CPU's rate is taken this much lower
+/// (the GPU waited) or higher (it did not). About 25 layers move it by 2 x; balanced, a step's
+/// split dithers by this much around the point where both sides finish together.
+pub const FEEDBACK_STEP: f64 = 0.03;
+/// The bounds of the feedback's factor on the probe's CPU rate.
+pub const BIAS_RANGE: (f64, f64) = (1.0 / 8.0, 8.0);
+
+/// The CPU share as a store's own steps find it: whether each layer's GPU waited for the CPU's
+/// rows (`feedback`, a factor on the probe's CPU rate), and the rate its tasks computed at
+/// (`record`, reported). The probe times each side alone, over buffers of its own; in a step,
+/// the share reads the store's pinned blocks beside the GPU's copies and the thread that
+/// drives the GPU, and the GPU's side has costs of its own per layer. On the H200 host, the
+/// share's tasks computed at 62 GB/s where the probe said 90, yet balancing by 62 was slower
+/// (0.21 s a token against 0.18): the GPU's side was slower than its probe too. So the
+/// balance follows what each step shows, which side finished last, not a model of either.
+#[derive(Debug)]
+pub struct CpuMeter {
+    state: Mutex<MeterState>,
+}
+
+#[derive(Debug)]
+struct MeterState {
+    /// Bytes and seconds of the share's tasks (decayed by `METER_DECAY` a task), and tasks.
+    bytes: f64,
+    seconds: f64,
+    tasks: usize,
+    /// The feedback's factor on the probe's CPU rate.
+    bias: f64,
+    /// Shared steps read by `feedback`, and those in which the GPU waited.
+    steps: usize,
+    waited: usize,
+}
+
+/// Each earlier task's weight in the reported rate, per task since.
+pub const METER_DECAY: f64 = 0.98;
+
+impl Default for CpuMeter {
+    fn default() -> Self {
+        CpuMeter {
+            state: Mutex::new(MeterState {
+                bytes: 0.0,
+                seconds: 0.0,
+                tasks: 0,
+                bias: 1.0,
+                steps: 0,
+                waited: 0,
+            }),
+        }
+    }
+}
+
+impl CpuMeter {
+    fn state(&self) -> std::sync::MutexGuard<'_, MeterState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records one task: `bytes` of keys and values read in `seconds`.
+    pub fn record(&self, bytes: f64, seconds: f64) {
+        if !(bytes > 0.0 && seconds > 0.0 && bytes.is_finite() && seconds.is_finite()) {
+            return;
+        }
+        let mut s = self.state();
+        s.bytes = s.bytes * METER_DECAY + bytes;
+        s.seconds = s.seconds * METER_DECAY + seconds;
+        s.tasks += 1;
+    }
+
+    /// Bytes per second of the tasks recorded, the latest weighing most (`None`: none yet).
+    pub fn rate(&self) -> Option<f64> {
+        let s = self.state();
+        (s.seconds > 0.0).then(|| s.bytes / s.seconds)
+    }
+
+    /// Tasks recorded so far.
+    pub fn tasks(&self) -> usize {
+        self.state().tasks
+    }
+
+    /// One layer's shared step ended with the GPU waiting `waited` seconds for the CPU's rows:
+    /// the CPU took too much (beyond `WAIT_EPS`) or too little.
+    pub fn feedback(&self, waited: f64) {
+        let mut s = self.state();
+        let cpu_last = waited > WAIT_EPS;
+        let f = if cpu_last {
+            1.0 - FEEDBACK_STEP
+        } else {
+            1.0 + FEEDBACK_STEP
+        };
+        s.bias = (s.bias * f).clamp(BIAS_RANGE.0, BIAS_RANGE.1);
+        s.steps += 1;
+        s.waited += usize::from(cpu_last);
+    }
+
+    /// The feedback's factor on the probe's CPU rate (1 before any).
+    pub fn bias(&self) -> f64 {
+        self.state().bias
+    }
+
+    /// `(steps, of them the GPU waited)` read by `feedback`.
+    pub fn steps(&self) -> (usize, usize) {
+        let s = self.state();
+        (s.steps, s.waited)
+    }
+}
+
 /// How a store splits decode attention between the CPU and the GPU.
 #[derive(Clone, Debug)]
 pub struct SharePolicy {
@@ -295,6 +403,11 @@ pub struct SharePolicy {
     pub pool: Option<Arc<rayon::ThreadPool>>,
     /// How the GPU reads host blocks.
     pub reader: ReaderChoice,
+    /// The CPU share in this store's own steps (shared by the policy's clones).
+    pub meter: Arc<CpuMeter>,
+    /// Whether `split` balances by the probe's CPU rate times the meter's feedback (else by
+    /// the probe's alone).
+    pub calibrate: bool,
 }
 
 impl Default for SharePolicy {
@@ -305,6 +418,8 @@ impl Default for SharePolicy {
             min_host_tokens: MIN_HOST_TOKENS,
             pool: None,
             reader: ReaderChoice::Auto,
+            meter: Arc::default(),
+            calibrate: true,
         }
     }
 }
@@ -370,15 +485,28 @@ impl SharePolicy {
             return self.decide(layer.len(), &layer.host_tails(heads));
         }
         let rates = self.rates.as_ref()?;
-        // The GPU's side runs at the rate of the reader it uses.
+        // The GPU's side runs at the rate of the reader it uses; the CPU's as the feedback
+        // of earlier steps corrects the probe's.
         let rates = Rates {
             pcie: rates.host_rate(self.host_reader()),
+            cpu: self.cpu_rate().unwrap_or(rates.cpu),
             ..*rates
         };
         let lo = window
             .map_or(0, |w| layer.len().saturating_sub(w))
             .max(layer.start());
         balance(&rates, &layer.placement(lo, token_bytes), MAX_CPU_HEADS).map(|e| e.split)
+    }
+
+    /// The CPU rate `split` balances by: the probe's, times the meter's feedback where
+    /// `calibrate` is on (`None`: no rates).
+    pub fn cpu_rate(&self) -> Option<f64> {
+        let probe = self.rates.as_ref()?.cpu;
+        Some(if self.calibrate {
+            probe * self.meter.bias()
+        } else {
+            probe
+        })
     }
 
     /// The `cpu_heads` decision, pure: `tails[h]` is where head `h`'s host blocks start

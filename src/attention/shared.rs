@@ -9,6 +9,7 @@
 
 use super::args::Params;
 use super::cpu::attend_lse_into;
+use super::policy::SharePolicy;
 use crate::cuda::handoff::{Done, Handoff};
 use crate::cuda::kernels::{CpuShare, Extra};
 use crate::cuda::Stream;
@@ -18,7 +19,7 @@ use crate::store::view::{HostRun, KvRows, KvSource, Segment};
 use crate::store::{DeviceLayer, StoreConfig};
 use crate::tensor::{DevTensor, Element, View3};
 use crate::testing::{self, FailPoint};
-use std::sync::Arc;
+use std::time::Instant;
 
 /// Keys and values of some heads, by raw address into pinned blocks, from position `from[h]`
 /// on: what the worker reads, without borrowing the store (blocks outlive the task because
@@ -127,7 +128,7 @@ pub unsafe fn queue_cpu<E: Element>(
     group: usize,
     params: &Params,
     from: &[usize],
-    pool: Option<Arc<rayon::ThreadPool>>,
+    policy: &SharePolicy,
     stream: Stream,
 ) -> Result<CpuPart> {
     let (h, d) = (cfg.num_kv_heads, cfg.head_dim);
@@ -182,12 +183,24 @@ pub unsafe fn queue_cpu<E: Element>(
         rows,
     };
     let params = *params;
+    // Bytes the task reads: each head's visible keys from `from[h]` on, keys and values.
+    let lo = params.window.map_or(0, |w| len.saturating_sub(w));
+    let tokens: usize = kv.from.iter().map(|&f| len - f.max(lo).min(len)).sum();
+    let bytes = (tokens * 2 * cfg.row_bytes()) as f64;
+    let (pool, meter) = (policy.pool.clone(), policy.meter.clone());
     // SAFETY: the query rows of the CPU heads come first and are contiguous (checked), `q_bytes`
     // of them; the caller vouches for the tensor.
     let copied = unsafe { handoff.stage_query(layer, query.ptr, q_bytes, stream)? };
-    let task = Box::new(move || match &pool {
-        Some(p) => p.install(|| compute::<E>(&ptrs, rows, d, &kv, &params)),
-        None => compute::<E>(&ptrs, rows, d, &kv, &params),
+    let task = Box::new(move || {
+        let t = Instant::now();
+        let r = match &pool {
+            Some(p) => p.install(|| compute::<E>(&ptrs, rows, d, &kv, &params)),
+            None => compute::<E>(&ptrs, rows, d, &kv, &params),
+        };
+        if r.is_ok() {
+            meter.record(bytes, t.elapsed().as_secs_f64());
+        }
+        r
     });
     let done = handoff.submit_task(layer, copied, task)?;
     Ok(CpuPart { share, extra, done })

@@ -315,6 +315,16 @@ pub struct Handoff {
     abort: Arc<AtomicBool>,
     seq: Vec<u32>,
     slots: Vec<Option<Slot>>,
+    /// Per layer, how the last shared step ended (`mark_gpu_part`, `mark_rows_in`).
+    timings: Vec<Option<Timing>>,
+}
+
+/// Two points of a layer's shared step on the caller's stream: the GPU's own part done, then
+/// the CPU's rows in (the stream's wait for them passed); `pending` until read.
+struct Timing {
+    gpu_part: Event,
+    rows_in: Event,
+    pending: bool,
 }
 
 // SAFETY: the side stream is a driver handle usable from any thread; the rest is owned data.
@@ -356,6 +366,7 @@ impl Handoff {
             abort: Arc::default(),
             seq: vec![0; layers],
             slots: (0..layers).map(|_| None).collect(),
+            timings: (0..layers).map(|_| None).collect(),
         })
     }
 
@@ -486,6 +497,56 @@ impl Handoff {
             }
             _ => unreachable!("stage_query makes a Ready of the hand-off's mode"),
         }
+    }
+
+    /// Marks the end of the GPU's own part of `layer`'s shared step on `stream` (queued after
+    /// that part, before `wait_done`). Only where the worker runs beside the GPU (`StreamWait`):
+    /// in `Synchronous` mode the CPU's part ran before the GPU's was queued.
+    pub fn mark_gpu_part(&mut self, layer: usize, stream: Stream) -> Result<()> {
+        if self.mode != Mode::StreamWait || layer >= self.timings.len() {
+            return Ok(());
+        }
+        if self.timings[layer].is_none() {
+            self.gpu.bind()?;
+            self.timings[layer] = Some(Timing {
+                gpu_part: Event::timed()?,
+                rows_in: Event::timed()?,
+                pending: false,
+            });
+        }
+        let t = self.timings[layer].as_mut().expect("made above");
+        t.pending = false;
+        t.gpu_part.record(stream)
+    }
+
+    /// Marks the CPU's rows of `layer` in on `stream` (queued after `wait_done`), after
+    /// `mark_gpu_part`: `gpu_waited` reads the two.
+    pub fn mark_rows_in(&mut self, layer: usize, stream: Stream) -> Result<()> {
+        match self.timings.get_mut(layer).and_then(Option::as_mut) {
+            Some(t) => {
+                t.rows_in.record(stream)?;
+                t.pending = true;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// How `layer`'s last marked shared step ended, once the GPU passed it (once each): the
+    /// seconds the GPU, done with its own part, waited for the CPU's rows (about 0 where the
+    /// GPU finished last). `None`: no step marked since the last read, or not run yet.
+    pub fn gpu_waited(&mut self, layer: usize) -> Result<Option<f64>> {
+        let Some(t) = self.timings.get_mut(layer).and_then(Option::as_mut) else {
+            return Ok(None);
+        };
+        if !t.pending {
+            return Ok(None);
+        }
+        let waited = t.rows_in.seconds_since(&t.gpu_part)?;
+        if waited.is_some() {
+            t.pending = false;
+        }
+        Ok(waited)
     }
 
     /// Makes `stream` wait until the task of `done` has published its rows.

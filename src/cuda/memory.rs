@@ -227,6 +227,38 @@ pub fn pooled_bytes() -> usize {
     given + pool.carvers.values().map(Carver::left).sum::<usize>()
 }
 
+/// Makes room for KV blocks of `len` bytes in the pool: drops its buffers and slabs of every
+/// other size (no block of `len` can use them; each allocation is unpinned once no cache holds
+/// a buffer in it) and returns the bytes it holds for `len` (buffers given back and the slab's
+/// rest). Without this, a cache of one KV format dropped and one of another made next (exact,
+/// then int8: 1 MiB blocks, then 1,048,560 B) found the host's memory short by everything the
+/// first had pinned, which the pool kept for blocks of its size.
+pub fn reclaim_pinned_for(len: usize) -> usize {
+    let stride = len.next_multiple_of(SLAB_ALIGN);
+    let dropped = {
+        let mut pool = pool();
+        let free: Vec<_> = pool.free.keys().copied().filter(|&l| l != len).collect();
+        let carvers: Vec<_> = pool.carvers.keys().copied().filter(|&l| l != len).collect();
+        let dropped: (Vec<_>, Vec<_>) = (
+            free.iter().filter_map(|l| pool.free.remove(l)).collect(),
+            carvers
+                .iter()
+                .filter_map(|l| pool.carvers.remove(l))
+                .collect(),
+        );
+        dropped
+    };
+    // Unpinned outside the lock (cuMemFreeHost takes a while for large slabs).
+    drop(dropped);
+    let pool = pool();
+    let given = pool.free.get(&len).map_or(0, |v| v.len() * len);
+    let rest = pool
+        .carvers
+        .get(&len)
+        .map_or(0, |c| c.left() / stride * len);
+    given + rest
+}
+
 /// Drops every pooled buffer and the slabs being carved: each allocation is unpinned once no
 /// cache holds a buffer in it.
 pub fn release_pinned_pool() {

@@ -31,6 +31,28 @@ impl Event {
             .map_err(|e| driver_err("creating an event", e))
     }
 
+    /// A new event that keeps time (`seconds_since`); the context must be bound.
+    pub fn timed() -> Result<Self> {
+        cu::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map(Event)
+            .map_err(|e| driver_err("creating an event", e))
+    }
+
+    /// Seconds from `start`'s recorded point to this one's, both `timed` and recorded on one
+    /// stream, once this one completed (`None`: not yet).
+    pub fn seconds_since(&self, start: &Event) -> Result<Option<f64>> {
+        // SAFETY: a live event.
+        match unsafe { cu::event::query(self.0) } {
+            Ok(()) => {}
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NOT_READY => return Ok(None),
+            Err(e) => return Err(driver_err("querying an event", e)),
+        }
+        // SAFETY: live events of timing kind (the caller's bound), both completed.
+        let ms = unsafe { cu::event::elapsed(start.0, self.0) }
+            .map_err(|e| driver_err("timing events", e))?;
+        Ok(Some(f64::from(ms) / 1e3))
+    }
+
     /// Records the event at the current end of `stream`.
     pub fn record(&self, stream: Stream) -> Result<()> {
         // SAFETY: a live event and a stream handle of the bound context.

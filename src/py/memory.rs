@@ -21,10 +21,18 @@ pub fn pinned_pool_bytes() -> usize {
     memory::pooled_bytes()
 }
 
-/// Unpins the reuse pool (like ``torch.cuda.empty_cache()`` for headinfer's host memory).
+/// Unpins the reuse pool (like ``torch.cuda.empty_cache()`` for headinfer's host memory);
+/// with `keep`, all but its buffers for KV blocks of `keep` bytes (what a store does itself
+/// when the host's free memory falls short). Returns the pooled bytes kept.
 #[pyfunction]
-pub fn release_pinned_pool() {
-    memory::release_pinned_pool();
+#[pyo3(signature = (keep=0))]
+pub fn release_pinned_pool(keep: usize) -> usize {
+    if keep == 0 {
+        memory::release_pinned_pool();
+        0
+    } else {
+        memory::reclaim_pinned_for(keep)
+    }
 }
 
 /// Bytes of device memory headinfer holds in KV blocks, over all caches.

@@ -235,6 +235,38 @@ impl PyKvStore {
     }
 
     #[getter]
+    fn share_calibrate(&self) -> bool {
+        self.policy.calibrate
+    }
+
+    #[setter]
+    fn set_share_calibrate(&mut self, on: bool) {
+        self.policy.calibrate = on;
+    }
+
+    /// `(bytes per second, tasks)` of the CPU share's own tasks so far (`None` before any).
+    #[getter]
+    fn share_cpu_measured(&self) -> Option<(f64, usize)> {
+        let m = &self.policy.meter;
+        m.rate().map(|r| (r, m.tasks()))
+    }
+
+    /// `(factor, steps, waited)`: the balance's feedback on the probe's CPU rate, the shared
+    /// layer steps it read and how many of them the GPU waited for the CPU in.
+    #[getter]
+    fn share_feedback(&self) -> (f64, usize, usize) {
+        let m = &self.policy.meter;
+        let (steps, waited) = m.steps();
+        (m.bias(), steps, waited)
+    }
+
+    /// The CPU rate each decode step's split balances by now (`None`: no rates).
+    #[getter]
+    fn share_cpu_rate(&self) -> Option<f64> {
+        self.policy.cpu_rate()
+    }
+
+    #[getter]
     fn host_reader(&self) -> &'static str {
         self.policy.reader.name()
     }

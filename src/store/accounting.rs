@@ -13,7 +13,13 @@ impl<B: Backend> KvStore<B> {
             return Ok(());
         }
         let needed = blocks.saturating_mul(2 * self.cfg.block_bytes());
-        let mut available = memory::available_bytes().unwrap_or(usize::MAX);
+        let os = || memory::available_bytes().unwrap_or(usize::MAX);
+        let mut available = os();
+        if needed > available {
+            // Memory the process pooled counts too, once what these blocks cannot use is gone.
+            let pooled = self.backend.reclaim_host(self.cfg.block_bytes());
+            available = os().saturating_add(pooled);
+        }
         if let Some(limit) = self.cfg.host_memory_limit {
             available = available.min(limit.saturating_sub(self.host_bytes_reserved()));
         }

@@ -94,6 +94,10 @@ impl Backend for Cuda {
     fn max_len(&self) -> Option<usize> {
         Some(self.max_len)
     }
+
+    fn reclaim_host(&self, block_bytes: usize) -> usize {
+        crate::cuda::memory::reclaim_pinned_for(block_bytes)
+    }
 }
 
 impl Cuda {
@@ -274,6 +278,15 @@ impl CudaStore {
             ring: if ring { c.ring.as_mut() } else { None },
             prior_writes: &w.prior,
         })
+    }
+
+    /// How `layer`'s last shared decode step ended, once the GPU passed it (`None`: not yet,
+    /// or read already): the seconds the GPU waited for the CPU's rows (`Handoff::gpu_waited`).
+    pub fn share_waited(&mut self, layer: usize) -> Result<Option<f64>> {
+        match self.backend.handoff.as_mut() {
+            Some(h) => h.gpu_waited(layer),
+            None => Ok(None),
+        }
     }
 
     /// Device bytes of the copy engine's staging ring (0 until first used).

@@ -50,6 +50,12 @@ pub trait Backend: Send + Sync + 'static {
     fn quiesce(&self) -> Result<()>;
     /// Longest sequence the store can hold, if bounded.
     fn max_len(&self) -> Option<usize>;
+    /// Host memory that blocks of `block_bytes` can take without new allocations, from
+    /// memory the process holds for reuse, after letting go of what blocks of that size
+    /// cannot use (called only where the host's free memory falls short).
+    fn reclaim_host(&self, _block_bytes: usize) -> usize {
+        0
+    }
 }
 
 /// A CPU store's backend: nothing beyond its heap pool.

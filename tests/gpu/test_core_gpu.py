@@ -191,6 +191,38 @@ def test_memory_returns_to_start_over_cycles():
     assert _core.pinned_bytes() <= start_pinned
 
 
+def test_the_pool_lets_go_of_blocks_another_format_cannot_use():
+    # An exact cache dropped leaves its pinned blocks in the pool; an int8 cache's blocks have
+    # another size, so the pool keeps for them only their own (a store reclaims this way when
+    # the host's free memory falls short, as bench_kv_int8 found: exact 716,800, then int8).
+    gc.collect()
+    torch.cuda.synchronize()
+    _core.release_pinned_pool()
+    start = _core.pinned_bytes()
+    k = torch.randn(2, 3000, 128, device=DEV, dtype=torch.bfloat16)
+    exact = make_store(2, 128, torch.bfloat16, block=256)
+    fill(exact, 0, k, k, [3000])
+    del exact
+    gc.collect()
+    held = _core.pinned_bytes() - start
+    assert held >= 2 * 2 * 3000 * 128 * 2 and _core.pinned_pool_bytes() >= held
+    # (The int8 store's block table may come from the pool: one buffer of the exact's.)
+    q8 = _core.KVStore(1, 2, 128, "bfloat16", block_size=256, device=0, kv_dtype="int8")
+    fill(q8, 0, k, k, [3000])
+    before = _core.pinned_bytes()
+    kept = _core.release_pinned_pool(keep=256 * _core.kv_row_bytes(128, "bfloat16", "int8"))
+    # The exact blocks are unpinned (at least their keys' and values' bytes); the int8
+    # store's slab stays, and its rest is what the pool keeps.
+    assert before - _core.pinned_bytes() >= 2 * 2 * 3000 * 128 * 2
+    assert kept <= _core.pinned_pool_bytes() < held
+    assert q8.host_bytes_reserved() > 0
+    del q8
+    gc.collect()
+    assert _core.release_pinned_pool(keep=12345) == 0, "nothing pooled of that size"
+    _core.release_pinned_pool()
+    assert _core.pinned_bytes() <= start
+
+
 @pytest.mark.parametrize("n", [997, 4099, 33333])
 def test_lengths_that_split_unevenly(n):
     """Key ranges per CTA that are not multiples of the warp step (once a deadlock)."""

@@ -477,3 +477,76 @@ fn stores_share_one_pool_per_thread_count() {
     d.set_threads(2).unwrap();
     assert_eq!(Arc::as_ptr(d.pool.as_ref().unwrap()), first);
 }
+
+#[test]
+fn the_meter_rates_its_tasks_the_latest_weighing_most() {
+    let m = CpuMeter::default();
+    assert_eq!((m.rate(), m.tasks()), (None, 0));
+    // Nothing measured is not a task.
+    m.record(0.0, 1.0);
+    m.record(1.0, 0.0);
+    m.record(f64::NAN, 1.0);
+    assert_eq!(m.tasks(), 0);
+    m.record(10e9, 1.0);
+    assert!((m.rate().unwrap() - 10e9).abs() < 1.0);
+    // A slower machine now: the rate follows, the recent tasks weighing most.
+    for _ in 0..200 {
+        m.record(5e9, 1.0);
+    }
+    let r = m.rate().unwrap();
+    assert!(r < 5.2e9 && r > 5e9, "{r}");
+    assert_eq!(m.tasks(), 201);
+}
+
+#[test]
+fn feedback_moves_the_cpu_rate_toward_the_side_that_finished_first() {
+    let rates = Rates {
+        pcie: 50e9,
+        cpu: 40e9,
+        device: 2e12,
+        handoff: 50e-6,
+        copy: 0.0,
+    };
+    let mut p = SharePolicy {
+        rates: Some(rates),
+        ..SharePolicy::default()
+    };
+    assert_eq!(
+        p.cpu_rate(),
+        Some(40e9),
+        "the probe's until a step was read"
+    );
+    // The GPU waited for the CPU's rows: the CPU took too much.
+    p.meter.feedback(1e-3);
+    let down = p.cpu_rate().unwrap();
+    assert!((down - 40e9 * (1.0 - FEEDBACK_STEP)).abs() < 1e3, "{down}");
+    // A wait within the timing's own cost counts as none: the CPU may take more.
+    p.meter.feedback(WAIT_EPS / 2.0);
+    p.meter.feedback(0.0);
+    assert!(p.cpu_rate().unwrap() > down);
+    assert_eq!(p.meter.steps(), (3, 1));
+    // The policy's clones share the meter (the store clones its policy per call).
+    assert_eq!(p.clone().cpu_rate(), p.cpu_rate());
+    // Bounded either way.
+    for _ in 0..1000 {
+        p.meter.feedback(1.0);
+    }
+    assert!((p.meter.bias() - BIAS_RANGE.0).abs() < 1e-12);
+    for _ in 0..1000 {
+        p.meter.feedback(0.0);
+    }
+    assert!((p.meter.bias() - BIAS_RANGE.1).abs() < 1e-12);
+    // Off: the probe's rate.
+    p.calibrate = false;
+    assert_eq!(p.cpu_rate(), Some(40e9));
+    p.rates = None;
+    assert_eq!(p.cpu_rate(), None);
+    // Balanced by a lower rate, the CPU takes less.
+    let l = layer(65536, 0, 256, &[Some(0); 8]);
+    let at = |cpu: f64| {
+        balance(&Rates { cpu, ..rates }, &l, 8)
+            .map(|e| e.cpu_bytes)
+            .unwrap()
+    };
+    assert!(at(20e9) < at(40e9));
+}
