@@ -290,6 +290,8 @@ pub const WAIT_EPS: f64 = 20e-6;
 pub const FEEDBACK_STEP: f64 = 0.03;
 /// The bounds of the feedback's factor on the probe's CPU rate.
 pub const BIAS_RANGE: (f64, f64) = (1.0 / 8.0, 8.0);
+/// Each earlier task's weight in the reported rate, per task since.
+pub const METER_DECAY: f64 = 0.98;
 
 /// The CPU share as a store's own steps find it: whether each layer's GPU waited for the CPU's
 /// rows (`feedback`, a factor on the probe's CPU rate), and the rate its tasks computed at
@@ -316,9 +318,6 @@ struct MeterState {
     steps: usize,
     waited: usize,
 }
-
-/// Each earlier task's weight in the reported rate, per task since.
-pub const METER_DECAY: f64 = 0.98;
 
 impl Default for CpuMeter {
     fn default() -> Self {

@@ -237,16 +237,9 @@ pub fn reclaim_pinned_for(len: usize) -> usize {
     let stride = len.next_multiple_of(SLAB_ALIGN);
     let dropped = {
         let mut pool = pool();
-        let free: Vec<_> = pool.free.keys().copied().filter(|&l| l != len).collect();
-        let carvers: Vec<_> = pool.carvers.keys().copied().filter(|&l| l != len).collect();
-        let dropped: (Vec<_>, Vec<_>) = (
-            free.iter().filter_map(|l| pool.free.remove(l)).collect(),
-            carvers
-                .iter()
-                .filter_map(|l| pool.carvers.remove(l))
-                .collect(),
-        );
-        dropped
+        let free: Vec<_> = pool.free.extract_if(|&l, _| l != len).collect();
+        let carvers: Vec<_> = pool.carvers.extract_if(|&l, _| l != len).collect();
+        (free, carvers)
     };
     // Unpinned outside the lock (cuMemFreeHost takes a while for large slabs).
     drop(dropped);

@@ -17,6 +17,21 @@ fn here() -> bool {
     ok
 }
 
+/// `got` against the f64 `sum` of terms whose magnitudes add to `mag`: NaN where the sum is,
+/// else within `TOL` of `mag` (`what` names the element).
+fn near(got: f32, sum: f64, mag: f64, what: impl Fn() -> String) {
+    if sum.is_nan() {
+        assert!(got.is_nan(), "{}: {got}, not NaN", what());
+    } else {
+        let err = (got as f64 - sum).abs();
+        assert!(
+            err <= TOL as f64 * mag + 1e-30,
+            "{}: {got} vs {sum}",
+            what()
+        );
+    }
+}
+
 #[test]
 fn sums16_puts_each_vectors_sum_in_its_lane() {
     if !here() {
@@ -131,13 +146,9 @@ fn scores_match_the_dequantized_sums() {
                             sum += t;
                             mag += t.abs();
                         }
-                        let what = format!("d={d} rows={rows_n} n={n} [{r}][{j}]");
-                        if sum.is_nan() {
-                            assert!(got.is_nan(), "{what}: {got}, not NaN");
-                        } else {
-                            let err = (got as f64 - sum).abs();
-                            assert!(err <= TOL as f64 * mag + 1e-30, "{what}: {got} vs {sum}");
-                        }
+                        near(got, sum, mag, || {
+                            format!("d={d} rows={rows_n} n={n} [{r}][{j}]")
+                        });
                     }
                 }
             }
@@ -194,13 +205,9 @@ fn pv_matches_the_dequantized_sums() {
                             sum += t;
                             mag += t.abs();
                         }
-                        let what = format!("d={d} rows={rows_n} n={n} [{r}][{i}]");
-                        if sum.is_nan() {
-                            assert!(got.is_nan(), "{what}: {got}, not NaN");
-                        } else {
-                            let err = (got as f64 - sum).abs();
-                            assert!(err <= TOL as f64 * mag + 1e-30, "{what}: {got} vs {sum}");
-                        }
+                        near(got, sum, mag, || {
+                            format!("d={d} rows={rows_n} n={n} [{r}][{i}]")
+                        });
                     }
                 }
             }
