@@ -207,7 +207,9 @@ def test_the_pool_lets_go_of_blocks_another_format_cannot_use():
     held = _core.pinned_bytes() - start
     assert held >= 2 * 2 * 3000 * 128 * 2 and _core.pinned_pool_bytes() >= held
     # (The int8 store's block table may come from the pool: one buffer of the exact's.)
-    q8 = _core.KVStore(1, 2, 128, "bfloat16", block_size=256, device=0, kv_dtype="int8")
+    q8 = _core.KVStore(
+        1, 2, 128, "bfloat16", block_size=256, device=0, max_len=4096, kv_dtype="int8"
+    )
     fill(q8, 0, k, k, [3000])
     before = _core.pinned_bytes()
     kept = _core.release_pinned_pool(keep=256 * _core.kv_row_bytes(128, "bfloat16", "int8"))
