@@ -5,7 +5,7 @@
 use super::pool::{Block, BlockPool, DeviceAlloc, PinnedAlloc, Placement};
 use super::residency::{self, Move};
 use super::staging::{self, Piece, Span};
-use super::table::DeviceTable;
+use super::table::{self, DeviceTable};
 use super::view::{DeviceLayer, StagedSpan};
 use super::{Backend, CudaConfig, CudaStore, KvStore, StoreConfig};
 use crate::cuda::handoff::Handoff;
@@ -439,30 +439,25 @@ impl CudaStore {
             let row = d * es;
             for hi in 0..heads {
                 let blocks = &l.heads[h0 + hi];
-                let mut pos = a;
-                while pos < b {
-                    let rel = pos - l.start;
-                    let (bi, off) = (rel / bs, rel % bs);
-                    let n = (bs - off).min(b - pos);
-                    let blk = &blocks[bi];
+                for r in table::runs(l.start, bs, a, b) {
+                    let blk = &blocks[r.block];
                     for (src, dst) in [(blk.k.dev_ptr(), key_out), (blk.v.dev_ptr(), value_out)] {
                         let dst_off = (hi as u64 * dst.s0 as u64
-                            + (pos - a) as u64 * dst.s1 as u64)
+                            + (r.pos - a) as u64 * dst.s1 as u64)
                             * es as u64;
-                        // SAFETY: source rows `off..off + n` lie in the block; the destination
+                        // SAFETY: source rows `off..off + rows` lie in the block; the destination
                         // rows lie in the caller's validated output; both are device-addressable
                         // (device memory or mapped pinned memory) and the copy is stream-ordered.
                         unsafe {
                             stream::copy_async(
                                 dst.ptr + dst_off,
-                                src + (off * row) as u64,
-                                n * row,
+                                src + (r.off * row) as u64,
+                                r.rows * row,
                                 stream,
                                 "copying KV blocks",
                             )?
                         };
                     }
-                    pos += n;
                 }
             }
             return Ok(());
@@ -490,18 +485,14 @@ impl CudaStore {
         let mut spans = Vec::new();
         for hi in 0..heads {
             let blocks = &l.heads[h0 + hi];
-            let mut pos = a;
-            while pos < b {
-                let rel = pos - l.start;
-                let (bi, off) = (rel / bs, rel % bs);
-                let n = (bs - off).min(b - pos);
-                let blk = &blocks[bi];
+            for r in table::runs(l.start, bs, a, b) {
+                let blk = &blocks[r.block];
                 let span = Span {
                     head: hi,
                     block: spans.len(),
-                    row: off,
-                    pos,
-                    n,
+                    row: r.off,
+                    pos: r.pos,
+                    n: r.rows,
                     // Every copy waits for the appends queued on `stream` so far.
                     fresh: true,
                 };
@@ -510,7 +501,6 @@ impl CudaStore {
                     k: blk.k.dev_ptr(),
                     v: blk.v.dev_ptr(),
                 });
-                pos += n;
             }
         }
         if spans.is_empty() {

@@ -42,6 +42,39 @@ impl Layer {
     }
 }
 
+/// One block's share of a range of positions: `rows` positions from `pos`, which are rows
+/// `off..off + rows` of a head's block `block` (its index in the head's blocks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub pos: usize,
+    pub block: usize,
+    pub off: usize,
+    pub rows: usize,
+}
+
+/// Positions `a..b` of a layer whose blocks of `block_size` tokens start at position `start`
+/// (`start <= a`), cut at the blocks' boundaries, in position order.
+pub fn runs(start: usize, block_size: usize, a: usize, b: usize) -> impl Iterator<Item = Run> {
+    debug_assert!(start <= a && block_size > 0);
+    let mut pos = a;
+    std::iter::from_fn(move || {
+        if pos >= b {
+            return None;
+        }
+        let rel = pos - start;
+        let (block, off) = (rel / block_size, rel % block_size);
+        let rows = (block_size - off).min(b - pos);
+        let run = Run {
+            pos,
+            block,
+            off,
+            rows,
+        };
+        pos += rows;
+        Some(run)
+    })
+}
+
 /// `[layers][heads][max_blocks][2]` block addresses (keys, values) in mapped pinned memory,
 /// indexed by absolute block number: the CPU writes an entry before queueing the kernels that
 /// read it; an entry is only rewritten after every kernel that read the old one has finished.

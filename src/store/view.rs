@@ -8,7 +8,7 @@ use super::placement::{HeadPlacement, LayerPlacement};
 use super::pool::{Mem, Placement};
 use super::residency;
 use super::staging::Span;
-use super::table::Layer;
+use super::table::{runs, Layer};
 use crate::cuda::kernels::KvSrc;
 use crate::quant::{Q8Rows, Q8};
 use crate::tensor::{Element, Rows};
@@ -164,14 +164,9 @@ impl<'a, E: Element> KvSource<E> for HostLayer<'a, E> {
         let layer: &'a Layer = self.layer;
         let (bs, d) = (self.block_size, self.head_dim);
         let pos = a.max(layer.start);
-        let b = b.min(layer.len);
-        if pos >= b {
-            return None;
-        }
-        let rel = pos - layer.start;
-        let (bi, off) = (rel / bs, rel % bs);
-        let n = (bs - off).min(b - pos);
-        let blk = &layer.heads[head][bi];
+        let run = runs(layer.start, bs, pos, b.min(layer.len)).next()?;
+        let (off, n) = (run.off, run.rows);
+        let blk = &layer.heads[head][run.block];
         let q8 = self.q8;
         let rows = |m: &'a Mem| {
             let buf = m.heap().expect("a CPU store's blocks are heap memory");

@@ -92,6 +92,18 @@ def _same(a, b):
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+def _same_strided_gather(cuda, kc, vc, a, b):
+    """Head 1's positions ``a..b`` gathered into strided outputs equal the CPU's (``kc``, ``vc``:
+    every head's positions from 0)."""
+    d, dtype = cuda.head_dim, kc.dtype
+    kk = torch.zeros(1, b - a, 2 * d, dtype=dtype, device=DEV)[..., d:]
+    vv = torch.zeros(1, b - a, 3 * d, dtype=dtype, device=DEV)[..., :d]
+    cuda.gather(0, 1, 1, a, b, kk, vv)
+    torch.cuda.synchronize()
+    _same(kk.cpu(), kc[1:, a:b])
+    _same(vv.cpu(), vc[1:, a:b])
+
+
 def _special(x: torch.Tensor) -> torch.Tensor:
     """``x`` (``[hkv, n, d]`` f32, n >= 8, d >= 64) with the groups the quantizer treats apart:
     all zeros, a NaN, infinities, an outlier, values so small that amax / 127 underflows in
@@ -129,12 +141,7 @@ def test_the_gpu_stores_the_bytes_the_cpu_stores(dtype, d):
     _same(kg, kc)
     _same(vg, vc)
     # A range that starts and ends inside blocks, from head 1 only, into strided outputs.
-    kk = torch.zeros(1, 100, 2 * d, dtype=dtype, device=DEV)[..., d:]
-    vv = torch.zeros(1, 100, 3 * d, dtype=dtype, device=DEV)[..., :d]
-    cuda.gather(0, 1, 1, 37, 137, kk, vv)
-    torch.cuda.synchronize()
-    _same(kk.cpu(), kc[1:, 37:137])
-    _same(vv.cpu(), vc[1:, 37:137])
+    _same_strided_gather(cuda, kc, vc, 37, 137)
     # The special groups as the rule makes them.
     g = 32 if d % 32 == 0 else 16
     assert bool(kg[0, 0].eq(0).all())
@@ -280,12 +287,7 @@ def test_chunked_prefill_through_gather(dtype, device_blocks, piece_rows):
         q = torch.randn(hkv * g, b - a, d, device=DEV).to(dtype)
         _check_attention(cuda, cpu, q, dtype, scale, None, None)
     # One head from inside a block to inside another, into strided outputs.
-    kk = torch.zeros(1, 700, 2 * d, dtype=dtype, device=DEV)[..., d:]
-    vv = torch.zeros(1, 700, 3 * d, dtype=dtype, device=DEV)[..., :d]
-    cuda.gather(0, 1, 1, 99, 799, kk, vv)
-    torch.cuda.synchronize()
-    _same(kk.cpu(), kc[1:, 99:799])
-    _same(vv.cpu(), vc[1:, 99:799])
+    _same_strided_gather(cuda, kc, vc, 99, 799)
 
 
 def test_a_window_layers_gather_starts_at_its_retained_keys():

@@ -255,3 +255,27 @@ fn a_failed_allocation_leaves_every_head_as_it_was() {
     append_positions(&mut s, 0, 8, 4).unwrap();
     check_positions(&s, 0, s.retained_start(0).unwrap(), 12);
 }
+
+#[test]
+fn runs_cut_a_range_at_block_boundaries() {
+    use table::{runs, Run};
+    let run = |pos, block, off, rows| Run {
+        pos,
+        block,
+        off,
+        rows,
+    };
+    // Blocks of 4 from position 8 (a window's retained start): 9..18 spans three blocks.
+    assert_eq!(
+        runs(8, 4, 9, 18).collect::<Vec<_>>(),
+        vec![run(9, 0, 1, 3), run(12, 1, 0, 4), run(16, 2, 0, 2)]
+    );
+    // Within one block, and empty ranges.
+    assert_eq!(runs(0, 4, 5, 7).collect::<Vec<_>>(), vec![run(5, 1, 1, 2)]);
+    assert_eq!(runs(0, 4, 6, 6).count(), 0);
+    assert_eq!(runs(0, 4, 7, 3).count(), 0);
+    // Whole blocks.
+    let all: Vec<_> = runs(0, 256, 0, 1024).collect();
+    assert_eq!(all.len(), 4);
+    assert!(all.iter().all(|r| r.off == 0 && r.rows == 256));
+}
