@@ -34,6 +34,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory::cuda_status, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::cpu_isa, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::cpu_isa_failures, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu::cpu_amx, m)?)?;
     m.add_function(wrap_pyfunction!(memory::pinned_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(memory::pinned_pool_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(memory::release_pinned_pool, m)?)?;

@@ -5,10 +5,12 @@
 //! element to 32 bits (`cvtepu16_epi32`) and shifting it left by 16 gives the f32 exactly;
 //! f16 goes through `cvtph_ps` (F16C, or AVX-512 F's 16-lane form), also exact.
 
-use super::{q8, simd_kernels, Lanes};
+use super::check::{self, Compare};
+use super::{amx, q8, simd_kernels, Job, Kernels, Lanes, Tile};
 use crate::quant::Q8Rows;
 use crate::tensor::{DType, Element};
 use std::arch::x86_64::*;
+use std::sync::OnceLock;
 
 /// AVX2 + FMA + F16C.
 pub(crate) struct Avx2;
@@ -19,7 +21,8 @@ simd_kernels!(Avx2, "avx2,fma,f16c");
 simd_kernels!(
     Avx512,
     "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
-    // The int8 decode kernels of `q8`, for the layouts they take; the generic ones otherwise.
+    // The int8 decode kernels: through the tile unit where it is on (`amx::active`) and takes
+    // the layout, else `q8`'s where they take it, else the generic ones.
     unsafe fn q8_scores(
         q: &[f32],
         rows: usize,
@@ -29,7 +32,11 @@ simd_kernels!(
         sc: &mut Vec<f32>,
         ahead: &Q8Rows<'_>,
     ) {
-        if q8::fits(k.fmt) {
+        if amx::fits(k.fmt) && amx_active() {
+            // SAFETY: AVX-512 F/BW/VL by this function's contract, AMX and its permission
+            // by `amx_active`; `scores` checks the lengths.
+            unsafe { amx::scores::<amx::Hw>(q, rows, k, n, s, sc, ahead) }
+        } else if q8::fits(k.fmt) {
             // SAFETY: AVX-512 F/BW/VL by this function's contract; `scores` checks the
             // lengths.
             unsafe { q8::scores(q, rows, k, n, s, sc, ahead) }
@@ -47,7 +54,10 @@ simd_kernels!(
         sc: &mut Vec<f32>,
         ahead: &Q8Rows<'_>,
     ) {
-        if q8::fits(v.fmt) {
+        if amx::fits(v.fmt) && amx_active() {
+            // SAFETY: as for the scores.
+            unsafe { amx::pv::<amx::Hw>(p, rows, v, n, o, sc, ahead) }
+        } else if q8::fits(v.fmt) {
             // SAFETY: AVX-512 F/BW/VL by this function's contract; `pv` checks the lengths.
             unsafe { q8::pv(p, rows, v, n, o, sc, ahead) }
         } else {
@@ -56,6 +66,92 @@ simd_kernels!(
         }
     }
 );
+
+/// Whether the int8 decode runs through the tile unit in this process (`amx`): asked for
+/// (`HEADINFER_CPU_AMX=1`), the CPU and the kernel allowing it (`amx::enable`), and the tile
+/// kernels agreeing with the f64 reference (`check::SELF_CHECK_AMX`); decided once.
+/// `Ok(false)`: not asked for; `Err`: asked for but not running, and why.
+pub(crate) fn amx_status() -> &'static Result<bool, String> {
+    static STATUS: OnceLock<Result<bool, String>> = OnceLock::new();
+    STATUS.get_or_init(|| {
+        if std::env::var("HEADINFER_CPU_AMX").as_deref() != Ok("1") {
+            return Ok(false);
+        }
+        amx::enable()?;
+        // SAFETY: AVX-512 F/BW/VL and AMX with its permission (`enable`).
+        unsafe { Avx512Amx::run(Compare(check::SELF_CHECK_AMX)) }
+            .map(|()| true)
+            .map_err(|e| format!("the tile kernels failed the self-check: {e}"))
+    })
+}
+
+/// `amx_status` is `Ok(true)`.
+pub(crate) fn amx_active() -> bool {
+    matches!(amx_status(), Ok(true))
+}
+
+/// The AVX-512 kernels with the int8 decode through the tile unit (where it `fits`): what
+/// `active` checks before the AVX-512 kernels route to it.
+pub(crate) struct Avx512Amx;
+
+impl Kernels for Avx512Amx {
+    const FMA: bool = true;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn run<J: Job>(job: J) -> J::Output {
+        // SAFETY: the caller vouches for the set.
+        unsafe { job.run::<Self>() }
+    }
+
+    unsafe fn scores<T: Tile>(q: &[f32], rows: usize, k: &T, n: usize, s: &mut [f32]) {
+        // SAFETY: the same set (the contract).
+        unsafe { Avx512::scores(q, rows, k, n, s) }
+    }
+
+    unsafe fn pv<T: Tile>(p: &[f32], rows: usize, v: &T, n: usize, o: &mut [f32]) {
+        // SAFETY: the same set (the contract).
+        unsafe { Avx512::pv(p, rows, v, n, o) }
+    }
+
+    unsafe fn q8_scores(
+        q: &[f32],
+        rows: usize,
+        k: &Q8Rows<'_>,
+        n: usize,
+        s: &mut [f32],
+        sc: &mut Vec<f32>,
+        ahead: &Q8Rows<'_>,
+    ) {
+        // SAFETY: AVX-512 by this function's contract, AMX by `status`'s (its only caller);
+        // the kernels check the lengths.
+        unsafe {
+            if amx::fits(k.fmt) {
+                amx::scores::<amx::Hw>(q, rows, k, n, s, sc, ahead)
+            } else {
+                Avx512::q8_scores(q, rows, k, n, s, sc, ahead)
+            }
+        }
+    }
+
+    unsafe fn q8_pv(
+        p: &[f32],
+        rows: usize,
+        v: &Q8Rows<'_>,
+        n: usize,
+        o: &mut [f32],
+        sc: &mut Vec<f32>,
+        ahead: &Q8Rows<'_>,
+    ) {
+        // SAFETY: as for the scores.
+        unsafe {
+            if amx::fits(v.fmt) {
+                amx::pv::<amx::Hw>(p, rows, v, n, o, sc, ahead)
+            } else {
+                Avx512::q8_pv(p, rows, v, n, o, sc, ahead)
+            }
+        }
+    }
+}
 
 /// Lane `i` of the result: the sum of the lanes of `v[i]`.
 ///
