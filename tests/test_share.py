@@ -159,10 +159,10 @@ def test_an_int8_key_names_the_tile_path_where_it_runs(monkeypatch: pytest.Monke
     # keeps rates of its own; exact keys, which it does not touch, stay as they were.
     exact = machine_key("NVIDIA H100", **KEY_SHAPE)
     int8 = machine_key("NVIDIA H100", **KEY_SHAPE, kv_dtype="int8")
-    monkeypatch.setattr(share._core, "cpu_amx", lambda: "on")
+    monkeypatch.setattr(share, "cpu_amx", lambda: "on")
     assert machine_key("NVIDIA H100", **KEY_SHAPE) == exact
     assert machine_key("NVIDIA H100", **KEY_SHAPE, kv_dtype="int8") == int8 + " | amx"
-    monkeypatch.setattr(share._core, "cpu_amx", lambda: "unavailable: no AMX")
+    monkeypatch.setattr(share, "cpu_amx", lambda: "unavailable: no AMX")
     assert machine_key("NVIDIA H100", **KEY_SHAPE, kv_dtype="int8") == int8
 
 

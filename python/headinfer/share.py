@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _core
+from ._core import cpu_amx
 from .kv_dtype import check_kv_dtype, store_kv_dtype
 
 __all__ = [
@@ -149,8 +150,7 @@ def machine_key(
     """The rates file's key of one (machine, kernel shape, ``kv_dtype``): an exact store's
     key names no kv dtype (as before it was part of the key, so files written then still
     serve exact stores); another's ends with ``| kv_dtype int8``, and ``| amx`` where its
-    decode runs through the CPU's tile unit (``_core.cpu_amx()``: another kernel, another
-    rate)."""
+    decode runs through the CPU's tile unit (``cpu_amx()``: another kernel, another rate)."""
     key = (
         f"{gpu_name} | {cpu_model()} | {cores} cores | {threads} threads | {dtype} | "
         f"head_dim {head_dim} | group {group}"
@@ -159,7 +159,7 @@ def machine_key(
     if kv_dtype == "exact":
         return key
     key = f"{key} | kv_dtype {kv_dtype}"
-    return f"{key} | amx" if _core.cpu_amx() == "on" else key
+    return f"{key} | amx" if cpu_amx() == "on" else key
 
 
 def rates_path() -> Path:

@@ -167,10 +167,16 @@ pub(crate) fn enable() -> Result<(), String> {
         )
     };
     if granted != 0 {
-        return Err(format!(
-            "the kernel refused the tile state: {}",
-            std::io::Error::last_os_error()
-        ));
+        let e = std::io::Error::last_os_error();
+        // ENOSPC: a thread's alternate signal stack cannot hold the larger state (Python's
+        // faulthandler, enabled before headinfer's import, makes one).
+        let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
+            " (an alternate signal stack is too small for it: import headinfer before \
+             enabling faulthandler)"
+        } else {
+            ""
+        };
+        return Err(format!("the kernel refused the tile state: {e}{hint}"));
     }
     Ok(())
 }
