@@ -26,6 +26,7 @@
 //! opt-in (`HEADINFER_CPU_AMX=1`) until it is measured on a GPU host, and checked against
 //! the reference before use (`x86::amx_status`).
 
+use super::q8::fetch;
 use super::{Tile, TK};
 use crate::quant::{Q8Rows, Q8};
 use std::arch::x86_64::*;
@@ -191,18 +192,6 @@ fn supported() -> bool {
     }
     let edx = __cpuid_count(7, 0).edx;
     edx & (1 << 24) != 0 && edx & (1 << 22) != 0 && super::Isa::Avx512.supported()
-}
-
-/// Brings rows `j..j + m` of `ahead` (those it holds) into L2, as `q8` does.
-#[inline(always)]
-fn fetch(ahead: &Q8Rows<'_>, j: usize, m: usize) {
-    if j < ahead.len {
-        let rb = ahead.fmt.row_bytes();
-        super::prefetch_lines::<true>(
-            ahead.data.as_ptr().wrapping_add(j * rb),
-            m.min(ahead.len - j) * rb,
-        );
-    }
 }
 
 /// Scratch of `len` bytes in `sc`, 64-byte aligned, as bytes.
