@@ -530,8 +530,9 @@ pub(crate) unsafe fn pv<U: TileUnit>(
     let groups = d / 32;
     let n32 = n.next_multiple_of(32);
     // Scratch: scales ([TK][8 bytes]), the weights' parts per 32 keys and group
-    // ([2][4][3][4 rows][32 bf16]), one tile of value pairs, 4 output rows.
-    let (stg_len, w_len, b_len) = (TK * 8, 2 * 4 * 3 * 256, 1024);
+    // ([2][4][3][4 rows][32 bf16]), the tiles of value pairs per 32 keys, group and 16
+    // columns ([2][4][2][1 KiB]: converted once, whatever the rows), 4 output rows.
+    let (stg_len, w_len, b_len) = (TK * 8, 2 * 4 * 3 * 256, 2 * 4 * 2 * 1024);
     let base = scratch(sc, stg_len + w_len + b_len + 4 * d * 4);
     let stg = base;
     let wb = stg.wrapping_add(stg_len);
@@ -541,6 +542,17 @@ pub(crate) unsafe fn pv<U: TileUnit>(
     // p's and o's rows as checked above; the tile operations by the contract.
     unsafe {
         stage_scales(v, n, n32, stg);
+        let per = TK.div_ceil(groups);
+        for g in 0..groups {
+            // The next tile's rows, spread over the groups.
+            fetch(ahead, g * per, per);
+            for h in 0..n32 / 32 {
+                for b in 0..2 {
+                    let at = vb.add(((h * 4 + g) * 2 + b) * 1024);
+                    value_pairs(v, n, 32 * h, 32 * g + 16 * b, at);
+                }
+            }
+        }
         U::config(&CONFIG);
         for r0 in (0..rows).step_by(4) {
             let rr = (rows - r0).min(4);
@@ -585,13 +597,7 @@ pub(crate) unsafe fn pv<U: TileUnit>(
                     let col = 32 * g + 16 * b;
                     U::load::<3>(out.add(col) as *const u8, stride * 4);
                     for h in 0..n32 / 32 {
-                        if r0 == 0 && b == 0 && h == 0 {
-                            // The next tile's rows, spread over the groups' passes.
-                            let per = TK.div_ceil(groups);
-                            fetch(ahead, g * per, per);
-                        }
-                        value_pairs(v, n, 32 * h, col, vb);
-                        U::load::<4>(vb, 64);
+                        U::load::<4>(vb.add(((h * 4 + g) * 2 + b) * 1024), 64);
                         let at = wb.add((h * 4 + g) * 3 * 256);
                         U::load::<5>(at, 64);
                         U::load::<6>(at.add(256), 64);

@@ -41,7 +41,7 @@ pub(crate) const SELF_CHECK: Shapes<'static> = Shapes {
     seed: 0x5e1f,
 };
 
-/// What the tile path's first use checks (`amx::active`): the head dims it takes (64, 128),
+/// What the tile path's first use checks (`x86::amx_status`): the head dims it takes (64, 128),
 /// rows in one block of 4 and past it, keys short of a block of 16 and a whole tile.
 #[cfg(target_arch = "x86_64")]
 pub(crate) const SELF_CHECK_AMX: Shapes<'static> = Shapes {

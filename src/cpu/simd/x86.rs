@@ -21,8 +21,7 @@ simd_kernels!(Avx2, "avx2,fma,f16c");
 simd_kernels!(
     Avx512,
     "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
-    // The int8 decode kernels: through the tile unit where it is on (`amx::active`) and takes
-    // the layout, else `q8`'s where they take it, else the generic ones.
+    // The int8 decode kernels: through the tile unit where it is on (`amx_active`).
     unsafe fn q8_scores(
         q: &[f32],
         rows: usize,
@@ -32,18 +31,8 @@ simd_kernels!(
         sc: &mut Vec<f32>,
         ahead: &Q8Rows<'_>,
     ) {
-        if amx::fits(k.fmt) && amx_active() {
-            // SAFETY: AVX-512 F/BW/VL by this function's contract, AMX and its permission
-            // by `amx_active`; `scores` checks the lengths.
-            unsafe { amx::scores::<amx::Hw>(q, rows, k, n, s, sc, ahead) }
-        } else if q8::fits(k.fmt) {
-            // SAFETY: AVX-512 F/BW/VL by this function's contract; `scores` checks the
-            // lengths.
-            unsafe { q8::scores(q, rows, k, n, s, sc, ahead) }
-        } else {
-            // SAFETY: by the contract.
-            unsafe { Self::scores(q, rows, k, n, s) }
-        }
+        // SAFETY: AVX-512 F/BW/VL by this function's contract, AMX by `amx_active`.
+        unsafe { q8_scores_on(amx_active(), q, rows, k, n, s, sc, ahead) }
     },
     unsafe fn q8_pv(
         p: &[f32],
@@ -54,18 +43,69 @@ simd_kernels!(
         sc: &mut Vec<f32>,
         ahead: &Q8Rows<'_>,
     ) {
-        if amx::fits(v.fmt) && amx_active() {
-            // SAFETY: as for the scores.
-            unsafe { amx::pv::<amx::Hw>(p, rows, v, n, o, sc, ahead) }
-        } else if q8::fits(v.fmt) {
-            // SAFETY: AVX-512 F/BW/VL by this function's contract; `pv` checks the lengths.
-            unsafe { q8::pv(p, rows, v, n, o, sc, ahead) }
-        } else {
-            // SAFETY: by the contract.
-            unsafe { Self::pv(p, rows, v, n, o) }
-        }
+        // SAFETY: as for the scores.
+        unsafe { q8_pv_on(amx_active(), p, rows, v, n, o, sc, ahead) }
     }
 );
+
+/// `Kernels::q8_scores` with AVX-512: through the tile unit with `tiles` where it takes the
+/// layout, else `q8`'s kernels where they take it, else the generic ones. The one place that
+/// chooses, for both `Avx512` (`tiles`: `amx_active`) and `Avx512Amx` (always, so its
+/// self-check never asks `amx_status` from inside itself).
+///
+/// # Safety
+/// AVX-512 F/BW/VL on this CPU; with `tiles`, AMX and its permission (`amx::enable`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn q8_scores_on(
+    tiles: bool,
+    q: &[f32],
+    rows: usize,
+    k: &Q8Rows<'_>,
+    n: usize,
+    s: &mut [f32],
+    sc: &mut Vec<f32>,
+    ahead: &Q8Rows<'_>,
+) {
+    // SAFETY: by the contract; the kernels check the lengths.
+    unsafe {
+        if tiles && amx::fits(k.fmt) {
+            amx::scores::<amx::Hw>(q, rows, k, n, s, sc, ahead)
+        } else if q8::fits(k.fmt) {
+            q8::scores(q, rows, k, n, s, sc, ahead)
+        } else {
+            Avx512::scores(q, rows, k, n, s)
+        }
+    }
+}
+
+/// `Kernels::q8_pv` with AVX-512, chosen as `q8_scores_on` chooses.
+///
+/// # Safety
+/// As `q8_scores_on`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn q8_pv_on(
+    tiles: bool,
+    p: &[f32],
+    rows: usize,
+    v: &Q8Rows<'_>,
+    n: usize,
+    o: &mut [f32],
+    sc: &mut Vec<f32>,
+    ahead: &Q8Rows<'_>,
+) {
+    // SAFETY: by the contract; the kernels check the lengths.
+    unsafe {
+        if tiles && amx::fits(v.fmt) {
+            amx::pv::<amx::Hw>(p, rows, v, n, o, sc, ahead)
+        } else if q8::fits(v.fmt) {
+            q8::pv(p, rows, v, n, o, sc, ahead)
+        } else {
+            Avx512::pv(p, rows, v, n, o)
+        }
+    }
+}
 
 /// Whether the int8 decode runs through the tile unit in this process (`amx`): asked for
 /// (`HEADINFER_CPU_AMX=1`), the CPU and the kernel allowing it (`amx::enable`), and the tile
@@ -122,15 +162,9 @@ impl Kernels for Avx512Amx {
         sc: &mut Vec<f32>,
         ahead: &Q8Rows<'_>,
     ) {
-        // SAFETY: AVX-512 by this function's contract, AMX by `status`'s (its only caller);
-        // the kernels check the lengths.
-        unsafe {
-            if amx::fits(k.fmt) {
-                amx::scores::<amx::Hw>(q, rows, k, n, s, sc, ahead)
-            } else {
-                Avx512::q8_scores(q, rows, k, n, s, sc, ahead)
-            }
-        }
+        // SAFETY: AVX-512 by this function's contract, AMX by `amx_status`'s (its only
+        // caller).
+        unsafe { q8_scores_on(true, q, rows, k, n, s, sc, ahead) }
     }
 
     unsafe fn q8_pv(
@@ -143,13 +177,7 @@ impl Kernels for Avx512Amx {
         ahead: &Q8Rows<'_>,
     ) {
         // SAFETY: as for the scores.
-        unsafe {
-            if amx::fits(v.fmt) {
-                amx::pv::<amx::Hw>(p, rows, v, n, o, sc, ahead)
-            } else {
-                Avx512::q8_pv(p, rows, v, n, o, sc, ahead)
-            }
-        }
+        unsafe { q8_pv_on(true, p, rows, v, n, o, sc, ahead) }
     }
 }
 

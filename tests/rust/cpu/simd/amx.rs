@@ -1,7 +1,7 @@
 //! Unit tests of `src/cpu/simd/amx.rs`: the tile kernels, through a software tile unit with
 //! the hardware's semantics (`Emu`: bf16 pairs, products added one at a time in f32), against
 //! f64 sums over the dequantized rows; the same through the CPU's unit where it has AMX and
-//! `HEADINFER_CPU_AMX=1` (`active`). Skipped (with a note) without AVX-512.
+//! `HEADINFER_CPU_AMX=1` (`amx_status`). Skipped (with a note) without AVX-512.
 
 use super::*;
 use crate::cpu::simd::check::TOL;
