@@ -50,12 +50,15 @@ def h2d_gbs() -> float:
     return src.numel() / cuda_time(lambda: dst.copy_(src, non_blocking=True)) / 1e9
 
 
-def decode(model, cache, name: str, first: torch.Tensor, steps: int, skip: int = 2):
+def decode(model, cache, name: str, first: torch.Tensor, steps: int, skip: int = 2, mark=None):
     """Greedy decode steps from ``first`` (``[1, 1]``) on ``cache`` (passed as ``name``), each
     token read back as generate() reads it; returns (tokens, the last logits, mean seconds of
-    the steps after the first ``skip``)."""
+    the steps after the first ``skip``). ``mark``: called once the first ``skip`` are done."""
     tokens, nxt, logits, times = [], first, None, []
-    for _ in range(steps):
+    for i in range(steps):
+        if i == skip and mark is not None:
+            torch.cuda.synchronize()
+            mark()
         torch.cuda.synchronize()
         t = time.perf_counter()
         out = model(input_ids=nxt, use_cache=True, **{name: cache})

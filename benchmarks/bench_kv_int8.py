@@ -104,19 +104,34 @@ def floors(cache, rates: tuple[float, float, float]) -> dict:
     }
 
 
-def share_figures(cache) -> dict:
+def timelines(cache) -> list[dict]:
+    """Each CUDA store's ``share_timeline`` (sums since its first shared step)."""
+    return cache.share_plan().get("timeline") or []
+
+
+def share_figures(cache, since: list[dict], steps: int) -> dict:
     """What the CPU share balanced by, in GB/s: the probe's CPU rate, the rate each store's
     split used last (the probe's times the feedback of its own steps), what the share's tasks
-    computed at, and the feedback (factor, layer steps read, steps the GPU waited in)."""
+    computed at, and the feedback (factor, layer steps read, steps the GPU waited in); and
+    where the timed ``steps`` spent their time since the ``timelines`` taken before them, in
+    seconds a token (``gpu_own``, ``gpu_waited``, ``cpu_busy``, ``cpu_idle``: see
+    ``KVStore.share_timeline``; the layer steps read lag the GPU by a layer or so)."""
     plan = cache.share_plan()
     probe = (plan.get("rates") or {}).get("cpu")
     measured = [m and round(m[0] / 1e9, 1) for m in plan.get("cpu_measured", [])]
+    now = plan.get("timeline") or []
+    counts = ("gpu_steps", "cpu_tasks")
+    per_token = [
+        {k: round((t[k] - b.get(k, 0.0)) / (1 if k in counts else steps), 4) for k in t}
+        for t, b in zip(now, since or [{}] * len(now))
+    ]
     return {
         "share": plan["mode"],
         "cpu_probe_gbs": probe and round(probe / 1e9, 1),
         "cpu_balanced_gbs": [r and round(r / 1e9, 1) for r in plan.get("cpu_rate", [])],
         "cpu_measured_gbs": measured,
         "feedback": plan.get("feedback"),
+        "timeline_s_per_token": per_token,
     }
 
 
@@ -218,12 +233,21 @@ def main() -> None:
         r = {"context": n, "prefill_s": round(secs, 2), **floors(cache, rates)}
         trace.phase = f"exact decode {n}"
         with torch.inference_mode():
-            tokens, _, spt = decode(model, cache, name, first, 8 + args.steps, skip=8)
+            before: list[list[dict]] = []
+            tokens, _, spt = decode(
+                model,
+                cache,
+                name,
+                first,
+                8 + args.steps,
+                skip=8,
+                mark=lambda b=before, c=cache: b.append(timelines(c)),
+            )
         exact_tokens = tokens
         r.update(
             s_per_token=round(spt, 4),
             x_host_floor=round(spt / r["host_floor_s"], 3),
-            **share_figures(cache),
+            **share_figures(cache, before[0] if before else [], args.steps),
             tokens=tokens,
         )
         res["exact"] = r
@@ -259,11 +283,20 @@ def main() -> None:
         r = {"context": n, "prefill_s_cumulative": round(prefill_total, 2), **floors(cache, rates)}
         trace.phase = f"int8 decode {n}"
         with torch.inference_mode():
-            tokens, _, spt = decode(model, cache, name, first, 8 + args.steps, skip=8)
+            before: list[list[dict]] = []
+            tokens, _, spt = decode(
+                model,
+                cache,
+                name,
+                first,
+                8 + args.steps,
+                skip=8,
+                mark=lambda b=before, c=cache: b.append(timelines(c)),
+            )
         r.update(
             s_per_token=round(spt, 4),
             x_host_floor=round(spt / r["host_floor_s"], 3),
-            **share_figures(cache),
+            **share_figures(cache, before[0] if before else [], args.steps),
             tokens=tokens,
         )
         if exact_tokens is not None and n == args.exact_context:

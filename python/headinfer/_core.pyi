@@ -170,6 +170,13 @@ class KVStore:
         a shared step was read), the layers' shared steps read, and how many of them the GPU
         waited for the CPU in."""
     @property
+    def share_timeline(self) -> dict[str, float]:
+        """Where the shared decode steps spent their time, summed since the first, in seconds:
+        ``gpu_steps`` (layer steps read), ``gpu_own`` (the GPU's own part of each: its query
+        copy, kernels and staged pieces), ``gpu_waited`` (then waiting for the CPU's rows),
+        ``cpu_tasks``, ``cpu_busy`` (the tasks computing) and ``cpu_idle`` (the CPU between
+        tasks, waiting for their queries; gaps over a second not counted)."""
+    @property
     def share_cpu_measured(self) -> tuple[float, int] | None:
         """``(bytes per second, tasks)``: the rate of the CPU share's own tasks (keys and
         values read over the seconds they computed, the most recent weighing most) and how

@@ -596,7 +596,8 @@ class HeadInferCache(Cache):
         the store's own steps), ``feedback`` (``[factor, steps, waited]``: that factor, the
         layers' shared steps read and those the GPU waited for the CPU in) and
         ``cpu_measured`` (``[bytes per second, tasks]`` of the share's own tasks, ``null``
-        before any).
+        before any), ``timeline`` (where the shared steps spent their time:
+        ``KVStore.share_timeline``).
         """
         if self._share is None:
             plan = SharePlan(
@@ -621,6 +622,7 @@ class HeadInferCache(Cache):
             d["cpu_rate"] = [store.share_cpu_rate for store in cuda]
             d["cpu_measured"] = [store.share_cpu_measured for store in cuda]
             d["feedback"] = [store.share_feedback for store in cuda]
+            d["timeline"] = [store.share_timeline for store in cuda]
         return d
 
     @property

@@ -54,10 +54,12 @@ pub unsafe fn attend_cuda(
     let [hq, lq, _] = q_shape;
     let cfg = store.config().clone();
     let row_bytes = cfg.row_bytes();
-    // How this layer's last shared step ended moves the balance (`CpuMeter::feedback`).
-    if policy.calibrate {
-        if let Some(waited) = store.share_waited(layer)? {
-            policy.meter.feedback(waited);
+    // How this layer's last shared step ended: the meter's timeline, and, calibrating, the
+    // balance (`CpuMeter::feedback`).
+    if let Some(t) = store.share_waited(layer)? {
+        policy.meter.gpu_step(t.own, t.waited);
+        if policy.calibrate {
+            policy.meter.feedback(t.waited);
         }
     }
     let (split, staged) = {
@@ -84,6 +86,7 @@ pub unsafe fn attend_cuda(
     // the GPU works through what is queued below.
     let cpu = match (&split, handoff.as_deref_mut()) {
         (Some(s), Some(h)) => Some(crate::with_element!(cfg.dtype, E => {
+            h.mark_start(layer, stream)?;
             // SAFETY: forwarded from the caller (the policy splits contiguous decode queries).
             unsafe {
                 shared::queue_cpu::<E>(

@@ -18,6 +18,7 @@ use crate::store::DeviceLayer;
 use crate::store::LayerPlacement;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// The CPU share's thread pools, by thread count (`SharePolicy::set_threads`).
 static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
@@ -317,7 +318,33 @@ struct MeterState {
     /// Shared steps read by `feedback`, and those in which the GPU waited.
     steps: usize,
     waited: usize,
+    timeline: Timeline,
+    /// When the last task ended (the CPU idles from then until the next one computes).
+    last_end: Option<Instant>,
 }
+
+/// Where a store's shared decode steps spent their time, summed over its layers' steps
+/// (seconds): what separates a step from the balance's ideal, where both sides compute all
+/// along. Undecayed, since the first step.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Timeline {
+    /// Layer steps the GPU's side was read from (`CpuMeter::gpu_step`).
+    pub gpu_steps: usize,
+    /// The GPU's own part of each step (its start to its kernels and staged pieces done).
+    pub gpu_own: f64,
+    /// The GPU then waiting for the CPU's rows.
+    pub gpu_waited: f64,
+    /// The CPU's tasks (`CpuMeter::record`).
+    pub cpu_tasks: usize,
+    /// The tasks computing.
+    pub cpu_busy: f64,
+    /// The CPU between one task's end and the next one's start (waiting for its query), where
+    /// shorter than `IDLE_LIMIT` (longer: between calls, not within a decode).
+    pub cpu_idle: f64,
+}
+
+/// A gap between two tasks longer than this is not counted as the CPU idling in a decode.
+pub const IDLE_LIMIT: Duration = Duration::from_secs(1);
 
 impl Default for CpuMeter {
     fn default() -> Self {
@@ -329,6 +356,8 @@ impl Default for CpuMeter {
                 bias: 1.0,
                 steps: 0,
                 waited: 0,
+                timeline: Timeline::default(),
+                last_end: None,
             }),
         }
     }
@@ -339,15 +368,41 @@ impl CpuMeter {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records one task: `bytes` of keys and values read in `seconds`.
-    pub fn record(&self, bytes: f64, seconds: f64) {
-        if !(bytes > 0.0 && seconds > 0.0 && bytes.is_finite() && seconds.is_finite()) {
+    /// Records one task: `bytes` of keys and values read from `start` to `end`.
+    pub fn record(&self, bytes: f64, start: Instant, end: Instant) {
+        let seconds = end.saturating_duration_since(start).as_secs_f64();
+        let mut s = self.state();
+        if let Some(gap) = s.last_end.map(|e| start.saturating_duration_since(e)) {
+            if gap < IDLE_LIMIT {
+                s.timeline.cpu_idle += gap.as_secs_f64();
+            }
+        }
+        s.last_end = Some(end);
+        s.timeline.cpu_tasks += 1;
+        s.timeline.cpu_busy += seconds;
+        if !(bytes > 0.0 && seconds > 0.0 && bytes.is_finite()) {
             return;
         }
-        let mut s = self.state();
         s.bytes = s.bytes * METER_DECAY + bytes;
         s.seconds = s.seconds * METER_DECAY + seconds;
         s.tasks += 1;
+    }
+
+    /// Records how one layer's shared step went on the GPU: `own` seconds of its own part,
+    /// then `waited` for the CPU's rows.
+    pub fn gpu_step(&self, own: f64, waited: f64) {
+        if !(own.is_finite() && waited.is_finite()) {
+            return;
+        }
+        let mut s = self.state();
+        s.timeline.gpu_steps += 1;
+        s.timeline.gpu_own += own.max(0.0);
+        s.timeline.gpu_waited += waited.max(0.0);
+    }
+
+    /// The sums so far.
+    pub fn timeline(&self) -> Timeline {
+        self.state().timeline
     }
 
     /// Bytes per second of the tasks recorded, the latest weighing most (`None`: none yet).

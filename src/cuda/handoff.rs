@@ -301,6 +301,16 @@ impl ReadyWord {
     }
 }
 
+/// How a layer's shared step went on the GPU (`Handoff::gpu_waited`), in seconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepTimes {
+    /// From the step's start to the end of the GPU's own part (the CPU's query copy, the
+    /// kernels, the staged pieces).
+    pub own: f64,
+    /// Then waiting for the CPU's rows.
+    pub waited: f64,
+}
+
 /// A store's hand-off: side stream, worker, per-layer buffers and words.
 pub struct Handoff {
     gpu: Arc<Gpu>,
@@ -319,9 +329,10 @@ pub struct Handoff {
     timings: Vec<Option<Timing>>,
 }
 
-/// Two points of a layer's shared step on the caller's stream: the GPU's own part done, then
-/// the CPU's rows in (the stream's wait for them passed); `pending` until read.
+/// Three points of a layer's shared step on the caller's stream: its start, the GPU's own
+/// part done, then the CPU's rows in (the stream's wait for them passed); `pending` until read.
 struct Timing {
+    start: Event,
     gpu_part: Event,
     rows_in: Event,
     pending: bool,
@@ -499,16 +510,17 @@ impl Handoff {
         }
     }
 
-    /// Marks the end of the GPU's own part of `layer`'s shared step on `stream` (queued after
-    /// that part, before `wait_done`). Only where the worker runs beside the GPU (`StreamWait`):
-    /// in `Synchronous` mode the CPU's part ran before the GPU's was queued.
-    pub fn mark_gpu_part(&mut self, layer: usize, stream: Stream) -> Result<()> {
+    /// Marks the start of `layer`'s shared step on `stream` (queued before the CPU's query
+    /// copy and the GPU's own part). Only where the worker runs beside the GPU (`StreamWait`):
+    /// in `Synchronous` mode the CPU's part runs before the GPU's is queued.
+    pub fn mark_start(&mut self, layer: usize, stream: Stream) -> Result<()> {
         if self.mode != Mode::StreamWait || layer >= self.timings.len() {
             return Ok(());
         }
         if self.timings[layer].is_none() {
             self.gpu.bind()?;
             self.timings[layer] = Some(Timing {
+                start: Event::timed()?,
                 gpu_part: Event::timed()?,
                 rows_in: Event::timed()?,
                 pending: false,
@@ -516,11 +528,20 @@ impl Handoff {
         }
         let t = self.timings[layer].as_mut().expect("made above");
         t.pending = false;
-        t.gpu_part.record(stream)
+        t.start.record(stream)
+    }
+
+    /// Marks the end of the GPU's own part of `layer`'s shared step on `stream` (queued after
+    /// that part, before `wait_done`), after `mark_start`.
+    pub fn mark_gpu_part(&mut self, layer: usize, stream: Stream) -> Result<()> {
+        match self.timings.get_mut(layer).and_then(Option::as_mut) {
+            Some(t) => t.gpu_part.record(stream),
+            None => Ok(()),
+        }
     }
 
     /// Marks the CPU's rows of `layer` in on `stream` (queued after `wait_done`), after
-    /// `mark_gpu_part`: `gpu_waited` reads the two.
+    /// `mark_gpu_part`: `gpu_waited` reads the three marks.
     pub fn mark_rows_in(&mut self, layer: usize, stream: Stream) -> Result<()> {
         match self.timings.get_mut(layer).and_then(Option::as_mut) {
             Some(t) => {
@@ -533,20 +554,22 @@ impl Handoff {
     }
 
     /// How `layer`'s last marked shared step ended, once the GPU passed it (once each): the
-    /// seconds the GPU, done with its own part, waited for the CPU's rows (about 0 where the
-    /// GPU finished last). `None`: no step marked since the last read, or not run yet.
-    pub fn gpu_waited(&mut self, layer: usize) -> Result<Option<f64>> {
+    /// seconds of the GPU's own part, and those the GPU, done with it, waited for the CPU's
+    /// rows (about 0 where the GPU finished last). `None`: no step marked since the last
+    /// read, or not run yet.
+    pub fn gpu_waited(&mut self, layer: usize) -> Result<Option<StepTimes>> {
         let Some(t) = self.timings.get_mut(layer).and_then(Option::as_mut) else {
             return Ok(None);
         };
         if !t.pending {
             return Ok(None);
         }
-        let waited = t.rows_in.seconds_since(&t.gpu_part)?;
-        if waited.is_some() {
-            t.pending = false;
-        }
-        Ok(waited)
+        let Some(waited) = t.rows_in.seconds_since(&t.gpu_part)? else {
+            return Ok(None);
+        };
+        t.pending = false;
+        let own = t.gpu_part.seconds_since(&t.start)?.unwrap_or(0.0);
+        Ok(Some(StepTimes { own, waited }))
     }
 
     /// Makes `stream` wait until the task of `done` has published its rows.

@@ -251,6 +251,23 @@ impl PyKvStore {
         m.rate().map(|r| (r, m.tasks()))
     }
 
+    /// Where the shared decode steps spent their time, summed since the first (seconds):
+    /// `gpu_steps`, `gpu_own` (the GPU's own part of each layer's step), `gpu_waited` (then
+    /// waiting for the CPU's rows), `cpu_tasks`, `cpu_busy` (the tasks computing), `cpu_idle`
+    /// (the CPU between tasks, waiting for their queries).
+    #[getter]
+    fn share_timeline(&self) -> std::collections::HashMap<&'static str, f64> {
+        let t = self.policy.meter.timeline();
+        std::collections::HashMap::from([
+            ("gpu_steps", t.gpu_steps as f64),
+            ("gpu_own", t.gpu_own),
+            ("gpu_waited", t.gpu_waited),
+            ("cpu_tasks", t.cpu_tasks as f64),
+            ("cpu_busy", t.cpu_busy),
+            ("cpu_idle", t.cpu_idle),
+        ])
+    }
+
     /// `(factor, steps, waited)`: the balance's feedback on the probe's CPU rate, the shared
     /// layer steps it read and how many of them the GPU waited for the CPU in.
     #[getter]

@@ -8,7 +8,7 @@ use super::staging::{self, Piece, Span};
 use super::table::{self, DeviceTable};
 use super::view::{DeviceLayer, StagedSpan};
 use super::{Backend, CudaConfig, CudaStore, KvStore, StoreConfig};
-use crate::cuda::handoff::Handoff;
+use crate::cuda::handoff::{Handoff, StepTimes};
 use crate::cuda::kernels::{Unit, Units, MAX_UNITS};
 use crate::cuda::ring::{Copy, Staged, StagingRing};
 use crate::cuda::stream::{self, Event, Stream};
@@ -281,8 +281,9 @@ impl CudaStore {
     }
 
     /// How `layer`'s last shared decode step ended, once the GPU passed it (`None`: not yet,
-    /// or read already): the seconds the GPU waited for the CPU's rows (`Handoff::gpu_waited`).
-    pub fn share_waited(&mut self, layer: usize) -> Result<Option<f64>> {
+    /// or read already): the seconds of the GPU's own part, and those it then waited for the
+    /// CPU's rows (`Handoff::gpu_waited`).
+    pub fn share_waited(&mut self, layer: usize) -> Result<Option<StepTimes>> {
         match self.backend.handoff.as_mut() {
             Some(h) => h.gpu_waited(layer),
             None => Ok(None),

@@ -470,7 +470,12 @@ def test_every_family_float32_matches_eager_with_the_rate_split(
     )
     recycles = device_blocks > 0 and bool(windows)
     if not recycles:
-        assert any(s is not None for s in cache.share_plan()["split"]), "the split never cut"
+        plan = cache.share_plan()
+        assert any(s is not None for s in plan["split"]), "the split never cut"
+        # The shared steps' timeline: both sides' time, read a step after the GPU passed it.
+        t = plan["timeline"][0]
+        assert t["cpu_tasks"] > 0 and t["cpu_busy"] > 0 and t["cpu_idle"] >= 0, t
+        assert t["gpu_steps"] > 0 and t["gpu_own"] > 0 and t["gpu_waited"] >= 0, t
     assert rel_err(torch.stack(got, 1), want) < 1e-4
 
 

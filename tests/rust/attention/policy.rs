@@ -478,24 +478,61 @@ fn stores_share_one_pool_per_thread_count() {
     assert_eq!(Arc::as_ptr(d.pool.as_ref().unwrap()), first);
 }
 
+/// Records a task of `bytes` over `seconds` on `m`, starting `gap` seconds after the last one
+/// ended (`at`: where that was; returns where this one ends).
+fn task(m: &CpuMeter, at: Instant, gap: f64, bytes: f64, seconds: f64) -> Instant {
+    let start = at + Duration::from_secs_f64(gap);
+    let end = start + Duration::from_secs_f64(seconds);
+    m.record(bytes, start, end);
+    end
+}
+
 #[test]
 fn the_meter_rates_its_tasks_the_latest_weighing_most() {
     let m = CpuMeter::default();
     assert_eq!((m.rate(), m.tasks()), (None, 0));
-    // Nothing measured is not a task.
-    m.record(0.0, 1.0);
-    m.record(1.0, 0.0);
-    m.record(f64::NAN, 1.0);
+    let mut at = Instant::now();
+    // Nothing measured is not a task of the rate.
+    at = task(&m, at, 0.0, 0.0, 1.0);
+    at = task(&m, at, 0.0, 1.0, 0.0);
+    at = task(&m, at, 0.0, f64::NAN, 1.0);
     assert_eq!(m.tasks(), 0);
-    m.record(10e9, 1.0);
+    at = task(&m, at, 0.0, 10e9, 1.0);
     assert!((m.rate().unwrap() - 10e9).abs() < 1.0);
     // A slower machine now: the rate follows, the recent tasks weighing most.
     for _ in 0..200 {
-        m.record(5e9, 1.0);
+        at = task(&m, at, 0.0, 5e9, 1.0);
     }
     let r = m.rate().unwrap();
     assert!(r < 5.2e9 && r > 5e9, "{r}");
     assert_eq!(m.tasks(), 201);
+}
+
+#[test]
+fn the_meter_sums_where_the_shared_steps_spent_their_time() {
+    let m = CpuMeter::default();
+    assert_eq!(m.timeline(), Timeline::default());
+    // Three tasks: busy 3 x 10 ms; idle 2 ms and 5 ms between them; a gap beyond
+    // `IDLE_LIMIT` (between two calls, not within a decode) is not idling.
+    let mut at = task(&m, Instant::now(), 0.0, 1e6, 0.010);
+    at = task(&m, at, 0.002, 1e6, 0.010);
+    at = task(&m, at, 0.005, 1e6, 0.010);
+    task(&m, at, IDLE_LIMIT.as_secs_f64() + 1.0, 1e6, 0.010);
+    // The GPU's side of two steps; nonsense is not a step.
+    m.gpu_step(0.020, 0.001);
+    m.gpu_step(0.018, 0.0);
+    m.gpu_step(f64::NAN, 0.0);
+    let t = m.timeline();
+    assert_eq!((t.cpu_tasks, t.gpu_steps), (4, 2));
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+    assert!(close(t.cpu_busy, 0.040), "{t:?}");
+    assert!(close(t.cpu_idle, 0.007), "{t:?}");
+    assert!(
+        close(t.gpu_own, 0.038) && close(t.gpu_waited, 0.001),
+        "{t:?}"
+    );
+    // The feedback's own count is apart from it.
+    assert_eq!(m.steps(), (0, 0));
 }
 
 #[test]
