@@ -14,7 +14,11 @@ KV bytes by their sum). Then:
   exact cache (the defaults), its memory released after;
 - ``--contexts`` (e.g. 716800,1048576): one int8 cache, prefilled to the first context,
   decoded, then prefilled on to the next (the cache grows; nothing is prefilled twice), and so
-  on. At a context the exact run also reached, the greedy tokens are compared.
+  on. At a context the exact run also reached, the greedy tokens are compared;
+- ``--alt-staging-mib`` (e.g. 128): after each decode, more steps with the copy engine's
+  staging pieces of that size (the ring of three runs further ahead of the GPU's kernels).
+
+Each decode reports where its shared steps spent their time (``timeline_s_per_token``).
 
     python benchmarks/bench_kv_int8.py --loss-context 131072 --exact-context 0 --contexts ""
     python card.py --gib 24 -- python benchmarks/bench_kv_int8.py --exact-context 716800 \\
@@ -135,6 +139,39 @@ def share_figures(cache, since: list[dict], steps: int) -> dict:
     }
 
 
+def timed_decode(model, cache, name: str, first, steps: int, skip: int = 8):
+    """``steps`` timed greedy steps after ``skip`` untimed ones: (tokens, s per token, the
+    share's figures over the timed steps)."""
+    before: list[list[dict]] = []
+    with torch.inference_mode():
+        tokens, _, spt = decode(
+            model,
+            cache,
+            name,
+            first,
+            skip + steps,
+            skip=skip,
+            mark=lambda: before.append(timelines(cache)),
+        )
+    return tokens, spt, share_figures(cache, before[0] if before else [], steps)
+
+
+def alt_staging(model, cache, name: str, last: int, steps: int, mib: int) -> dict:
+    """The same decode on with staging pieces of ``mib`` MiB (the copy engine's ring holds
+    three; the default is 16), from token ``last`` on; the default is restored after."""
+    stores = [p.store for p in cache.stores if p.store.is_cuda]
+    default = [s.staging_piece_bytes for s in stores]
+    for s in stores:
+        s.staging_piece_bytes = mib << 20
+    try:
+        first = torch.tensor([[last]], device="cuda")
+        _, spt, figures = timed_decode(model, cache, name, first, steps, skip=2)
+    finally:
+        for s, b in zip(stores, default):
+            s.staging_piece_bytes = b
+    return {"piece_mib": mib, "s_per_token": round(spt, 4), **figures}
+
+
 def release(cache) -> None:
     """Frees a cache's memory, host and device, pinned pool included (the next cache's blocks
     may have another size)."""
@@ -152,6 +189,12 @@ def main() -> None:
     ap.add_argument("--loss-context", type=int, default=0, help="0: no logit-error phase")
     ap.add_argument("--steps", type=int, default=6, help="timed decode steps")
     ap.add_argument("--gpu-budget", default=None, help="patch(gpu_budget=...), e.g. 23GiB")
+    ap.add_argument(
+        "--alt-staging-mib",
+        type=int,
+        default=0,
+        help="after each decode, the same with staging pieces of this size (0: not)",
+    )
     ap.add_argument("--watchdog", type=float, default=900, help="seconds per phase")
     args = ap.parse_args()
     only_loss = not args.contexts and not args.exact_context
@@ -226,30 +269,24 @@ def main() -> None:
         n = args.exact_context
         trace.phase = f"exact prefill {n}"
         cache = headinfer.HeadInferCache(model)
-        cache.expected_new_tokens = 16 + args.steps
+        cache.expected_new_tokens = 32 + 2 * args.steps
         secs, logits = prefill(model, cache, name, ids[:, :n])
         print(f"exact: prefill {n} in {secs:.1f} s", flush=True)
         first = logits.argmax(-1, keepdim=True)
         r = {"context": n, "prefill_s": round(secs, 2), **floors(cache, rates)}
         trace.phase = f"exact decode {n}"
-        with torch.inference_mode():
-            before: list[list[dict]] = []
-            tokens, _, spt = decode(
-                model,
-                cache,
-                name,
-                first,
-                8 + args.steps,
-                skip=8,
-                mark=lambda b=before, c=cache: b.append(timelines(c)),
-            )
+        tokens, spt, figures = timed_decode(model, cache, name, first, args.steps)
         exact_tokens = tokens
         r.update(
             s_per_token=round(spt, 4),
             x_host_floor=round(spt / r["host_floor_s"], 3),
-            **share_figures(cache, before[0] if before else [], args.steps),
+            **figures,
             tokens=tokens,
         )
+        if args.alt_staging_mib:
+            r["alt_staging"] = alt_staging(
+                model, cache, name, tokens[-1], args.steps, args.alt_staging_mib
+            )
         res["exact"] = r
         print(json.dumps(r), flush=True)
         save()
@@ -261,7 +298,7 @@ def main() -> None:
     if not contexts:
         return
     cache = headinfer.HeadInferCache(model, kv_dtype="int8")
-    cache.expected_new_tokens = 16 + args.steps
+    cache.expected_new_tokens = 32 + 2 * args.steps
     done = 0
     res["int8"] = []
     prefill_total = 0.0
@@ -282,23 +319,17 @@ def main() -> None:
         first = logits.argmax(-1, keepdim=True)
         r = {"context": n, "prefill_s_cumulative": round(prefill_total, 2), **floors(cache, rates)}
         trace.phase = f"int8 decode {n}"
-        with torch.inference_mode():
-            before: list[list[dict]] = []
-            tokens, _, spt = decode(
-                model,
-                cache,
-                name,
-                first,
-                8 + args.steps,
-                skip=8,
-                mark=lambda b=before, c=cache: b.append(timelines(c)),
-            )
+        tokens, spt, figures = timed_decode(model, cache, name, first, args.steps)
         r.update(
             s_per_token=round(spt, 4),
             x_host_floor=round(spt / r["host_floor_s"], 3),
-            **share_figures(cache, before[0] if before else [], args.steps),
+            **figures,
             tokens=tokens,
         )
+        if args.alt_staging_mib:
+            r["alt_staging"] = alt_staging(
+                model, cache, name, tokens[-1], args.steps, args.alt_staging_mib
+            )
         if exact_tokens is not None and n == args.exact_context:
             r["same_tokens_as_exact"] = sum(a == b for a, b in zip(tokens, exact_tokens))
             r["x_exact_decode"] = round(spt / res["exact"]["s_per_token"], 3)
