@@ -15,8 +15,9 @@ KV bytes by their sum). Then:
 - ``--contexts`` (e.g. 716800,1048576): one int8 cache, prefilled to the first context,
   decoded, then prefilled on to the next (the cache grows; nothing is prefilled twice), and so
   on. At a context the exact run also reached, the greedy tokens are compared;
-- ``--alt-staging-mib`` (e.g. 128): after each decode, more steps with the copy engine's
-  staging pieces of that size (the ring of three runs further ahead of the GPU's kernels).
+- ``--alt-staging-mib`` (e.g. 128), ``--alt-threads`` (e.g. 14): after each decode, more steps
+  with the copy engine's staging pieces of that size (the ring of three runs further ahead of
+  the GPU's kernels), then with the CPU share on that many threads.
 
 Each decode reports where its shared steps spent their time (``timeline_s_per_token``).
 
@@ -156,20 +157,43 @@ def timed_decode(model, cache, name: str, first, steps: int, skip: int = 8):
     return tokens, spt, share_figures(cache, before[0] if before else [], steps)
 
 
-def alt_staging(model, cache, name: str, last: int, steps: int, mib: int) -> dict:
-    """The same decode on with staging pieces of ``mib`` MiB (the copy engine's ring holds
-    three; the default is 16), from token ``last`` on; the default is restored after."""
+def alt_decode(model, cache, name: str, last: int, steps: int, piece_mib: int, threads: int):
+    """The same decode on, from token ``last``, with staging pieces of ``piece_mib`` MiB (the
+    copy engine's ring holds three; the default is 16) or the CPU share on ``threads``
+    threads (0: as is); the defaults are restored after."""
     stores = [p.store for p in cache.stores if p.store.is_cuda]
-    default = [s.staging_piece_bytes for s in stores]
+    default = [(s.staging_piece_bytes, s.share_threads) for s in stores]
     for s in stores:
-        s.staging_piece_bytes = mib << 20
+        if piece_mib:
+            s.staging_piece_bytes = piece_mib << 20
+        if threads:
+            s.share_threads = threads
     try:
         first = torch.tensor([[last]], device="cuda")
-        _, spt, figures = timed_decode(model, cache, name, first, steps, skip=2)
+        tokens, spt, figures = timed_decode(model, cache, name, first, steps, skip=2)
     finally:
-        for s, b in zip(stores, default):
+        for s, (b, t) in zip(stores, default):
             s.staging_piece_bytes = b
-    return {"piece_mib": mib, "s_per_token": round(spt, 4), **figures}
+            if t:
+                s.share_threads = t
+    return {
+        "piece_mib": piece_mib,
+        "threads": threads,
+        "s_per_token": round(spt, 4),
+        **figures,
+        "tokens": tokens,
+    }
+
+
+def alternatives(model, cache, name: str, last: int, args) -> list[dict]:
+    """``alt_decode`` for each of ``--alt-staging-mib`` and ``--alt-threads`` asked for."""
+    runs = [(args.alt_staging_mib, 0), (0, args.alt_threads)]
+    out = []
+    for mib, threads in runs:
+        if mib or threads:
+            out.append(alt_decode(model, cache, name, last, args.steps, mib, threads))
+            last = out[-1]["tokens"][-1]
+    return out
 
 
 def release(cache) -> None:
@@ -194,6 +218,12 @@ def main() -> None:
         type=int,
         default=0,
         help="after each decode, the same with staging pieces of this size (0: not)",
+    )
+    ap.add_argument(
+        "--alt-threads",
+        type=int,
+        default=0,
+        help="after each decode, the same with the CPU share on this many threads (0: not)",
     )
     ap.add_argument("--watchdog", type=float, default=900, help="seconds per phase")
     args = ap.parse_args()
@@ -283,10 +313,7 @@ def main() -> None:
             **figures,
             tokens=tokens,
         )
-        if args.alt_staging_mib:
-            r["alt_staging"] = alt_staging(
-                model, cache, name, tokens[-1], args.steps, args.alt_staging_mib
-            )
+        r["alternatives"] = alternatives(model, cache, name, tokens[-1], args)
         res["exact"] = r
         print(json.dumps(r), flush=True)
         save()
@@ -326,10 +353,7 @@ def main() -> None:
             **figures,
             tokens=tokens,
         )
-        if args.alt_staging_mib:
-            r["alt_staging"] = alt_staging(
-                model, cache, name, tokens[-1], args.steps, args.alt_staging_mib
-            )
+        r["alternatives"] = alternatives(model, cache, name, tokens[-1], args)
         if exact_tokens is not None and n == args.exact_context:
             r["same_tokens_as_exact"] = sum(a == b for a, b in zip(tokens, exact_tokens))
             r["x_exact_decode"] = round(spt / res["exact"]["s_per_token"], 3)
