@@ -9,9 +9,7 @@ bench_cpu_attend`` measures the same kernels per instruction set where Rust is):
 
     python benchmarks/cpu_kv_rate.py --bytes 1GiB --threads 1,15 --json rate.json
 
-Prints one line per (threads, kv dtype); ``--json`` writes them as a list. With
-``HEADINFER_CPU_AMX=1`` in the environment the int8 rows go through the CPU's tile unit where
-it has one (the first line says whether it runs: ``_core.cpu_amx()``).
+Prints one line per (threads, kv dtype); ``--json`` writes them as a list.
 """
 
 from __future__ import annotations
@@ -58,7 +56,6 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
     nbytes = parse_bytes(args.bytes, "--bytes")
-    print(f"CPU kernels: {_core.cpu_isa()}; int8 decode through AMX: {_core.cpu_amx()}", flush=True)
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
         for row in measure(threads, nbytes, args.head_dim, args.group, args.seconds):

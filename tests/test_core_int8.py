@@ -4,10 +4,6 @@ against the same op over its dequantized keys and values, and against exact atte
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -97,51 +93,3 @@ def test_int8_holds_about_half_the_bytes_of_bf16() -> None:
         s.append(0, torch.randn(4, 640, 128).bfloat16(), torch.randn(4, 640, 128).bfloat16())
         sizes[kv] = s.bytes_used()
     assert math.isclose(sizes["int8"] / sizes[None], 136 / 256)
-
-
-_AMX_SCRIPT = """
-import sys, torch
-from headinfer import _core
-s = _core.KVStore(1, 2, 128, "float32", block_size=64, kv_dtype="int8")
-g = torch.Generator().manual_seed(5)
-s.append(0, torch.randn(2, 300, 128, generator=g), torch.randn(2, 300, 128, generator=g))
-q = torch.randn(8, 1, 128, generator=g)
-out = torch.empty(8, 1, 128)
-s.attend(0, q, out, 0.088, None, None)
-torch.save(out, sys.argv[1])
-print(_core.cpu_amx())
-"""
-
-
-@pytest.mark.parametrize("asked", [False, True])
-def test_the_tile_path_is_opt_in_and_a_cpu_without_it_runs_the_same_kernels(
-    tmp_path: Path, asked: bool
-) -> None:
-    """``HEADINFER_CPU_AMX=1`` asks for the int8 decode through the tile unit: ``cpu_amx()``
-    says whether it runs (or why not), and a decode gives the default kernels' results (the
-    same bits where it does not run; within summation order where it does)."""
-    env = {k: v for k, v in os.environ.items() if k != "HEADINFER_CPU_AMX"}
-    outs = {}
-    for on in sorted({False, asked}):
-        path = tmp_path / f"out_{on}.pt"
-        run_env = {**env, "HEADINFER_CPU_AMX": "1"} if on else env
-        r = subprocess.run(
-            [sys.executable, "-c", _AMX_SCRIPT, str(path)],
-            env=run_env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert r.returncode == 0, r.stderr
-        state = r.stdout.strip().splitlines()[-1]
-        if on:
-            assert state == "on" or state.startswith("unavailable: "), state
-        else:
-            assert state == "off"
-        outs[on] = (torch.load(path), state)
-    if asked:
-        (base, _), (amx, state) = outs[False], outs[True]
-        if state == "on":
-            assert float((amx - base).abs().max() / base.abs().max()) < 1e-5
-        else:
-            assert torch.equal(amx, base)

@@ -154,18 +154,6 @@ def test_machine_keys_tell_kv_dtypes_apart_and_keep_exact_keys() -> None:
         machine_key("NVIDIA H100", **KEY_SHAPE, kv_dtype="int4")
 
 
-def test_an_int8_key_names_the_tile_path_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Another kernel, another rate: the int8 decode through the tile unit (HEADINFER_CPU_AMX=1)
-    # keeps rates of its own; exact keys, which it does not touch, stay as they were.
-    exact = machine_key("NVIDIA H100", **KEY_SHAPE)
-    int8 = machine_key("NVIDIA H100", **KEY_SHAPE, kv_dtype="int8")
-    monkeypatch.setattr(share, "cpu_amx", lambda: "on")
-    assert machine_key("NVIDIA H100", **KEY_SHAPE) == exact
-    assert machine_key("NVIDIA H100", **KEY_SHAPE, kv_dtype="int8") == int8 + " | amx"
-    monkeypatch.setattr(share, "cpu_amx", lambda: "unavailable: no AMX")
-    assert machine_key("NVIDIA H100", **KEY_SHAPE, kv_dtype="int8") == int8
-
-
 def test_an_older_files_exact_entry_still_serves_exact_stores(tmp_path: Path) -> None:
     # A file as the previous version wrote it: version 2, keys without a kv dtype.
     path = tmp_path / "rates.json"

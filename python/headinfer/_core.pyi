@@ -39,7 +39,6 @@ __all__ = [
     "cuda_status",
     "cpu_isa",
     "cpu_isa_failures",
-    "cpu_amx",
     "pinned_bytes",
     "pinned_pool_bytes",
     "release_pinned_pool",
@@ -532,13 +531,6 @@ def cpu_isa() -> str:
 def cpu_isa_failures() -> list[str]:
     """Per wider set this CPU has whose kernels failed that self-check, ``"<name>: <reason>"``
     (empty when none did)."""
-
-def cpu_amx() -> str:
-    """Whether the int8 decode kernels run through the CPU's tile unit (AMX-BF16), an opt-in
-    (``HEADINFER_CPU_AMX=1``) until measured on the GPU hosts: ``"on"``, ``"off"`` (not asked
-    for), or ``"unavailable: <reason>"`` (no AMX, the kernel refused the tile state, or the
-    tile kernels disagreed with the f64 reference, so the AVX-512 ones run). Decided once, on
-    first use."""
 
 def pinned_bytes() -> int:
     """Bytes of pinned host memory headinfer holds: in caches and in the reuse pool."""

@@ -98,7 +98,6 @@ def environment() -> dict[str, Any]:
         "share_threads": share_threads(),
         "cpu_isa": _core.cpu_isa(),
         "cpu_isa_failures": list(_core.cpu_isa_failures()),
-        "cpu_amx": _core.cpu_amx(),
         "ram_total_bytes": mem_total(),
         "ram_available_bytes": mem_available(),
         "memlock_limit_bytes": _memlock(),

@@ -265,8 +265,6 @@ def render(report: dict[str, Any]) -> str:
     isa = env["cpu_isa"] + (
         f" (passed over: {'; '.join(env['cpu_isa_failures'])})" if env["cpu_isa_failures"] else ""
     )
-    if env.get("cpu_amx", "off") != "off":
-        isa += f"; int8 decode through AMX: {env['cpu_amx']}"
     ram = env["ram_total_bytes"]
     avail = env["ram_available_bytes"]
     memlock = env["memlock_limit_bytes"]

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from . import _core
-from ._core import cpu_amx
 from .kv_dtype import check_kv_dtype, store_kv_dtype
 
 __all__ = [
@@ -149,17 +148,13 @@ def machine_key(
 ) -> str:
     """The rates file's key of one (machine, kernel shape, ``kv_dtype``): an exact store's
     key names no kv dtype (as before it was part of the key, so files written then still
-    serve exact stores); another's ends with ``| kv_dtype int8``, and ``| amx`` where its
-    decode runs through the CPU's tile unit (``cpu_amx()``: another kernel, another rate)."""
+    serve exact stores); another's ends with ``| kv_dtype int8``."""
     key = (
         f"{gpu_name} | {cpu_model()} | {cores} cores | {threads} threads | {dtype} | "
         f"head_dim {head_dim} | group {group}"
     )
     kv_dtype = check_kv_dtype(kv_dtype)
-    if kv_dtype == "exact":
-        return key
-    key = f"{key} | kv_dtype {kv_dtype}"
-    return f"{key} | amx" if cpu_amx() == "on" else key
+    return key if kv_dtype == "exact" else f"{key} | kv_dtype {kv_dtype}"
 
 
 def rates_path() -> Path:

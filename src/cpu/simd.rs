@@ -33,8 +33,6 @@ use crate::quant::Q8Rows;
 use crate::tensor::{Element, Rows};
 use std::sync::OnceLock;
 
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod amx;
 pub(crate) mod check;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod q8;
@@ -42,7 +40,7 @@ pub(crate) mod q8;
 mod x86;
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{amx_status, Avx2, Avx512};
+pub(crate) use x86::{Avx2, Avx512};
 
 /// An instruction set of the CPU attention kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -14,22 +14,3 @@ pub fn cpu_isa() -> &'static str {
 pub fn cpu_isa_failures() -> Vec<String> {
     simd::choice().failures.clone()
 }
-
-/// Whether the int8 decode runs through the CPU's tile unit (AMX, opt-in with
-/// `HEADINFER_CPU_AMX=1`): `"on"`, `"off"` (not asked for, or not x86-64), or
-/// `"unavailable: <reason>"`.
-#[pyfunction]
-pub fn cpu_amx() -> String {
-    #[cfg(target_arch = "x86_64")]
-    {
-        match simd::amx_status() {
-            Ok(true) => "on".into(),
-            Ok(false) => "off".into(),
-            Err(e) => format!("unavailable: {e}"),
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        "off".into()
-    }
-}

@@ -18,13 +18,6 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
-    // The tile state's permission, where asked for, as early as the process allows: the
-    // kernel refuses it once a thread has an alternate signal stack too small for the state
-    // (`cpu::cpu_amx` reports why).
-    #[cfg(target_arch = "x86_64")]
-    if std::env::var_os("HEADINFER_CPU_AMX").is_some() {
-        let _ = crate::cpu::simd::amx_status();
-    }
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("HeadInferError", py.get_type::<errors::HeadInferError>())?;
     m.add("OutOfHostMemoryError", errors::out_of_host_memory_type(py)?)?;
@@ -41,7 +34,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory::cuda_status, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::cpu_isa, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::cpu_isa_failures, m)?)?;
-    m.add_function(wrap_pyfunction!(cpu::cpu_amx, m)?)?;
     m.add_function(wrap_pyfunction!(memory::pinned_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(memory::pinned_pool_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(memory::release_pinned_pool, m)?)?;

@@ -31,6 +31,4 @@ def test_rows_per_thread_count_and_kv_dtype(tmp_path):
         assert r["bytes"] == 8 << 20 and r["gb_per_s"] > 0 and r["fixed_s"] > 0
         ns = 2 * row_bytes / (r["gb_per_s"] * 1e9) * 1e9
         assert abs(r["ns_per_key_head"] - ns) < 1e-6 * ns
-    lines = done.stdout.strip().splitlines()
-    assert lines[0].startswith("CPU kernels: ") and "int8 decode through AMX: off" in lines[0]
-    assert len(lines) == 5
+    assert len(done.stdout.strip().splitlines()) == 4

@@ -41,17 +41,6 @@ pub(crate) const SELF_CHECK: Shapes<'static> = Shapes {
     seed: 0x5e1f,
 };
 
-/// What the tile path's first use checks (`x86::amx_status`): the head dims it takes (64, 128),
-/// rows in one block of 4 and past it, keys short of a block of 16 and a whole tile.
-#[cfg(target_arch = "x86_64")]
-pub(crate) const SELF_CHECK_AMX: Shapes<'static> = Shapes {
-    dims: &[64, 128],
-    rows: &[1, 4, 5],
-    keys: &[19, TK],
-    pads: &[0],
-    seed: 0xa3c5,
-};
-
 /// `Job`: `K`'s kernels against the f64 reference over the shapes, in f32, bf16 and f16,
 /// and over int8 rows (the reference sums their dequantized values; the generic kernels
 /// and the int8 decode ones, `Kernels::q8_scores` and `q8_pv`).

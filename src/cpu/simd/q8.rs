@@ -29,7 +29,7 @@ use std::arch::x86_64::*;
 /// (single thread, 65,536 tokens: 22.0 -> 21.5 ms; two threads: 11.0 -> 10.4 ms, best of 5
 /// alternating runs).
 #[inline(always)]
-pub(crate) fn fetch(ahead: &Q8Rows<'_>, j: usize, m: usize) {
+fn fetch(ahead: &Q8Rows<'_>, j: usize, m: usize) {
     if j < ahead.len {
         let rb = ahead.fmt.row_bytes();
         prefetch_lines::<true>(

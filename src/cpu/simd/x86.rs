@@ -5,12 +5,10 @@
 //! element to 32 bits (`cvtepu16_epi32`) and shifting it left by 16 gives the f32 exactly;
 //! f16 goes through `cvtph_ps` (F16C, or AVX-512 F's 16-lane form), also exact.
 
-use super::check::{self, Compare};
-use super::{amx, q8, simd_kernels, Job, Kernels, Lanes, Tile};
+use super::{q8, simd_kernels, Lanes};
 use crate::quant::Q8Rows;
 use crate::tensor::{DType, Element};
 use std::arch::x86_64::*;
-use std::sync::OnceLock;
 
 /// AVX2 + FMA + F16C.
 pub(crate) struct Avx2;
@@ -21,7 +19,7 @@ simd_kernels!(Avx2, "avx2,fma,f16c");
 simd_kernels!(
     Avx512,
     "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
-    // The int8 decode kernels: through the tile unit where it is on (`amx_active`).
+    // The int8 decode kernels of `q8`, for the layouts they take; the generic ones otherwise.
     unsafe fn q8_scores(
         q: &[f32],
         rows: usize,
@@ -31,8 +29,14 @@ simd_kernels!(
         sc: &mut Vec<f32>,
         ahead: &Q8Rows<'_>,
     ) {
-        // SAFETY: AVX-512 F/BW/VL by this function's contract, AMX by `amx_active`.
-        unsafe { q8_scores_on(amx_active(), q, rows, k, n, s, sc, ahead) }
+        if q8::fits(k.fmt) {
+            // SAFETY: AVX-512 F/BW/VL by this function's contract; `scores` checks the
+            // lengths.
+            unsafe { q8::scores(q, rows, k, n, s, sc, ahead) }
+        } else {
+            // SAFETY: by the contract.
+            unsafe { Self::scores(q, rows, k, n, s) }
+        }
     },
     unsafe fn q8_pv(
         p: &[f32],
@@ -43,143 +47,15 @@ simd_kernels!(
         sc: &mut Vec<f32>,
         ahead: &Q8Rows<'_>,
     ) {
-        // SAFETY: as for the scores.
-        unsafe { q8_pv_on(amx_active(), p, rows, v, n, o, sc, ahead) }
+        if q8::fits(v.fmt) {
+            // SAFETY: AVX-512 F/BW/VL by this function's contract; `pv` checks the lengths.
+            unsafe { q8::pv(p, rows, v, n, o, sc, ahead) }
+        } else {
+            // SAFETY: by the contract.
+            unsafe { Self::pv(p, rows, v, n, o) }
+        }
     }
 );
-
-/// `Kernels::q8_scores` with AVX-512: through the tile unit with `tiles` where it takes the
-/// layout, else `q8`'s kernels where they take it, else the generic ones. The one place that
-/// chooses, for both `Avx512` (`tiles`: `amx_active`) and `Avx512Amx` (always, so its
-/// self-check never asks `amx_status` from inside itself).
-///
-/// # Safety
-/// AVX-512 F/BW/VL on this CPU; with `tiles`, AMX and its permission (`amx::enable`).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn q8_scores_on(
-    tiles: bool,
-    q: &[f32],
-    rows: usize,
-    k: &Q8Rows<'_>,
-    n: usize,
-    s: &mut [f32],
-    sc: &mut Vec<f32>,
-    ahead: &Q8Rows<'_>,
-) {
-    // SAFETY: by the contract; the kernels check the lengths.
-    unsafe {
-        if tiles && amx::fits(k.fmt) {
-            amx::scores::<amx::Hw>(q, rows, k, n, s, sc, ahead)
-        } else if q8::fits(k.fmt) {
-            q8::scores(q, rows, k, n, s, sc, ahead)
-        } else {
-            Avx512::scores(q, rows, k, n, s)
-        }
-    }
-}
-
-/// `Kernels::q8_pv` with AVX-512, chosen as `q8_scores_on` chooses.
-///
-/// # Safety
-/// As `q8_scores_on`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn q8_pv_on(
-    tiles: bool,
-    p: &[f32],
-    rows: usize,
-    v: &Q8Rows<'_>,
-    n: usize,
-    o: &mut [f32],
-    sc: &mut Vec<f32>,
-    ahead: &Q8Rows<'_>,
-) {
-    // SAFETY: by the contract; the kernels check the lengths.
-    unsafe {
-        if tiles && amx::fits(v.fmt) {
-            amx::pv::<amx::Hw>(p, rows, v, n, o, sc, ahead)
-        } else if q8::fits(v.fmt) {
-            q8::pv(p, rows, v, n, o, sc, ahead)
-        } else {
-            Avx512::pv(p, rows, v, n, o)
-        }
-    }
-}
-
-/// Whether the int8 decode runs through the tile unit in this process (`amx`): asked for
-/// (`HEADINFER_CPU_AMX=1`), the CPU and the kernel allowing it (`amx::enable`), and the tile
-/// kernels agreeing with the f64 reference (`check::SELF_CHECK_AMX`); decided once.
-/// `Ok(false)`: not asked for; `Err`: asked for but not running, and why.
-pub(crate) fn amx_status() -> &'static Result<bool, String> {
-    static STATUS: OnceLock<Result<bool, String>> = OnceLock::new();
-    STATUS.get_or_init(|| {
-        if std::env::var("HEADINFER_CPU_AMX").as_deref() != Ok("1") {
-            return Ok(false);
-        }
-        amx::enable()?;
-        // SAFETY: AVX-512 F/BW/VL and AMX with its permission (`enable`).
-        unsafe { Avx512Amx::run(Compare(check::SELF_CHECK_AMX)) }
-            .map(|()| true)
-            .map_err(|e| format!("the tile kernels failed the self-check: {e}"))
-    })
-}
-
-/// `amx_status` is `Ok(true)`.
-pub(crate) fn amx_active() -> bool {
-    matches!(amx_status(), Ok(true))
-}
-
-/// The AVX-512 kernels with the int8 decode through the tile unit (where it `fits`): what
-/// `active` checks before the AVX-512 kernels route to it.
-pub(crate) struct Avx512Amx;
-
-impl Kernels for Avx512Amx {
-    const FMA: bool = true;
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn run<J: Job>(job: J) -> J::Output {
-        // SAFETY: the caller vouches for the set.
-        unsafe { job.run::<Self>() }
-    }
-
-    unsafe fn scores<T: Tile>(q: &[f32], rows: usize, k: &T, n: usize, s: &mut [f32]) {
-        // SAFETY: the same set (the contract).
-        unsafe { Avx512::scores(q, rows, k, n, s) }
-    }
-
-    unsafe fn pv<T: Tile>(p: &[f32], rows: usize, v: &T, n: usize, o: &mut [f32]) {
-        // SAFETY: the same set (the contract).
-        unsafe { Avx512::pv(p, rows, v, n, o) }
-    }
-
-    unsafe fn q8_scores(
-        q: &[f32],
-        rows: usize,
-        k: &Q8Rows<'_>,
-        n: usize,
-        s: &mut [f32],
-        sc: &mut Vec<f32>,
-        ahead: &Q8Rows<'_>,
-    ) {
-        // SAFETY: AVX-512 by this function's contract, AMX by `amx_status`'s (its only
-        // caller).
-        unsafe { q8_scores_on(true, q, rows, k, n, s, sc, ahead) }
-    }
-
-    unsafe fn q8_pv(
-        p: &[f32],
-        rows: usize,
-        v: &Q8Rows<'_>,
-        n: usize,
-        o: &mut [f32],
-        sc: &mut Vec<f32>,
-        ahead: &Q8Rows<'_>,
-    ) {
-        // SAFETY: as for the scores.
-        unsafe { q8_pv_on(true, p, rows, v, n, o, sc, ahead) }
-    }
-}
 
 /// Lane `i` of the result: the sum of the lanes of `v[i]`.
 ///
