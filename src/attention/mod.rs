@@ -56,7 +56,7 @@ pub unsafe fn attend_cuda(
     let row_bytes = cfg.row_bytes();
     // How this layer's last shared step ended: the meter's timeline, and, calibrating, the
     // balance (`CpuMeter::feedback`).
-    if let Some(t) = store.share_waited(layer)? {
+    if let Some(t) = store.share_step_times(layer)? {
         policy.meter.gpu_step(t.own, t.waited);
         if policy.calibrate {
             policy.meter.feedback(t.waited);

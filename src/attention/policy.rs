@@ -302,6 +302,7 @@ pub const METER_DECAY: f64 = 0.98;
 /// share's tasks computed at 62 GB/s where the probe said 90, yet balancing by 62 was slower
 /// (0.21 s a token against 0.18): the GPU's side was slower than its probe too. So the
 /// balance follows what each step shows, which side finished last, not a model of either.
+/// It also sums where the steps spent their time, both sides (`timeline`).
 #[derive(Debug)]
 pub struct CpuMeter {
     state: Mutex<MeterState>,

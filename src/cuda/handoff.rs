@@ -301,7 +301,7 @@ impl ReadyWord {
     }
 }
 
-/// How a layer's shared step went on the GPU (`Handoff::gpu_waited`), in seconds.
+/// How a layer's shared step went on the GPU (`Handoff::step_times`), in seconds.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepTimes {
     /// From the step's start to the end of the GPU's own part (the CPU's query copy, the
@@ -541,7 +541,7 @@ impl Handoff {
     }
 
     /// Marks the CPU's rows of `layer` in on `stream` (queued after `wait_done`), after
-    /// `mark_gpu_part`: `gpu_waited` reads the three marks.
+    /// `mark_gpu_part`: `step_times` reads the three marks.
     pub fn mark_rows_in(&mut self, layer: usize, stream: Stream) -> Result<()> {
         match self.timings.get_mut(layer).and_then(Option::as_mut) {
             Some(t) => {
@@ -557,7 +557,7 @@ impl Handoff {
     /// seconds of the GPU's own part, and those the GPU, done with it, waited for the CPU's
     /// rows (about 0 where the GPU finished last). `None`: no step marked since the last
     /// read, or not run yet.
-    pub fn gpu_waited(&mut self, layer: usize) -> Result<Option<StepTimes>> {
+    pub fn step_times(&mut self, layer: usize) -> Result<Option<StepTimes>> {
         let Some(t) = self.timings.get_mut(layer).and_then(Option::as_mut) else {
             return Ok(None);
         };

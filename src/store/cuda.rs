@@ -282,10 +282,10 @@ impl CudaStore {
 
     /// How `layer`'s last shared decode step ended, once the GPU passed it (`None`: not yet,
     /// or read already): the seconds of the GPU's own part, and those it then waited for the
-    /// CPU's rows (`Handoff::gpu_waited`).
-    pub fn share_waited(&mut self, layer: usize) -> Result<Option<StepTimes>> {
+    /// CPU's rows (`Handoff::step_times`).
+    pub fn share_step_times(&mut self, layer: usize) -> Result<Option<StepTimes>> {
         match self.backend.handoff.as_mut() {
-            Some(h) => h.gpu_waited(layer),
+            Some(h) => h.step_times(layer),
             None => Ok(None),
         }
     }
