@@ -56,10 +56,9 @@ def decode(model, cache, name: str, first: torch.Tensor, steps: int, skip: int =
     the steps after the first ``skip``). ``mark``: called once the first ``skip`` are done."""
     tokens, nxt, logits, times = [], first, None, []
     for i in range(steps):
-        if i == skip and mark is not None:
-            torch.cuda.synchronize()
-            mark()
         torch.cuda.synchronize()
+        if i == skip and mark is not None:
+            mark()
         t = time.perf_counter()
         out = model(input_ids=nxt, use_cache=True, **{name: cache})
         logits = out.logits[:, -1].float()

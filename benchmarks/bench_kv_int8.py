@@ -110,8 +110,9 @@ def floors(cache, rates: tuple[float, float, float]) -> dict:
 
 
 def timelines(cache) -> list[dict]:
-    """Each CUDA store's ``share_timeline`` (sums since its first shared step)."""
-    return cache.share_plan().get("timeline") or []
+    """Each CUDA store's ``share_timeline`` (sums since its first shared step), as
+    ``share_plan()["timeline"]`` lists them, without the plan's per-layer split."""
+    return [p.store.share_timeline for p in cache.stores if p.store.is_cuda]
 
 
 def share_figures(cache, since: list[dict], steps: int) -> dict:
