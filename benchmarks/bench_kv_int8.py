@@ -116,12 +116,13 @@ def timelines(cache) -> list[dict]:
 
 
 def share_figures(cache, since: list[dict], steps: int) -> dict:
-    """What the CPU share balanced by, in GB/s: the probe's CPU rate, the rate each store's
-    split used last (the probe's times the feedback of its own steps), what the share's tasks
-    computed at, and the feedback (factor, layer steps read, steps the GPU waited in); and
-    where the timed ``steps`` spent their time since the ``timelines`` taken before them, in
-    seconds a token (``gpu_own``, ``gpu_waited``, ``cpu_busy``, ``cpu_idle``: see
-    ``KVStore.share_timeline``; the layer steps read lag the GPU by a layer or so)."""
+    """What the CPU share balanced by, in GB/s: the probe's CPU rate, the rates each store's
+    splits balance by now (the CPU's and the GPU's, as its layers' own steps showed them:
+    mean, least and most over the layers), what the share's tasks computed at, and the layer
+    steps read (and those the GPU waited in); and where the timed ``steps`` spent their time
+    since the ``timelines`` taken before them, in seconds a token (``gpu_own``,
+    ``gpu_waited``, ``cpu_busy``, ``cpu_idle``: see ``KVStore.share_timeline``; the layer
+    steps read lag the GPU by a token)."""
     plan = cache.share_plan()
     probe = (plan.get("rates") or {}).get("cpu")
     measured = [m and round(m[0] / 1e9, 1) for m in plan.get("cpu_measured", [])]
@@ -131,12 +132,20 @@ def share_figures(cache, since: list[dict], steps: int) -> dict:
         {k: round((t[k] - b.get(k, 0.0)) / (1 if k in counts else steps), 4) for k in t}
         for t, b in zip(now, since or [{}] * len(now))
     ]
+
+    def spread(rates: list[float]) -> list[float]:
+        gbs = [r / 1e9 for r in rates]
+        return [round(sum(gbs) / len(gbs), 1), round(min(gbs), 1), round(max(gbs), 1)]
+
     return {
         "share": plan["mode"],
         "cpu_probe_gbs": probe and round(probe / 1e9, 1),
-        "cpu_balanced_gbs": [r and round(r / 1e9, 1) for r in plan.get("cpu_rate", [])],
+        "balanced_gbs": [
+            b and {"cpu": spread([c for c, _ in b]), "gpu": spread([g for _, g in b])}
+            for b in plan.get("balance", [])
+        ],
         "cpu_measured_gbs": measured,
-        "feedback": plan.get("feedback"),
+        "steps": plan.get("steps"),
         "timeline_s_per_token": per_token,
     }
 

@@ -156,18 +156,21 @@ class KVStore:
     def share_rates(self, rates: Sequence[float] | None) -> None: ...
     @property
     def share_calibrate(self) -> bool:
-        """Whether each decode step's CPU share is balanced by ``share_rates``' ``cpu`` times
-        the feedback of the store's own shared steps (``share_feedback``: each layer's step
-        that made the GPU wait for the CPU's rows lowers it, one that did not raises it), so
-        that both sides finish together where the probes' rates are off; settable (default
-        on; off: the probe's rate alone)."""
+        """Whether each layer's decode split is balanced by the rates that layer's own shared
+        steps showed (``share_balance``: the CPU's bytes over its task's seconds, the GPU's host
+        bytes over its own part's seconds), so that both sides finish together where the
+        probes' rates are off; settable (default on; off: ``share_rates`` alone)."""
     @share_calibrate.setter
     def share_calibrate(self, on: bool) -> None: ...
     @property
-    def share_feedback(self) -> tuple[float, int, int]:
-        """``(factor, steps, waited)``: the feedback's factor on the probe's CPU rate (1 until
-        a shared step was read), the layers' shared steps read, and how many of them the GPU
-        waited for the CPU in."""
+    def share_steps(self) -> tuple[int, int]:
+        """``(steps, waited)``: the layers' shared steps read, and how many of them the GPU
+        waited for the CPU's rows in."""
+    @property
+    def share_balance(self) -> list[tuple[float, float]] | None:
+        """Per layer, ``(cpu, gpu)``: the rates (bytes per second of keys and values) its next
+        decode step's split balances by (``share_calibrate``); ``None`` without
+        ``share_rates``."""
     @property
     def share_timeline(self) -> dict[str, float]:
         """Where the shared decode steps spent their time, summed since the first, in seconds:
@@ -180,10 +183,6 @@ class KVStore:
         """``(bytes per second, tasks)``: the rate of the CPU share's own tasks (keys and
         values read over the seconds they computed, the most recent weighing most) and how
         many ran; ``None`` before any."""
-    @property
-    def share_cpu_rate(self) -> float | None:
-        """The CPU rate (bytes per second) the next decode step's split balances by
-        (``share_calibrate``); ``None`` without ``share_rates``."""
     @property
     def host_reader(self) -> str:
         """How the GPU reads host-resident blocks in decode: ``"auto"`` (the faster by

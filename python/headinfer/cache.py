@@ -592,12 +592,11 @@ class HeadInferCache(Cache):
         without a rate-based share); with CUDA stores, ``host_reader`` (per store: ``"copy"``
         or ``"zero-copy"``, how the GPU reads host blocks), ``split``: per layer, the first
         key the CPU would take in each kv head now (``null``: the GPU alone), and per store
-        ``cpu_rate`` (what the split balances by now: the probe's rate times the feedback of
-        the store's own steps), ``feedback`` (``[factor, steps, waited]``: that factor, the
-        layers' shared steps read and those the GPU waited for the CPU in) and
-        ``cpu_measured`` (``[bytes per second, tasks]`` of the share's own tasks, ``null``
-        before any), ``timeline`` (where the shared steps spent their time:
-        ``KVStore.share_timeline``).
+        ``balance`` (per layer, the CPU's and the GPU's rates its split balances by now:
+        ``KVStore.share_balance``), ``steps`` (``[steps, waited]``: the layers' shared steps
+        read and those the GPU waited for the CPU in), ``cpu_measured`` (``[bytes per
+        second, tasks]`` of the share's own tasks, ``null`` before any) and ``timeline``
+        (where the shared steps spent their time: ``KVStore.share_timeline``).
         """
         if self._share is None:
             plan = SharePlan(
@@ -619,9 +618,9 @@ class HeadInferCache(Cache):
                 for part, local in self._where
             ]
             cuda = [part.store for part in self._parts if part.store.is_cuda]
-            d["cpu_rate"] = [store.share_cpu_rate for store in cuda]
+            d["balance"] = [store.share_balance for store in cuda]
             d["cpu_measured"] = [store.share_cpu_measured for store in cuda]
-            d["feedback"] = [store.share_feedback for store in cuda]
+            d["steps"] = [store.share_steps for store in cuda]
             d["timeline"] = [store.share_timeline for store in cuda]
         return d
 

@@ -54,17 +54,13 @@ pub unsafe fn attend_cuda(
     let [hq, lq, _] = q_shape;
     let cfg = store.config().clone();
     let row_bytes = cfg.row_bytes();
-    // How this layer's last shared step ended: the meter's timeline, and, calibrating, the
-    // balance (`CpuMeter::feedback`).
+    // How this layer's last shared step went: the meter's timeline and the layer's rates.
     if let Some(t) = store.share_step_times(layer)? {
-        policy.meter.gpu_step(t.own, t.waited);
-        if policy.calibrate {
-            policy.meter.feedback(t.waited);
-        }
+        policy.meter.gpu_step(layer, t.own, t.waited);
     }
     let (split, staged) = {
         let view = store.device_view(layer)?;
-        let split = policy.split(lq, contiguous, &view, params.window, 2 * row_bytes);
+        let split = policy.split_step(layer, lq, contiguous, &view, params.window, 2 * row_bytes);
         let staged = policy.host_reader() == HostReader::CopyEngine && view.has_host_blocks();
         (split, staged)
     };

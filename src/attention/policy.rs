@@ -199,6 +199,9 @@ pub struct ShareEstimate {
     pub split: Split,
     /// Bytes of keys and values the CPU reads.
     pub cpu_bytes: f64,
+    /// Host bytes the GPU reads with the split, and the seconds of its device blocks.
+    pub gpu_host_bytes: f64,
+    pub device_seconds: f64,
     /// The GPU's part with the split, the CPU's (hand-off included), and the GPU alone.
     pub gpu_seconds: f64,
     pub cpu_seconds: f64,
@@ -226,7 +229,8 @@ pub fn balance(rates: &Rates, layer: &LayerPlacement, max_heads: usize) -> Optio
         .heads
         .iter()
         .fold((0, 0), |(d, h), p| (d + p.device_tokens, h + p.host_tokens));
-    let alone = dev as f64 * tb / rates.device + host as f64 * tb / rates.pcie;
+    let device_seconds = dev as f64 * tb / rates.device;
+    let alone = device_seconds + host as f64 * tb / rates.pcie;
     let target = (alone - rates.handoff) / (1.0 / rates.pcie + 1.0 / rates.cpu);
     if target <= 0.0 {
         return None;
@@ -276,6 +280,8 @@ pub fn balance(rates: &Rates, layer: &LayerPlacement, max_heads: usize) -> Optio
     Some(ShareEstimate {
         split: Split { from },
         cpu_bytes,
+        gpu_host_bytes: host as f64 * tb - cpu_bytes,
+        device_seconds,
         gpu_seconds,
         cpu_seconds,
         alone_seconds: alone,
@@ -285,23 +291,31 @@ pub fn balance(rates: &Rates, layer: &LayerPlacement, max_heads: usize) -> Optio
 /// Seconds the GPU may wait for the CPU's rows and still count as the side that finished last
 /// (the stream's wait and the timing events take a few microseconds themselves).
 pub const WAIT_EPS: f64 = 20e-6;
-/// How far one layer's shared step moves the balance: the CPU's rate is taken this much lower
-/// (the GPU waited) or higher (it did not). About 25 layers move it by 2 x; balanced, a step's
-/// split dithers by this much around the point where both sides finish together.
-pub const FEEDBACK_STEP: f64 = 0.03;
-/// The bounds of the feedback's factor on the probe's CPU rate.
-pub const BIAS_RANGE: (f64, f64) = (1.0 / 8.0, 8.0);
+/// A layer step's weight in that layer's rates (the rest is its earlier steps').
+pub const STEP_WEIGHT: f64 = 0.5;
+/// The most one step moves a layer's rate, as a factor either way: a step that something
+/// else slowed (another process, the OS) does not swing the next split.
+pub const STEP_FACTOR: f64 = 2.0;
+/// The bounds of a layer's measured rates, as factors on the probe's.
+pub const PROBE_RANGE: (f64, f64) = (1.0 / 8.0, 8.0);
 /// Each earlier task's weight in the reported rate, per task since.
 pub const METER_DECAY: f64 = 0.98;
 
-/// The CPU share as a store's own steps find it: whether each layer's GPU waited for the CPU's
-/// rows (`feedback`, a factor on the probe's CPU rate), and the rate its tasks computed at
-/// (`record`, reported). The probe times each side alone, over buffers of its own; in a step,
-/// the share reads the store's pinned blocks beside the GPU's copies and the thread that
-/// drives the GPU, and the GPU's side has costs of its own per layer. On the H200 host, the
-/// share's tasks computed at 62 GB/s where the probe said 90, yet balancing by 62 was slower
-/// (0.21 s a token against 0.18): the GPU's side was slower than its probe too. So the
-/// balance follows what each step shows, which side finished last, not a model of either.
+/// The CPU share as a store's own steps find it. The probes time each side alone, over
+/// buffers of their own; in a step, the share reads the store's pinned blocks beside the
+/// GPU's copies and the thread that drives the GPU, and the GPU's side has costs of its own
+/// per layer (on the H200 host the tasks computed at 62 GB/s where the probe said 90, and the
+/// GPU's side fell short of its probe too). So each layer's split balances by the rates that
+/// layer's own steps showed, both sides': the CPU's bytes over its task's seconds (`record`),
+/// the GPU's host bytes over its own part's seconds less its device blocks' (`planned`, then
+/// `gpu_step`).
+///
+/// Rates, not a nudge toward the side that finished first: a split is made a token after the
+/// step it learns from (the caller queues a whole token ahead of the stream), so one factor
+/// nudged 3 % per layer step took its 32 nudges a token all from the token before, swung
+/// past the balance and back within each token, and the two sides waited for each other a
+/// quarter of every step (exact and int8, 262,144 to 1,048,576 tokens, BENCHMARKS.md).
+///
 /// It also sums where the steps spent their time, both sides (`timeline`).
 #[derive(Debug)]
 pub struct CpuMeter {
@@ -314,14 +328,47 @@ struct MeterState {
     bytes: f64,
     seconds: f64,
     tasks: usize,
-    /// The feedback's factor on the probe's CPU rate.
-    bias: f64,
-    /// Shared steps read by `feedback`, and those in which the GPU waited.
+    /// Shared steps read by `gpu_step`, and those in which the GPU waited.
     steps: usize,
     waited: usize,
     timeline: Timeline,
     /// When the last task ended (the CPU idles from then until the next one computes).
     last_end: Option<Instant>,
+    /// Per layer.
+    layers: Vec<LayerRates>,
+}
+
+impl MeterState {
+    fn layer(&mut self, layer: usize) -> &mut LayerRates {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, LayerRates::default());
+        }
+        &mut self.layers[layer]
+    }
+}
+
+/// What one layer's own shared steps showed.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LayerRates {
+    /// Bytes per second of the CPU's tasks and of the GPU's host part (`STEP_WEIGHT` on the
+    /// latest step; `None`: not measured yet).
+    pub cpu: Option<f64>,
+    pub gpu: Option<f64>,
+    /// The GPU's part of the step split last, until that step is read: its host bytes, and
+    /// its device blocks' seconds at the probe's rate.
+    planned: Option<(f64, f64)>,
+}
+
+/// `old` moved toward one step's `rate` (`STEP_WEIGHT`, at most `STEP_FACTOR`); a rate that
+/// is not a positive number measures nothing.
+fn smooth(old: Option<f64>, rate: f64) -> Option<f64> {
+    if !(rate.is_finite() && rate > 0.0) {
+        return old;
+    }
+    Some(match old {
+        Some(o) => o + STEP_WEIGHT * (rate.clamp(o / STEP_FACTOR, o * STEP_FACTOR) - o),
+        None => rate,
+    })
 }
 
 /// Where a store's shared decode steps spent their time, summed over its layers' steps
@@ -354,11 +401,11 @@ impl Default for CpuMeter {
                 bytes: 0.0,
                 seconds: 0.0,
                 tasks: 0,
-                bias: 1.0,
                 steps: 0,
                 waited: 0,
                 timeline: Timeline::default(),
                 last_end: None,
+                layers: Vec::new(),
             }),
         }
     }
@@ -369,8 +416,8 @@ impl CpuMeter {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records one task: `bytes` of keys and values read from `start` to `end`.
-    pub fn record(&self, bytes: f64, start: Instant, end: Instant) {
+    /// Records one task of `layer`: `bytes` of keys and values read from `start` to `end`.
+    pub fn record(&self, layer: usize, bytes: f64, start: Instant, end: Instant) {
         let seconds = end.saturating_duration_since(start).as_secs_f64();
         let mut s = self.state();
         if let Some(gap) = s.last_end.map(|e| start.saturating_duration_since(e)) {
@@ -387,11 +434,19 @@ impl CpuMeter {
         s.bytes = s.bytes * METER_DECAY + bytes;
         s.seconds = s.seconds * METER_DECAY + seconds;
         s.tasks += 1;
+        let l = s.layer(layer);
+        l.cpu = smooth(l.cpu, bytes / seconds);
     }
 
-    /// Records how one layer's shared step went on the GPU: `own` seconds of its own part,
-    /// then `waited` for the CPU's rows.
-    pub fn gpu_step(&self, own: f64, waited: f64) {
+    /// Notes the GPU's part of `layer`'s shared step about to be queued: `host_bytes` read
+    /// from host blocks, and `device_seconds` over device blocks (`gpu_step` reads it back).
+    pub fn planned(&self, layer: usize, host_bytes: f64, device_seconds: f64) {
+        self.state().layer(layer).planned = Some((host_bytes, device_seconds));
+    }
+
+    /// Records how `layer`'s last shared step went on the GPU: `own` seconds of its own part,
+    /// then `waited` for the CPU's rows; with the part `planned` for it, the layer's GPU rate.
+    pub fn gpu_step(&self, layer: usize, own: f64, waited: f64) {
         if !(own.is_finite() && waited.is_finite()) {
             return;
         }
@@ -399,6 +454,12 @@ impl CpuMeter {
         s.timeline.gpu_steps += 1;
         s.timeline.gpu_own += own.max(0.0);
         s.timeline.gpu_waited += waited.max(0.0);
+        s.steps += 1;
+        s.waited += usize::from(waited > WAIT_EPS);
+        let l = s.layer(layer);
+        if let Some((host_bytes, device_seconds)) = l.planned.take() {
+            l.gpu = smooth(l.gpu, host_bytes / (own - device_seconds));
+        }
     }
 
     /// The sums so far.
@@ -417,27 +478,12 @@ impl CpuMeter {
         self.state().tasks
     }
 
-    /// One layer's shared step ended with the GPU waiting `waited` seconds for the CPU's rows:
-    /// the CPU took too much (beyond `WAIT_EPS`) or too little.
-    pub fn feedback(&self, waited: f64) {
-        let mut s = self.state();
-        let cpu_last = waited > WAIT_EPS;
-        let f = if cpu_last {
-            1.0 - FEEDBACK_STEP
-        } else {
-            1.0 + FEEDBACK_STEP
-        };
-        s.bias = (s.bias * f).clamp(BIAS_RANGE.0, BIAS_RANGE.1);
-        s.steps += 1;
-        s.waited += usize::from(cpu_last);
+    /// What `layer`'s own steps showed so far.
+    pub fn layer(&self, layer: usize) -> LayerRates {
+        self.state().layers.get(layer).copied().unwrap_or_default()
     }
 
-    /// The feedback's factor on the probe's CPU rate (1 before any).
-    pub fn bias(&self) -> f64 {
-        self.state().bias
-    }
-
-    /// `(steps, of them the GPU waited)` read by `feedback`.
+    /// `(steps, of them the GPU waited)` read by `gpu_step`.
     pub fn steps(&self) -> (usize, usize) {
         let s = self.state();
         (s.steps, s.waited)
@@ -460,8 +506,8 @@ pub struct SharePolicy {
     pub reader: ReaderChoice,
     /// The CPU share in this store's own steps (shared by the policy's clones).
     pub meter: Arc<CpuMeter>,
-    /// Whether `split` balances by the probe's CPU rate times the meter's feedback (else by
-    /// the probe's alone).
+    /// Whether `split` balances each layer by the rates its own steps showed (else by the
+    /// probe's alone).
     pub calibrate: bool,
 }
 
@@ -520,48 +566,86 @@ impl SharePolicy {
             .map_or_else(rayon::current_num_threads, |p| p.current_num_threads())
     }
 
-    /// The split of one attention call of `q_len` queries per head (`contiguous`: the query
-    /// is `[num_q_heads, 1, head_dim]` with packed rows) over `layer` (whose queries see the
-    /// last `window` keys, if it has one; `token_bytes` per token of a head), or `None` for
-    /// the GPU alone.
+    /// The split of one attention call of `layer` with `q_len` queries per head
+    /// (`contiguous`: the query is `[num_q_heads, 1, head_dim]` with packed rows) over `view`
+    /// (whose queries see the last `window` keys, if it has one; `token_bytes` per token of a
+    /// head), or `None` for the GPU alone.
     pub fn split(
         &self,
+        layer: usize,
         q_len: usize,
         contiguous: bool,
-        layer: &DeviceLayer<'_>,
+        view: &DeviceLayer<'_>,
         window: Option<usize>,
         token_bytes: usize,
     ) -> Option<Split> {
-        if q_len != 1 || !contiguous || layer.is_empty() {
+        self.choose(layer, q_len, contiguous, view, window, token_bytes)
+            .map(|(split, _)| split)
+    }
+
+    /// `split` for a step about to be queued: the meter learns the GPU's part of it, to rate
+    /// the GPU's side once the step is timed.
+    pub fn split_step(
+        &self,
+        layer: usize,
+        q_len: usize,
+        contiguous: bool,
+        view: &DeviceLayer<'_>,
+        window: Option<usize>,
+        token_bytes: usize,
+    ) -> Option<Split> {
+        let (split, estimate) = self.choose(layer, q_len, contiguous, view, window, token_bytes)?;
+        if let Some(e) = estimate {
+            self.meter
+                .planned(layer, e.gpu_host_bytes, e.device_seconds);
+        }
+        Some(split)
+    }
+
+    fn choose(
+        &self,
+        layer: usize,
+        q_len: usize,
+        contiguous: bool,
+        view: &DeviceLayer<'_>,
+        window: Option<usize>,
+        token_bytes: usize,
+    ) -> Option<(Split, Option<ShareEstimate>)> {
+        if q_len != 1 || !contiguous || view.is_empty() {
             return None;
         }
         if self.cpu_heads > 0 {
-            let heads = self.cpu_heads.min(layer.num_kv_heads()).min(MAX_CPU_HEADS);
-            return self.decide(layer.len(), &layer.host_tails(heads));
+            let heads = self.cpu_heads.min(view.num_kv_heads()).min(MAX_CPU_HEADS);
+            return self
+                .decide(view.len(), &view.host_tails(heads))
+                .map(|s| (s, None));
         }
-        let rates = self.rates.as_ref()?;
-        // The GPU's side runs at the rate of the reader it uses; the CPU's as the feedback
-        // of earlier steps corrects the probe's.
-        let rates = Rates {
-            pcie: rates.host_rate(self.host_reader()),
-            cpu: self.cpu_rate().unwrap_or(rates.cpu),
-            ..*rates
-        };
+        let rates = self.layer_rates(layer)?;
         let lo = window
-            .map_or(0, |w| layer.len().saturating_sub(w))
-            .max(layer.start());
-        balance(&rates, &layer.placement(lo, token_bytes), MAX_CPU_HEADS).map(|e| e.split)
+            .map_or(0, |w| view.len().saturating_sub(w))
+            .max(view.start());
+        balance(&rates, &view.placement(lo, token_bytes), MAX_CPU_HEADS)
+            .map(|e| (e.split.clone(), Some(e)))
     }
 
-    /// The CPU rate `split` balances by: the probe's, times the meter's feedback where
-    /// `calibrate` is on (`None`: no rates).
-    pub fn cpu_rate(&self) -> Option<f64> {
-        let probe = self.rates.as_ref()?.cpu;
-        Some(if self.calibrate {
-            probe * self.meter.bias()
-        } else {
-            probe
-        })
+    /// The rates `layer`'s split balances by (`None`: no rates): the probe's, with the GPU's
+    /// side at the rate of the reader it uses; where `calibrate` is on, each side's replaced by
+    /// what the layer's own steps showed, within `PROBE_RANGE` of the probe's.
+    pub fn layer_rates(&self, layer: usize) -> Option<Rates> {
+        let probe = self.rates.as_ref()?;
+        let mut rates = Rates {
+            pcie: probe.host_rate(self.host_reader()),
+            ..*probe
+        };
+        if self.calibrate {
+            let seen = self.meter.layer(layer);
+            let within = |measured: Option<f64>, p: f64| {
+                measured.map_or(p, |m| m.clamp(p * PROBE_RANGE.0, p * PROBE_RANGE.1))
+            };
+            rates.cpu = within(seen.cpu, rates.cpu);
+            rates.pcie = within(seen.gpu, rates.pcie);
+        }
+        Some(rates)
     }
 
     /// The `cpu_heads` decision, pure: `tails[h]` is where head `h`'s host blocks start

@@ -198,7 +198,7 @@ pub unsafe fn queue_cpu<E: Element>(
             None => compute::<E>(&ptrs, rows, d, &kv, &params),
         };
         if r.is_ok() {
-            meter.record(bytes, t, Instant::now());
+            meter.record(layer, bytes, t, Instant::now());
         }
         r
     });

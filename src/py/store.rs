@@ -268,19 +268,21 @@ impl PyKvStore {
         ])
     }
 
-    /// `(factor, steps, waited)`: the balance's feedback on the probe's CPU rate, the shared
-    /// layer steps it read and how many of them the GPU waited for the CPU in.
+    /// `(steps, waited)`: the layers' shared steps read, and how many of them the GPU waited
+    /// for the CPU's rows in.
     #[getter]
-    fn share_feedback(&self) -> (f64, usize, usize) {
-        let m = &self.policy.meter;
-        let (steps, waited) = m.steps();
-        (m.bias(), steps, waited)
+    fn share_steps(&self) -> (usize, usize) {
+        self.policy.meter.steps()
     }
 
-    /// The CPU rate each decode step's split balances by now (`None`: no rates).
+    /// Per layer, `(cpu, gpu)`: the rates (bytes per second) its next decode step's split
+    /// balances by (`None`: no rates).
     #[getter]
-    fn share_cpu_rate(&self) -> Option<f64> {
-        self.policy.cpu_rate()
+    fn share_balance(&self) -> Option<Vec<(f64, f64)>> {
+        let layers = each!(&self.inner, s => s.config().num_layers);
+        (0..layers)
+            .map(|l| self.policy.layer_rates(l).map(|r| (r.cpu, r.pcie)))
+            .collect()
     }
 
     #[getter]
@@ -351,7 +353,7 @@ impl PyKvStore {
                 let view = s.device_view(layer).py_err(py)?;
                 Ok(self
                     .policy
-                    .split(1, true, &view, window, token_bytes)
+                    .split(layer, 1, true, &view, window, token_bytes)
                     .map(|s| s.from))
             }
         }

@@ -476,6 +476,13 @@ def test_every_family_float32_matches_eager_with_the_rate_split(
         t = plan["timeline"][0]
         assert t["cpu_tasks"] > 0 and t["cpu_busy"] > 0 and t["cpu_idle"] >= 0, t
         assert t["gpu_steps"] > 0 and t["gpu_own"] > 0 and t["gpu_waited"] >= 0, t
+        steps, waited = plan["steps"][0]
+        assert steps == t["gpu_steps"] and 0 <= waited <= steps, plan["steps"]
+        # Each layer balances by the rates its own steps showed: the shared ones moved off
+        # the probe's.
+        balance = plan["balance"][0]
+        assert len(balance) == text.num_hidden_layers, balance
+        assert any(cpu != plan["rates"]["cpu"] for cpu, _ in balance), balance
     assert rel_err(torch.stack(got, 1), want) < 1e-4
 
 

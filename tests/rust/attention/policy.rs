@@ -103,6 +103,10 @@ fn check_split(r: &Rates, l: &LayerPlacement, max_heads: usize, e: &ShareEstimat
     assert!((e.alone_seconds - alone).abs() <= 1e-12 * alone.max(1.0));
     assert!((e.gpu_seconds - (alone - bytes / r.pcie)).abs() < 1e-12);
     assert!((e.cpu_seconds - (r.handoff + bytes / r.cpu)).abs() < 1e-12);
+    // The GPU's part, as the meter learns it: its host bytes and its device blocks' time.
+    assert_eq!(e.gpu_host_bytes + bytes, host as f64 * tb);
+    assert!((e.device_seconds - dev as f64 * tb / r.device).abs() < 1e-15);
+    assert!((e.gpu_seconds - (e.device_seconds + e.gpu_host_bytes / r.pcie)).abs() < 1e-12);
     assert!(
         e.gpu_seconds.max(e.cpu_seconds) < alone,
         "a split that does not pay"
@@ -483,7 +487,7 @@ fn stores_share_one_pool_per_thread_count() {
 fn task(m: &CpuMeter, at: Instant, gap: f64, bytes: f64, seconds: f64) -> Instant {
     let start = at + Duration::from_secs_f64(gap);
     let end = start + Duration::from_secs_f64(seconds);
-    m.record(bytes, start, end);
+    m.record(0, bytes, start, end);
     end
 }
 
@@ -519,9 +523,9 @@ fn the_meter_sums_where_the_shared_steps_spent_their_time() {
     at = task(&m, at, 0.005, 1e6, 0.010);
     task(&m, at, IDLE_LIMIT.as_secs_f64() + 1.0, 1e6, 0.010);
     // The GPU's side of two steps; nonsense is not a step.
-    m.gpu_step(0.020, 0.001);
-    m.gpu_step(0.018, 0.0);
-    m.gpu_step(f64::NAN, 0.0);
+    m.gpu_step(0, 0.020, 0.001);
+    m.gpu_step(0, 0.018, 0.0);
+    m.gpu_step(0, f64::NAN, 0.0);
     let t = m.timeline();
     assert_eq!((t.cpu_tasks, t.gpu_steps), (4, 2));
     let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
@@ -531,59 +535,108 @@ fn the_meter_sums_where_the_shared_steps_spent_their_time() {
         close(t.gpu_own, 0.038) && close(t.gpu_waited, 0.001),
         "{t:?}"
     );
-    // The feedback's own count is apart from it.
-    assert_eq!(m.steps(), (0, 0));
+    // Steps read, and those the GPU waited in.
+    assert_eq!(m.steps(), (2, 1));
 }
 
 #[test]
-fn feedback_moves_the_cpu_rate_toward_the_side_that_finished_first() {
-    let rates = Rates {
+fn each_layer_balances_by_the_rates_its_own_steps_showed() {
+    let probe = Rates {
         pcie: 50e9,
         cpu: 40e9,
         device: 2e12,
         handoff: 50e-6,
         copy: 0.0,
     };
-    let mut p = SharePolicy {
-        rates: Some(rates),
+    let p = SharePolicy {
+        rates: Some(probe),
         ..SharePolicy::default()
     };
     assert_eq!(
-        p.cpu_rate(),
-        Some(40e9),
+        p.layer_rates(3),
+        Some(probe),
         "the probe's until a step was read"
     );
-    // The GPU waited for the CPU's rows: the CPU took too much.
-    p.meter.feedback(1e-3);
-    let down = p.cpu_rate().unwrap();
-    assert!((down - 40e9 * (1.0 - FEEDBACK_STEP)).abs() < 1e3, "{down}");
-    // A wait within the timing's own cost counts as none: the CPU may take more.
-    p.meter.feedback(WAIT_EPS / 2.0);
-    p.meter.feedback(0.0);
-    assert!(p.cpu_rate().unwrap() > down);
-    assert_eq!(p.meter.steps(), (3, 1));
-    // The policy's clones share the meter (the store clones its policy per call).
-    assert_eq!(p.clone().cpu_rate(), p.cpu_rate());
-    // Bounded either way.
-    for _ in 0..1000 {
-        p.meter.feedback(1.0);
+    // Layer 3's step: the CPU read 1 GB in 50 ms (20 GB/s); the GPU, planned 2 GB of host
+    // blocks and 10 ms of device blocks, took 110 ms of its own (20 GB/s).
+    let at = Instant::now();
+    p.meter.record(3, 1e9, at, at + Duration::from_millis(50));
+    p.meter.planned(3, 2e9, 0.010);
+    p.meter.gpu_step(3, 0.110, 0.0);
+    let r = p.layer_rates(3).unwrap();
+    assert!(
+        (r.cpu - 20e9).abs() < 1e3 && (r.pcie - 20e9).abs() < 1e3,
+        "{r:?}"
+    );
+    assert_eq!((r.device, r.handoff), (probe.device, probe.handoff));
+    // Other layers keep the probe's; the policy's clones share the meter (the store clones
+    // its policy per call).
+    assert_eq!(p.layer_rates(2), Some(probe));
+    assert_eq!(p.clone().layer_rates(3), Some(r));
+    // A step is read once: no plan, no GPU rate (the timeline still counts it).
+    p.meter.gpu_step(3, 1.0, 0.0);
+    assert_eq!(p.layer_rates(3).unwrap().pcie, r.pcie);
+    assert_eq!(p.meter.steps(), (2, 0));
+    // Later steps weigh `STEP_WEIGHT`, and one step moves a rate by at most `STEP_FACTOR`.
+    p.meter.record(3, 1e9, at, at + Duration::from_millis(25)); // 40 GB/s
+    let cpu = p.layer_rates(3).unwrap().cpu;
+    assert!((cpu - (20e9 + STEP_WEIGHT * 20e9)).abs() < 1e3, "{cpu}");
+    p.meter.record(3, 1e9, at, at + Duration::from_micros(1)); // an outlier
+    let capped = p.layer_rates(3).unwrap().cpu;
+    assert!((capped - (cpu + STEP_WEIGHT * cpu)).abs() < 1e3, "{capped}");
+    // A step whose own part was all device blocks measures nothing.
+    p.meter.planned(3, 1e9, 0.2);
+    p.meter.gpu_step(3, 0.1, 0.0);
+    assert_eq!(p.layer_rates(3).unwrap().pcie, r.pcie);
+    // Bounded by `PROBE_RANGE` of the probe's.
+    for _ in 0..100 {
+        p.meter.record(5, 1e3, at, at + Duration::from_secs(1));
     }
-    assert!((p.meter.bias() - BIAS_RANGE.0).abs() < 1e-12);
-    for _ in 0..1000 {
-        p.meter.feedback(0.0);
-    }
-    assert!((p.meter.bias() - BIAS_RANGE.1).abs() < 1e-12);
-    // Off: the probe's rate.
-    p.calibrate = false;
-    assert_eq!(p.cpu_rate(), Some(40e9));
-    p.rates = None;
-    assert_eq!(p.cpu_rate(), None);
-    // Balanced by a lower rate, the CPU takes less.
-    let l = layer(65536, 0, 256, &[Some(0); 8]);
-    let at = |cpu: f64| {
-        balance(&Rates { cpu, ..rates }, &l, 8)
+    assert_eq!(p.layer_rates(5).unwrap().cpu, probe.cpu * PROBE_RANGE.0);
+    // Off: the probe's; no rates: none.
+    let mut off = p.clone();
+    off.calibrate = false;
+    assert_eq!(off.layer_rates(3), Some(probe));
+    off.rates = None;
+    assert_eq!(off.layer_rates(3), None);
+}
+
+#[test]
+fn a_layer_that_shows_a_slow_side_gives_it_less() {
+    let probe = Rates {
+        pcie: 50e9,
+        cpu: 50e9,
+        device: 2e12,
+        handoff: 50e-6,
+        copy: 0.0,
+    };
+    let p = SharePolicy {
+        rates: Some(probe),
+        ..SharePolicy::default()
+    };
+    // 65,536 tokens of 8 heads, the first 1,024 of each on the device.
+    let l = layer(65536, 0, 256, &[Some(1024); 8]);
+    let cpu_bytes = |layer: usize| {
+        balance(&p.layer_rates(layer).unwrap(), &l, 8)
             .map(|e| e.cpu_bytes)
             .unwrap()
     };
-    assert!(at(20e9) < at(40e9));
+    let even = cpu_bytes(0);
+    // Layer 0: a step in which the GPU's side ran at half its probe's rate.
+    let e = balance(&p.layer_rates(0).unwrap(), &l, 8).unwrap();
+    p.meter.planned(0, e.gpu_host_bytes, e.device_seconds);
+    let own = e.device_seconds + e.gpu_host_bytes / (probe.pcie / 2.0);
+    p.meter.gpu_step(0, own, 0.0);
+    assert!((p.layer_rates(0).unwrap().pcie - probe.pcie / 2.0).abs() < 1e3);
+    assert!(cpu_bytes(0) > even * 1.2, "the CPU takes more of layer 0");
+    // Layer 1: a step in which the CPU ran at half.
+    let at = Instant::now();
+    p.meter.record(
+        1,
+        1e9,
+        at,
+        at + Duration::from_secs_f64(1e9 / (probe.cpu / 2.0)),
+    );
+    assert!(cpu_bytes(1) < even * 0.8, "the CPU takes less of layer 1");
+    assert_eq!(cpu_bytes(2), even);
 }
