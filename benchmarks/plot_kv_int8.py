@@ -102,7 +102,7 @@ def timeline(out: str, specs: list[str]) -> None:
     ax.set_xticks(range(len(entries)), [n for n, _ in entries])
     ax.set_ylabel("s a token: GPU (left), CPU (right)")
     ax.set_title("Where a shared decode step goes (Llama-3-8B shape, emulated 24 GiB card)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper right")
     _save(fig, out)
 
 
