@@ -521,6 +521,8 @@ def test_cpu_heads_belongs_to_cuda_stores_and_is_checked() -> None:
     with pytest.raises(ValueError, match="^share_rates:"):
         s.share_rates = (51e9, 40e9, 2.5e12, 1e-4)
     s.share_rates = None
+    # No rates, nothing to balance; no shared step read.
+    assert s.share_balance is None and s.share_steps == (0, 0)
     s.share_threads = 2
     assert s.share_threads == 2
     s.share_threads = 0
