@@ -60,7 +60,17 @@ pub unsafe fn attend_cuda(
     }
     let (split, staged) = {
         let view = store.device_view(layer)?;
-        let split = policy.split_step(layer, lq, contiguous, &view, params.window, 2 * row_bytes);
+        let split = policy
+            .split(layer, lq, contiguous, &view, params.window, 2 * row_bytes)
+            .map(|(split, estimate)| {
+                // The meter rates the GPU's side by this part once the step is timed.
+                if let Some(e) = estimate {
+                    policy
+                        .meter
+                        .planned(layer, e.gpu_host_bytes, e.device_seconds);
+                }
+                split
+            });
         let staged = policy.host_reader() == HostReader::CopyEngine && view.has_host_blocks();
         (split, staged)
     };

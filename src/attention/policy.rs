@@ -569,40 +569,9 @@ impl SharePolicy {
     /// The split of one attention call of `layer` with `q_len` queries per head
     /// (`contiguous`: the query is `[num_q_heads, 1, head_dim]` with packed rows) over `view`
     /// (whose queries see the last `window` keys, if it has one; `token_bytes` per token of a
-    /// head), or `None` for the GPU alone.
+    /// head), or `None` for the GPU alone; split by rates, with the balance's estimate (a
+    /// caller that queues the step notes its GPU part in the meter: `CpuMeter::planned`).
     pub fn split(
-        &self,
-        layer: usize,
-        q_len: usize,
-        contiguous: bool,
-        view: &DeviceLayer<'_>,
-        window: Option<usize>,
-        token_bytes: usize,
-    ) -> Option<Split> {
-        self.choose(layer, q_len, contiguous, view, window, token_bytes)
-            .map(|(split, _)| split)
-    }
-
-    /// `split` for a step about to be queued: the meter learns the GPU's part of it, to rate
-    /// the GPU's side once the step is timed.
-    pub fn split_step(
-        &self,
-        layer: usize,
-        q_len: usize,
-        contiguous: bool,
-        view: &DeviceLayer<'_>,
-        window: Option<usize>,
-        token_bytes: usize,
-    ) -> Option<Split> {
-        let (split, estimate) = self.choose(layer, q_len, contiguous, view, window, token_bytes)?;
-        if let Some(e) = estimate {
-            self.meter
-                .planned(layer, e.gpu_host_bytes, e.device_seconds);
-        }
-        Some(split)
-    }
-
-    fn choose(
         &self,
         layer: usize,
         q_len: usize,

@@ -354,7 +354,7 @@ impl PyKvStore {
                 Ok(self
                     .policy
                     .split(layer, 1, true, &view, window, token_bytes)
-                    .map(|s| s.from))
+                    .map(|(s, _)| s.from))
             }
         }
     }

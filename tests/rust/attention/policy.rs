@@ -539,11 +539,12 @@ fn the_meter_sums_where_the_shared_steps_spent_their_time() {
     assert_eq!(m.steps(), (2, 1));
 }
 
-#[test]
-fn each_layer_balances_by_the_rates_its_own_steps_showed() {
+/// A policy balancing by probed rates: PCIe 50 GB/s, the CPU's `cpu`, HBM 2 TB/s, a 50 us
+/// hand-off.
+fn rated(cpu: f64) -> (Rates, SharePolicy) {
     let probe = Rates {
         pcie: 50e9,
-        cpu: 40e9,
+        cpu,
         device: 2e12,
         handoff: 50e-6,
         copy: 0.0,
@@ -552,6 +553,12 @@ fn each_layer_balances_by_the_rates_its_own_steps_showed() {
         rates: Some(probe),
         ..SharePolicy::default()
     };
+    (probe, p)
+}
+
+#[test]
+fn each_layer_balances_by_the_rates_its_own_steps_showed() {
+    let (probe, p) = rated(40e9);
     assert_eq!(
         p.layer_rates(3),
         Some(probe),
@@ -603,17 +610,7 @@ fn each_layer_balances_by_the_rates_its_own_steps_showed() {
 
 #[test]
 fn a_layer_that_shows_a_slow_side_gives_it_less() {
-    let probe = Rates {
-        pcie: 50e9,
-        cpu: 50e9,
-        device: 2e12,
-        handoff: 50e-6,
-        copy: 0.0,
-    };
-    let p = SharePolicy {
-        rates: Some(probe),
-        ..SharePolicy::default()
-    };
+    let (probe, p) = rated(50e9);
     // 65,536 tokens of 8 heads, the first 1,024 of each on the device.
     let l = layer(65536, 0, 256, &[Some(1024); 8]);
     let cpu_bytes = |layer: usize| {
