@@ -1,7 +1,10 @@
-"""What the benchmark scripts share: the Llama-3-8B-shaped model and CUDA-event timing."""
+"""What the benchmark scripts share: the Llama-3-8B-shaped model, CUDA-event timing, the pinned
+copy rate, and writing results under ``$OUT``."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Any, Callable
 
@@ -43,11 +46,27 @@ def cuda_time(fn: Callable[[], Any], iters: int = 5) -> float:
     return a.elapsed_time(b) / 1e3 / iters
 
 
-def h2d_gbs() -> float:
-    """Pinned host-to-device copy bandwidth, GB/s, over 1 GiB."""
-    src = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
-    dst = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    return src.numel() / cuda_time(lambda: dst.copy_(src, non_blocking=True)) / 1e9
+def h2d_gbs(chunk: int | None = None) -> float:
+    """Pinned host-to-device copy bandwidth, GB/s, over 1 GiB: in one copy, or in copies of
+    ``chunk`` bytes (each copy costs the copy engine time of its own)."""
+    total = 1 << 30
+    src = torch.empty(total, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(total, dtype=torch.uint8, device="cuda")
+    step = chunk or total
+
+    def copy() -> None:
+        for a in range(0, total, step):
+            dst[a : a + step].copy_(src[a : a + step], non_blocking=True)
+
+    return total / cuda_time(copy) / 1e9
+
+
+def write_out(name: str, data: Any) -> None:
+    """``data`` as JSON in ``$OUT/name``, where ``$OUT`` is set (the device runs' results)."""
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(data, f)
 
 
 def decode(model, cache, name: str, first: torch.Tensor, steps: int, skip: int = 2, mark=None):

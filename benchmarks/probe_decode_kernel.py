@@ -9,12 +9,10 @@ token on a short cache). Usage: python benchmarks/probe_decode_kernel.py
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import torch
-from _common import cuda_time, h2d_gbs
+from _common import cuda_time, h2d_gbs, write_out
 
 from headinfer import _core
 
@@ -118,18 +116,15 @@ def main():
         "sdpa_call_us": round(host_sdpa * 1e6, 1),
     }
     print("host time per call:", over, flush=True)
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        with open(os.path.join(out_dir, "probe_decode_kernel.json"), "w") as f:
-            json.dump(
-                {
-                    "h2d_gbs": h2d,
-                    "rows": rows,
-                    "overhead": over,
-                    "device": torch.cuda.get_device_name(),
-                },
-                f,
-            )
+    write_out(
+        "probe_decode_kernel.json",
+        {
+            "h2d_gbs": h2d,
+            "rows": rows,
+            "overhead": over,
+            "device": torch.cuda.get_device_name(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ float32 math reference on a small case. Usage: python benchmarks/probe_prefill_a
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
+from _common import write_out
 
 HQ, HKV, D = 32, 8, 128
 
@@ -187,10 +187,10 @@ def main() -> None:
         print(row, flush=True)
         del q, k, v, ks, vs
         torch.cuda.empty_cache()
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "probe_prefill_attention.json"), "w") as f:
-            json.dump({"errors": errs, "rows": rows, "device": torch.cuda.get_device_name()}, f)
+    write_out(
+        "probe_prefill_attention.json",
+        {"errors": errs, "rows": rows, "device": torch.cuda.get_device_name()},
+    )
     print(torch.cuda.get_device_name(), torch.__version__, file=sys.stderr)
 
 

@@ -13,28 +13,14 @@ Usage: python benchmarks/probe_staged.py [--tokens 262144] [--pieces 16MiB,64MiB
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
-from _common import cuda_time, h2d_gbs
+from _common import cuda_time, h2d_gbs, write_out
 
 from headinfer import _core
 from headinfer.sizes import parse_bytes
 
 HKV, HQ, D = 8, 32, 128
-
-
-def chunked_h2d(chunk: int, total: int = 1 << 30) -> float:
-    """Pinned host-to-device GB/s over ``total`` bytes copied ``chunk`` bytes a copy."""
-    src = torch.empty(total, dtype=torch.uint8).pin_memory()
-    dst = torch.empty(total, dtype=torch.uint8, device="cuda")
-
-    def copy() -> None:
-        for a in range(0, total, chunk):
-            dst[a : a + chunk].copy_(src[a : a + chunk], non_blocking=True)
-
-    return total / cuda_time(copy, 3) / 1e9
 
 
 def store(tokens: int, kv: str | None, on_host: bool) -> _core.KVStore:
@@ -69,7 +55,7 @@ def main() -> None:
     stream = torch.cuda.current_stream().cuda_stream
     h2d = h2d_gbs()
     print(f"pinned memcpy H2D: {h2d:.1f} GB/s", flush=True)
-    chunks = {mib: round(chunked_h2d(mib << 20), 1) for mib in (1, 2, 4, 16)}
+    chunks = {mib: round(h2d_gbs(mib << 20), 1) for mib in (1, 2, 4, 16)}
     print(f"the same in copies of 1, 2, 4, 16 MiB: {chunks} GB/s", flush=True)
     q = torch.randn(HQ, 1, D, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
@@ -101,18 +87,15 @@ def main() -> None:
                 print(row, flush=True)
             del st
             torch.cuda.synchronize()
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        with open(os.path.join(out_dir, "probe_staged.json"), "w") as f:
-            json.dump(
-                {
-                    "h2d_gbs": h2d,
-                    "h2d_by_copy_mib": chunks,
-                    "device": torch.cuda.get_device_name(),
-                    "rows": rows,
-                },
-                f,
-            )
+    write_out(
+        "probe_staged.json",
+        {
+            "h2d_gbs": h2d,
+            "h2d_by_copy_mib": chunks,
+            "device": torch.cuda.get_device_name(),
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":
