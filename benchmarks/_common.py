@@ -61,6 +61,22 @@ def h2d_gbs(chunk: int | None = None) -> float:
     return total / cuda_time(copy) / 1e9
 
 
+def host_floors(cache, gbs: float, cpu_gbs: float, copy_beside: float) -> dict[str, float]:
+    """The cache's KV bytes held in host memory now and their floors, in seconds a decode
+    step: over the copy engine alone (``gbs``) and over the copy engine and the CPU at once
+    (``copy_beside`` + ``cpu_gbs``, measured together). Read it after a decode step: decode's
+    plan moves blocks to the GPU that the prefill's kept room for activations, so the host
+    holds fewer bytes than after the prompt."""
+    mem = cache.memory()
+    host = mem["used"] - mem["device_used"]
+    return {
+        "kv_gib": round(mem["used"] / 2**30, 2),
+        "host_kv_gib": round(host / 2**30, 2),
+        "pcie_floor_s": round(host / (gbs * 1e9), 4),
+        "host_floor_s": round(host / ((copy_beside + cpu_gbs) * 1e9), 4),
+    }
+
+
 def write_out(name: str, data: Any) -> None:
     """``data`` as JSON in ``$OUT/name``, where ``$OUT`` is set (the device runs' results)."""
     out_dir = os.environ.get("OUT")

@@ -35,7 +35,7 @@ import threading
 import time
 
 import torch
-from _common import decode, h2d_gbs, llama8b
+from _common import decode, h2d_gbs, host_floors, llama8b
 
 import headinfer
 from headinfer.prefill import cache_kwarg_name
@@ -147,15 +147,6 @@ def run_context(model, cfg, context: int, args, rates_beside: tuple[float, float
         plan = cache.share_plan()
         rates = plan["rates"]
         results["share_plan"] = {k: plan[k] for k in ("mode", "reason", "threads", "rates")}
-        mem = cache.memory()
-        host = mem["used"] - mem["device_used"]
-        pcie_floor = host / (gbs * 1e9)
-        host_floor = host / ((copy_beside + cpu_gbs) * 1e9)
-        results.update(
-            host_kv_gib=round(host / 2**30, 2),
-            pcie_floor_s=round(pcie_floor, 4),
-            host_floor_s=round(host_floor, 4),
-        )
         runs = {}
         for mode in modes:
             faulthandler.dump_traceback_later(args.watchdog, exit=True)
@@ -173,11 +164,15 @@ def run_context(model, cfg, context: int, args, rates_beside: tuple[float, float
             print(f"{mode}: reader {store.host_reader_used}", flush=True)
             tokens, logits, spt = decode(model, cache, name, first, 8 + args.steps, skip)
             runs[mode] = (tokens, logits)
+            # The floors of the bytes the decode steps read from the host (decode's plan).
+            fl = host_floors(cache, gbs, cpu_gbs, copy_beside)
+            for key in ("host_kv_gib", "pcie_floor_s", "host_floor_s"):
+                results.setdefault(key, fl[key])
             results[mode] = {
                 "s_per_token": round(spt, 4),
                 "reader": store.host_reader_used,
-                "x_pcie_floor": round(spt / pcie_floor, 3) if host else None,
-                "x_host_floor": round(spt / host_floor, 3) if host else None,
+                "x_pcie_floor": round(spt / fl["pcie_floor_s"], 3) if fl["host_kv_gib"] else None,
+                "x_host_floor": round(spt / fl["host_floor_s"], 3) if fl["host_kv_gib"] else None,
                 "tokens": tokens,
             }
             if mode == "default":

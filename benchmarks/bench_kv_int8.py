@@ -40,7 +40,7 @@ import threading
 import time
 
 import torch
-from _common import decode, h2d_gbs, llama8b
+from _common import decode, h2d_gbs, host_floors, llama8b
 from bench_decode import host_read_beside_copy
 
 import headinfer
@@ -93,20 +93,6 @@ def prefill(model, cache, name: str, ids: torch.Tensor) -> tuple[float, torch.Te
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{name: cache})
         torch.cuda.synchronize()
     return time.perf_counter() - t, out.logits[:, -1].float()
-
-
-def floors(cache, rates: tuple[float, float, float]) -> dict:
-    """The cache's host KV bytes and their floors: over the copy engine alone, and over the
-    copy engine and the CPU at once."""
-    gbs, cpu_gbs, copy_beside = rates
-    mem = cache.memory()
-    host = mem["used"] - mem["device_used"]
-    return {
-        "kv_gib": round(mem["used"] / 2**30, 2),
-        "host_kv_gib": round(host / 2**30, 2),
-        "pcie_floor_s": round(host / (gbs * 1e9), 4),
-        "host_floor_s": round(host / ((copy_beside + cpu_gbs) * 1e9), 4),
-    }
 
 
 def timelines(cache) -> list[dict]:
@@ -313,10 +299,11 @@ def main() -> None:
         secs, logits = prefill(model, cache, name, ids[:, :n])
         print(f"exact: prefill {n} in {secs:.1f} s", flush=True)
         first = logits.argmax(-1, keepdim=True)
-        r = {"context": n, "prefill_s": round(secs, 2), **floors(cache, rates)}
+        r = {"context": n, "prefill_s": round(secs, 2)}
         trace.phase = f"exact decode {n}"
         tokens, spt, figures = timed_decode(model, cache, name, first, args.steps)
         exact_tokens = tokens
+        r.update(host_floors(cache, *rates))
         r.update(
             s_per_token=round(spt, 4),
             x_host_floor=round(spt / r["host_floor_s"], 3),
@@ -354,9 +341,10 @@ def main() -> None:
         done = n
         print(f"int8: prefill {n} ({prefill_total:.1f} s in all)", flush=True)
         first = logits.argmax(-1, keepdim=True)
-        r = {"context": n, "prefill_s_cumulative": round(prefill_total, 2), **floors(cache, rates)}
+        r = {"context": n, "prefill_s_cumulative": round(prefill_total, 2)}
         trace.phase = f"int8 decode {n}"
         tokens, spt, figures = timed_decode(model, cache, name, first, args.steps)
+        r.update(host_floors(cache, *rates))
         r.update(
             s_per_token=round(spt, 4),
             x_host_floor=round(spt / r["host_floor_s"], 3),
