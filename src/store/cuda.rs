@@ -130,22 +130,7 @@ pub unsafe fn stage_piece(
     row_bytes: usize,
     sub_len: usize,
 ) -> Result<(Staged, Units)> {
-    let mut copies = Vec::with_capacity(2 * piece.units.len());
-    for u in &piece.units {
-        let s = &spans[u.span.block];
-        let bytes = u.span.n * row_bytes;
-        let skip = (u.span.row * row_bytes) as u64;
-        copies.push(Copy {
-            offset: u.offset,
-            src: s.k + skip,
-            bytes,
-        });
-        copies.push(Copy {
-            offset: u.offset + bytes,
-            src: s.v + skip,
-            bytes,
-        });
-    }
+    let copies = piece_copies(piece, spans, row_bytes);
     // SAFETY: the sources are the spans' blocks (the caller's bound); every copy lies within
     // the piece (the planner's).
     let staged = unsafe { ring.stage(stream, &copies, piece.fresh)? };
@@ -167,6 +152,39 @@ pub unsafe fn stage_piece(
         };
     }
     Ok((staged, units))
+}
+
+/// The copies that stage `piece`: each unit's key rows to its offset and its value rows after
+/// them (`row_bytes` each, as stored), as one copy where the unit is a whole block whose values
+/// follow its keys in one allocation (`StagedSpan::joined`): each copy costs the copy engine
+/// time of its own (1 MiB copies ran at 48 GB/s where 2 MiB ones ran at 52, on an H100).
+/// `spans` are the ones the plan was given, each unit's `span.block` its index there.
+pub fn piece_copies(piece: &Piece, spans: &[StagedSpan], row_bytes: usize) -> Vec<Copy> {
+    let mut copies = Vec::with_capacity(2 * piece.units.len());
+    for u in &piece.units {
+        let s = &spans[u.span.block];
+        let bytes = u.span.n * row_bytes;
+        let skip = (u.span.row * row_bytes) as u64;
+        if s.joined && u.span.row == 0 && s.v == s.k + bytes as u64 {
+            copies.push(Copy {
+                offset: u.offset,
+                src: s.k,
+                bytes: 2 * bytes,
+            });
+            continue;
+        }
+        copies.push(Copy {
+            offset: u.offset,
+            src: s.k + skip,
+            bytes,
+        });
+        copies.push(Copy {
+            offset: u.offset + bytes,
+            src: s.v + skip,
+            bytes,
+        });
+    }
+    copies
 }
 
 impl CudaStore {
@@ -501,6 +519,7 @@ impl CudaStore {
                     span,
                     k: blk.k.dev_ptr(),
                     v: blk.v.dev_ptr(),
+                    joined: blk.v.follows(&blk.k),
                 });
             }
         }
@@ -612,3 +631,7 @@ impl CudaStore {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "../../tests/rust/store/cuda.rs"]
+mod tests;

@@ -36,6 +36,15 @@ impl Mem {
         }
     }
 
+    /// Whether this memory starts where `before` ends, in one pinned allocation (one copy may
+    /// read both).
+    pub fn follows(&self, before: &Mem) -> bool {
+        match (self, before) {
+            (Mem::Pinned(a), Mem::Pinned(b)) => a.follows(b),
+            _ => false,
+        }
+    }
+
     /// The heap buffer of a CPU store's block.
     pub fn heap(&self) -> Option<&HostBuf> {
         match self {

@@ -202,6 +202,9 @@ pub struct StagedSpan {
     pub span: Span,
     pub k: u64,
     pub v: u64,
+    /// The block's value rows follow its key rows in one allocation: a span of the whole
+    /// block is staged by one copy.
+    pub joined: bool,
 }
 
 /// A run of consecutive positions of one head in one pinned block: (first position, key rows,
@@ -333,6 +336,7 @@ impl<'a> DeviceLayer<'a> {
                     },
                     k: b.k.dev_ptr(),
                     v: b.v.dev_ptr(),
+                    joined: b.v.follows(&b.k),
                 });
             }
         }
