@@ -139,14 +139,12 @@ impl PinnedBuf {
         })
     }
 
-    /// Whether this buffer starts where `before` ends, in the same allocation: one copy may
-    /// then read both (a copy must not span two allocations, however adjacent their addresses).
-    pub fn follows(&self, before: &PinnedBuf) -> bool {
-        let same = match (&self._mem, &before._mem) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            _ => false,
-        };
-        same && self.dev == before.dev + before.len as u64
+    /// The allocation it lies in, as the allocation's mapped address: equal for two buffers
+    /// carved from one slab, different for any two live allocations. One copy may read
+    /// adjacent buffers of one allocation, never a range across two (however adjacent their
+    /// addresses).
+    pub fn allocation(&self) -> u64 {
+        self._mem.as_ref().map_or(self.dev, |m| m.dev)
     }
 
     /// `len` bytes for a KV block: from the pool if it has a buffer of that size, else carved

@@ -36,12 +36,13 @@ impl Mem {
         }
     }
 
-    /// Whether this memory starts where `before` ends, in one pinned allocation (one copy may
-    /// read both).
-    pub fn follows(&self, before: &Mem) -> bool {
-        match (self, before) {
-            (Mem::Pinned(a), Mem::Pinned(b)) => a.follows(b),
-            _ => false,
+    /// The allocation it lies in (`PinnedBuf::allocation`; heap and device buffers are
+    /// allocations of their own): copies may merge only within one.
+    pub fn allocation(&self) -> u64 {
+        match self {
+            Mem::Heap(b) => b.as_ptr() as u64,
+            Mem::Pinned(b) => b.allocation(),
+            Mem::Device(b) => b.ptr(),
         }
     }
 

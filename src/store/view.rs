@@ -202,9 +202,10 @@ pub struct StagedSpan {
     pub span: Span,
     pub k: u64,
     pub v: u64,
-    /// The block's value rows follow its key rows in one allocation: a span of the whole
-    /// block is staged by one copy.
-    pub joined: bool,
+    /// The allocations the key and the value rows lie in (`Mem::allocation`): the staging
+    /// copies merge where rows are adjacent within one.
+    pub k_alloc: u64,
+    pub v_alloc: u64,
 }
 
 /// A run of consecutive positions of one head in one pinned block: (first position, key rows,
@@ -336,7 +337,8 @@ impl<'a> DeviceLayer<'a> {
                     },
                     k: b.k.dev_ptr(),
                     v: b.v.dev_ptr(),
-                    joined: b.v.follows(&b.k),
+                    k_alloc: b.k.allocation(),
+                    v_alloc: b.v.allocation(),
                 });
             }
         }
