@@ -121,7 +121,7 @@ pub unsafe fn attend_cuda(
         let until = split.as_ref().map_or(&[][..], |s| &s.from[..]);
         let spans = view.host_spans(launch.lo, until, fresh_from);
         if !spans.is_empty() {
-            let plan = staged::plan(&spans, row_bytes, ring);
+            let plan = staged::plan(&spans, row_bytes, ring.piece_bytes());
             // SAFETY: the context is bound; the caller's stream.
             match unsafe { kernels.staged_workspace(stream, pending.rows(), plan.slots) } {
                 Ok(w) => {

@@ -19,15 +19,22 @@ use crate::tensor::DevTensor;
 pub const MAX_SLOTS: usize = 128;
 
 /// The plan for `spans` (bytes per key row `row_bytes`, as stored: `StoreConfig::row_bytes`,
-/// so an int8 store's pieces carry its 8-bit rows) in `ring`'s pieces.
-pub fn plan(spans: &[StagedSpan], row_bytes: usize, ring: &StagingRing) -> StagingPlan {
+/// so an int8 store's pieces carry its 8-bit rows) in pieces of `piece_bytes`. The units go in
+/// the order of their key rows' addresses: blocks allocated one after another (a layer's heads
+/// at one prefill chunk) then sit one after another in a piece as in host memory, and their
+/// copies merge (`store::cuda::piece_copies`).
+pub fn plan(spans: &[StagedSpan], row_bytes: usize, piece_bytes: usize) -> StagingPlan {
     // Each span's `block` becomes its index in `spans`, so units find their addresses at once.
-    let s: Vec<_> = spans
-        .iter()
-        .enumerate()
-        .map(|(i, s)| staging::Span { block: i, ..s.span })
+    let mut order: Vec<usize> = (0..spans.len()).collect();
+    order.sort_by_key(|&i| spans[i].k);
+    let s: Vec<_> = order
+        .into_iter()
+        .map(|i| staging::Span {
+            block: i,
+            ..spans[i].span
+        })
         .collect();
-    staging::plan(&s, row_bytes, ring.piece_bytes(), MAX_UNITS, MAX_SLOTS)
+    staging::plan(&s, row_bytes, piece_bytes, MAX_UNITS, MAX_SLOTS)
 }
 
 /// Queues `plan` on `stream`: each piece's copies on the ring's stream (after `prior_writes`,
@@ -68,3 +75,7 @@ pub unsafe fn run(
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "../../tests/rust/attention/staged.rs"]
+mod tests;

@@ -22,9 +22,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// `FIRST_SLAB_BLOCKS` blocks and each next one twice as many, up to this.
 const MAX_SLAB_BYTES: usize = 64 << 20;
 const FIRST_SLAB_BLOCKS: usize = 16;
-/// Blocks in a slab start at multiples of this (the copy engine's and the kernels' loads
-/// want aligned rows).
-const SLAB_ALIGN: usize = 256;
+/// Blocks in a slab start at multiples of this: every vector load of a row is aligned (16
+/// bytes, the widest a kernel makes; rows themselves are multiples of 8), and a block's values
+/// follow its keys with no gap (an int8 block of 7710 rows of 136 bytes is 1,048,560), so the
+/// staging copies both at once (`ring::coalesce`).
+const SLAB_ALIGN: usize = 16;
 
 /// One allocation of page-locked host memory, mapped into the GPU's address space; unpinned
 /// when dropped (the last buffer in it gone).
@@ -135,6 +137,14 @@ impl PinnedBuf {
             span: len,
             _mem: Some(mem),
         })
+    }
+
+    /// The allocation it lies in, as the allocation's mapped address: equal for two buffers
+    /// carved from one slab, different for any two live allocations. One copy may read
+    /// adjacent buffers of one allocation, never a range across two (however adjacent their
+    /// addresses).
+    pub fn allocation(&self) -> u64 {
+        self._mem.as_ref().map_or(self.dev, |m| m.dev)
     }
 
     /// `len` bytes for a KV block: from the pool if it has a buffer of that size, else carved

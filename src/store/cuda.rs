@@ -130,22 +130,7 @@ pub unsafe fn stage_piece(
     row_bytes: usize,
     sub_len: usize,
 ) -> Result<(Staged, Units)> {
-    let mut copies = Vec::with_capacity(2 * piece.units.len());
-    for u in &piece.units {
-        let s = &spans[u.span.block];
-        let bytes = u.span.n * row_bytes;
-        let skip = (u.span.row * row_bytes) as u64;
-        copies.push(Copy {
-            offset: u.offset,
-            src: s.k + skip,
-            bytes,
-        });
-        copies.push(Copy {
-            offset: u.offset + bytes,
-            src: s.v + skip,
-            bytes,
-        });
-    }
+    let copies = piece_copies(piece, spans, row_bytes);
     // SAFETY: the sources are the spans' blocks (the caller's bound); every copy lies within
     // the piece (the planner's).
     let staged = unsafe { ring.stage(stream, &copies, piece.fresh)? };
@@ -167,6 +152,49 @@ pub unsafe fn stage_piece(
         };
     }
     Ok((staged, units))
+}
+
+/// The copies that stage `piece`: each unit's key rows to its offset and its value rows after
+/// them (`row_bytes` each, as stored), with every run of copies that continue each other in
+/// source and destination, within one allocation, merged into one. A whole block's values
+/// follow its keys in their slab, and blocks allocated one after another (a layer's heads at
+/// one prefill chunk) lie one after another, so a piece whose units come in address order
+/// (`attention::staged::plan`) is a few long copies: each copy costs the copy engine time of its
+/// own (1 MiB copies ran at 48 GB/s where 2 MiB ran at 52 and 16 MiB at 55, on an H100).
+/// `spans` are the ones the plan was given, each unit's `span.block` its index there.
+pub fn piece_copies(piece: &Piece, spans: &[StagedSpan], row_bytes: usize) -> Vec<Copy> {
+    // (copy, allocation of its source)
+    let mut out: Vec<(Copy, u64)> = Vec::with_capacity(2 * piece.units.len());
+    let mut push = |c: Copy, alloc: u64| match out.last_mut() {
+        Some((r, a))
+            if *a == alloc && r.src + r.bytes as u64 == c.src && r.offset + r.bytes == c.offset =>
+        {
+            r.bytes += c.bytes
+        }
+        _ => out.push((c, alloc)),
+    };
+    for u in &piece.units {
+        let s = &spans[u.span.block];
+        let bytes = u.span.n * row_bytes;
+        let skip = (u.span.row * row_bytes) as u64;
+        push(
+            Copy {
+                offset: u.offset,
+                src: s.k + skip,
+                bytes,
+            },
+            s.k_alloc,
+        );
+        push(
+            Copy {
+                offset: u.offset + bytes,
+                src: s.v + skip,
+                bytes,
+            },
+            s.v_alloc,
+        );
+    }
+    out.into_iter().map(|(c, _)| c).collect()
 }
 
 impl CudaStore {
@@ -501,6 +529,8 @@ impl CudaStore {
                     span,
                     k: blk.k.dev_ptr(),
                     v: blk.v.dev_ptr(),
+                    k_alloc: blk.k.allocation(),
+                    v_alloc: blk.v.allocation(),
                 });
             }
         }
@@ -612,3 +642,7 @@ impl CudaStore {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "../../tests/rust/store/cuda.rs"]
+mod tests;

@@ -30,7 +30,9 @@ pub mod table;
 pub mod view;
 
 pub use config::{CudaConfig, StoreConfig};
-pub use cuda::{stage_piece, Cuda, DecodeParts, STAGING_BUFFERS, STAGING_PIECE_BYTES};
+pub use cuda::{
+    piece_copies, stage_piece, Cuda, DecodeParts, STAGING_BUFFERS, STAGING_PIECE_BYTES,
+};
 pub use placement::{HeadPlacement, LayerPlacement};
 pub use view::{DeviceLayer, HostLayer, KvRows, KvSource, Segment};
 

@@ -36,6 +36,16 @@ impl Mem {
         }
     }
 
+    /// The allocation it lies in (`PinnedBuf::allocation`; heap and device buffers are
+    /// allocations of their own): copies may merge only within one.
+    pub fn allocation(&self) -> u64 {
+        match self {
+            Mem::Heap(b) => b.as_ptr() as u64,
+            Mem::Pinned(b) => b.allocation(),
+            Mem::Device(b) => b.ptr(),
+        }
+    }
+
     /// The heap buffer of a CPU store's block.
     pub fn heap(&self) -> Option<&HostBuf> {
         match self {

@@ -202,6 +202,10 @@ pub struct StagedSpan {
     pub span: Span,
     pub k: u64,
     pub v: u64,
+    /// The allocations the key and the value rows lie in (`Mem::allocation`): the staging
+    /// copies merge where rows are adjacent within one.
+    pub k_alloc: u64,
+    pub v_alloc: u64,
 }
 
 /// A run of consecutive positions of one head in one pinned block: (first position, key rows,
@@ -333,6 +337,8 @@ impl<'a> DeviceLayer<'a> {
                     },
                     k: b.k.dev_ptr(),
                     v: b.v.dev_ptr(),
+                    k_alloc: b.k.allocation(),
+                    v_alloc: b.v.allocation(),
                 });
             }
         }

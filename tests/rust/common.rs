@@ -1,4 +1,5 @@
-//! Helpers shared by the Rust unit tests: a seeded generator and a naive f64 attention.
+//! Helpers shared by the Rust unit tests: a seeded generator, a naive f64 attention, and the
+//! bytes a piece's staging copies move.
 
 /// xorshift64*: deterministic, dependency-free.
 pub struct Rng(u64);
@@ -80,4 +81,33 @@ pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
         .zip(want)
         .fold(0f64, |a, (g, w)| a.max((*g as f64 - w).abs()))
         / scale
+}
+
+/// Every byte `copies` write, with the source byte it comes from, sorted.
+pub fn copied(copies: &[crate::cuda::ring::Copy]) -> Vec<(usize, u64)> {
+    let mut m: Vec<(usize, u64)> = copies
+        .iter()
+        .flat_map(|c| (0..c.bytes).map(move |i| (c.offset + i, c.src + i as u64)))
+        .collect();
+    m.sort();
+    m
+}
+
+/// The same for what `piece`'s units ask for (`rb` bytes a row): keys then values, row by row.
+pub fn wanted(
+    piece: &crate::store::staging::Piece,
+    spans: &[crate::store::view::StagedSpan],
+    rb: usize,
+) -> Vec<(usize, u64)> {
+    let mut m = Vec::new();
+    for u in &piece.units {
+        let s = &spans[u.span.block];
+        let n = u.span.n * rb;
+        for i in 0..n {
+            m.push((u.offset + i, s.k + (u.span.row * rb + i) as u64));
+            m.push((u.offset + n + i, s.v + (u.span.row * rb + i) as u64));
+        }
+    }
+    m.sort();
+    m
 }
