@@ -25,7 +25,7 @@ const FIRST_SLAB_BLOCKS: usize = 16;
 /// Blocks in a slab start at multiples of this: every vector load of a row is aligned (16
 /// bytes, the widest a kernel makes; rows themselves are multiples of 8), and a block's values
 /// follow its keys with no gap (an int8 block of 7710 rows of 136 bytes is 1,048,560), so the
-/// staging copies both at once (`ring::coalesce`).
+/// staging copies both at once (`store::cuda::piece_copies`).
 const SLAB_ALIGN: usize = 16;
 
 /// One allocation of page-locked host memory, mapped into the GPU's address space; unpinned
