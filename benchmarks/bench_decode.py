@@ -171,8 +171,8 @@ def run_context(model, cfg, context: int, args, rates_beside: tuple[float, float
             results[mode] = {
                 "s_per_token": round(spt, 4),
                 "reader": store.host_reader_used,
-                "x_pcie_floor": round(spt / fl["pcie_floor_s"], 3) if fl["host_kv_gib"] else None,
-                "x_host_floor": round(spt / fl["host_floor_s"], 3) if fl["host_kv_gib"] else None,
+                "x_pcie_floor": round(spt / fl["pcie_floor_s"], 3) if fl["pcie_floor_s"] else None,
+                "x_host_floor": round(spt / fl["host_floor_s"], 3) if fl["host_floor_s"] else None,
                 "tokens": tokens,
             }
             if mode == "default":

@@ -306,7 +306,7 @@ def main() -> None:
         r.update(host_floors(cache, *rates))
         r.update(
             s_per_token=round(spt, 4),
-            x_host_floor=round(spt / r["host_floor_s"], 3),
+            x_host_floor=round(spt / r["host_floor_s"], 3) if r["host_floor_s"] else None,
             **figures,
             tokens=tokens,
         )
@@ -347,7 +347,7 @@ def main() -> None:
         r.update(host_floors(cache, *rates))
         r.update(
             s_per_token=round(spt, 4),
-            x_host_floor=round(spt / r["host_floor_s"], 3),
+            x_host_floor=round(spt / r["host_floor_s"], 3) if r["host_floor_s"] else None,
             **figures,
             tokens=tokens,
         )

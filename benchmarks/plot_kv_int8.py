@@ -51,7 +51,8 @@ def main(out: str, paths: list[str]) -> None:
         prefill = [r.get("prefill_s", r.get("prefill_s_cumulative")) for r in rs]
         pre.plot(x, prefill, "o-", color=color, label=mode)
         for xi, r in zip(x, rs):
-            dec.annotate(f"{r['x_host_floor']:.2f}x", (xi, r["s_per_token"]), fontsize=8)
+            if r["x_host_floor"] is not None:  # None: no KV bytes left on the host
+                dec.annotate(f"{r['x_host_floor']:.2f}x", (xi, r["s_per_token"]), fontsize=8)
     dec.set_xlabel("context (million tokens)")
     dec.set_ylabel("seconds per token")
     dec.set_title("decode, Llama-3-8B shape, emulated 24 GiB card")
