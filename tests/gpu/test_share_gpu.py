@@ -356,6 +356,14 @@ def test_the_gpu_probe_measures_plausible_rates_quickly():
     t = time.perf_counter()
     _core.measure_gpu_rates(0, "bfloat16", 128, 4)
     assert time.perf_counter() - t < 1.0  # compiled once: the probe itself is short
+    # An int8 store's rates: its own kernel over its rows (bytes as held), the copy engine
+    # as before; its buffers freed too.
+    before = (_core.pinned_bytes(), torch.cuda.mem_get_info()[0])
+    for kv_dtype in ("int8", "bfloat16", None):
+        p, d, c = _core.measure_gpu_rates(0, "bfloat16", 128, 4, kv_dtype=kv_dtype)
+        assert 1e9 < p < 200e9 and p < d < 20e12 and 1e9 < c < 200e9, (kv_dtype, p, d, c)
+    after = (_core.pinned_bytes(), torch.cuda.mem_get_info()[0])
+    assert after[0] <= before[0] and abs(before[1] - after[1]) < 64 << 20
 
 
 def test_the_default_plan_on_this_machine_is_visible_and_exact(monkeypatch, tmp_path):
