@@ -479,10 +479,13 @@ def test_every_family_float32_matches_eager_with_the_rate_split(
     recycles = device_blocks > 0 and bool(windows)
     if not recycles:
         plan = cache.share_plan()
-        assert any(s is not None for s in plan["split"]), "the split never cut"
+        # The split cut: the CPU ran tasks (whether it still cuts after the last step depends
+        # on the rates those steps showed: at a CPU rate of 0.1 a tiny model's layers may
+        # learn that a block is too much for the CPU, as happened once in session 16).
         # The shared steps' timeline: both sides' time, read a step after the GPU passed it.
         t = plan["timeline"][0]
-        assert t["cpu_tasks"] > 0 and t["cpu_busy"] > 0 and t["cpu_idle"] >= 0, t
+        assert t["cpu_tasks"] > 0, "the split never cut"
+        assert t["cpu_busy"] > 0 and t["cpu_idle"] >= 0, t
         assert t["gpu_steps"] > 0 and t["gpu_own"] > 0 and t["gpu_waited"] >= 0, t
         steps, waited = plan["steps"][0]
         assert steps == t["gpu_steps"] and 0 <= waited <= steps, plan["steps"]
