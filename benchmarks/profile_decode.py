@@ -43,6 +43,24 @@ KINDS = {
 }
 
 
+def union(spans: list[tuple[float, float]]) -> tuple[float, list[float]]:
+    """The time the intervals ``spans`` cover together, and the gaps between them, in time
+    order (the units of the spans)."""
+    busy, gaps, cur = 0.0, [], None
+    for a, b in sorted(spans):
+        if cur is None:
+            cur = [a, b]
+        elif a <= cur[1]:
+            cur[1] = max(cur[1], b)
+        else:
+            busy += cur[1] - cur[0]
+            gaps.append(a - cur[1])
+            cur = [a, b]
+    if cur is not None:
+        busy += cur[1] - cur[0]
+    return busy, gaps
+
+
 def summarize(prof, steps: int, wall: float) -> dict:
     """GPU busy share, time per step by kind, and idle gaps, from the profiler's events."""
     spans = []
@@ -55,19 +73,7 @@ def summarize(prof, steps: int, wall: float) -> dict:
         spans.append((start, end))
         kind = next((v for k, v in KINDS.items() if k in e.name), "model kernels")
         by_kind[kind] = by_kind.get(kind, 0.0) + (end - start) / 1e6
-    spans.sort()
-    busy, gaps, cur = 0.0, [], None
-    for a, b in spans:
-        if cur is None:
-            cur = [a, b]
-        elif a <= cur[1]:
-            cur[1] = max(cur[1], b)
-        else:
-            busy += cur[1] - cur[0]
-            gaps.append(a - cur[1])
-            cur = [a, b]
-    if cur is not None:
-        busy += cur[1] - cur[0]
+    busy, gaps = union(spans)
     gaps.sort(reverse=True)
     return {
         "s_per_step": round(wall / steps, 4),
@@ -90,15 +96,7 @@ def copy_engine(events: list[dict], steps: int) -> dict:
     )
     if not h2d:
         return {}
-    busy, gaps, cur = 0.0, [], list(h2d[0][:2])
-    for a, b, _ in h2d[1:]:
-        if a <= cur[1]:
-            cur[1] = max(cur[1], b)
-        else:
-            busy += cur[1] - cur[0]
-            gaps.append(a - cur[1])
-            cur = [a, b]
-    busy += cur[1] - cur[0]
+    busy, gaps = union([(a, b) for a, b, _ in h2d])
     total = sum(n for _, _, n in h2d)
     rates = sorted(n / (b - a) / 1e3 for a, b, n in h2d if n >= 1 << 20 and b > a)
     q = [rates[int(f * (len(rates) - 1))] for f in (0.25, 0.5, 0.75)] if rates else []
