@@ -180,12 +180,18 @@ impl Drop for Pinned {
                 let _ = unsafe { cu::free_host(self.host as *mut _) };
             }
             Origin::Register { bytes, ctx } => {
-                // Unregistering needs a context on this thread (a drop may run on any).
+                // Unregistering needs a context on this thread (a drop may run on any); the
+                // thread's own context, if any, is put back after.
+                let mut before: sys::CUcontext = std::ptr::null_mut();
+                // SAFETY: writes the calling thread's current context (or null) to `before`.
+                let _ = unsafe { sys::cuCtxGetCurrent(&mut before) };
                 let _ = ctx.bind_to_thread();
-                // SAFETY: registered in `new`, unregistered and unmapped once, as above.
+                // SAFETY: registered in `new`, unregistered and unmapped once, as above;
+                // `before` was this thread's context (or null: none).
                 unsafe {
                     let _ = sys::cuMemHostUnregister(self.host as *mut _);
                     libc::munmap(self.host as *mut _, *bytes);
+                    let _ = sys::cuCtxSetCurrent(before);
                 }
             }
         }
