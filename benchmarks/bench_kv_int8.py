@@ -102,9 +102,10 @@ def timelines(cache) -> list[dict]:
 
 
 def share_figures(cache, since: list[dict], steps: int) -> dict:
-    """What the CPU share balanced by, in GB/s: the probe's CPU rate, the rates each store's
-    splits balance by now (the CPU's and the GPU's, as its layers' own steps showed them:
-    mean, least and most over the layers), what the share's tasks computed at, and the layer
+    """How the GPU read host blocks (``reader``, per store) and what the CPU share balanced
+    by, in GB/s: the probe's CPU rate, the rates each store's splits balance by now (the
+    CPU's and the GPU's, as its layers' own steps showed them: mean, least and most over
+    the layers), what the share's tasks computed at, and the layer
     steps read (and those the GPU waited in); and where the timed ``steps`` spent their time
     since the ``timelines`` taken before them, in seconds a token (``gpu_own``,
     ``gpu_waited``, ``cpu_busy``, ``cpu_idle``: see ``KVStore.share_timeline``; the layer
@@ -125,6 +126,7 @@ def share_figures(cache, since: list[dict], steps: int) -> dict:
 
     return {
         "share": plan["mode"],
+        "reader": plan.get("host_reader"),
         "cpu_probe_gbs": probe and round(probe / 1e9, 1),
         "balanced_gbs": [
             b and {"cpu": spread([c for c, _ in b]), "gpu": spread([g for _, g in b])}

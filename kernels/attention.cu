@@ -89,9 +89,9 @@ struct KvSrc {
     const u64* table;  // [heads][max_blocks][2], or 0 for dense
     int max_blocks;
     int block_size;
-    const KV* k;       // dense only (exact kernels only: int8 KV lives in blocks)
+    const KV* k;       // dense only (the rate probe's buffers; KV lives in blocks)
     const KV* v;
-    long long s0, s1;  // dense only: element strides of head and position
+    long long s0, s1;  // dense only: strides of head and position in KV (int8: bytes)
 };
 
 // The keys and values of one kv head through a block table or dense strides, the last block's

@@ -12,12 +12,17 @@ GPU_RATES = (51e9, 2.5e12, 55e9)
 
 
 class CoreStandIn:
-    """Records what the CPU probe was asked (``cpu_calls``), and runs it over 4 MiB."""
+    """Records what the probes were asked (``cpu_calls``, ``gpu_calls``), and runs the CPU's
+    over 4 MiB."""
 
     def __init__(self) -> None:
         self.cpu_calls: list[dict[str, Any]] = []
+        self.gpu_calls: list[dict[str, Any]] = []
 
-    def measure_gpu_rates(self, device: int, dtype: str, head_dim: int, group: int) -> Any:
+    def measure_gpu_rates(
+        self, device: int, dtype: str, head_dim: int, group: int, kv_dtype: str | None = None
+    ) -> Any:
+        self.gpu_calls.append({"dtype": dtype, "kv_dtype": kv_dtype})
         return GPU_RATES
 
     def measure_cpu_rate(self, dtype: str, head_dim: int, group: int, **kw: Any) -> Any:

@@ -154,19 +154,33 @@ def test_machine_keys_tell_kv_dtypes_apart_and_keep_exact_keys() -> None:
         machine_key("NVIDIA H100", **KEY_SHAPE, kv_dtype="int4")
 
 
-def test_an_older_files_exact_entry_still_serves_exact_stores(tmp_path: Path) -> None:
-    # A file as the previous version wrote it: version 2, keys without a kv dtype.
+def test_an_exact_entry_serves_exact_stores_and_older_versions_are_measured_again(
+    tmp_path: Path,
+) -> None:
+    # An exact store's key has no kv dtype in it, as before int8 stores had keys of their own.
     path = tmp_path / "rates.json"
     exact = machine_key("NVIDIA H100", **KEY_SHAPE)
     entry = {"pcie": 51e9, "cpu": 40e9, "device": 2.5e12, "handoff": 1e-4, "copy": 0.0}
-    path.write_text(json.dumps({exact: {**entry, "version": 2, "measured": 0.0}}))
+    path.write_text(json.dumps({exact: {**entry, "version": RATES_VERSION, "measured": 0.0}}))
     assert load_rates(exact, path) == H200
+    # Version 2's GPU rates were an exact kernel's whatever the store: a file of that version
+    # is measured again.
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({exact: {**entry, "version": 2, "measured": 0.0}}))
+    assert load_rates(exact, old) is None
     # An int8 store's entry is its own: not there yet (measured, then saved beside it).
     int8 = machine_key("NVIDIA H100", **KEY_SHAPE, kv_dtype="int8")
     assert load_rates(int8, path) is None
     slower = ShareRates(pcie=51e9, cpu=25e9, device=2.5e12, handoff=1e-4)
     save_rates(int8, slower, path)
     assert load_rates(int8, path) == slower and load_rates(exact, path) == H200
+
+
+def test_the_gpu_probe_checks_its_kv_dtype_before_the_device() -> None:
+    # As the CPU probe's: a bad kv_dtype is named, on a host with or without a GPU.
+    for bad in ("int4", "float16", "exact"):
+        with pytest.raises(ValueError, match="^kv_dtype: .*int8"):
+            _core.measure_gpu_rates(0, "bfloat16", 128, 4, kv_dtype=bad)
 
 
 def test_the_cpu_probe_measures_the_kv_dtype_it_is_given() -> None:
@@ -185,7 +199,7 @@ def test_the_cpu_probe_measures_the_kv_dtype_it_is_given() -> None:
         _core.measure_cpu_rate("bfloat16", 128, 4, kv_dtype=8, **kw)  # type: ignore[arg-type]
 
 
-def test_measure_rates_passes_the_kv_dtype_to_the_cpu_probe(
+def test_measure_rates_passes_the_kv_dtype_to_both_probes(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     core = CoreStandIn()
@@ -198,6 +212,8 @@ def test_measure_rates_passes_the_kv_dtype_to_the_cpu_probe(
     # The store's argument: None for exact (as before), "int8" for int8; beside GPU 0's copies.
     assert [c["kv_dtype"] for c in core.cpu_calls] == [None, "int8", None]
     assert all(c["beside_copy"] == 0 and c["threads"] == 1 for c in core.cpu_calls)
+    # The GPU's probes too: an int8 store's reader is chosen on its own kernel's rates.
+    assert [c["kv_dtype"] for c in core.gpu_calls] == [None, "int8", None]
     for r in (exact, int8):
         assert r.cpu > 1e6 and r.handoff > 0 and (r.pcie, r.device, r.copy) == (51e9, 2.5e12, 55e9)
     # The log says which KV the CPU's rate was measured over.

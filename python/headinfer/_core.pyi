@@ -484,12 +484,14 @@ def measure_cpu_rate(
     over one block per head plus the hand-off's latency (the share's fixed cost)."""
 
 def measure_gpu_rates(
-    device: int, dtype: str, head_dim: int, group: int
+    device: int, dtype: str, head_dim: int, group: int, kv_dtype: str | None = None
 ) -> tuple[float, float, float]:
     """Time the decode kernel on GPU ``device`` over 64 MiB of mapped pinned memory and four
     L2 caches' worth (64-256 MiB) of device memory, and the copy engine moving the pinned
-    memory to the device in 1 MiB copies; the buffers are allocated for the probe and freed
-    before it returns. Returns ``(pcie, device, copy)`` in bytes read per second."""
+    memory to the device in 1 MiB copies; the keys and values are held as a store of
+    ``kv_dtype`` holds them (``None`` or ``dtype``: exact; ``"int8"``: its rows, read by its
+    kernel); the buffers are allocated for the probe and freed before it returns. Returns
+    ``(pcie, device, copy)`` in bytes read per second, in the bytes as held."""
 
 def share_split(
     rates: Sequence[float],

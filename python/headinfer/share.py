@@ -49,8 +49,8 @@ RATES_FILE_ENV = "HEADINFER_RATES_FILE"
 #: Set to 1: measure the rates again, whatever the file holds.
 REPROBE_ENV = "HEADINFER_REPROBE"
 #: The file's format; entries of another version are measured again (2: the copy engine's
-#: rate, and the CPU's measured beside it).
-RATES_VERSION = 2
+#: rate, and the CPU's measured beside it; 3: the GPU's probes read the store's own format).
+RATES_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -222,11 +222,14 @@ def measure_rates(
     over the same pinned memory; the CPU share's kernel on ``threads`` threads over 256 MiB of
     host keys and values held as a store of ``kv_dtype`` holds them (``"exact"`` or
     ``"int8"``: its rate is in those stored bytes) while the copy engine runs (as in a shared
-    step; all transient: see ``src/attention/rates.rs``). The GPU's probes read ``dtype``
-    rows whatever ``kv_dtype`` is."""
+    step; all transient: see ``src/attention/rates.rs``). The GPU's probes read the rows as
+    that store holds them too, with its kernel: an int8 store's zero-copy reads are slower
+    than exact's, and the reader (zero-copy or the copy engine) is chosen by these rates."""
     kv_dtype = check_kv_dtype(kv_dtype)
     start = time.perf_counter()
-    pcie, device, copy = _core.measure_gpu_rates(device_index, dtype, head_dim, group)
+    pcie, device, copy = _core.measure_gpu_rates(
+        device_index, dtype, head_dim, group, kv_dtype=store_kv_dtype(kv_dtype)
+    )
     cpu, fixed = _core.measure_cpu_rate(
         dtype,
         head_dim,

@@ -7,10 +7,12 @@
 //!   values are held as the store holds them (`KvFormat`): as elements, or in the int8 rows
 //!   of `quant` (whose kernel is compute-bound: it reads fewer stored bytes per second), and
 //!   the rate is in stored bytes, the bytes the policy splits.
-//! - The GPU: the decode kernel over keys and values in mapped pinned memory (read over PCIe,
-//!   as host blocks are) and in device memory (as resident blocks are), and the copy engine
-//!   moving the same pinned memory in block-sized copies (as the staged path does), timed with
-//!   CUDA events on a stream of its own.
+//! - The GPU: the decode kernel of the store's format (`KvFormat`: an int8 store's kernel
+//!   reads its rows at a rate of its own, about 0.8 of exact's over PCIe, so the reader the
+//!   rates choose must be timed on it) over keys and values in mapped pinned memory (read over
+//!   PCIe, as host blocks are) and in device memory (as resident blocks are), and the copy
+//!   engine moving the same pinned memory in 1 MiB copies (`COPY_CHUNK` says why), timed
+//!   with CUDA events on a stream of its own.
 //! - The CPU beside the copy engine (`with_copy_engine_busy`): both read host memory at once
 //!   in a shared step, and on some hosts the CPU reads less while the copy engine runs. Its buffers are transient and small: 64 MiB of pinned memory and
 //!   four times the GPU's L2 cache of device memory (at least 64 MiB, at most 256 MiB, so the
@@ -357,7 +359,12 @@ pub struct GpuRates {
     pub copy: f64,
 }
 
-/// Bytes of one copy of the copy-engine probes: a default GPU block of keys or values.
+/// Bytes of one copy of the copy-engine probes. The staged path's copies are larger (merged
+/// within a piece: 1-16 MiB), but in a decode, beside the CPU share, they moved 43-48 GB/s
+/// (H100 host, 262,144 int8 tokens) where alone 16 MiB copies move 54-55; 1 MiB copies (about
+/// 48 alone) stand nearer that. Measured in 16 MiB copies, the copy engine beat zero-copy
+/// reads of exact rows (50.6 GB/s) in the probe, but not in the decodes (a GPU side of 47.7
+/// GB/s by the copy engine, 50-51 zero-copy on hosts of the same kind).
 const COPY_CHUNK: usize = 1 << 20;
 
 /// Queues copies of `bytes` from `src` to `dst` on `s`, `COPY_CHUNK` at a time.
@@ -425,21 +432,23 @@ pub fn with_copy_engine_busy<R>(ordinal: usize, f: impl FnOnce() -> R) -> Result
     }
 }
 
-/// Times the decode kernel (`dtype`, `head_dim`, `group` query heads per kv head) on GPU
-/// `ordinal` over host (mapped pinned) and device memory; see the module's note on its
-/// buffers. Blocks the calling thread until its own stream is done (a few milliseconds).
+/// Times the decode kernel (`dtype`, `head_dim`, `group` query heads per kv head, over rows
+/// held as `format`) on GPU `ordinal` over host (mapped pinned) and device memory, and the copy
+/// engine; see the module's note on its buffers. Rates are in bytes as `format` holds them.
+/// Blocks the calling thread until its own stream is done (a few milliseconds).
 pub fn measure_gpu(
     ordinal: usize,
     dtype: DType,
     head_dim: usize,
     group: usize,
+    format: KvFormat,
 ) -> Result<GpuRates> {
     if group == 0 {
         return Err(Error::value("group", "must be positive"));
     }
     let g = gpu(ordinal)?;
     g.bind()?;
-    let kernels = g.kernels(dtype, head_dim, KvFormat::Exact)?;
+    let kernels = g.kernels(dtype, head_dim, format)?;
     let l2 = g
         .context()
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
@@ -462,7 +471,13 @@ pub fn measure_gpu(
         softcap: None,
         window: None,
     };
-    let row = head_dim * es;
+    // Bytes of a stored row, and of the unit the dense strides count in (an element; a byte
+    // of an int8 row). Zeros are valid rows of either format (an int8 row's scales are 0).
+    let row = format.row_bytes(head_dim, dtype);
+    let unit = match format {
+        KvFormat::Exact => es,
+        KvFormat::Int8 => 1,
+    };
     // Times `reps` launches over keys at `k` and values at `v`, `tokens` rows per head.
     let time = |k: u64, v: u64, tokens: usize, reps: usize| -> Result<f64> {
         let launch = args::launch(hq, 1, PROBE_HEADS, tokens, 0, &params, None)?;
@@ -472,8 +487,8 @@ pub fn measure_gpu(
             block_size: 0,
             k,
             v,
-            s0: (tokens * head_dim) as i64,
-            s1: head_dim as i64,
+            s0: (tokens * row / unit) as i64,
+            s1: (row / unit) as i64,
         };
         let qt = DevTensor {
             ptr: q.ptr(),

@@ -79,7 +79,8 @@ pub struct KvSrc {
     pub table: u64,
     pub max_blocks: i32,
     pub block_size: i32,
-    /// Dense only: `[heads, len, head_dim]` keys and values, element strides `s0`, `s1`.
+    /// Dense only: `[heads, len]` rows of keys and values, strides `s0`, `s1` in elements
+    /// (int8 format: in bytes, a row being `KvFormat::row_bytes`).
     pub k: u64,
     pub v: u64,
     pub s0: i64,

@@ -7,6 +7,7 @@ use crate::attention::policy::{balance, Rates, SharePolicy};
 use crate::attention::rates::{measure_cpu_as, measure_gpu};
 use crate::cuda::kernels::MAX_CPU_HEADS;
 use crate::error::Error;
+use crate::quant::KvFormat;
 use crate::store::{HeadPlacement, LayerPlacement};
 use crate::tensor::DType;
 use pyo3::prelude::*;
@@ -57,17 +58,20 @@ pub fn measure_cpu_rate(
 }
 
 /// `(pcie, device, copy)` bytes per second of the decode kernel over host and device memory
-/// and of the copy engine, on GPU `device`. See `_core.pyi`.
+/// and of the copy engine, on GPU `device`, rows held as `kv_dtype` says. See `_core.pyi`.
 #[pyfunction]
+#[pyo3(signature = (device, dtype, head_dim, group, kv_dtype=None))]
 pub fn measure_gpu_rates(
     py: Python<'_>,
     device: usize,
     dtype: &str,
     head_dim: usize,
     group: usize,
+    kv_dtype: Option<&str>,
 ) -> PyResult<(f64, f64, f64)> {
     let dtype = DType::parse("dtype", dtype).py_err(py)?;
-    py.detach(|| measure_gpu(device, dtype, head_dim, group))
+    let format = KvFormat::parse("kv_dtype", kv_dtype, dtype).py_err(py)?;
+    py.detach(|| measure_gpu(device, dtype, head_dim, group, format))
         .map(|r| (r.pcie, r.device, r.copy))
         .py_err(py)
 }

@@ -356,6 +356,14 @@ def test_the_gpu_probe_measures_plausible_rates_quickly():
     t = time.perf_counter()
     _core.measure_gpu_rates(0, "bfloat16", 128, 4)
     assert time.perf_counter() - t < 1.0  # compiled once: the probe itself is short
+    # An int8 store's rates: its own kernel over its rows (bytes as held), the copy engine
+    # as before; its buffers freed too.
+    before = (_core.pinned_bytes(), torch.cuda.mem_get_info()[0])
+    for kv_dtype in ("int8", "bfloat16", None):
+        p, d, c = _core.measure_gpu_rates(0, "bfloat16", 128, 4, kv_dtype=kv_dtype)
+        assert 1e9 < p < 200e9 and p < d < 20e12 and 1e9 < c < 200e9, (kv_dtype, p, d, c)
+    after = (_core.pinned_bytes(), torch.cuda.mem_get_info()[0])
+    assert after[0] <= before[0] and abs(before[1] - after[1]) < 64 << 20
 
 
 def test_the_default_plan_on_this_machine_is_visible_and_exact(monkeypatch, tmp_path):
@@ -471,10 +479,13 @@ def test_every_family_float32_matches_eager_with_the_rate_split(
     recycles = device_blocks > 0 and bool(windows)
     if not recycles:
         plan = cache.share_plan()
-        assert any(s is not None for s in plan["split"]), "the split never cut"
+        # The split cut: the CPU ran tasks (whether it still cuts after the last step depends
+        # on the rates those steps showed: at a CPU rate of 0.1 a tiny model's layers may
+        # learn that a block is too much for the CPU, as happened once in session 16).
         # The shared steps' timeline: both sides' time, read a step after the GPU passed it.
         t = plan["timeline"][0]
-        assert t["cpu_tasks"] > 0 and t["cpu_busy"] > 0 and t["cpu_idle"] >= 0, t
+        assert t["cpu_tasks"] > 0, "the split never cut"
+        assert t["cpu_busy"] > 0 and t["cpu_idle"] >= 0, t
         assert t["gpu_steps"] > 0 and t["gpu_own"] > 0 and t["gpu_waited"] >= 0, t
         steps, waited = plan["steps"][0]
         assert steps == t["gpu_steps"] and 0 <= waited <= steps, plan["steps"]

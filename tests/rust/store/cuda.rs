@@ -59,15 +59,22 @@ fn block(at: u64, n: usize, alloc: u64) -> ((u64, u64), (u64, u64)) {
     ((at, alloc), (at + (n * RB) as u64, alloc))
 }
 
+/// The copies that stage `spans` as one piece: `n` of them, together writing every byte of
+/// the piece from its source.
+fn copies_of(spans: &[StagedSpan], n: usize) -> Vec<Copy> {
+    let p = piece(spans);
+    let c = piece_copies(&p, spans, RB);
+    assert_eq!(c.len(), n);
+    assert_eq!(bytes(&c), wanted(&p, spans, RB));
+    c
+}
+
 #[test]
 fn a_whole_block_whose_values_follow_its_keys_is_one_copy() {
     let (k, v) = block(0x1000, 4, 1);
     let spans = [span(0, 0, 4, k, v)];
-    let p = piece(&spans);
-    let c = piece_copies(&p, &spans, RB);
-    assert_eq!(c.len(), 1);
+    let c = copies_of(&spans, 1);
     assert_eq!((c[0].offset, c[0].src, c[0].bytes), (0, 0x1000, 8 * RB));
-    assert_eq!(bytes(&c), wanted(&p, &spans, RB));
 }
 
 #[test]
@@ -80,11 +87,8 @@ fn blocks_one_after_another_in_one_allocation_are_one_copy() {
         span(1, 0, 4, k1, v1),
         span(2, 0, 4, k2, v2),
     ];
-    let p = piece(&spans);
-    let c = piece_copies(&p, &spans, RB);
-    assert_eq!(c.len(), 1);
+    let c = copies_of(&spans, 1);
     assert_eq!(c[0].bytes, 24 * RB);
-    assert_eq!(bytes(&c), wanted(&p, &spans, RB));
 }
 
 #[test]
@@ -102,10 +106,7 @@ fn copies_never_span_two_allocations_nor_skip_a_gap() {
         // Its first 3 rows.
         span(4, 0, 3, (0x7000, 6), (0x7000 + 4 * RB as u64, 6)),
     ];
-    let p = piece(&spans);
-    let c = piece_copies(&p, &spans, RB);
-    assert_eq!(c.len(), 8);
-    assert_eq!(bytes(&c), wanted(&p, &spans, RB));
+    copies_of(&spans, 8);
 }
 
 #[test]
@@ -115,8 +116,5 @@ fn a_piece_of_mixed_units_writes_every_byte_from_its_source() {
         span(1, 2, 3, (0x2000, 1), (0x2000 + 5 * RB as u64, 1)),
         span(2, 0, 2, (0x3000, 1), (0x3000 + 2 * RB as u64, 1)),
     ];
-    let p = piece(&spans);
-    let c = piece_copies(&p, &spans, RB);
-    assert_eq!(c.len(), 4);
-    assert_eq!(bytes(&c), wanted(&p, &spans, RB));
+    copies_of(&spans, 4);
 }
