@@ -117,8 +117,8 @@ def test_make_plan_figures_and_floors() -> None:
         )
         assert p["gpu_bytes"] == sum(p[k] for k in parts) + p["kv_device_bytes"]
         assert p["gpu_bytes"] <= budget
-    # Decode stages no prefill head groups, only the copy engine's fixed ring (3 x 16 MiB).
-    assert plan["decode"]["staging_bytes"] == 48 << 20
+    # Decode stages no prefill head groups, only the copy engine's fixed ring (3 x 32 MiB).
+    assert plan["decode"]["staging_bytes"] == 96 << 20
     f = plan["floors"]
     assert f["prefill_attention_flops"] == attention_flops(spec, 400)
     assert f["prefill_linear_flops"] == 2 * params * 400
