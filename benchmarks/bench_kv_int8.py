@@ -15,9 +15,10 @@ KV bytes by their sum). Then:
 - ``--contexts`` (e.g. 716800,1048576): one int8 cache, prefilled to the first context,
   decoded, then prefilled on to the next (the cache grows; nothing is prefilled twice), and so
   on. At a context the exact run also reached, the greedy tokens are compared;
-- ``--alt-staging-mib`` (e.g. 128), ``--alt-threads`` (e.g. 14): after each decode, more steps
-  with the copy engine's staging pieces of that size (the ring of three runs further ahead of
-  the GPU's kernels), then with the CPU share on that many threads.
+- ``--alt-staging-mib`` (e.g. 128), ``--alt-rings`` (e.g. 32x6,64x3: MiB a piece x buffers),
+  ``--alt-threads`` (e.g. 14): after each decode, more steps with the copy engine's staging
+  pieces of that size, then with each staging ring (a deeper one runs further ahead of the
+  GPU's kernels), then with the CPU share on that many threads.
 
 Each decode reports where its shared steps spent their time (``timeline_s_per_token``).
 
@@ -155,27 +156,32 @@ def timed_decode(model, cache, name: str, first, steps: int, skip: int = 8):
     return tokens, spt, share_figures(cache, before[0] if before else [], steps)
 
 
-def alt_decode(model, cache, name: str, last: int, steps: int, piece_mib: int, threads: int):
-    """The same decode on, from token ``last``, with staging pieces of ``piece_mib`` MiB (the
-    copy engine's ring holds three; the default is 16) or the CPU share on ``threads``
-    threads (0: as is); the defaults are restored after."""
+def alt_decode(model, cache, name: str, last: int, steps: int, ring: tuple, threads: int):
+    """The same decode on, from token ``last``, with the copy engine's staging ring of
+    ``ring`` = (MiB a piece, buffers; 0: as is) or the CPU share on ``threads`` threads (0: as
+    is); the defaults are restored after."""
+    piece_mib, buffers = ring
     stores = [p.store for p in cache.stores if p.store.is_cuda]
-    default = [(s.staging_piece_bytes, s.share_threads) for s in stores]
+    default = [(s.staging_piece_bytes, s.staging_buffers, s.share_threads) for s in stores]
     for s in stores:
         if piece_mib:
             s.staging_piece_bytes = piece_mib << 20
+        if buffers:
+            s.staging_buffers = buffers
         if threads:
             s.share_threads = threads
     try:
         first = torch.tensor([[last]], device="cuda")
         tokens, spt, figures = timed_decode(model, cache, name, first, steps, skip=2)
     finally:
-        for s, (b, t) in zip(stores, default):
+        for s, (b, n, t) in zip(stores, default):
             s.staging_piece_bytes = b
+            s.staging_buffers = n
             if t:
                 s.share_threads = t
     return {
         "piece_mib": piece_mib,
+        "buffers": buffers,
         "threads": threads,
         "s_per_token": round(spt, 4),
         **figures,
@@ -183,14 +189,27 @@ def alt_decode(model, cache, name: str, last: int, steps: int, piece_mib: int, t
     }
 
 
+def parse_rings(text: str) -> list[tuple[int, int]]:
+    """``--alt-rings``: "32x6,64x3" -> [(32, 6), (64, 3)] (MiB a piece, buffers)."""
+    rings = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        mib, sep, n = item.partition("x")
+        if not (sep and mib.isdigit() and n.isdigit()) or int(n) < 2 or int(mib) < 1:
+            raise SystemExit(f"--alt-rings: want MiBxBUFFERS items like 32x6, got {item!r}")
+        rings.append((int(mib), int(n)))
+    return rings
+
+
 def alternatives(model, cache, name: str, last: int, args) -> list[dict]:
-    """``alt_decode`` for each of ``--alt-staging-mib`` and ``--alt-threads`` asked for."""
-    runs = [(args.alt_staging_mib, 0), (0, args.alt_threads)]
+    """``alt_decode`` for each of ``--alt-staging-mib``, ``--alt-rings`` and ``--alt-threads``
+    asked for."""
+    runs = [((args.alt_staging_mib, 0), 0)] if args.alt_staging_mib else []
+    runs += [(ring, 0) for ring in parse_rings(args.alt_rings)]
+    runs += [((0, 0), args.alt_threads)] if args.alt_threads else []
     out = []
-    for mib, threads in runs:
-        if mib or threads:
-            out.append(alt_decode(model, cache, name, last, args.steps, mib, threads))
-            last = out[-1]["tokens"][-1]
+    for ring, threads in runs:
+        out.append(alt_decode(model, cache, name, last, args.steps, ring, threads))
+        last = out[-1]["tokens"][-1]
     return out
 
 
@@ -216,6 +235,11 @@ def main() -> None:
         type=int,
         default=0,
         help="after each decode, the same with staging pieces of this size (0: not)",
+    )
+    ap.add_argument(
+        "--alt-rings",
+        default="",
+        help="after each decode, the same with each staging ring, MiBxBUFFERS (e.g. 32x6,64x3)",
     )
     ap.add_argument(
         "--alt-threads",

@@ -221,6 +221,14 @@ def test_store_properties() -> None:
     assert s.bytes_used() == 0
 
 
+def test_a_cpu_store_stages_nothing() -> None:
+    s = _store()
+    assert (s.staging_piece_bytes, s.staging_buffers, s.staging_bytes) == (0, 0, 0)
+    for name in ("staging_piece_bytes", "staging_buffers"):
+        with pytest.raises(ValueError, match=f"^{name}: a CPU store stages nothing"):
+            setattr(s, name, 4)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_store_append_read_roundtrip(dtype: str) -> None:
     s = _store(dtype=dtype)

@@ -205,6 +205,13 @@ class KVStore:
     @staging_piece_bytes.setter
     def staging_piece_bytes(self, bytes: int) -> None: ...
     @property
+    def staging_buffers(self) -> int:
+        """Buffers of the copy engine's staging ring (0 on a CPU store); settable on a CUDA
+        store (at least 2): more let the copy engine run further ahead of the kernels and take
+        more device memory."""
+    @staging_buffers.setter
+    def staging_buffers(self, buffers: int) -> None: ...
+    @property
     def share_threads(self) -> int:
         """Threads of the CPU share's own pool (0: rayon's global pool); settable."""
     @share_threads.setter

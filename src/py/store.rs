@@ -310,6 +310,26 @@ impl PyKvStore {
         }
     }
 
+    #[getter]
+    fn staging_buffers(&self) -> usize {
+        match &self.inner {
+            Inner::Cuda(s) => s.staging_buffers(),
+            Inner::Cpu(_) => 0,
+        }
+    }
+
+    #[setter]
+    fn set_staging_buffers(&mut self, py: Python<'_>, buffers: usize) -> PyResult<()> {
+        match &mut self.inner {
+            Inner::Cuda(s) => s.set_staging_buffers(buffers).py_err(py),
+            Inner::Cpu(_) => Err(Error::value(
+                "staging_buffers",
+                "a CPU store stages nothing; staging needs a device",
+            ))
+            .py_err(py),
+        }
+    }
+
     #[setter]
     fn set_staging_piece_bytes(&mut self, py: Python<'_>, bytes: usize) -> PyResult<()> {
         match &mut self.inner {

@@ -41,6 +41,8 @@ pub struct Cuda {
     ring: Option<StagingRing>,
     /// Bytes of each staging buffer.
     piece_bytes: usize,
+    /// Staging buffers in the ring.
+    buffers: usize,
     /// Per layer, what orders the copy engine's reads of its blocks after the writes.
     writes: Vec<Writes>,
 }
@@ -107,11 +109,7 @@ impl Cuda {
     /// The copy engine's staging ring, made on first use.
     fn ring_mut(&mut self) -> Result<&mut StagingRing> {
         if self.ring.is_none() {
-            self.ring = Some(StagingRing::new(
-                &self.gpu,
-                STAGING_BUFFERS,
-                self.piece_bytes,
-            )?);
+            self.ring = Some(StagingRing::new(&self.gpu, self.buffers, self.piece_bytes)?);
         }
         Ok(self.ring.as_mut().expect("made above"))
     }
@@ -235,6 +233,7 @@ impl CudaStore {
             handoff: None,
             ring: None,
             piece_bytes: STAGING_PIECE_BYTES,
+            buffers: STAGING_BUFFERS,
             writes,
         };
         KvStore::assemble(cfg, host, device, backend)
@@ -350,11 +349,38 @@ impl CudaStore {
                 ),
             ));
         }
+        self.drop_ring()?;
+        self.backend.piece_bytes = bytes;
+        Ok(())
+    }
+
+    /// Buffers of the copy engine's staging ring.
+    pub fn staging_buffers(&self) -> usize {
+        self.backend.buffers
+    }
+
+    /// Sets how many staging buffers the ring holds (at least 2: one filled while one is
+    /// read); a ring already made is freed once the device is done with it, and made again at
+    /// the next use. More buffers let the copy engine run further ahead of the kernels (across
+    /// a layer's end) and take more device memory.
+    pub fn set_staging_buffers(&mut self, buffers: usize) -> Result<()> {
+        if buffers < 2 {
+            return Err(Error::value(
+                "staging_buffers",
+                format!("must be at least 2, got {buffers}"),
+            ));
+        }
+        self.drop_ring()?;
+        self.backend.buffers = buffers;
+        Ok(())
+    }
+
+    /// Frees the staging ring (if made) once the device is done with it.
+    fn drop_ring(&mut self) -> Result<()> {
         if self.backend.ring.is_some() {
             self.backend.quiesce()?;
             self.backend.ring = None;
         }
-        self.backend.piece_bytes = bytes;
         Ok(())
     }
 

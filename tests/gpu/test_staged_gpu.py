@@ -208,3 +208,24 @@ def test_every_family_float32_matches_eager_with_each_reader(
         want = ref(ids, use_cache=True).logits[:, n - 1 : ids.shape[1] - 1]
     assert rel_err(torch.stack(got, 1), want) < 1e-4
     assert cache.share_plan()["host_reader"] == [reader]
+
+
+def test_the_buffer_count_is_checked_and_the_ring_is_remade():
+    # Pieces of two keys each: a decode over 600 keys cycles the ring many times, so a ring of
+    # two buffers and one of nine both reuse every buffer within one step.
+    store = _store(2, 64, 600, block=64, device_blocks=0, dtype=torch.float32, piece=2 * 2 * 64 * 4)
+    assert store.staging_buffers == 3
+    with pytest.raises(ValueError, match="^staging_buffers:"):
+        store.staging_buffers = 1
+    k = torch.randn(2, 600, 64, device=DEV)
+    v = torch.randn(2, 600, 64, device=DEV)
+    store.append(0, k, v)
+    q = torch.randn(2, 1, 64, device=DEV)
+    for buffers in (2, 9, 3):
+        store.staging_buffers = buffers
+        out = torch.empty_like(q)
+        store.attend(0, q, out, 0.125)
+        torch.cuda.synchronize()
+        assert store.staging_buffers == buffers
+        assert store.staging_bytes == buffers * store.staging_piece_bytes
+        _check(out, q, k, v, 0.125, torch.float32)
