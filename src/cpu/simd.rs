@@ -387,31 +387,17 @@ const AHEAD: usize = TK;
 /// Prefetches (into L1) the cache lines of `len` bytes at `p`, any address.
 #[inline(always)]
 fn prefetch_bytes(p: *const u8, len: usize) {
-    prefetch_lines::<false>(p, len)
-}
-
-/// Prefetches the cache lines of `len` bytes at `p`, any address, into L1, or with `L2`
-/// into L2 only.
-#[inline(always)]
-fn prefetch_lines<const L2: bool>(p: *const u8, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         // From the line holding the first byte, so the last line is not missed.
         let skew = p as usize % 64;
         let (p, len) = (p.wrapping_sub(skew), len + skew);
         let mut o = 0;
         while o < len {
-            let at = p.wrapping_add(o) as *const i8;
             // SAFETY: a prefetch never faults and reads nothing architecturally; SSE is
             // x86-64's baseline.
-            unsafe {
-                if L2 {
-                    _mm_prefetch::<_MM_HINT_T1>(at)
-                } else {
-                    _mm_prefetch::<_MM_HINT_T0>(at)
-                }
-            };
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o) as *const i8) };
             o += 64;
         }
     }

@@ -20,19 +20,20 @@
 //! four query rows took 23 ns with it, in L1, against 17 ns for the generic f32 path and
 //! 15 ns for these kernels.
 
-use super::{prefetch_lines, Tile, TK};
+use super::{prefetch_bytes, Tile, TK};
 use crate::quant::{Q8Rows, Q8};
 use std::arch::x86_64::*;
 
-/// Brings rows `j..j + m` of `ahead` (those of them it holds) into L2. Not into L1: a
-/// tile's keys and values, the next tile's and the kernels' scratch would not fit its 48 KiB
-/// (single thread, 65,536 tokens: 22.0 -> 21.5 ms; two threads: 11.0 -> 10.4 ms, best of 5
-/// alternating runs).
+/// Brings rows `j..j + m` of `ahead` (those of them it holds) into L1. Into L2 only, as
+/// first written (a tile's keys and values, the next tile's and the scratch would not all fit
+/// L1's 48 KiB), it was measured slower on an H100 host (16-core Xeon, model 207, 2026-12-07):
+/// 15 threads over 1 GiB beside the copy engine 56.0 against 54.3 and 51.8 GB/s, one thread
+/// over 256 MiB 6.8 against 4.5 and 5.7; none at all, 39.0 and 4.2; two tiles ahead, as L2.
 #[inline(always)]
 fn fetch(ahead: &Q8Rows<'_>, j: usize, m: usize) {
     if j < ahead.len {
         let rb = ahead.fmt.row_bytes();
-        prefetch_lines::<true>(
+        prefetch_bytes(
             ahead.data.as_ptr().wrapping_add(j * rb),
             m.min(ahead.len - j) * rb,
         );
