@@ -6,10 +6,15 @@ separate processes can be given together (their ``exact`` and ``int8`` entries a
 With ``--timeline``, benchmarks/share_timeline.png instead: where the CPU share's decode steps
 spent their time (``timeline_s_per_token``), per run and mode one bar for the GPU's side (its
 own part, then waiting for the CPU's rows, then the rest of the step) and one for the CPU's
-(its tasks computing, then idle), in seconds a token. Needs matplotlib.
+(its tasks computing, then idle), in seconds a token.
+
+With ``--alternatives``, one bar per decode and per alternative after it (``--alt-rings``,
+``--alt-staging-mib``, ``--alt-threads``): seconds a token over the run's host floor, beside
+issue 15's 1.3 x. Needs matplotlib.
 
 Usage: python benchmarks/plot_kv_int8.py OUT.png RESULT.json [RESULT.json ...]
        python benchmarks/plot_kv_int8.py --timeline OUT.png LABEL=RESULT.json [...]
+       python benchmarks/plot_kv_int8.py --alternatives OUT.png LABEL=RESULT.json [...]
 """
 
 from __future__ import annotations
@@ -107,6 +112,43 @@ def timeline(out: str, specs: list[str]) -> None:
     _save(fig, out)
 
 
+def _alt_name(a: dict) -> str:
+    """What an alternative changed: its staging ring or its threads."""
+    if a.get("threads"):
+        return f"{a['threads']} threads"
+    buffers = a.get("buffers") or 3
+    return f"ring {a['piece_mib']} MiB x {buffers}"
+
+
+def alternatives(out: str, specs: list[str]) -> None:
+    bars = []  # (label, x floor)
+    for spec in specs:
+        label, path = spec.split("=", 1)
+        data = json.loads(Path(path).read_text())
+        runs = ([("exact", data["exact"])] if "exact" in data else []) + [
+            ("int8", r) for r in data.get("int8", []) if "s_per_token" in r
+        ]
+        for mode, r in runs:
+            floor = r["host_floor_s"]
+            if not floor:
+                continue
+            head = f"{label}\n{mode} {r['context']:,}"
+            bars.append((f"{head}\ndefault", r["s_per_token"] / floor))
+            for a in r.get("alternatives", []):
+                bars.append((f"{head}\n{_alt_name(a)}", a["s_per_token"] / floor))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(bars)), 4.5))
+    ax.bar(range(len(bars)), [x for _, x in bars], 0.6, color="tab:orange")
+    for i, (_, x) in enumerate(bars):
+        ax.annotate(f"{x:.2f}", (i, x), ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.3, color="k", ls="--", lw=1, label="issue 15's target: 1.3 x")
+    ax.set_xticks(range(len(bars)), [n for n, _ in bars], fontsize=7)
+    ax.set_ylabel("seconds a token / host floor")
+    ax.set_title("decode against the host floor, one process (Llama-3-8B shape, 24 GiB card)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, out)
+
+
 def _save(fig, out: str) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -117,6 +159,8 @@ if __name__ == "__main__":
     draw = main
     if args[:1] == ["--timeline"]:
         draw, args = timeline, args[1:]
+    elif args[:1] == ["--alternatives"]:
+        draw, args = alternatives, args[1:]
     if len(args) < 2:
         sys.exit(__doc__)
     draw(args[0], args[1:])
