@@ -116,8 +116,9 @@ def _alt_name(a: dict) -> str:
     """What an alternative changed: its staging ring or its threads."""
     if a.get("threads"):
         return f"{a['threads']} threads"
-    buffers = a.get("buffers") or 3
-    return f"ring {a['piece_mib']} MiB x {buffers}"
+    if a.get("buffers"):
+        return f"ring {a['piece_mib']} MiB x {a['buffers']}"
+    return f"{a['piece_mib']} MiB pieces"
 
 
 def alternatives(out: str, specs: list[str]) -> None:
