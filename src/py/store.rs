@@ -51,6 +51,17 @@ impl PyKvStore {
         }
     }
 
+    /// The CUDA store, for setting the staging ring's `arg`: a CPU store stages nothing.
+    fn staging_mut(&mut self, arg: &str) -> crate::Result<&mut CudaStore> {
+        match &mut self.inner {
+            Inner::Cuda(s) => Ok(s),
+            Inner::Cpu(_) => Err(Error::value(
+                arg,
+                "a CPU store stages nothing; staging needs a device",
+            )),
+        }
+    }
+
     /// Checks that `t` is on the store's device: a CPU/CUDA mismatch is a `TypeError`, another
     /// CUDA device a `ValueError`; both name the argument.
     fn check_device(&self, arg: &str, t: &Tensor3) -> crate::Result<()> {
@@ -320,26 +331,14 @@ impl PyKvStore {
 
     #[setter]
     fn set_staging_buffers(&mut self, py: Python<'_>, buffers: usize) -> PyResult<()> {
-        match &mut self.inner {
-            Inner::Cuda(s) => s.set_staging_buffers(buffers).py_err(py),
-            Inner::Cpu(_) => Err(Error::value(
-                "staging_buffers",
-                "a CPU store stages nothing; staging needs a device",
-            ))
-            .py_err(py),
-        }
+        let s = self.staging_mut("staging_buffers").py_err(py)?;
+        s.set_staging_buffers(buffers).py_err(py)
     }
 
     #[setter]
     fn set_staging_piece_bytes(&mut self, py: Python<'_>, bytes: usize) -> PyResult<()> {
-        match &mut self.inner {
-            Inner::Cuda(s) => s.set_staging_piece_bytes(bytes).py_err(py),
-            Inner::Cpu(_) => Err(Error::value(
-                "staging_piece_bytes",
-                "a CPU store stages nothing; staging needs a device",
-            ))
-            .py_err(py),
-        }
+        let s = self.staging_mut("staging_piece_bytes").py_err(py)?;
+        s.set_staging_piece_bytes(bytes).py_err(py)
     }
 
     #[getter]
